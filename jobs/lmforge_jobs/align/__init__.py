@@ -1,0 +1,1 @@
+"""The align stage: its spec (config.py) and, later, its job (python -m lmforge_jobs.align)."""

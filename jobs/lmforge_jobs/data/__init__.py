@@ -1,0 +1,1 @@
+"""The data stage: its spec (config.py) and, later, its job (python -m lmforge_jobs.data)."""

@@ -1,0 +1,259 @@
+"""Evaluation spec: what ``python -m lmforge_jobs.evaluate --manifest eval.yaml`` measures.
+
+Perplexity on held-out data, lm-evaluation-harness benchmarks, and pairwise LLM-as-judge win rates
+(plus Bradley–Terry arena ratings across several models).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+from pydantic import Field, StringConstraints, model_validator
+
+from lmforge_jobs.pretrain.config import Queue
+from lmforge_jobs.spec import (
+    Cel,
+    HubId,
+    ModelRef,
+    NodeParallelism,
+    Precision,
+    Resources,
+    ResourceRef,
+    SecretRef,
+    ShortStr,
+    Spec,
+    SpecError,
+    StatusBase,
+    Uri,
+    exactly_one,
+)
+
+
+class Checkpoints(str, Enum):
+    """Which checkpoints of the model to evaluate."""
+
+    final = "final"
+    every = "every"
+
+
+class Perplexity(Spec):
+    """Perplexity on held-out text: a Corpus's held-out split or a data URI; exactly one."""
+
+    __cel__ = (Cel("has(self.corpus) != has(self.data)", "exactly one of corpus, data must be set"),)
+
+    corpus: ResourceRef | None = None
+    """Corpus whose held-out token shards are used."""
+    data: Uri | None = None
+    """Token shards, or text/JSONL files."""
+    seq_len: Annotated[int, Field(ge=8, le=1048576)] | None = None
+    """Window length; defaults to the model's context length."""
+    stride: Annotated[int, Field(ge=1)] | None = None
+    """Sliding-window stride for long documents; defaults to seqLen (no overlap)."""
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 8
+    """Windows per forward pass."""
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    """Evaluate at most this many tokens."""
+
+    @model_validator(mode="after")
+    def _one(self) -> Perplexity:
+        exactly_one(self, ("corpus", "data"))
+        return self
+
+
+class Benchmark(Spec):
+    """An lm-evaluation-harness task by name or a task YAML file; exactly one."""
+
+    __cel__ = (Cel("has(self.task) != has(self.taskPath)", "exactly one of task, taskPath must be set"),)
+
+    task: Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9_.\-]+$")] | None = None
+    """Registered lm-eval task or group name (hellaswag, mmlu …)."""
+    task_path: Uri | None = None
+    """Task YAML file (its data files next to it or named by absolute URI)."""
+    num_fewshot: Annotated[int, Field(ge=0, le=128)] | None = None
+    """Few-shot examples; the task's default when unset."""
+    limit: Annotated[int, Field(ge=1)] | None = None
+    """Evaluate at most this many examples."""
+
+    @model_validator(mode="after")
+    def _one(self) -> Benchmark:
+        exactly_one(self, ("task", "task_path"))
+        return self
+
+
+class Endpoint(Spec):
+    """An OpenAI-compatible chat completions endpoint (vLLM, TGI, a hosted API)."""
+
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^https?://\S+$")]
+    """Base URL, e.g. http://vllm.judges:8000/v1."""
+    model_name: ShortStr
+    """Model name sent in requests."""
+    api_key: SecretRef | None = None
+    """API key, by Secret reference."""
+
+
+class JudgeModel(Spec):
+    """The judge: an endpoint, a hub model or a local model directory; exactly one."""
+
+    __cel__ = (Cel("(has(self.endpoint) ? 1 : 0) + (has(self.huggingface) ? 1 : 0) + (has(self.path) ? 1 : 0) == 1",
+                   "exactly one of endpoint, huggingface, path must be set"),)
+
+    endpoint: Endpoint | None = None
+    """OpenAI-compatible endpoint."""
+    huggingface: HubId | None = None
+    """Hub model id, run locally."""
+    path: Uri | None = None
+    """Hugging Face format model directory, run locally."""
+
+    @model_validator(mode="after")
+    def _one(self) -> JudgeModel:
+        exactly_one(self, ("endpoint", "huggingface", "path"))
+        return self
+
+
+class Judge(Spec):
+    """Pairwise LLM-as-judge: the model and a reference answer the same prompts; the judge picks A, B or tie."""
+
+    model: JudgeModel
+    """The judge."""
+    reference: ModelRef
+    """Model compared against."""
+    prompts: Uri
+    """JSONL file with a prompt per line."""
+    swap_positions: bool = True
+    """Judge each pair twice with positions swapped, to cancel order bias."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=65536)] = 256
+    """Tokens generated per answer."""
+    temperature: Annotated[float, Field(ge=0, le=10)] = 0.0
+    """Sampling temperature of the answers (0 = greedy)."""
+    bootstrap_samples: Annotated[int, Field(ge=100, le=1000000)] = 1000
+    """Bootstrap resamples for the 95 % interval."""
+    limit: Annotated[int, Field(ge=1)] | None = None
+    """Use at most this many prompts."""
+
+
+class Arena(Spec):
+    """Bradley–Terry ratings of the model and opponents from pairwise judgments (uses judge's judge and prompts)."""
+
+    opponents: Annotated[list[ModelRef], Field(min_length=1, max_length=32)]
+    """Further models rated with the evaluated model (and judge.reference)."""
+
+
+class EvaluationSpec(Spec):
+    """Evaluate a model: perplexity, benchmarks, judge win rate, arena ratings."""
+
+    __cel__ = (
+        Cel("has(self.perplexity) || (has(self.benchmarks) && size(self.benchmarks) > 0) || has(self.judge)",
+            "at least one of perplexity, benchmarks, judge must be set", field="perplexity",
+            reason="FieldValueRequired"),
+        Cel("self.checkpoints != 'every' || has(self.model.pretrainRun)",
+            "checkpoints: every needs model.pretrainRun (the run whose checkpoints are evaluated)",
+            field="checkpoints"),
+        Cel("!has(self.arena) || has(self.judge)", "arena needs judge", field="arena"),
+    )
+
+    model: ModelRef
+    """Model to evaluate: pretrainRun, alignmentRun, huggingface or path."""
+    checkpoints: Checkpoints = Checkpoints.final
+    """final, or every: re-evaluate each new checkpoint of a PretrainRun as it lands."""
+    perplexity: Perplexity | None = None
+    """Perplexity on held-out data."""
+    benchmarks: Annotated[list[Benchmark], Field(max_length=256)] = []
+    """lm-eval tasks."""
+    judge: Judge | None = None
+    """Pairwise LLM-as-judge against a reference model."""
+    arena: Arena | None = None
+    """Bradley–Terry ratings across several models."""
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 8
+    """Batch size for benchmarks and generation."""
+    precision: Precision = Precision.bf16
+    """bf16 or fp32 inference."""
+    parallelism: NodeParallelism = NodeParallelism()
+    """Nodes and GPUs."""
+    output: Uri | None = None
+    """Where results.json goes; defaults to the local run directory or operator storage."""
+    queue: Queue | None = None
+    """Kueue LocalQueue to submit to."""
+    image: ShortStr | None = None
+    """Container image of the jobs; defaults to the operator's configured jobs image."""
+    resources: Resources = Resources()
+    """Resources of each pod."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> EvaluationSpec:
+        if self.perplexity is None and not self.benchmarks and self.judge is None:
+            raise SpecError("perplexity", "at least one of perplexity, benchmarks, judge must be set")
+        if self.checkpoints == Checkpoints.every and self.model.pretrain_run is None:
+            raise SpecError("checkpoints",
+                            "checkpoints: every needs model.pretrainRun (the run whose checkpoints are evaluated)")
+        if self.arena is not None and self.judge is None:
+            raise SpecError("arena", "arena needs judge")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ status
+Interval = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class JudgeResult(Spec):
+    """Win rate of the model against the reference."""
+
+    win_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+    """(wins + ties/2) / judged pairs."""
+    ci95: Interval | None = None
+    """95 % bootstrap interval of winRate."""
+    wins: Annotated[int, Field(ge=0)] = 0
+    """Pairs the model won."""
+    losses: Annotated[int, Field(ge=0)] = 0
+    """Pairs the reference won."""
+    ties: Annotated[int, Field(ge=0)] = 0
+    """Ties."""
+    unparseable: Annotated[int, Field(ge=0)] = 0
+    """Judge answers that named no winner."""
+
+
+class Rating(Spec):
+    """A Bradley–Terry rating on the Elo scale."""
+
+    rating: float
+    """Rating (Elo scale, 1000 = mean)."""
+    ci95: Interval | None = None
+    """95 % bootstrap interval."""
+
+
+class Results(Spec):
+    """Evaluation results (also written to results.json)."""
+
+    perplexity: Annotated[float, Field(ge=0)] | None = None
+    """exp(token-weighted mean negative log-likelihood)."""
+    nll: Annotated[float, Field(ge=0)] | None = None
+    """Mean negative log-likelihood per token (nats)."""
+    bits_per_byte: Annotated[float, Field(ge=0)] | None = None
+    """Total NLL in bits divided by UTF-8 bytes."""
+    benchmarks: Annotated[dict[ShortStr, Annotated[dict[ShortStr, float], Field(max_length=64)]],
+                          Field(max_length=256)] = {}
+    """Metric values per task: {hellaswag: {acc: 0.31, acc_norm: 0.33}}."""
+    judge: JudgeResult | None = None
+    """Judge win rate."""
+    arena: Annotated[dict[ShortStr, Rating], Field(max_length=64)] = {}
+    """Ratings per model."""
+    checkpoint: ShortStr | None = None
+    """Checkpoint these results are for (checkpoints: every)."""
+
+
+class EvaluationOutputs(Spec):
+    """Where the Evaluation's results are."""
+
+    results: Uri | None = None
+    """results.json."""
+
+
+class EvaluationStatus(StatusBase):
+    """Observed state of an Evaluation."""
+
+    results: Results | None = None
+    """Latest results."""
+    history: Annotated[list[Results], Field(max_length=1000)] = []
+    """Results per evaluated checkpoint (checkpoints: every)."""
+    outputs: EvaluationOutputs | None = None
+    """Results files."""

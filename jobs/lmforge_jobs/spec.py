@@ -1,0 +1,329 @@
+"""Building blocks shared by the four resource specs (Corpus, PretrainRun, AlignmentRun, Evaluation).
+
+Every spec model is a pydantic v2 model whose field docstrings become the descriptions in the generated
+CRDs. Cross-field rules are written twice on purpose, next to each other: once in Python (a model
+validator raising :class:`SpecError`, so ``lmforge validate`` and the jobs reject bad input) and once as a
+CEL expression (:class:`Cel`, so the Kubernetes API server refuses the resource at admission). The test
+suite checks that both refuse the same manifests.
+
+This module imports nothing heavy: the operator composes its CRDs from these models.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "lmforge.io"
+API_VERSION = "v1alpha1"
+GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+
+# Exit code of every job for a configuration error (bad spec, missing input): distinct from crashes, so a
+# Job's podFailurePolicy can fail fast instead of retrying.
+EXIT_CONFIG_ERROR = 64
+
+
+class SpecError(ValueError):
+    """A cross-field rule failed; ``field`` is the camelCase path of the offending field, relative to the
+    object the rule is attached to (``"kvHeads"``, ``"peft.lora"``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Cel:
+    """A CEL rule for ``x-kubernetes-validations`` on the object schema of the model that declares it.
+
+    ``field`` (camelCase, relative) is reported as the rule's fieldPath, so kubectl names the field.
+    """
+
+    rule: str
+    message: str
+    field: str | None = None
+    reason: str | None = None  # FieldValueRequired | FieldValueInvalid | FieldValueForbidden | FieldValueDuplicate
+
+
+# --------------------------------------------------------------------------------------------- base model
+class Spec(BaseModel):
+    """Base of every spec object: camelCase in YAML, unknown fields refused, field docstrings kept."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_default=True,
+    )
+
+    # CEL rules placed on this object's schema in the CRD (see Cel).
+    __cel__: ClassVar[tuple[Cel, ...]] = ()
+    # Maximum number of properties for free-form maps (CRD maxProperties), keyed by field name.
+    __max_properties__: ClassVar[dict[str, int]] = {}
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The object as it would appear in a manifest (camelCase, unset optionals left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def exactly_one(obj: BaseModel, fields: tuple[str, ...], where: str = "") -> None:
+    """Raise SpecError unless exactly one of ``fields`` (python names) is set."""
+    set_ = [f for f in fields if getattr(obj, f) is not None]
+    if len(set_) != 1:
+        names = ", ".join(to_camel(f) for f in fields)
+        found = ", ".join(to_camel(f) for f in set_) or "none"
+        target = to_camel(set_[1]) if len(set_) > 1 else to_camel(fields[0])
+        raise SpecError(target, f"{where}exactly one of {names} must be set (found: {found})")
+
+
+def cel_exactly_one(fields: tuple[str, ...]) -> str:
+    """CEL: exactly one of the camelCase ``fields`` is present."""
+    return " + ".join(f"(has(self.{f}) ? 1 : 0)" for f in fields) + " == 1"
+
+
+# ---------------------------------------------------------------------------------------------- scalars
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+URI_PATTERN = r"^(\S+)$"
+
+Name = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=63, pattern=DNS_LABEL),
+    Field(description="Name of a resource in the same namespace (a DNS-1123 label)."),
+]
+"""Name of another lmforge resource in the same namespace."""
+
+Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=URI_PATTERN)]
+"""Storage location: a local path, file://, pvc://CLAIM/path, s3://, gs://, hf:// (fsspec underneath)."""
+
+ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+HubId = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")]
+
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+class Quantity(str):
+    """A Kubernetes resource quantity (``"4"``, ``500m``, ``16Gi``); integers are accepted too."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        def check(value: Any) -> str:
+            if isinstance(value, bool):
+                raise ValueError("must be a quantity such as 4, 500m or 16Gi")
+            text = str(value)
+            if not re.match(QUANTITY_PATTERN, text):
+                raise ValueError(f"{text!r} is not a Kubernetes quantity (such as 4, 500m or 16Gi)")
+            return text
+
+        return core_schema.no_info_plain_validator_function(
+            check, serialization=core_schema.plain_serializer_function_ser_schema(str)
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        return {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+                "pattern": QUANTITY_PATTERN}
+
+
+# ------------------------------------------------------------------------------------------- references
+class SecretKeyRef(Spec):
+    """A key of a Kubernetes Secret in the resource's namespace."""
+
+    name: Name
+    """Name of the Secret."""
+    key: Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+    """Key inside the Secret."""
+
+
+class SecretRef(Spec):
+    """A secret value, given by reference only: never inline in a spec."""
+
+    secret_key_ref: SecretKeyRef
+    """The Secret key holding the value (mounted as an environment variable or file, never logged)."""
+
+
+class ResourceRef(Spec):
+    """Reference to another lmforge resource by name; resolved to its status.outputs."""
+
+    name: Name
+    """Name of the referenced resource (same namespace)."""
+
+
+class ModelRef(Spec):
+    """A model: the output of another run, a Hugging Face hub id, or a storage URI. Exactly one."""
+
+    __cel__ = (
+        Cel(cel_exactly_one(("pretrainRun", "alignmentRun", "huggingface", "path")),
+            "exactly one of pretrainRun, alignmentRun, huggingface, path must be set"),
+        Cel("!has(self.revision) || has(self.huggingface)", "revision applies only to huggingface",
+            field="revision"),
+    )
+
+    pretrain_run: Name | None = None
+    """Name of a PretrainRun whose exported model is used."""
+    alignment_run: Name | None = None
+    """Name of an AlignmentRun whose output model is used."""
+    huggingface: HubId | None = None
+    """Hugging Face hub model id, e.g. meta-llama/Llama-3.2-1B."""
+    path: Uri | None = None
+    """URI of a Hugging Face format model directory."""
+    revision: ShortStr | None = None
+    """Hub revision (branch, tag or commit) when huggingface is used."""
+    token: SecretRef | None = None
+    """Hub token for gated or private models, by Secret reference."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> ModelRef:
+        exactly_one(self, ("pretrain_run", "alignment_run", "huggingface", "path"))
+        if self.revision is not None and self.huggingface is None:
+            raise SpecError("revision", "revision applies only to huggingface")
+        return self
+
+    def reference(self) -> tuple[str, str] | None:
+        """(kind, name) of the referenced lmforge resource, or None for hub ids and paths."""
+        if self.pretrain_run:
+            return ("PretrainRun", self.pretrain_run)
+        if self.alignment_run:
+            return ("AlignmentRun", self.alignment_run)
+        return None
+
+
+class Resources(Spec):
+    """Compute resources of each pod (requests = limits)."""
+
+    cpu: Quantity | None = None
+    """CPU cores per pod, e.g. "4" or 500m."""
+    memory: Quantity | None = None
+    """Memory per pod, e.g. 16Gi."""
+    gpu: Annotated[int, Field(ge=0, le=64)] | None = None
+    """GPUs per pod (nvidia.com/gpu); defaults to parallelism.gpusPerNode where that exists."""
+    ephemeral_storage: Quantity | None = None
+    """Local scratch disk per pod, e.g. 100Gi."""
+
+
+class Precision(str, Enum):
+    """Numeric precision for training."""
+
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class NodeParallelism(Spec):
+    """How many machines and accelerators a distributed job uses (torchrun)."""
+
+    nodes: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Number of nodes (pods), each running torchrun."""
+    gpus_per_node: Annotated[int, Field(ge=0, le=64)] = 1
+    """GPUs per node; 0 runs one CPU process per node."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * max(1, self.gpus_per_node)
+
+
+# ------------------------------------------------------------------------------------------------ status
+class ConditionStatus(str, Enum):
+    true = "True"
+    false = "False"
+    unknown = "Unknown"
+
+
+class ConditionType(str, Enum):
+    """Condition types every kind reports."""
+
+    ready = "Ready"
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    invalid = "Invalid"
+    waiting = "Waiting"
+
+
+class Phase(str, Enum):
+    """A one-word summary of the conditions, for printer columns."""
+
+    pending = "Pending"
+    waiting = "Waiting"
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    invalid = "Invalid"
+
+
+class Condition(Spec):
+    """A condition as in the Kubernetes API conventions (metav1.Condition)."""
+
+    type: Annotated[str, StringConstraints(min_length=1, max_length=316)]
+    """Type of condition in CamelCase: Ready, Running, Succeeded, Failed, Invalid or Waiting."""
+    status: ConditionStatus
+    """True, False or Unknown."""
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")]
+    """Machine-readable CamelCase reason for the last transition."""
+    message: Annotated[str, StringConstraints(max_length=32768)] = ""
+    """Human-readable details; names the field for Invalid."""
+    last_transition_time: datetime
+    """When the status last changed."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The metadata.generation this condition was computed from."""
+
+
+def derive_phase(conditions: list[Condition]) -> Phase:
+    """The phase shown in printer columns, derived from conditions (highest precedence first)."""
+    true = {c.type for c in conditions if c.status == ConditionStatus.true}
+    for ctype, phase in (
+        ("Invalid", Phase.invalid),
+        ("Failed", Phase.failed),
+        ("Succeeded", Phase.succeeded),
+        ("Running", Phase.running),
+        ("Waiting", Phase.waiting),
+    ):
+        if ctype in true:
+            return phase
+    return Phase.pending
+
+
+class Progress(Spec):
+    """How far the job is; plain numbers so dashboards and printer columns can use them."""
+
+    step: Annotated[int, Field(ge=0)] | None = None
+    """Optimizer steps completed."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Optimizer steps planned."""
+    tokens: Annotated[int, Field(ge=0)] | None = None
+    """Tokens processed so far."""
+    percent: Annotated[float, Field(ge=0, le=100)] | None = None
+    """Completion in percent (0-100)."""
+    eta_seconds: Annotated[int, Field(ge=0)] | None = None
+    """Estimated seconds until completion."""
+    updated_at: datetime | None = None
+    """When these numbers were last read from the job."""
+
+
+class StatusBase(Spec):
+    """Fields every kind's status shares."""
+
+    model_config = ConfigDict(extra="forbid")  # status is written by us; unknown fields are a bug
+
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The metadata.generation the operator last acted on."""
+    phase: Phase | None = None
+    """Summary of the conditions: Pending, Waiting, Running, Succeeded, Failed or Invalid."""
+    conditions: Annotated[list[Condition], Field(max_length=16)] = []
+    """Latest observations of the resource's state (Ready, Running, Succeeded, Failed, Invalid, Waiting)."""
+    progress: Progress | None = None
+    """Progress of the running job."""
+    start_time: datetime | None = None
+    """When the first job of this resource started."""
+    completion_time: datetime | None = None
+    """When the resource reached Succeeded or Failed."""
