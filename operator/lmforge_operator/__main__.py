@@ -1,0 +1,1 @@
+from lmforge_operator.cli import main; import sys; sys.exit(main())
