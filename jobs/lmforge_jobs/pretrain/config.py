@@ -184,8 +184,6 @@ class Schedule(str, Enum):
 class Optimizer(Spec):
     """AdamW and its learning-rate schedule."""
 
-    __cel__ = (Cel("self.beta1 < 1.0 && self.beta2 < 1.0", "beta1 and beta2 must be below 1", field="beta2"),)
-
     lr: Annotated[float, Field(gt=0, lt=1)] = 3.0e-4
     """Peak learning rate."""
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
