@@ -13,7 +13,12 @@ import yaml
 from openapi_schema_validator import OAS30Validator
 
 ROOT = Path(__file__).resolve().parents[1]
-CRD_FILES = {"Corpus": "corpora", "PretrainRun": "pretrainruns", "AlignmentRun": "alignmentruns", "Evaluation": "evaluations"}
+CRD_FILES = {
+    "Corpus": "corpora",
+    "PretrainRun": "pretrainruns",
+    "AlignmentRun": "alignmentruns",
+    "Evaluation": "evaluations",
+}
 
 
 @cache

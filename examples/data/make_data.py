@@ -68,8 +68,9 @@ def sft(rng: random.Random) -> list[dict]:
         name, what = BUILTINS[i % len(BUILTINS)]
         question = QUESTION_TEMPLATES[(i // len(BUILTINS) + i) % len(QUESTION_TEMPLATES)].format(name=name)
         answer = rng.choice(ANSWER_TEMPLATES).format(name=name, what=what)
-        rows.append({"messages": [{"role": "user", "content": question},
-                                  {"role": "assistant", "content": answer}]})
+        rows.append(
+            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+        )
     return rows
 
 
@@ -88,8 +89,10 @@ def preferences(rng: random.Random) -> list[dict]:
 
 def prompts(rng: random.Random) -> list[dict]:
     keywords = [rng.choice(KEYWORDS) for _ in BUILTINS]
-    return [{"prompt": f"Describe {name}() in one sentence that uses the word '{keyword}'."}
-            for (name, _), keyword in zip(BUILTINS, keywords, strict=True)]
+    return [
+        {"prompt": f"Describe {name}() in one sentence that uses the word '{keyword}'."}
+        for (name, _), keyword in zip(BUILTINS, keywords, strict=True)
+    ]
 
 
 def mcq(rng: random.Random) -> list[dict]:
@@ -98,8 +101,14 @@ def mcq(rng: random.Random) -> list[dict]:
         wrong = [w for j, (_, w) in enumerate(BUILTINS) if j != i]
         choices = [what, *rng.sample(wrong, 3)]
         rng.shuffle(choices)
-        rows.append({"id": i, "question": f"In Python, the built-in function {name}()",
-                     "choices": choices, "answer": choices.index(what)})
+        rows.append(
+            {
+                "id": i,
+                "question": f"In Python, the built-in function {name}()",
+                "choices": choices,
+                "answer": choices.index(what),
+            }
+        )
     return rows
 
 

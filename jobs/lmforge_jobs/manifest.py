@@ -97,7 +97,9 @@ _FLOAT_12 = re.compile(
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 for _first in list("-+0123456789."):
     _Loader.yaml_implicit_resolvers[_first] = [
-        (tag, rx) for tag, rx in _Loader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
+        (tag, rx)
+        for tag, rx in _Loader.yaml_implicit_resolvers.get(_first, [])
+        if tag != "tag:yaml.org,2002:float"
     ]
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
@@ -116,7 +118,7 @@ _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 def load_yaml_documents(text: str) -> list[Any]:
     """Parse multi-document YAML with Kubernetes-like number rules. Raises yaml.YAMLError."""
-    return [doc for doc in yaml.load_all(text, Loader=_Loader) if doc is not None]  # noqa: S506 (safe loader)
+    return [doc for doc in yaml.load_all(text, Loader=_Loader) if doc is not None]
 
 
 # ---------------------------------------------------------------------------------------------- problems
@@ -139,7 +141,9 @@ def _loc_to_path(loc: Iterable[Any]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("function-after[_rules()]",) or str(item).startswith(("function-", "lax-", "json-or-python")):
+        elif item in ("function-after[_rules()]",) or str(item).startswith(
+            ("function-", "lax-", "json-or-python")
+        ):
             continue
         else:
             parts.append(("." if parts else "") + str(item))
@@ -147,12 +151,14 @@ def _loc_to_path(loc: Iterable[Any]) -> str:
 
 
 def _is_generic_arg(item: Any) -> bool:
-    return isinstance(item, str) and (item in {"int", "str", "float", "bool"} or item.startswith(("literal[", "constrained-")))
+    return isinstance(item, str) and (
+        item in {"int", "str", "float", "bool"} or item.startswith(("literal[", "constrained-"))
+    )
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
     """Drop the union-member and validator tags pydantic puts into locations."""
-    return [p for p in loc if not (isinstance(p, str) and ("[" in p and "(" in p or _is_generic_arg(p)))]
+    return [p for p in loc if not (isinstance(p, str) and (("[" in p and "(" in p) or _is_generic_arg(p)))]
 
 
 def validation_problems(exc: ValidationError, source: str, resource: str) -> list[Problem]:
@@ -167,7 +173,7 @@ def validation_problems(exc: ValidationError, source: str, resource: str) -> lis
             loc = [*loc, *error.field.split(".")]
             message = error.message
         elif message.startswith("Value error, "):
-            message = message[len("Value error, "):]
+            message = message[len("Value error, ") :]
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         elif err["type"] == "missing":
@@ -183,24 +189,35 @@ def validation_problems(exc: ValidationError, source: str, resource: str) -> lis
 def parse_resource(doc: Any, source: str = "<manifest>") -> tuple[Resource[Any, Any] | None, list[Problem]]:
     """Validate one YAML document as an lmforge resource."""
     if not isinstance(doc, dict):
-        return None, [Problem(source, "?", "(document)", "expected a mapping with apiVersion, kind, metadata, spec")]
+        return None, [
+            Problem(source, "?", "(document)", "expected a mapping with apiVersion, kind, metadata, spec")
+        ]
     kind = doc.get("kind")
     name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
     resource = f"{kind}/{name}" if kind and name else (str(kind) if kind else "?")
     if doc.get("apiVersion") != GROUP_VERSION:
-        return None, [Problem(source, resource, "apiVersion",
-                              f"expected {GROUP_VERSION}, got {doc.get('apiVersion')!r}")]
+        return None, [
+            Problem(
+                source, resource, "apiVersion", f"expected {GROUP_VERSION}, got {doc.get('apiVersion')!r}"
+            )
+        ]
     if kind not in KINDS:
-        return None, [Problem(source, resource, "kind", f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")]
+        return None, [
+            Problem(source, resource, "kind", f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+        ]
     try:
         return KINDS[kind].model_validate(doc), []
     except ValidationError as exc:
         problems = validation_problems(exc, source, resource)
         for i, p in enumerate(problems):
             if p.field.startswith("metadata.name"):
-                problems[i] = Problem(p.source, p.resource, p.field,
-                                      f"{p.message} (a lowercase DNS label starting with a letter, at most "
-                                      f"{NAME_MAX_LENGTH} characters: child Jobs and pods add suffixes)")
+                problems[i] = Problem(
+                    p.source,
+                    p.resource,
+                    p.field,
+                    f"{p.message} (a lowercase DNS label starting with a letter, at most "
+                    f"{NAME_MAX_LENGTH} characters: child Jobs and pods add suffixes)",
+                )
         return None, problems
 
 
@@ -243,8 +260,14 @@ def load_resources(paths: Iterable[str | Path]) -> tuple[list[Resource[Any, Any]
             problems.extend(found)
             if resource is not None:
                 if resource.ref in seen:
-                    problems.append(Problem(source, resource.ref, "metadata.name",
-                                            f"duplicate {resource.ref} (also in {seen[resource.ref]})"))
+                    problems.append(
+                        Problem(
+                            source,
+                            resource.ref,
+                            "metadata.name",
+                            f"duplicate {resource.ref} (also in {seen[resource.ref]})",
+                        )
+                    )
                     continue
                 seen[resource.ref] = source
                 resources.append(resource)
@@ -261,7 +284,9 @@ def load_spec(path: str | Path, kind: str) -> Resource[Any, Any]:
         raise ManifestError(problems)
     matching = [r for r in resources if r.kind == kind]
     if len(matching) != 1:
-        raise ManifestError([Problem(str(path), "?", "kind", f"expected exactly one {kind}, found {len(matching)}")])
+        raise ManifestError(
+            [Problem(str(path), "?", "kind", f"expected exactly one {kind}, found {len(matching)}")]
+        )
     return matching[0]
 
 

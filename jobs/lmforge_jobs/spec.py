@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
@@ -49,7 +49,9 @@ class Cel:
     rule: str
     message: str
     field: str | None = None
-    reason: str | None = None  # FieldValueRequired | FieldValueInvalid | FieldValueForbidden | FieldValueDuplicate
+    reason: str | None = (
+        None  # FieldValueRequired | FieldValueInvalid | FieldValueForbidden | FieldValueDuplicate
+    )
 
 
 # --------------------------------------------------------------------------------------------- base model
@@ -104,11 +106,11 @@ Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=UR
 """Storage location: a local path, file://, pvc://CLAIM/path, s3://, gs://, hf:// (fsspec underneath)."""
 
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
-HubId = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")]
+HubId = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+]
 
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
 
 class Quantity(str):
@@ -132,8 +134,11 @@ class Quantity(str):
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
-        return {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
-                "pattern": QUANTITY_PATTERN}
+        return {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+        }
 
 
 # ------------------------------------------------------------------------------------------- references
@@ -164,10 +169,15 @@ class ModelRef(Spec):
     """A model: the output of another run, a Hugging Face hub id, or a storage URI. Exactly one."""
 
     __cel__ = (
-        Cel(cel_exactly_one(("pretrainRun", "alignmentRun", "huggingface", "path")),
-            "exactly one of pretrainRun, alignmentRun, huggingface, path must be set"),
-        Cel("!has(self.revision) || has(self.huggingface)", "revision applies only to huggingface",
-            field="revision"),
+        Cel(
+            cel_exactly_one(("pretrainRun", "alignmentRun", "huggingface", "path")),
+            "exactly one of pretrainRun, alignmentRun, huggingface, path must be set",
+        ),
+        Cel(
+            "!has(self.revision) || has(self.huggingface)",
+            "revision applies only to huggingface",
+            field="revision",
+        ),
     )
 
     pretrain_run: Name | None = None
@@ -268,7 +278,10 @@ class Condition(Spec):
     """Type of condition in CamelCase: Ready, Running, Succeeded, Failed, Invalid or Waiting."""
     status: ConditionStatus
     """True, False or Unknown."""
-    reason: Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")]
+    reason: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"),
+    ]
     """Machine-readable CamelCase reason for the last transition."""
     message: Annotated[str, StringConstraints(max_length=32768)] = ""
     """Human-readable details; names the field for Invalid."""

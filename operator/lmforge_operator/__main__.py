@@ -1,1 +1,5 @@
-from lmforge_operator.cli import main; import sys; sys.exit(main())
+import sys
+
+from lmforge_operator.cli import main
+
+sys.exit(main())

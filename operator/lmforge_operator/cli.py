@@ -1,8 +1,8 @@
 """The ``lmforge`` command line.
 
-    lmforge validate PATH...      check manifests (files or directories); exit 1 with every problem
-    lmforge crds [--out DIR]      write the CustomResourceDefinitions generated from the spec models
-    lmforge crds --check [DIR]    exit 1 when DIR differs from what would be generated
+lmforge validate PATH...      check manifests (files or directories); exit 1 with every problem
+lmforge crds [--out DIR]      write the CustomResourceDefinitions generated from the spec models
+lmforge crds --check [DIR]    exit 1 when DIR differs from what would be generated
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def _validate(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
-        print(f"{len(problems)} problem(s) in {len({p.source for p in problems})} document(s)", file=sys.stderr)
+        print(
+            f"{len(problems)} problem(s) in {len({p.source for p in problems})} document(s)", file=sys.stderr
+        )
         return EXIT_INVALID
     if not resources:
         print("no lmforge resources found in " + " ".join(args.paths), file=sys.stderr)
@@ -45,9 +47,16 @@ def _crds(args: argparse.Namespace) -> int:
             path = out / name
             if not path.exists() or path.read_text(encoding="utf-8") != text:
                 stale.append(name)
-        extra = sorted(p.name for p in out.glob("*.lmforge.io.yaml") if p.name not in expected) if out.is_dir() else []
+        extra = (
+            sorted(p.name for p in out.glob("*.lmforge.io.yaml") if p.name not in expected)
+            if out.is_dir()
+            else []
+        )
         for name in stale + extra:
-            print(f"{out / name}: differs from `lmforge crds` output; run `lmforge crds --out {out}`", file=sys.stderr)
+            print(
+                f"{out / name}: differs from `lmforge crds` output; run `lmforge crds --out {out}`",
+                file=sys.stderr,
+            )
         return EXIT_INVALID if stale or extra else EXIT_OK
     for path in write_crds(out):
         print(f"wrote {path}")
@@ -55,7 +64,9 @@ def _crds(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="Build language models from Kubernetes manifests.")
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description="Build language models from Kubernetes manifests."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="validate lmforge manifests (files or directories)")

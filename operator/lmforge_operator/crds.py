@@ -42,45 +42,81 @@ _ETA = _col("ETA", ".status.progress.etaSeconds", "integer", description="Second
 _AGE = _col("Age", ".metadata.creationTimestamp", "date")
 
 KIND_INFO: dict[str, KindInfo] = {
-    "Corpus": KindInfo("Corpus", "corpora", "corpus", ("crp",), (
-        _PHASE,
-        _col("Stage", ".status.stage"),
-        _col("Read", ".status.documents.read", "integer", description="Documents read"),
-        _col("Kept", ".status.documents.kept", "integer", description="Documents kept"),
-        _col("Tokens", ".status.tokens", "integer"),
-        _col("Docs/s", ".status.metrics.documentsPerSecond", "number", priority=1),
-        _PROGRESS, _ETA, _AGE,
-    )),
-    "PretrainRun": KindInfo("PretrainRun", "pretrainruns", "pretrainrun", ("ptr",), (
-        _PHASE, _PROGRESS,
-        _col("Loss", ".status.metrics.loss", "number"),
-        _col("Tokens/s", ".status.metrics.tokensPerSecond", "number"),
-        _col("MFU", ".status.metrics.mfu", "number"),
-        _ETA,
-        _col("Params", ".status.plan.parameters", "integer", priority=1),
-        _col("Eval loss", ".status.metrics.evalLoss", "number", priority=1),
-        _AGE,
-    )),
-    "AlignmentRun": KindInfo("AlignmentRun", "alignmentruns", "alignmentrun", ("alr",), (
-        _col("Method", ".spec.method"),
-        _PHASE, _PROGRESS,
-        _col("Loss", ".status.metrics.loss", "number"),
-        _col("Tokens/s", ".status.metrics.tokensPerSecond", "number"),
-        _ETA, _AGE,
-    )),
-    "Evaluation": KindInfo("Evaluation", "evaluations", "evaluation", ("lmev",), (
-        _PHASE,
-        _col("Perplexity", ".status.results.perplexity", "number"),
-        _col("Win rate", ".status.results.judge.winRate", "number"),
-        _PROGRESS, _AGE,
-    )),
+    "Corpus": KindInfo(
+        "Corpus",
+        "corpora",
+        "corpus",
+        ("crp",),
+        (
+            _PHASE,
+            _col("Stage", ".status.stage"),
+            _col("Read", ".status.documents.read", "integer", description="Documents read"),
+            _col("Kept", ".status.documents.kept", "integer", description="Documents kept"),
+            _col("Tokens", ".status.tokens", "integer"),
+            _col("Docs/s", ".status.metrics.documentsPerSecond", "number", priority=1),
+            _PROGRESS,
+            _ETA,
+            _AGE,
+        ),
+    ),
+    "PretrainRun": KindInfo(
+        "PretrainRun",
+        "pretrainruns",
+        "pretrainrun",
+        ("ptr",),
+        (
+            _PHASE,
+            _PROGRESS,
+            _col("Loss", ".status.metrics.loss", "number"),
+            _col("Tokens/s", ".status.metrics.tokensPerSecond", "number"),
+            _col("MFU", ".status.metrics.mfu", "number"),
+            _ETA,
+            _col("Params", ".status.plan.parameters", "integer", priority=1),
+            _col("Eval loss", ".status.metrics.evalLoss", "number", priority=1),
+            _AGE,
+        ),
+    ),
+    "AlignmentRun": KindInfo(
+        "AlignmentRun",
+        "alignmentruns",
+        "alignmentrun",
+        ("alr",),
+        (
+            _col("Method", ".spec.method"),
+            _PHASE,
+            _PROGRESS,
+            _col("Loss", ".status.metrics.loss", "number"),
+            _col("Tokens/s", ".status.metrics.tokensPerSecond", "number"),
+            _ETA,
+            _AGE,
+        ),
+    ),
+    "Evaluation": KindInfo(
+        "Evaluation",
+        "evaluations",
+        "evaluation",
+        ("lmev",),
+        (
+            _PHASE,
+            _col("Perplexity", ".status.results.perplexity", "number"),
+            _col("Win rate", ".status.results.judge.winRate", "number"),
+            _PROGRESS,
+            _AGE,
+        ),
+    ),
 }
 
 CATEGORIES = ["lmforge"]
 
 
 # ------------------------------------------------------------------------------------- schema rewriting
-_DROP_KEYS = {"title", "additionalProperties", "discriminator", "examples"}
+_DROP_KEYS = {
+    "title",
+    "additionalProperties",
+    "discriminator",
+    "examples",
+    "propertyNames",
+}  # not in Kubernetes
 
 
 def _strip_nulls(value: Any) -> Any:

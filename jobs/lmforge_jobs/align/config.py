@@ -74,7 +74,12 @@ class Lora(Spec):
     """Scaling numerator (update scaled by alpha / r)."""
     dropout: Annotated[float, Field(ge=0, le=1)] = 0.05
     """Dropout on the adapter input."""
-    target_modules: Annotated[list[ShortStr], Field(min_length=1, max_length=256)] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    target_modules: Annotated[list[ShortStr], Field(min_length=1, max_length=256)] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    ]
     """Module names to adapt (or [all-linear])."""
 
 
@@ -90,8 +95,13 @@ class PromptTuning(Spec):
 class Peft(Spec):
     """Parameter-efficient tuning; at most one of lora, promptTuning."""
 
-    __cel__ = (Cel("!(has(self.lora) && has(self.promptTuning))", "at most one of lora, promptTuning may be set",
-                   field="promptTuning"),)
+    __cel__ = (
+        Cel(
+            "!(has(self.lora) && has(self.promptTuning))",
+            "at most one of lora, promptTuning may be set",
+            field="promptTuning",
+        ),
+    )
 
     lora: Lora | None = None
     """LoRA adapters."""
@@ -184,18 +194,34 @@ class AlignmentRunSpec(Spec):
     """Align a model: SFT, reward model, DPO or PPO, optionally parameter-efficient."""
 
     __cel__ = (
-        Cel("(self.method == 'ppo') == has(self.rewardModel)",
-            "rewardModel is required if and only if method is ppo", field="rewardModel"),
-        Cel("has(self.dataset) || has(self.synthetic)", "dataset is required unless synthetic is set",
-            field="dataset", reason="FieldValueRequired"),
-        Cel("!has(self.synthetic) || self.method == 'sft'", "synthetic applies only to method sft",
-            field="synthetic"),
-        Cel("!has(self.dataset) || (self.method == 'sft' ? self.dataset.format in ['messages', 'promptCompletion']"
+        Cel(
+            "(self.method == 'ppo') == has(self.rewardModel)",
+            "rewardModel is required if and only if method is ppo",
+            field="rewardModel",
+        ),
+        Cel(
+            "has(self.dataset) || has(self.synthetic)",
+            "dataset is required unless synthetic is set",
+            field="dataset",
+            reason="FieldValueRequired",
+        ),
+        Cel(
+            "!has(self.synthetic) || self.method == 'sft'",
+            "synthetic applies only to method sft",
+            field="synthetic",
+        ),
+        Cel(
+            "!has(self.dataset) || (self.method == 'sft' ? self.dataset.format in ['messages', 'promptCompletion']"
             " : self.method == 'ppo' ? self.dataset.format == 'prompts' : self.dataset.format == 'preference')",
             "dataset.format must match the method: sft takes messages or promptCompletion, reward and dpo take "
-            "preference, ppo takes prompts", field="dataset.format"),
-        Cel("!has(self.peft) || !has(self.peft.promptTuning) || !self.peft.merge",
-            "peft.merge applies only to lora", field="peft.merge"),
+            "preference, ppo takes prompts",
+            field="dataset.format",
+        ),
+        Cel(
+            "!has(self.peft) || !has(self.peft.promptTuning) || !self.peft.merge",
+            "peft.merge applies only to lora",
+            field="peft.merge",
+        ),
     )
 
     base: ModelRef
@@ -235,8 +261,10 @@ class AlignmentRunSpec(Spec):
             raise SpecError("synthetic", "synthetic applies only to method sft")
         if self.dataset is not None and self.dataset.format not in FORMATS_BY_METHOD[self.method]:
             allowed = " or ".join(f.value for f in FORMATS_BY_METHOD[self.method])
-            raise SpecError("dataset.format",
-                            f"method {self.method.value} needs dataset.format {allowed}, not {self.dataset.format.value}")
+            raise SpecError(
+                "dataset.format",
+                f"method {self.method.value} needs dataset.format {allowed}, not {self.dataset.format.value}",
+            )
         if self.peft is not None and self.peft.prompt_tuning is not None and self.peft.merge:
             raise SpecError("peft.merge", "peft.merge applies only to lora")
         return self

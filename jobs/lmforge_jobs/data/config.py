@@ -14,7 +14,6 @@ from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from lmforge_jobs.spec import (
     Cel,
-    Name,
     Progress,
     Resources,
     SecretRef,
@@ -97,7 +96,9 @@ SOURCE_KINDS = ("warc", "jsonl", "parquet", "huggingface")
 class Source(Spec):
     """One input of the corpus; exactly one of warc, jsonl, parquet, huggingface."""
 
-    __cel__ = (Cel(cel_exactly_one(SOURCE_KINDS), "exactly one of warc, jsonl, parquet, huggingface must be set"),)
+    __cel__ = (
+        Cel(cel_exactly_one(SOURCE_KINDS), "exactly one of warc, jsonl, parquet, huggingface must be set"),
+    )
 
     warc: WarcSource | None = None
     """Web archive files; HTML is extracted to text."""
@@ -150,8 +151,10 @@ class UrlFilter(Spec):
 class LanguageFilter(Spec):
     """Keep documents in the listed languages (fastText language identification)."""
 
-    languages: Annotated[list[Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}(_[A-Za-z]+)?$")]],
-                         Field(min_length=1, max_length=200)] = ["en"]
+    languages: Annotated[
+        list[Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}(_[A-Za-z]+)?$")]],
+        Field(min_length=1, max_length=200),
+    ] = ["en"]
     """ISO 639 codes to keep, e.g. [en, de]."""
     min_score: Fraction = 0.65
     """Minimum language-ID confidence to keep a document."""
@@ -176,9 +179,16 @@ class GopherQualityFilter(Spec):
     """Gopher quality heuristics: length, word length, symbols, bullets, ellipses, stop words."""
 
     __cel__ = (
-        Cel("self.minDocWords <= self.maxDocWords", "minDocWords must not exceed maxDocWords", field="minDocWords"),
-        Cel("self.minAvgWordLength <= self.maxAvgWordLength",
-            "minAvgWordLength must not exceed maxAvgWordLength", field="minAvgWordLength"),
+        Cel(
+            "self.minDocWords <= self.maxDocWords",
+            "minDocWords must not exceed maxDocWords",
+            field="minDocWords",
+        ),
+        Cel(
+            "self.minAvgWordLength <= self.maxAvgWordLength",
+            "minAvgWordLength must not exceed maxAvgWordLength",
+            field="minAvgWordLength",
+        ),
     )
 
     min_doc_words: Annotated[int, Field(ge=0)] = 50
@@ -274,15 +284,35 @@ class RegexFilter(Spec):
         return value
 
 
-FILTER_KINDS = ("url", "language", "gopher_repetition", "gopher_quality", "c4_quality", "fine_web_quality", "regex")
-FILTER_KINDS_CAMEL = ("url", "language", "gopherRepetition", "gopherQuality", "c4Quality", "fineWebQuality", "regex")
+FILTER_KINDS = (
+    "url",
+    "language",
+    "gopher_repetition",
+    "gopher_quality",
+    "c4_quality",
+    "fine_web_quality",
+    "regex",
+)
+FILTER_KINDS_CAMEL = (
+    "url",
+    "language",
+    "gopherRepetition",
+    "gopherQuality",
+    "c4Quality",
+    "fineWebQuality",
+    "regex",
+)
 
 
 class Filter(Spec):
     """One filter step; exactly one kind. Each reports how many documents it kept and removed."""
 
-    __cel__ = (Cel(cel_exactly_one(FILTER_KINDS_CAMEL),
-                   "exactly one of " + ", ".join(FILTER_KINDS_CAMEL) + " must be set"),)
+    __cel__ = (
+        Cel(
+            cel_exactly_one(FILTER_KINDS_CAMEL),
+            "exactly one of " + ", ".join(FILTER_KINDS_CAMEL) + " must be set",
+        ),
+    )
 
     url: UrlFilter | None = None
     """URL and domain blocklist."""
@@ -307,7 +337,9 @@ class Filter(Spec):
     @property
     def kind(self) -> str:
         """camelCase name of the filter kind, used in statistics (``removedBy``)."""
-        return next(c for p, c in zip(FILTER_KINDS, FILTER_KINDS_CAMEL, strict=True) if getattr(self, p) is not None)
+        return next(
+            c for p, c in zip(FILTER_KINDS, FILTER_KINDS_CAMEL, strict=True) if getattr(self, p) is not None
+        )
 
 
 # ------------------------------------------------------------------------------------ cleaning and dedup
@@ -394,7 +426,9 @@ class PretrainedTokenizer(Spec):
 class Tokenizer(Spec):
     """The tokenizer: trained here or given; exactly one."""
 
-    __cel__ = (Cel("has(self.train) != has(self.pretrained)", "exactly one of train, pretrained must be set"),)
+    __cel__ = (
+        Cel("has(self.train) != has(self.pretrained)", "exactly one of train, pretrained must be set"),
+    )
 
     train: TrainTokenizer | None = None
     """Train a new BPE tokenizer."""

@@ -18,8 +18,8 @@ from lmforge_jobs.spec import (
     ModelRef,
     NodeParallelism,
     Precision,
-    Resources,
     ResourceRef,
+    Resources,
     SecretRef,
     ShortStr,
     Spec,
@@ -66,7 +66,9 @@ class Benchmark(Spec):
 
     __cel__ = (Cel("has(self.task) != has(self.taskPath)", "exactly one of task, taskPath must be set"),)
 
-    task: Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9_.\-]+$")] | None = None
+    task: (
+        Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9_.\-]+$")] | None
+    ) = None
     """Registered lm-eval task or group name (hellaswag, mmlu …)."""
     task_path: Uri | None = None
     """Task YAML file (its data files next to it or named by absolute URI)."""
@@ -95,8 +97,12 @@ class Endpoint(Spec):
 class JudgeModel(Spec):
     """The judge: an endpoint, a hub model or a local model directory; exactly one."""
 
-    __cel__ = (Cel("(has(self.endpoint) ? 1 : 0) + (has(self.huggingface) ? 1 : 0) + (has(self.path) ? 1 : 0) == 1",
-                   "exactly one of endpoint, huggingface, path must be set"),)
+    __cel__ = (
+        Cel(
+            "(has(self.endpoint) ? 1 : 0) + (has(self.huggingface) ? 1 : 0) + (has(self.path) ? 1 : 0) == 1",
+            "exactly one of endpoint, huggingface, path must be set",
+        ),
+    )
 
     endpoint: Endpoint | None = None
     """OpenAI-compatible endpoint."""
@@ -143,12 +149,17 @@ class EvaluationSpec(Spec):
     """Evaluate a model: perplexity, benchmarks, judge win rate, arena ratings."""
 
     __cel__ = (
-        Cel("has(self.perplexity) || (has(self.benchmarks) && size(self.benchmarks) > 0) || has(self.judge)",
-            "at least one of perplexity, benchmarks, judge must be set", field="perplexity",
-            reason="FieldValueRequired"),
-        Cel("self.checkpoints != 'every' || has(self.model.pretrainRun)",
+        Cel(
+            "has(self.perplexity) || (has(self.benchmarks) && size(self.benchmarks) > 0) || has(self.judge)",
+            "at least one of perplexity, benchmarks, judge must be set",
+            field="perplexity",
+            reason="FieldValueRequired",
+        ),
+        Cel(
+            "self.checkpoints != 'every' || has(self.model.pretrainRun)",
             "checkpoints: every needs model.pretrainRun (the run whose checkpoints are evaluated)",
-            field="checkpoints"),
+            field="checkpoints",
+        ),
         Cel("!has(self.arena) || has(self.judge)", "arena needs judge", field="arena"),
     )
 
@@ -184,8 +195,10 @@ class EvaluationSpec(Spec):
         if self.perplexity is None and not self.benchmarks and self.judge is None:
             raise SpecError("perplexity", "at least one of perplexity, benchmarks, judge must be set")
         if self.checkpoints == Checkpoints.every and self.model.pretrain_run is None:
-            raise SpecError("checkpoints",
-                            "checkpoints: every needs model.pretrainRun (the run whose checkpoints are evaluated)")
+            raise SpecError(
+                "checkpoints",
+                "checkpoints: every needs model.pretrainRun (the run whose checkpoints are evaluated)",
+            )
         if self.arena is not None and self.judge is None:
             raise SpecError("arena", "arena needs judge")
         return self
@@ -230,8 +243,9 @@ class Results(Spec):
     """Mean negative log-likelihood per token (nats)."""
     bits_per_byte: Annotated[float, Field(ge=0)] | None = None
     """Total NLL in bits divided by UTF-8 bytes."""
-    benchmarks: Annotated[dict[ShortStr, Annotated[dict[ShortStr, float], Field(max_length=64)]],
-                          Field(max_length=256)] = {}
+    benchmarks: Annotated[
+        dict[ShortStr, Annotated[dict[ShortStr, float], Field(max_length=64)]], Field(max_length=256)
+    ] = {}
     """Metric values per task: {hellaswag: {acc: 0.31, acc_norm: 0.33}}."""
     judge: JudgeResult | None = None
     """Judge win rate."""

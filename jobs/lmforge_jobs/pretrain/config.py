@@ -12,8 +12,8 @@ from lmforge_jobs.spec import (
     HubId,
     NodeParallelism,
     Precision,
-    Resources,
     ResourceRef,
+    Resources,
     SecretRef,
     ShortStr,
     Spec,
@@ -63,7 +63,9 @@ VocabSize = Annotated[
 class ModelInit(Spec):
     """Start from a Hugging Face checkpoint (continued pre-training / domain adaptation); exactly one."""
 
-    __cel__ = (Cel("has(self.huggingface) != has(self.path)", "exactly one of huggingface, path must be set"),)
+    __cel__ = (
+        Cel("has(self.huggingface) != has(self.path)", "exactly one of huggingface, path must be set"),
+    )
 
     huggingface: HubId | None = None
     """Hub model id (Llama family for decoder)."""
@@ -85,13 +87,26 @@ class ModelShape(Spec):
 
     __cel__ = (
         Cel("self.hidden % self.heads == 0", "hidden must be divisible by heads", field="hidden"),
-        Cel("!has(self.kvHeads) || self.heads % self.kvHeads == 0", "heads must be divisible by kvHeads",
-            field="kvHeads"),
-        Cel("!has(self.kvHeads) || self.kvHeads <= self.heads", "kvHeads must not exceed heads", field="kvHeads"),
-        Cel("type(self.vocabSize) == string ? self.vocabSize == 'auto' : self.vocabSize >= 256",
-            "vocabSize must be 'auto' or an integer of at least 256", field="vocabSize"),
-        Cel("!has(self.decoderLayers) || self.architecture == 'encoder-decoder'",
-            "decoderLayers applies only to architecture encoder-decoder", field="decoderLayers"),
+        Cel(
+            "!has(self.kvHeads) || self.heads % self.kvHeads == 0",
+            "heads must be divisible by kvHeads",
+            field="kvHeads",
+        ),
+        Cel(
+            "!has(self.kvHeads) || self.kvHeads <= self.heads",
+            "kvHeads must not exceed heads",
+            field="kvHeads",
+        ),
+        Cel(
+            "type(self.vocabSize) == string ? self.vocabSize == 'auto' : self.vocabSize >= 256",
+            "vocabSize must be 'auto' or an integer of at least 256",
+            field="vocabSize",
+        ),
+        Cel(
+            "!has(self.decoderLayers) || self.architecture == 'encoder-decoder'",
+            "decoderLayers applies only to architecture encoder-decoder",
+            field="decoderLayers",
+        ),
     )
 
     architecture: Architecture = Architecture.decoder
@@ -133,7 +148,9 @@ class ModelShape(Spec):
             if self.kv_heads > self.heads:
                 raise SpecError("kvHeads", f"kvHeads ({self.kv_heads}) must not exceed heads ({self.heads})")
             if self.heads % self.kv_heads:
-                raise SpecError("kvHeads", f"heads ({self.heads}) must be divisible by kvHeads ({self.kv_heads})")
+                raise SpecError(
+                    "kvHeads", f"heads ({self.heads}) must be divisible by kvHeads ({self.kv_heads})"
+                )
         if self.decoder_layers is not None and self.architecture != Architecture.encoder_decoder:
             raise SpecError("decoderLayers", "decoderLayers applies only to architecture encoder-decoder")
         return self
@@ -156,8 +173,12 @@ class ModelShape(Spec):
 class Budget(Spec):
     """How long to train; exactly one of tokens, tokensPerParameter, steps."""
 
-    __cel__ = (Cel("(has(self.tokens) ? 1 : 0) + (has(self.tokensPerParameter) ? 1 : 0) + (has(self.steps) ? 1 : 0) == 1",
-                   "exactly one of tokens, tokensPerParameter, steps must be set"),)
+    __cel__ = (
+        Cel(
+            "(has(self.tokens) ? 1 : 0) + (has(self.tokensPerParameter) ? 1 : 0) + (has(self.steps) ? 1 : 0) == 1",
+            "exactly one of tokens, tokensPerParameter, steps must be set",
+        ),
+    )
 
     tokens: Annotated[int, Field(ge=1)] | None = None
     """Train on this many tokens."""
@@ -273,7 +294,9 @@ class Export(Spec):
     """Push the export to the hub."""
 
 
-Queue = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+Queue = Annotated[
+    str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+]
 
 
 class PretrainRunSpec(Spec):
@@ -281,10 +304,12 @@ class PretrainRunSpec(Spec):
 
     __cel__ = (
         Cel("has(self.corpus) != has(self.data)", "exactly one of corpus, data must be set"),
-        Cel("self.batch.globalTokens % (self.model.seqLen * self.batch.microBatchSize * self.parallelism.nodes"
+        Cel(
+            "self.batch.globalTokens % (self.model.seqLen * self.batch.microBatchSize * self.parallelism.nodes"
             " * (self.parallelism.gpusPerNode > 0 ? self.parallelism.gpusPerNode : 1)) == 0",
             "batch.globalTokens must be a multiple of model.seqLen × batch.microBatchSize × nodes × gpusPerNode",
-            field="batch.globalTokens"),
+            field="batch.globalTokens",
+        ),
     )
 
     corpus: ResourceRef | None = None
