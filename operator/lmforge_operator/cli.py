@@ -3,6 +3,8 @@
 lmforge validate PATH...      check manifests (files or directories); exit 1 with every problem
 lmforge crds [--out DIR]      write the CustomResourceDefinitions generated from the spec models
 lmforge crds --check [DIR]    exit 1 when DIR differs from what would be generated
+lmforge plan FILE...          compute plan of each PretrainRun (parameters, FLOPs, memory, GPU-hours)
+lmforge plan --gpu-hours H    compute-optimal parameters and tokens for a budget (Chinchilla)
 """
 
 from __future__ import annotations
@@ -63,6 +65,83 @@ def _crds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge_jobs import plan as planner
+
+    if args.gpu_hours is not None:
+        if args.paths:
+            print("give either manifest files or --gpu-hours, not both", file=sys.stderr)
+            return EXIT_USAGE
+        dev = planner.device(args.gpu)
+        flops = args.gpu_hours * 3600 * dev.peak_tflops * 1e12 * args.mfu
+        opt = planner.chinchilla_optimal(flops, args.method)
+        shape = planner.nearest_shape(opt.parameters, vocab_size=args.vocab or planner.DEFAULT_VOCAB)
+        count = planner.count_parameters(shape)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "gpuHours": args.gpu_hours,
+                        "gpu": args.gpu,
+                        "mfu": args.mfu,
+                        "flops": flops,
+                        "method": args.method,
+                        "parameters": opt.parameters,
+                        "tokens": opt.tokens,
+                        "loss": opt.loss,
+                        "shape": shape.to_yaml_dict(),
+                        "shapeParameters": count.total,
+                    },
+                    indent=2,
+                )
+            )
+            return EXIT_OK
+        print(
+            f"budget      {args.gpu_hours:,.0f} GPU-hours on {dev.name} at MFU {args.mfu:.0%} = {flops:.3e} FLOPs"
+        )
+        print(f"method      {planner.SCALING_LAWS[args.method].name}")
+        print(f"parameters  {opt.parameters:.4g}")
+        print(f"tokens      {opt.tokens:.4g} ({opt.tokens_per_parameter:.1f} per parameter)")
+        print(f"loss        {opt.loss:.3f} (predicted)")
+        print(
+            f"shape       layers {shape.layers}, hidden {shape.hidden}, heads {shape.heads}, "
+            f"kvHeads {shape.n_kv_heads}, ffnHidden {shape.ffn_size}: {count.total:,} parameters"
+        )
+        return EXIT_OK
+
+    if not args.paths:
+        print("give PretrainRun manifest files, or --gpu-hours", file=sys.stderr)
+        return EXIT_USAGE
+    from lmforge_jobs.manifest import load_resources
+    from lmforge_jobs.pretrain.config import PretrainRunSpec
+
+    resources, problems = load_resources(args.paths)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return EXIT_INVALID
+    runs = [r for r in resources if isinstance(r.spec, PretrainRunSpec)]
+    if not runs:
+        print("no PretrainRun found in " + " ".join(args.paths), file=sys.stderr)
+        return EXIT_INVALID
+    out = {}
+    try:
+        for run in runs:
+            out[run.ref] = planner.plan_pretrain(
+                run.spec, vocab_size=args.vocab, gpu=args.gpu, mfu=args.mfu, price_per_gpu_hour=args.price
+            )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps({ref: p.to_dict() for ref, p in out.items()}, indent=2))
+    else:
+        print("\n\n".join(f"{ref}\n{planner.explain(p)}" for ref, p in out.items()))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge", description="Build language models from Kubernetes manifests."
@@ -77,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="crds", help="output directory (default: crds)")
     p.add_argument("--check", action="store_true", help="only check that --out is up to date")
     p.set_defaults(func=_crds)
+
+    p = sub.add_parser("plan", help="compute plan of PretrainRuns, or compute-optimal size for a budget")
+    p.add_argument("paths", nargs="*", help="YAML files or directories with PretrainRuns")
+    p.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100", "l40s"], help="GPU type")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    p.add_argument("--price", type=float, default=None, help="price per GPU-hour, for the cost")
+    p.add_argument("--vocab", type=int, default=None, help="tokenizer size when vocabSize is auto")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--gpu-hours", type=float, default=None, help="compute budget in GPU-hours")
+    p.add_argument("--method", default="hoffmann", choices=["hoffmann", "epoch"], help="scaling-law fit")
+    p.set_defaults(func=_plan)
     return parser
 
 

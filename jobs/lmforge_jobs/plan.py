@@ -1,0 +1,468 @@
+"""Compute planner for PretrainRuns: parameters, tokens, FLOPs, memory per GPU, GPU-hours and cost.
+
+Pure Python (stdlib and pydantic only, no torch), so the operator and ``lmforge plan`` can use it.
+
+Everything here is an estimate for the Llama-shaped decoder that ``lmforge_jobs.pretrain`` builds:
+token embedding; per layer q/k/v/o projections without bias, a SwiGLU MLP (gate, up, down) without bias
+and two RMSNorm weights; a final RMSNorm; an lm_head that is untied unless ``tieEmbeddings``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from lmforge_jobs.pretrain.config import Architecture, ModelShape, PretrainRunSpec, Strategy
+from lmforge_jobs.spec import Precision
+
+GiB = 1024**3
+DEFAULT_VOCAB = 32000
+VOCAB_MULTIPLE = 64
+USABLE_FRACTION = 0.9
+"""Fraction of device memory a plan may use: the rest is CUDA context, NCCL buffers, fragmentation."""
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_gib: float
+    peak_tflops: float
+    """Dense bf16 tensor-core peak (no sparsity)."""
+
+
+DEVICES: dict[str, Device] = {
+    "h100": Device("H100 SXM", 80, 989),
+    "h200": Device("H200 SXM", 141, 989),
+    "a100": Device("A100 80GB", 80, 312),
+    "l40s": Device("L40S", 48, 362),
+}
+
+
+def device(gpu: str) -> Device:
+    try:
+        return DEVICES[gpu.lower()]
+    except KeyError:
+        raise ValueError(f"unknown gpu {gpu!r}; expected one of {', '.join(DEVICES)}") from None
+
+
+# ------------------------------------------------------------------------------------------ parameters
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    embedding: int
+    """Input embedding, plus the lm_head when it is not tied."""
+    non_embedding: int
+
+
+def resolve_vocab(shape: ModelShape, vocab_size: int | None = None) -> int:
+    """The vocabulary size the model will have.
+
+    An integer ``vocabSize`` in the shape is used as is. With ``auto`` the tokenizer decides: pass its size
+    as ``vocab_size`` (otherwise 32000 is assumed); it is rounded up to a multiple of 64, as the trainer does.
+    """
+    if isinstance(shape.vocab_size, int) and vocab_size is None:
+        return shape.vocab_size
+    v = vocab_size if vocab_size is not None else DEFAULT_VOCAB
+    if isinstance(shape.vocab_size, int):
+        return int(v)
+    return VOCAB_MULTIPLE * -(-int(v) // VOCAB_MULTIPLE)
+
+
+def count_parameters(shape: ModelShape, vocab_size: int | None = None) -> ParamCount:
+    """Exact parameter count of the Llama-shaped decoder (equals ``LlamaForCausalLM``'s)."""
+    if shape.architecture != Architecture.decoder:
+        raise ValueError(f"the planner supports architecture decoder only, not {shape.architecture.value}")
+    vocab = resolve_vocab(shape, vocab_size)
+    h, kv = shape.hidden, shape.n_kv_heads * shape.head_dim
+    attention = 2 * h * h + 2 * h * kv  # q, o: h×h; k, v: h×(kvHeads·headDim)
+    mlp = 3 * h * shape.ffn_size  # gate, up, down
+    norms = 2 * h
+    per_layer = attention + mlp + norms
+    embedding = vocab * h * (1 if shape.tie_embeddings else 2)
+    non_embedding = shape.layers * per_layer + h  # + final norm
+    return ParamCount(total=embedding + non_embedding, embedding=embedding, non_embedding=non_embedding)
+
+
+def flops_per_token(shape: ModelShape, vocab_size: int | None = None) -> float:
+    """Training FLOPs per token: ``6·N + 12·L·H·Q·T`` (PaLM, Chowdhery et al. 2022, appendix B).
+
+    N counts the weights that take part in matrix multiplies: every non-embedding weight plus the lm_head
+    (vocab × hidden; the input embedding is a lookup). 6 = 2 (multiply-add) × 3 (forward + backward, which
+    costs twice the forward). The attention term 12·L·H·Q·T, with L layers, H heads, Q head dimension
+    (H·Q = hidden) and T sequence length, is the QKᵀ and attention·V products, which have no weights;
+    like PaLM it does not halve for the causal mask. Kaplan et al. (2020) write the same as 6N + 6·L·T·d
+    per token for the forward-and-backward of ``2·n_layer·n_ctx·d_attn`` forward FLOPs.
+    """
+    count = count_parameters(shape, vocab_size)
+    vocab = resolve_vocab(shape, vocab_size)
+    n_matmul = count.non_embedding + vocab * shape.hidden
+    return 6.0 * n_matmul + 12.0 * shape.layers * shape.hidden * shape.seq_len
+
+
+# -------------------------------------------------------------------------------------------- memory
+@dataclass(frozen=True)
+class Memory:
+    """Estimated peak memory per GPU, in bytes."""
+
+    weights: float
+    master_weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    """With the run's activation checkpointing setting."""
+    activations_no_checkpointing: float
+    activations_checkpointing: float
+    logits: float
+
+    @property
+    def states(self) -> float:
+        return self.weights + self.master_weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations + self.logits
+
+
+def state_bytes_per_param(precision: Precision) -> dict[str, int]:
+    """Bytes per parameter of the model and optimizer states for AdamW.
+
+    bf16 mixed precision: 2 (bf16 weights) + 4 (fp32 master weights) + 2 (bf16 gradients) + 8 (fp32 Adam m
+    and v) = 16. fp32: 4 + 0 + 4 + 8 = 16 as well.
+    """
+    if precision == Precision.bf16:
+        return {"weights": 2, "master_weights": 4, "gradients": 2, "optimizer": 8}
+    return {"weights": 4, "master_weights": 0, "gradients": 4, "optimizer": 8}
+
+
+def activation_bytes(
+    shape: ModelShape, micro_batch: int, *, checkpointing: bool, flash_attention: bool = True
+) -> float:
+    """Activation memory of one micro-batch on one GPU (no tensor or sequence parallelism).
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") give
+    ``s·b·h·(34 + 5·a·s/h)`` bytes per layer for 16-bit activations (s sequence length, b micro-batch,
+    h hidden, a heads). The ``5·a·s/h`` term stores the s×s attention scores; fused (flash) attention, which
+    PyTorch's scaled_dot_product_attention uses, does not keep them, so it is left out when
+    ``flash_attention``. The 34 was derived for a GPT block with a 4h MLP; a SwiGLU/GQA block differs a
+    little, so treat this as an approximation. With full activation checkpointing each layer keeps only its
+    bf16 input (2·s·b·h bytes) and one layer's activations exist at a time during recomputation.
+    """
+    s, b, h, a = shape.seq_len, micro_batch, shape.hidden, shape.heads
+    per_layer = s * b * h * (34 + (0 if flash_attention else 5 * a * s / h))
+    if checkpointing:
+        return shape.layers * 2 * s * b * h + per_layer
+    return shape.layers * per_layer
+
+
+def logits_bytes(shape: ModelShape, micro_batch: int, vocab: int) -> float:
+    """Logits of one micro-batch: bf16 logits plus their fp32 copy for the cross-entropy (6 B per entry)."""
+    return shape.seq_len * micro_batch * vocab * 6
+
+
+# ---------------------------------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    """The compute plan for one PretrainRun."""
+
+    parameters: int
+    embedding_parameters: int
+    non_embedding_parameters: int
+    vocab_size: int
+    tokens: int
+    steps: int
+    flops: float
+    flops_per_token: float
+    gpu: str
+    world_size: int
+    strategy: str
+    precision: str
+    micro_batch_size: int
+    activation_checkpointing: bool
+    memory: Memory
+    device_memory_gib: float
+    peak_tflops: float
+    mfu: float
+    gpu_hours: float
+    wall_clock_hours: float
+    cost: float | None
+    fits: bool
+    reason: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def memory_per_gpu_gib(self) -> float:
+        return self.memory.total / GiB
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["memory"] = {k: v / GiB for k, v in d["memory"].items()}
+        d["memory"]["states"] = self.memory.states / GiB
+        d["memory"]["total"] = self.memory_per_gpu_gib
+        d["memoryPerGpuGiB"] = self.memory_per_gpu_gib
+        return d
+
+    def to_status(self) -> Any:
+        """The ``status.plan`` object of the PretrainRun."""
+        from lmforge_jobs.pretrain.config import Plan as StatusPlan
+
+        return StatusPlan(
+            parameters=self.parameters,
+            tokens=self.tokens,
+            steps=self.steps,
+            flops=self.flops,
+            memory_per_gpu_gi_b=round(self.memory_per_gpu_gib, 3),
+            gpu_hours=self.gpu_hours,
+            fits=self.fits,
+            reason=self.reason[:4096],
+        )
+
+
+def plan_pretrain(
+    spec: PretrainRunSpec,
+    vocab_size: int | None = None,
+    gpu: str = "h100",
+    mfu: float = 0.4,
+    price_per_gpu_hour: float | None = None,
+    peak_tflops: float | None = None,
+    flash_attention: bool = True,
+) -> Plan:
+    """Plan a PretrainRun: size, length, FLOPs, memory per GPU, GPU-hours, wall clock and cost."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be in (0, 1], not {mfu}")
+    dev = device(gpu)
+    peak = float(peak_tflops) if peak_tflops else dev.peak_tflops
+    shape = spec.model
+    count = count_parameters(shape, vocab_size)
+    vocab = resolve_vocab(shape, vocab_size)
+    n = count.total
+    global_tokens = spec.batch.global_tokens
+    budget = spec.budget
+    if budget.tokens is not None:
+        tokens = budget.tokens
+    elif budget.tokens_per_parameter is not None:
+        tokens = round(budget.tokens_per_parameter * n)
+    else:
+        tokens = int(budget.steps) * global_tokens
+    steps = -(-tokens // global_tokens)
+    per_token = flops_per_token(shape, vocab_size)
+    flops = per_token * tokens
+
+    world = spec.parallelism.world_size
+    sharded = spec.parallelism.strategy == Strategy.fsdp
+    per_param = state_bytes_per_param(spec.precision)
+    divisor = world if sharded else 1
+    mb = spec.batch.micro_batch_size
+    ckpt = spec.parallelism.activation_checkpointing
+    act_full = activation_bytes(shape, mb, checkpointing=False, flash_attention=flash_attention)
+    act_ckpt = activation_bytes(shape, mb, checkpointing=True, flash_attention=flash_attention)
+    memory = Memory(
+        weights=n * per_param["weights"] / divisor,
+        master_weights=n * per_param["master_weights"] / divisor,
+        gradients=n * per_param["gradients"] / divisor,
+        optimizer=n * per_param["optimizer"] / divisor,
+        activations=act_ckpt if ckpt else act_full,
+        activations_no_checkpointing=act_full,
+        activations_checkpointing=act_ckpt,
+        logits=logits_bytes(shape, mb, vocab),
+    )
+
+    gpu_hours = flops / (peak * 1e12 * mfu) / 3600
+    wall = gpu_hours / world
+    cost = gpu_hours * price_per_gpu_hour if price_per_gpu_hour is not None else None
+
+    usable = dev.memory_gib * USABLE_FRACTION
+    need = memory.total / GiB
+    if need <= usable:
+        fits = True
+        reason = (
+            f"needs ~{need:.1f} GiB per GPU of {dev.memory_gib:g} GiB on {dev.name} "
+            f"({USABLE_FRACTION:.0%} usable = {usable:.1f} GiB)"
+        )
+    else:
+        fits = False
+        hints = []
+        if not sharded and world > 1:
+            hints.append("use strategy fsdp to shard weights, gradients and optimizer state")
+        if not ckpt and act_ckpt < act_full:
+            hints.append(
+                f"enable activationCheckpointing (activations {act_full / GiB:.1f} → {act_ckpt / GiB:.1f} GiB)"
+            )
+        if mb > 1:
+            hints.append("lower batch.microBatchSize")
+        if sharded:
+            hints.append("add GPUs")
+        reason = (
+            f"needs ~{need:.1f} GiB per GPU but {dev.name} has {dev.memory_gib:g} GiB "
+            f"({usable:.1f} GiB usable)" + ("; " + ", ".join(hints) if hints else "")
+        )
+    notes = []
+    if shape.vocab_size == "auto" and vocab_size is None:
+        notes.append(f"vocabSize is auto and no tokenizer size was given: assumed {vocab}")
+    return Plan(
+        parameters=n,
+        embedding_parameters=count.embedding,
+        non_embedding_parameters=count.non_embedding,
+        vocab_size=vocab,
+        tokens=tokens,
+        steps=steps,
+        flops=flops,
+        flops_per_token=per_token,
+        gpu=gpu.lower(),
+        world_size=world,
+        strategy=spec.parallelism.strategy.value,
+        precision=spec.precision.value,
+        micro_batch_size=mb,
+        activation_checkpointing=ckpt,
+        memory=memory,
+        device_memory_gib=dev.memory_gib,
+        peak_tflops=peak,
+        mfu=mfu,
+        gpu_hours=gpu_hours,
+        wall_clock_hours=wall,
+        cost=cost,
+        fits=fits,
+        reason=reason,
+        notes=notes,
+    )
+
+
+# ------------------------------------------------------------------------------- compute-optimal sizes
+@dataclass(frozen=True)
+class ScalingLaw:
+    """L(N, D) = E + A/N^α + B/D^β."""
+
+    name: str
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+
+    def loss(self, n: float, d: float) -> float:
+        return self.E + self.A / n**self.alpha + self.B / d**self.beta
+
+
+SCALING_LAWS: dict[str, ScalingLaw] = {
+    # Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", approach 3.
+    "hoffmann": ScalingLaw("Hoffmann et al. 2022 (approach 3)", 1.69, 406.4, 410.7, 0.34, 0.28),
+    # Besiroglu et al. (Epoch AI) 2024, "Chinchilla Scaling: A replication attempt".
+    "epoch": ScalingLaw(
+        "Besiroglu et al. 2024 (Epoch AI replication)", 1.82, 482.01, 2085.43, 0.3478, 0.3658
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ComputeOptimal:
+    flops: float
+    parameters: float
+    tokens: float
+    loss: float
+    method: str
+
+    @property
+    def tokens_per_parameter(self) -> float:
+        return self.tokens / self.parameters
+
+
+def chinchilla_optimal(flops: float, method: Literal["hoffmann", "epoch"] = "hoffmann") -> ComputeOptimal:
+    """Compute-optimal parameters and tokens for a FLOP budget C under C = 6·N·D.
+
+    Minimising L(N, D) = E + A/N^α + B/D^β subject to C = 6ND gives
+    N_opt = G·(C/6)^(β/(α+β)), D_opt = C/(6·N_opt), with G = (αA/(βB))^(1/(α+β)).
+    Note the fits disagree: Hoffmann's published approach-3 constants give a smaller N (about 33B for
+    Chinchilla's 5.76e23 FLOPs) than the 70B Chinchilla was trained at; the Epoch replication gives ~72B.
+    """
+    if flops <= 0:
+        raise ValueError("flops must be positive")
+    try:
+        law = SCALING_LAWS[method]
+    except KeyError:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(SCALING_LAWS)}") from None
+    a, b = law.alpha, law.beta
+    g = (a * law.A / (b * law.B)) ** (1 / (a + b))
+    n = g * (flops / 6) ** (b / (a + b))
+    d = flops / (6 * n)
+    return ComputeOptimal(flops=flops, parameters=n, tokens=d, loss=law.loss(n, d), method=method)
+
+
+def nearest_shape(params: float, vocab_size: int = DEFAULT_VOCAB, seq_len: int = 2048) -> ModelShape:
+    """The Llama-like shape whose parameter count is closest to ``params``.
+
+    hidden is a multiple of 128, head dimension 128, the largest number of key/value heads up to 8 that
+    divides the heads,
+    SwiGLU default FFN size, and aspect ratio hidden/layers between 64 and 128.
+    """
+    best: tuple[float, ModelShape] | None = None
+    for hidden in range(128, 32768 + 1, 128):
+        heads = hidden // 128
+        kv = max(d for d in range(1, 9) if heads % d == 0)
+        lo, hi = max(1, math.ceil(hidden / 128)), min(512, hidden // 64)
+        for layers in range(lo, hi + 1):
+            shape = ModelShape(
+                layers=layers, hidden=hidden, heads=heads, kv_heads=kv, seq_len=seq_len, vocab_size=vocab_size
+            )
+            diff = abs(count_parameters(shape).total - params)
+            if best is None or diff < best[0]:
+                best = (diff, shape)
+    assert best is not None
+    return best[1]
+
+
+# ----------------------------------------------------------------------------------------------- text
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def explain(plan: Plan) -> str:
+    """A readable summary of the plan with the memory accounting explained."""
+    m = plan.memory
+    g = GiB
+    shard = f"/ {plan.world_size} GPUs (FSDP)" if plan.strategy == "fsdp" else "(replicated, DDP)"
+    per = state_bytes_per_param(Precision(plan.precision))
+    rows = [
+        ("parameters", f"{plan.parameters:,} ({_si(plan.parameters)})"),
+        ("  embedding", f"{plan.embedding_parameters:,}  (vocab {plan.vocab_size:,})"),
+        ("  non-embedding", f"{plan.non_embedding_parameters:,}"),
+        ("tokens", f"{plan.tokens:,} ({_si(plan.tokens)}, {plan.tokens / plan.parameters:.1f}/param)"),
+        ("steps", f"{plan.steps:,}"),
+        ("FLOPs", f"{plan.flops:.3e}  ({plan.flops_per_token:.3e}/token = 6N + 12·L·h·T)"),
+        ("GPU", f"{plan.gpu} × {plan.world_size}, {plan.peak_tflops:g} TFLOP/s peak, MFU {plan.mfu:.0%}"),
+        ("GPU-hours", f"{plan.gpu_hours:,.1f}"),
+        ("wall clock", f"{plan.wall_clock_hours:,.1f} h ({plan.wall_clock_hours / 24:.1f} days)"),
+    ]
+    if plan.cost is not None:
+        rows.append(("cost", f"{plan.cost:,.0f}"))
+    rows += [
+        (f"memory/GPU {shard}", ""),
+        (f"  weights ({per['weights']} B/param)", f"{m.weights / g:8.2f} GiB"),
+        (f"  master weights ({per['master_weights']} B)", f"{m.master_weights / g:8.2f} GiB"),
+        (f"  gradients ({per['gradients']} B)", f"{m.gradients / g:8.2f} GiB"),
+        (f"  AdamW m, v ({per['optimizer']} B)", f"{m.optimizer / g:8.2f} GiB"),
+        (
+            f"  activations (mb {plan.micro_batch_size}, ckpt {'on' if plan.activation_checkpointing else 'off'})",
+            f"{m.activations / g:8.2f} GiB  (off {m.activations_no_checkpointing / g:.2f}, "
+            f"on {m.activations_checkpointing / g:.2f})",
+        ),
+        ("  logits", f"{m.logits / g:8.2f} GiB"),
+        ("  total", f"{m.total / g:8.2f} GiB of {plan.device_memory_gib:g} GiB"),
+        ("fits", f"{'yes' if plan.fits else 'NO'}: {plan.reason}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}".rstrip() for k, v in rows]
+    lines += [
+        "",
+        "Memory accounting: AdamW keeps 16 bytes per parameter — bf16 mixed precision is 2 (bf16 weights)",
+        "+ 4 (fp32 master) + 2 (bf16 grads) + 8 (fp32 Adam m, v); fp32 is 4 + 4 + 8. So a 1B model needs",
+        "~16 GB of states before activations, i.e. 8× its bf16 weights (4× its fp32 weights). Rules of thumb",
+        "like '~6× the weights' or '~24 GB per 1B at fp32' fold in activations and buffers loosely; the",
+        "activations here follow Korthikanti et al. 2022 (s·b·h·34 bytes per layer with fused attention) and",
+        "are approximate. FSDP divides the states by the world size; DDP keeps a full copy on every GPU.",
+    ]
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
