@@ -70,3 +70,16 @@ def test_console_script_never_prints_a_traceback(tmp_path) -> None:
     assert proc.returncode == 1
     assert "PretrainRun/p: spec.model.hidden:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_internal_errors_are_one_line(monkeypatch, capsys) -> None:
+    import lmforge_jobs.manifest as manifest
+
+    def boom(paths):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(manifest, "load_resources", boom)
+    monkeypatch.delenv("LMFORGE_DEBUG", raising=False)
+    assert main(["validate", "x.yaml"]) == 70
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: simulated bug" in err and "Traceback" not in err

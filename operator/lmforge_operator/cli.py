@@ -10,6 +10,7 @@ lmforge plan --gpu-hours H    compute-optimal parameters and tokens for a budget
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 70  # EX_SOFTWARE
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -179,6 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except Exception as exc:  # a bug of ours: one line for the user, the traceback only on request
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
+        print(
+            f"lmforge: internal error: {type(exc).__name__}: {exc} (set LMFORGE_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
