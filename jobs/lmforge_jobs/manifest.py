@@ -136,29 +136,24 @@ class Problem:
         return f"{self.source}: {where}{self.field}: {self.message}"
 
 
-def _loc_to_path(loc: Iterable[Any]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item in ("function-after[_rules()]",) or str(item).startswith(
-            ("function-", "lax-", "json-or-python")
-        ):
-            continue
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts)
-
-
-def _is_generic_arg(item: Any) -> bool:
+def _is_tag(item: Any) -> bool:
+    """Union-member and validator tags pydantic puts into locations (``function-after[_rules()]``,
+    ``literal['auto']``, ``int``), which are not field names."""
     return isinstance(item, str) and (
-        item in {"int", "str", "float", "bool"} or item.startswith(("literal[", "constrained-"))
+        item in {"int", "str", "float", "bool"}
+        or item.startswith(("function-", "lax-", "json-or-python", "literal[", "constrained-"))
     )
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> list[Any]:
-    """Drop the union-member and validator tags pydantic puts into locations."""
-    return [p for p in loc if not (isinstance(p, str) and (("[" in p and "(" in p) or _is_generic_arg(p)))]
+def _loc_to_path(loc: Iterable[Any]) -> str:
+    """("spec", "sources", 0, "jsonl") -> "spec.sources[0].jsonl"."""
+    path = ""
+    for item in loc:
+        if isinstance(item, int):
+            path += f"[{item}]"
+        else:
+            path += ("." if path else "") + str(item)
+    return path
 
 
 def validation_problems(exc: ValidationError, source: str, resource: str) -> list[Problem]:
@@ -166,7 +161,7 @@ def validation_problems(exc: ValidationError, source: str, resource: str) -> lis
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
     for err in exc.errors(include_url=False):
-        loc = _clean_loc(tuple(err["loc"]))
+        loc = [p for p in err["loc"] if not _is_tag(p)]
         message = err["msg"]
         error = (err.get("ctx") or {}).get("error")
         if isinstance(error, SpecError):
