@@ -183,6 +183,9 @@ class EvaluationSpec(Spec):
     """Nodes and GPUs."""
     output: Uri | None = None
     """Where results.json goes; defaults to the local run directory or operator storage."""
+    checkpoint_dir: Uri | None = None
+    """Checkpoint directory of model.pretrainRun, watched when checkpoints is every; filled in by the operator or
+    lmforge run from the PretrainRun's status.outputs.checkpoint (leave unset)."""
     queue: Queue | None = None
     """Kueue LocalQueue to submit to."""
     image: ShortStr | None = None
