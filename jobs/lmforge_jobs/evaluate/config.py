@@ -156,7 +156,7 @@ class EvaluationSpec(Spec):
             reason="FieldValueRequired",
         ),
         Cel(
-            "self.checkpoints != 'every' || has(self.model.pretrainRun)",
+            "self.checkpoints != 'every' || has(self.model.pretrainRun) || has(self.checkpointDir)",
             "checkpoints: every needs model.pretrainRun (the run whose checkpoints are evaluated)",
             field="checkpoints",
         ),
@@ -197,7 +197,11 @@ class EvaluationSpec(Spec):
     def _rules(self) -> EvaluationSpec:
         if self.perplexity is None and not self.benchmarks and self.judge is None:
             raise SpecError("perplexity", "at least one of perplexity, benchmarks, judge must be set")
-        if self.checkpoints == Checkpoints.every and self.model.pretrain_run is None:
+        if (
+            self.checkpoints == Checkpoints.every
+            and self.model.pretrain_run is None
+            and self.checkpoint_dir is None
+        ):
             raise SpecError(
                 "checkpoints",
                 "checkpoints: every needs model.pretrainRun (the run whose checkpoints are evaluated)",

@@ -1,0 +1,95 @@
+"""The shared ``main`` of every job: ``python -m lmforge_jobs.<stage> --manifest FILE [job options]``.
+
+``job_main`` loads and validates the manifest, refuses references that were not resolved (the operator or
+``lmforge run`` resolves them, see :mod:`lmforge_jobs.resolve`), fills in a default ``spec.output`` and calls
+the job. Every user-fixable problem — an invalid spec, a missing input file, data in the wrong shape —
+becomes one line ``error: spec.<field>: <message>`` on stderr and exit code 64 (``EXIT_CONFIG_ERROR``), so a
+Kubernetes podFailurePolicy can fail the Job at once instead of retrying it. Crashes keep their traceback
+and a different exit code: they may be worth a retry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lmforge_jobs.manifest import ManifestError, Resource, load_spec
+from lmforge_jobs.resolve import default_output, unresolved
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, SpecError
+from lmforge_jobs.telemetry import Telemetry
+
+DEFAULT_WORKDIR = "lmforge-runs"
+
+
+class ConfigError(Exception):
+    """A problem the user fixes in the spec or its inputs; ``field`` is the path under spec (camelCase)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"spec.{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def error_line(exc: BaseException) -> str:
+    """The one-line message for a configuration error."""
+    if isinstance(exc, ConfigError):
+        return f"spec.{exc.field}: {exc.message}"
+    if isinstance(exc, SpecError):
+        return f"spec.{exc.field}: {exc.message}"
+    return str(exc)
+
+
+def load_job_resource(path: str, kind: str) -> Resource[Any, Any]:
+    """Load the job's resource, check it is resolved, and fill in spec.output when unset."""
+    resource = load_spec(path, kind)
+    fields = unresolved(resource)
+    if fields:
+        raise ConfigError(
+            fields[0],
+            "references by name must be resolved first (run the manifest set with `lmforge run`, or let the "
+            "operator run it); a job takes URIs (data, path) only",
+        )
+    if resource.spec.output is None:
+        workdir = os.environ.get("LMFORGE_WORKDIR", DEFAULT_WORKDIR)
+        resource.spec.output = default_output(kind, resource.name, workdir)
+    return resource
+
+
+def job_main(
+    kind: str,
+    run: Callable[[Resource[Any, Any], argparse.Namespace], Any],
+    argv: Sequence[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    description: str | None = None,
+) -> int:
+    """Parse ``--manifest``, load the resource of ``kind`` and run it; return the exit code."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m lmforge_jobs.{kind.lower()}", description=description or f"Run a {kind}."
+    )
+    parser.add_argument("--manifest", required=True, help=f"YAML file with one {kind} (references resolved)")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    resource = None
+    try:
+        resource = load_job_resource(args.manifest, kind)
+        result = run(resource, args)
+    except ManifestError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except (ConfigError, SpecError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        if resource is not None and os.environ.get("RANK", "0") == "0":
+            # progress.json and the termination message say why, for lmforge run and the operator
+            Telemetry(kind, resource.spec.output, port="off").fail(
+                error_line(exc), field=f"spec.{exc.field}", config_error=True
+            )
+        return EXIT_CONFIG_ERROR
+    return int(result) if isinstance(result, int) else 0
+
+
+__all__ = ["DEFAULT_WORKDIR", "ConfigError", "error_line", "job_main", "load_job_resource"]

@@ -1,0 +1,318 @@
+"""Progress and metrics of a running job: Prometheus gauges, ``progress.json`` and the termination message.
+
+Every job reports through one :class:`Telemetry` object, created on the process that speaks for the job
+(global rank 0; other ranks pass ``enabled=False`` and every call becomes a no-op)::
+
+    tel = Telemetry("PretrainRun", spec.output, enabled=rank == 0)
+    tel.update(step=10, total_steps=200, tokens=40960, metrics={"loss": 3.2, "tokensPerSecond": 9e3})
+    tel.finish({"model": ".../model", "checkpoint": ".../checkpoints"})
+
+Three readers, one set of numbers:
+
+* **Prometheus** scrapes ``:PORT/metrics`` (port argument, else ``$LMFORGE_METRICS_PORT``, else 9400;
+  ``0`` picks a free port, ``off`` serves nothing). Series are named ``lmforge_<p>_<metric>`` with
+  ``p`` = data | train | align | eval (see :data:`PREFIX` and :func:`metric_name`).
+* **The local runner** reads ``OUT/progress.json``: ``{kind, state, stage, step, totalSteps, tokens,
+  percent, etaSeconds, updatedAt, metrics: {camelCase: value}, message, field}``, rewritten atomically at
+  most once a second. ``OUT/outputs.json`` (the resource's status.outputs) appears only on success: it is
+  the resource's completion marker.
+* **The operator** scrapes the pod's endpoint while it runs and reads the container's termination message
+  (``$LMFORGE_TERMINATION_LOG``, else ``/dev/termination-log`` when writable; at most 4096 bytes of JSON)
+  when it ends.
+
+Only prometheus_client and the standard library are imported, so the operator can use the name table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+PREFIX = {"Corpus": "data", "PretrainRun": "train", "AlignmentRun": "align", "Evaluation": "eval"}
+DEFAULT_PORT = 9400
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_MAX_BYTES = 4096
+
+# Series whose name does not follow lmforge_<prefix>_<snake_case(key)>.
+_SPECIAL = {
+    ("PretrainRun", "evalLoss"): "lmforge_eval_loss",
+    ("PretrainRun", "mfu"): "lmforge_train_mfu_ratio",
+    ("AlignmentRun", "mfu"): "lmforge_align_mfu_ratio",
+    ("PretrainRun", "perplexity"): "lmforge_eval_perplexity_heldout",
+    ("Evaluation", "perplexity"): "lmforge_eval_perplexity",
+}
+_GLOBAL = {
+    "gpuUtilization": "lmforge_gpu_utilization_ratio",
+    "gpuMemoryBytes": "lmforge_gpu_memory_used_bytes",
+}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def metric_name(kind: str, key: str) -> str:
+    """Prometheus name of the camelCase status metric ``key`` of ``kind``."""
+    if key in _GLOBAL:
+        return _GLOBAL[key]
+    return _SPECIAL.get((kind, key)) or f"lmforge_{PREFIX[kind]}_{_snake(key)}"
+
+
+def progress_names(kind: str) -> dict[str, str]:
+    """Prometheus names of the progress series: step, totalSteps, tokens, progress (0-1), etaSeconds."""
+    p = PREFIX[kind]
+    return {
+        "step": f"lmforge_{p}_step",
+        "totalSteps": f"lmforge_{p}_total_steps",
+        "tokens": f"lmforge_{p}_tokens_total",
+        "progress": f"lmforge_{p}_progress_ratio",
+        "etaSeconds": f"lmforge_{p}_eta_seconds",
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so a reader never sees half a file (write beside it, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class _Registry:
+    """One process-wide metrics server and gauge table (tests create many Telemetry objects)."""
+
+    def __init__(self) -> None:
+        self.gauges: dict[str, Any] = {}
+        self.port: int | None = None
+
+    def gauge(self, name: str, doc: str, labelnames: tuple[str, ...] = ()) -> Any:
+        from prometheus_client import Gauge
+
+        if name not in self.gauges:
+            self.gauges[name] = Gauge(name, doc, labelnames)
+        return self.gauges[name]
+
+    def serve(self, port: int) -> int:
+        if self.port is None:
+            from prometheus_client import start_http_server
+
+            server, _ = start_http_server(port)
+            self.port = int(server.server_address[1])
+        return self.port
+
+
+_REGISTRY = _Registry()
+
+
+def _resolve_port(port: int | str | None) -> int | None:
+    raw = port if port is not None else os.environ.get("LMFORGE_METRICS_PORT", DEFAULT_PORT)
+    if str(raw).strip().lower() in ("off", "none", "", "-1"):
+        return None
+    return int(raw)
+
+
+class Telemetry:
+    """Reports a job's progress; see the module docstring. Methods never raise for a reporting problem."""
+
+    def __init__(
+        self,
+        kind: str,
+        output: str | os.PathLike[str] | None,
+        *,
+        enabled: bool = True,
+        port: int | str | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        if kind not in PREFIX:
+            raise ValueError(f"unknown kind {kind!r}")
+        self.kind = kind
+        self.enabled = enabled
+        self.dir = Path(str(output).removeprefix("file://")) if output else None
+        self.started = time.monotonic()
+        self.state: dict[str, Any] = {"kind": kind, "state": "Running", "metrics": {}}
+        if total_steps is not None:
+            self.state["totalSteps"] = int(total_steps)
+        self._last_write = 0.0
+        self._first_step: tuple[int, float] | None = None
+        self.port: int | None = None
+        if enabled:
+            wanted = _resolve_port(port)
+            if wanted is not None:
+                try:
+                    self.port = _REGISTRY.serve(wanted)
+                except OSError as exc:  # a busy port must not kill a training run
+                    print(f"warning: metrics server not started on port {wanted}: {exc}")
+
+    # ------------------------------------------------------------------------------------------ metrics
+    def gauge(self, name: str, doc: str, labelnames: tuple[str, ...] | list[str] = ()) -> Any:
+        """A job-specific gauge (created once per process); a harmless dummy when disabled."""
+        if not self.enabled:
+            return _NullGauge()
+        return _REGISTRY.gauge(name, doc, tuple(labelnames))
+
+    def _set(self, name: str, value: float | None, doc: str) -> None:
+        if value is not None:
+            self.gauge(name, doc).set(value)
+
+    # ----------------------------------------------------------------------------------------- progress
+    def update(
+        self,
+        *,
+        step: int | None = None,
+        total_steps: int | None = None,
+        tokens: int | None = None,
+        stage: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> None:
+        """Record progress and metrics; progress.json is rewritten at most once a second unless ``force``."""
+        if not self.enabled:
+            return
+        st = self.state
+        if stage is not None:
+            st["stage"] = stage
+        if total_steps is not None:
+            st["totalSteps"] = int(total_steps)
+        if tokens is not None:
+            st["tokens"] = int(tokens)
+        if step is not None:
+            st["step"] = int(step)
+            now = time.monotonic()
+            if self._first_step is None or step < self._first_step[0]:
+                self._first_step = (int(step), now)
+            total = st.get("totalSteps")
+            if total:
+                st["percent"] = round(min(100.0, 100.0 * step / total), 2)
+                done, since = step - self._first_step[0], now - self._first_step[1]
+                if done > 0 and since > 0:
+                    st["etaSeconds"] = int(max(0, total - step) * since / done)
+        for key, value in (metrics or {}).items():
+            f = _finite(value)
+            if f is not None:
+                st["metrics"][key] = f
+                self._set(metric_name(self.kind, key), f, f"{self.kind} {key}")
+        names = progress_names(self.kind)
+        for key in ("step", "totalSteps", "tokens", "etaSeconds"):
+            self._set(names[key], _finite(st.get(key)), f"{self.kind} {key}")
+        if st.get("percent") is not None:
+            self._set(names["progress"], st["percent"] / 100.0, f"{self.kind} completion (0-1)")
+        if force or time.monotonic() - self._last_write >= 1.0:
+            self._write_progress()
+
+    def _write_progress(self) -> None:
+        if self.dir is None:
+            return
+        self.state["updatedAt"] = _now()
+        self.state["elapsedSeconds"] = round(time.monotonic() - self.started, 1)
+        try:
+            write_json_atomic(self.dir / "progress.json", self.state)
+        except OSError as exc:
+            print(f"warning: cannot write progress.json: {exc}")
+        self._last_write = time.monotonic()
+
+    # -------------------------------------------------------------------------------------------- end
+    def finish(self, outputs: Mapping[str, Any], results: Mapping[str, Any] | None = None) -> None:
+        """The job succeeded: final progress.json (state Succeeded), outputs.json, termination message."""
+        if not self.enabled:
+            return
+        st = self.state
+        st["state"] = "Succeeded"
+        if st.get("totalSteps"):
+            st["step"] = max(int(st.get("step", 0)), int(st["totalSteps"]))
+        st["percent"], st["etaSeconds"] = 100.0, 0
+        st["outputs"] = dict(outputs)
+        if results is not None:
+            st["results"] = dict(results)
+        names = progress_names(self.kind)
+        self._set(names["progress"], 1.0, f"{self.kind} completion (0-1)")
+        self._set(names["etaSeconds"], 0.0, f"{self.kind} etaSeconds")
+        self._write_progress()
+        if self.dir is not None:
+            write_json_atomic(self.dir / "outputs.json", dict(outputs))
+        summary = {"state": "Succeeded", "outputs": dict(outputs), "metrics": st["metrics"]}
+        for key in ("step", "tokens"):
+            if key in st:
+                summary[key] = st[key]
+        if results is not None:
+            summary["results"] = dict(results)
+        write_termination_message(summary)
+
+    def fail(self, message: str, field: str | None = None, config_error: bool = False) -> None:
+        """The job failed: progress.json says why (state Invalid for a configuration error, else Failed)."""
+        if not self.enabled:
+            return
+        self.state.update(state="Invalid" if config_error else "Failed", message=message)
+        if field:
+            self.state["field"] = field
+        self._write_progress()
+        write_termination_message(
+            {"state": self.state["state"], "message": message, **({"field": field} if field else {})}
+        )
+
+
+class _NullGauge:
+    def labels(self, *args: Any, **kwargs: Any) -> _NullGauge:
+        return self
+
+    def set(self, value: float) -> None:
+        pass
+
+
+def write_termination_message(summary: Mapping[str, Any]) -> None:
+    """Leave a JSON summary where Kubernetes reads a container's termination message (≤ 4096 bytes).
+
+    Oversized summaries lose their bulkiest keys (results, metrics, outputs) until they fit."""
+    path = os.environ.get("LMFORGE_TERMINATION_LOG") or TERMINATION_LOG
+    target = Path(path)
+    if not os.environ.get("LMFORGE_TERMINATION_LOG") and not (target.exists() and os.access(target, os.W_OK)):
+        return
+    data = dict(summary)
+    text = json.dumps(data, separators=(",", ":"), default=str)
+    for key in ("results", "metrics", "outputs"):
+        if len(text.encode()) <= TERMINATION_MAX_BYTES:
+            break
+        data.pop(key, None)
+        text = json.dumps(data, separators=(",", ":"), default=str)
+    with contextlib.suppress(OSError):
+        target.write_text(text[:TERMINATION_MAX_BYTES], encoding="utf-8")
+
+
+def read_progress(output: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The job's progress.json, or None when absent or half-written."""
+    path = Path(str(output).removeprefix("file://")) / "progress.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "PREFIX",
+    "Telemetry",
+    "metric_name",
+    "progress_names",
+    "read_progress",
+    "write_json_atomic",
+    "write_termination_message",
+]
