@@ -170,6 +170,8 @@ def test_telemetry_progress_outputs_and_metrics(tmp_path: Path, monkeypatch) -> 
     assert "lmforge_train_loss 4.0" in body
     assert "lmforge_train_mfu_ratio 0.3" in body
     assert "lmforge_train_progress_ratio 0.5" in body
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(0, 5.0), (5, 4.0)] and "nan" not in rows[1]
     tel.finish({"model": "/m"}, results=None)
     assert json.loads((tmp_path / "outputs.json").read_text()) == {"model": "/m"}
     assert read_progress(tmp_path)["state"] == "Succeeded"

@@ -14,7 +14,8 @@ Three readers, one set of numbers:
   ``p`` = data | train | align | eval (see :data:`PREFIX` and :func:`metric_name`).
 * **The local runner** reads ``OUT/progress.json``: ``{kind, state, stage, step, totalSteps, tokens,
   percent, etaSeconds, updatedAt, metrics: {camelCase: value}, message, field}``, rewritten atomically at
-  most once a second. ``OUT/outputs.json`` (the resource's status.outputs) appears only on success: it is
+  most once a second, and ``OUT/metrics.jsonl``, one line per update (``{time, step, tokens, stage,
+  <metric>: value}``) — the curves of the run report. ``OUT/outputs.json`` (the resource's status.outputs) appears only on success: it is
   the resource's completion marker.
 * **The operator** scrapes the pod's endpoint while it runs and reads the container's termination message
   (``$LMFORGE_TERMINATION_LOG``, else ``/dev/termination-log`` when writable; at most 4096 bytes of JSON)
@@ -216,8 +217,28 @@ class Telemetry:
             self._set(names[key], _finite(st.get(key)), f"{self.kind} {key}")
         if st.get("percent") is not None:
             self._set(names["progress"], st["percent"] / 100.0, f"{self.kind} completion (0-1)")
+        if step is not None or metrics:
+            self._append_history(step, tokens, stage, metrics or {})
         if force or time.monotonic() - self._last_write >= 1.0:
             self._write_progress()
+
+    def _append_history(
+        self, step: int | None, tokens: int | None, stage: str | None, metrics: Mapping[str, Any]
+    ) -> None:
+        """One line per update in metrics.jsonl: the curves of the run report (loss, tokens/s, MFU…)."""
+        if self.dir is None:
+            return
+        row: dict[str, Any] = {"time": round(time.time(), 3)}
+        for key, value in (("step", step), ("tokens", tokens), ("stage", stage)):
+            if value is not None:
+                row[key] = value
+        row.update({k: f for k, v in metrics.items() if (f := _finite(v)) is not None})
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row, separators=(",", ":")) + "\n")
+        except OSError as exc:
+            print(f"warning: cannot append to metrics.jsonl: {exc}")
 
     def _write_progress(self) -> None:
         if self.dir is None:
