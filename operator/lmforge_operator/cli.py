@@ -5,6 +5,9 @@ lmforge crds [--out DIR]      write the CustomResourceDefinitions generated from
 lmforge crds --check [DIR]    exit 1 when DIR differs from what would be generated
 lmforge plan FILE...          compute plan of each PretrainRun (parameters, FLOPs, memory, GPU-hours)
 lmforge plan --gpu-hours H    compute-optimal parameters and tokens for a budget (Chinchilla)
+lmforge run PATH...           run a manifest set on this machine, in dependency order (no cluster)
+lmforge status [--workdir]    the resources of a local run, like `kubectl get lmforge`
+lmforge report [--workdir]    (re)write the HTML report of a local run
 """
 
 from __future__ import annotations
@@ -144,6 +147,76 @@ def _plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run(args: argparse.Namespace) -> int:
+    from lmforge_operator.local import EXIT_INTERRUPTED, LocalRunner, RunError, load_set
+    from lmforge_operator.progress import Display, RunMetrics
+
+    workdir = Path(args.workdir)
+    try:
+        resources = load_set(args.paths)
+        from lmforge_operator.local import order
+
+        order(resources, workdir)  # a cycle or a dangling reference stops everything before it starts
+    except RunError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print("nothing was run", file=sys.stderr)
+        return EXIT_INVALID
+    display = Display(rich=None if not args.plain else False)
+    metrics = None
+    if args.metrics_port >= 0:
+        try:
+            metrics = RunMetrics(args.metrics_port)
+            display.print(f"metrics: http://127.0.0.1:{metrics.port}/metrics")
+        except OSError as exc:
+            display.print(f"metrics endpoint not started: {exc}")
+    runner = LocalRunner(workdir=workdir, display=display, metrics=metrics)
+    try:
+        outcomes = runner.run(resources)
+    finally:
+        display.close()
+        if metrics is not None:
+            metrics.close()
+    _print_rows(workdir)
+    if not args.no_report:
+        from lmforge_operator.report import build_report
+
+        print(f"report: {build_report(workdir)}")
+    if runner.interrupted:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK if all(o.phase == "Succeeded" for o in outcomes) else EXIT_INVALID
+
+
+def _print_rows(workdir: Path) -> None:
+    from lmforge_operator.local import status_rows
+
+    rows = status_rows(workdir)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _status(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir)
+    if not any(workdir.glob("*/*/status.json")):
+        print(f"no runs in {workdir}", file=sys.stderr)
+        return EXIT_INVALID
+    _print_rows(workdir)
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lmforge_operator.report import build_report
+
+    workdir = Path(args.workdir)
+    if not any(workdir.glob("*/*/status.json")):
+        print(f"no runs in {workdir}", file=sys.stderr)
+        return EXIT_INVALID
+    print(build_report(workdir))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge", description="Build language models from Kubernetes manifests."
@@ -169,6 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-hours", type=float, default=None, help="compute budget in GPU-hours")
     p.add_argument("--method", default="hoffmann", choices=["hoffmann", "epoch"], help="scaling-law fit")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("run", help="run manifests on this machine in dependency order (no cluster needed)")
+    p.add_argument("paths", nargs="+", help="YAML files or directories (searched recursively)")
+    p.add_argument("--workdir", default="lmforge-runs", help="where runs, statuses and the report go")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="Prometheus port on 127.0.0.1 (0 = any free port, -1 = none)",
+    )
+    p.add_argument("--plain", action="store_true", help="plain progress lines instead of progress bars")
+    p.add_argument("--no-report", action="store_true", help="do not write the HTML report")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("status", help="show the resources of a local run (like kubectl get lmforge)")
+    p.add_argument("--workdir", default="lmforge-runs", help="work directory of `lmforge run`")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("report", help="write the HTML report of a local run")
+    p.add_argument("--workdir", default="lmforge-runs", help="work directory of `lmforge run`")
+    p.set_defaults(func=_report)
     return parser
 
 

@@ -1,0 +1,190 @@
+"""`lmforge run` / `lmforge status` / the report: ordering, refusal of bad sets, status and report files.
+
+The whole quickstart pipeline through the real jobs is tests/test_quickstart.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge_jobs.manifest import load_resources
+from lmforge_operator.cli import main
+from lmforge_operator.local import (
+    LocalRunner,
+    RunError,
+    apply_progress,
+    command,
+    order,
+    set_condition,
+    status_rows,
+    validated_status,
+)
+from lmforge_operator.report import build_report, funnel, series
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quickstart() -> list:
+    resources, problems = load_resources([ROOT / "examples" / "quickstart"])
+    assert not problems
+    return resources
+
+
+def test_order_follows_references(tmp_path: Path) -> None:
+    resources = list(reversed(_quickstart()))
+    names = [r.name for r in order(resources, tmp_path)]
+    assert names.index("tiny-web") < names.index("tiny-gpt") < names.index("tiny-sft")
+    assert names.index("tiny-sft") < names.index("tiny-dpo") < names.index("tiny-eval")
+
+
+def _write_set(tmp_path: Path, docs: list[dict]) -> Path:
+    path = tmp_path / "set.yaml"
+    path.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
+    return path
+
+
+def _align(name: str, base: str) -> dict:
+    return {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": "AlignmentRun",
+        "metadata": {"name": name},
+        "spec": {
+            "base": {"alignmentRun": base},
+            "method": "sft",
+            "dataset": {"path": "x.jsonl", "format": "messages"},
+        },
+    }
+
+
+def test_cycle_is_refused_before_anything_runs(tmp_path: Path, capsys) -> None:
+    path = _write_set(tmp_path, [_align("a", "b"), _align("b", "c"), _align("c", "a")])
+    workdir = tmp_path / "runs"
+    assert main(["run", str(path), "--workdir", str(workdir), "--no-report"]) == 1
+    err = capsys.readouterr().err
+    assert "reference cycle: AlignmentRun/a → AlignmentRun/b → AlignmentRun/c → AlignmentRun/a" in err
+    assert "nothing was run" in err
+    assert not workdir.exists()
+
+
+def test_dangling_reference_names_the_field(tmp_path: Path, capsys) -> None:
+    path = _write_set(tmp_path, [_align("a", "missing")])
+    workdir = tmp_path / "runs"
+    assert main(["run", str(path), "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    assert "AlignmentRun/a: spec.base: refers to AlignmentRun/missing, which is neither" in err
+    assert not workdir.exists()
+    # a reference to a resource an earlier run finished is not dangling
+    done = workdir / "alignmentrun" / "missing"
+    done.mkdir(parents=True)
+    (done / "status.json").write_text(json.dumps({"phase": "Succeeded", "outputs": {"model": "/m"}}))
+    resources, _ = load_resources([path])
+    assert [r.name for r in order(resources, workdir)] == ["a"]
+    with pytest.raises(RunError):
+        order(resources, tmp_path / "elsewhere")
+
+
+def test_commands_are_argument_lists(tmp_path: Path) -> None:
+    by_name = {r.name: r for r in _quickstart()}
+    manifest = tmp_path / "weird; rm -rf $HOME.yaml"
+    cmd = command(by_name["tiny-gpt"], manifest, 2)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=2" in cmd and cmd[-1] == str(manifest)
+    assert command(by_name["tiny-web"], manifest, 1)[-4:] == ["--manifest", str(manifest), "--stage", "all"]
+    assert command(by_name["tiny-eval"], manifest, 1)[1:3] == ["-m", "lmforge_jobs.evaluate"]
+
+
+def test_status_follows_the_crd_schema() -> None:
+    status: dict = {}
+    set_condition(status, "Running", True, "Started", "job started")
+    apply_progress(
+        status,
+        "AlignmentRun",
+        {
+            "step": 5,
+            "totalSteps": 10,
+            "percent": 50.0,
+            "etaSeconds": 7,
+            "metrics": {"loss": 1.5, "rewardMargin": 0.2, "entropy": 3.0},
+        },
+    )
+    body = validated_status("AlignmentRun", status)
+    assert body["phase"] == "Running"
+    assert body["progress"]["step"] == 5 and body["progress"]["etaSeconds"] == 7
+    assert body["metrics"] == {"loss": 1.5, "rewardMargin": 0.2, "methodMetrics": {"entropy": 3.0}}
+    set_condition(status, "Running", False, "Finished")
+    set_condition(status, "Succeeded", True, "JobSucceeded")
+    assert validated_status("AlignmentRun", status)["phase"] == "Succeeded"
+    apply_progress(status, "Corpus", {"stage": "dedup", "metrics": {"documentsPerSecond": 12.0}})
+    assert status["stage"] == "Deduplicating"
+
+
+def test_rerun_skips_finished_resources(tmp_path: Path) -> None:
+    """A Succeeded resource with the same resolved spec and its outputs.json is not run again."""
+    corpus = next(r for r in _quickstart() if r.kind == "Corpus")
+    runner = LocalRunner(workdir=tmp_path, gpus=0)
+    job = runner.resolved(corpus)
+    out = Path(job.spec.output)
+    out.mkdir(parents=True)
+    (out / "outputs.json").write_text("{}")
+    from lmforge_operator.local import spec_hash
+
+    (out / "status.json").write_text(json.dumps({"phase": "Succeeded", "specHash": spec_hash(job)}))
+    outcome = runner.run_one(corpus)
+    assert outcome.skipped and outcome.phase == "Succeeded"
+
+
+def test_report_and_status_table(tmp_path: Path, capsys) -> None:
+    corpus = tmp_path / "corpus" / "web"
+    corpus.mkdir(parents=True)
+    stats = {"read": 100, "kept": 60, "removedBy": {"2:gopherQuality": 15, "1:url": 5, "duplicates": 20}}
+    (corpus / "stats.json").write_text(json.dumps(stats))
+    (corpus / "status.json").write_text(
+        json.dumps({"phase": "Succeeded", "documents": stats, "conditions": []})
+    )
+    run = tmp_path / "pretrainrun" / "gpt"
+    run.mkdir(parents=True)
+    lines = [{"step": s, "loss": 5 - s / 10, "tokensPerSecond": 1000.0} for s in range(10)]
+    lines += [{"step": 5, "loss": 1.0}]  # resumed: the later value of step 5 wins
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken")
+    (run / "status.json").write_text(
+        json.dumps(
+            {
+                "phase": "Running",
+                "progress": {"step": 9, "totalSteps": 20, "percent": 45.0, "etaSeconds": 65},
+                "metrics": {"loss": 4.1, "tokensPerSecond": 1000.0},
+            }
+        )
+    )
+    ev = tmp_path / "evaluation" / "ev"
+    ev.mkdir(parents=True)
+    (ev / "status.json").write_text(
+        json.dumps(
+            {"phase": "Succeeded", "results": {"perplexity": 12.5, "benchmarks": {"mcq": {"acc": 0.4}}}}
+        )
+    )
+    assert funnel(stats) == [("read", 100), ("1:url", 95), ("2:gopherQuality", 80), ("duplicates", 60)]
+    steps, losses = series(
+        [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[:-1]], "loss"
+    )
+    assert steps[5] == 5 and losses[5] == 1.0 and len(steps) == 10
+
+    rows = status_rows(tmp_path)
+    assert rows[1][:3] == ["Corpus", "web", "Succeeded"] and "kept 60/100" in rows[1][-1]
+    assert rows[2][:5] == ["PretrainRun", "gpt", "Running", "45%", "9/20"] and rows[2][7] == "1m05s"
+    assert rows[3][-1] == "perplexity 12.500"
+
+    html = build_report(tmp_path).read_text()
+    assert html.count("data:image/png;base64,") == 3  # funnel, loss, throughput
+    assert "mcq acc" in html and "12.5000" in html
+    assert sorted(p.name for p in (tmp_path / "report").glob("*.png")) == [
+        "corpus-web-funnel.png",
+        "pretrainrun-gpt-loss.png",
+        "pretrainrun-gpt-speed.png",
+    ]
+    assert main(["status", "--workdir", str(tmp_path)]) == 0
+    assert "PretrainRun  gpt" in capsys.readouterr().out
