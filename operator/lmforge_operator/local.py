@@ -394,11 +394,15 @@ class Launch:
         return sorted(p for p in self.log_dir.rglob("*.log") if p.is_file())
 
     def log_tail(self, lines: int = 20) -> str:
-        chunks = []
-        for path in self.log_files():
-            if path.name in ("stderr.log", "combined.log") or path.parent.name == "stderr":
-                with _suppress():
-                    chunks.extend(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+        """The last lines the job wrote (torchx's combined log, else stderr)."""
+        files = self.log_files()
+        chosen = [p for p in files if p.name == "combined.log"] or [
+            p for p in files if p.name == "stderr.log"
+        ]
+        chunks: list[str] = []
+        for path in chosen:
+            with _suppress():
+                chunks.extend(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
         return "\n".join(chunks[-lines:])
 
 
