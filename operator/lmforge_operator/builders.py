@@ -1,0 +1,745 @@
+"""Pure builders: a validated lmforge resource in, the Kubernetes objects that run it out.
+
+No API calls and no clock: the same resource always gives the same objects (names included), so the
+handlers can create them if absent, tolerate 409 Conflict, and adopt what they find after a restart::
+
+    owner = owner_reference(body)                                   # kopf's body of the custom resource
+    for obj in children(resource, resolved_doc, owner, image=image, stage=stage):
+        create_if_absent(obj)                                       # ConfigMap, (Service), Job
+
+What a resource becomes:
+
+* a **ConfigMap** ``<name>-<component>-spec`` with ``spec.yaml``: the resolved manifest (references
+  replaced with URIs by :func:`lmforge_jobs.resolve.resolve`; ``pvc://`` URIs rewritten by
+  :func:`localize`), mounted read-only at ``/etc/lmforge``. Spec strings only ever travel in this file,
+  never through a shell or container args.
+* a headless **Service** ``<name>-<component>`` (training kinds, and Evaluations over more than one
+  process): stable DNS names ``<job>-<index>.<service>`` for the pods (``subdomain``), the torchrun
+  rendezvous endpoint.
+* one Indexed **Job** per step. PretrainRun / AlignmentRun / multi-process Evaluation: ``<name>-<component>``,
+  completions = parallelism = nodes, each pod running ``torchrun --nnodes=N --nproc-per-node=G
+  --rdzv-backend=c10d --rdzv-endpoint=<job>-0.<service>:29400 ... -m lmforge_jobs.<stage> --manifest
+  /etc/lmforge/spec.yaml``. Corpus: ``<name>-<stage>`` per stage of :func:`lmforge_jobs.data.stages.stages`,
+  completions = the stage's tasks, parallelism = spec.parallelism.workers, a failed rank retried alone
+  (backoffLimitPerIndex). Single-process Evaluation: ``python -m lmforge_jobs.evaluate``.
+
+Every pod: restricted Pod Security (non-root uid 10001, no privilege escalation, all capabilities dropped,
+RuntimeDefault seccomp), no service account token, /dev/shm as a memory-backed emptyDir, a writable /tmp
+(HOME), Prometheus port ``metrics`` 9400, the job's JSON summary as termination message, and every Secret
+the spec references as a ``secretKeyRef`` environment variable named by
+:func:`lmforge_jobs.secrets.secret_env_name` (``LMFORGE_SECRET_<NAME>_<KEY>``).
+
+Jobs fail fast on exit code 64 (a configuration error, ``lmforge_jobs.spec.EXIT_CONFIG_ERROR``), ignore
+disruptions (preemption, node drain) in their retry budget, replace a pod only once it has fully terminated
+(so a rank never runs twice), give a training rank 10 minutes to write its final checkpoint, and keep no TTL
+(the finished Job stays readable for status). With ``spec.queue`` the Job carries Kueue's
+``kueue.x-k8s.io/queue-name`` label and is created suspended: Kueue admits it.
+
+A problem found while building (an unusable ``pvc://`` URI, two Secret references that would share an
+environment variable) raises :class:`BuildError` with the spec field; the handlers report it as the
+Invalid condition.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from lmforge_jobs.manifest import Resource, load_yaml_documents
+from lmforge_jobs.secrets import secret_env_name
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, GROUP_VERSION
+from lmforge_jobs.telemetry import DEFAULT_PORT, TERMINATION_LOG
+
+if TYPE_CHECKING:
+    from lmforge_jobs.data.stages import Stage
+
+# ------------------------------------------------------------------------------------------------ constants
+IMAGE_ENV = "LMFORGE_JOBS_IMAGE"
+IMAGE_REPOSITORY = "ghcr.io/lmforge/lmforge-jobs"
+
+SPEC_DIR = "/etc/lmforge"
+SPEC_FILE = "spec.yaml"
+MANIFEST_PATH = f"{SPEC_DIR}/{SPEC_FILE}"
+PVC_ROOT = "/mnt/lmforge/pvc"
+TMP_DIR = "/tmp"
+
+CONTAINER = "main"
+METRICS_PORT = DEFAULT_PORT  # 9400: the chart's PodMonitor scrapes the port named "metrics"
+RDZV_PORT = 29400
+RUN_AS = 10001
+
+GPU_RESOURCE = "nvidia.com/gpu"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+# Retry budgets. Training: pod failures across all nodes before the Job fails (disruptions do not count);
+# torchrun re-forms the group around a replaced pod up to TORCHRUN_MAX_RESTARTS times. Corpus: retries of
+# each datatrove rank, and ranks allowed to fail for good (0: a lost rank would silently drop data).
+TRAINING_BACKOFF_LIMIT = 3
+TORCHRUN_MAX_RESTARTS = 3
+CORPUS_BACKOFF_LIMIT_PER_INDEX = 3
+CORPUS_MAX_FAILED_INDEXES = 0
+
+# Seconds between SIGTERM and SIGKILL: a training rank finishes its step and writes a final checkpoint.
+GRACE_SECONDS = {"Corpus": 120, "PretrainRun": 600, "AlignmentRun": 600, "Evaluation": 120}
+
+COMPONENT = {"Corpus": "corpus", "PretrainRun": "pretrain", "AlignmentRun": "align", "Evaluation": "evaluate"}
+MODULE = {
+    "Corpus": "lmforge_jobs.data",
+    "PretrainRun": "lmforge_jobs.pretrain",
+    "AlignmentRun": "lmforge_jobs.align",
+    "Evaluation": "lmforge_jobs.evaluate",
+}
+TRAINING_KINDS = ("PretrainRun", "AlignmentRun")
+
+# Labels and annotations (lmforge.io/...).
+LABEL_KIND = "lmforge.io/kind"
+LABEL_NAME = "lmforge.io/name"
+LABEL_STAGE = "lmforge.io/stage"
+# metadata.generation of the resource the child was built from
+ANNOTATION_GENERATION = "lmforge.io/generation"
+ANNOTATION_RUN = "lmforge.io/run"  # the ``generation`` argument of build_job: which run of the step
+ANNOTATION_SPEC_HASH = "lmforge.io/spec-hash"
+
+DNS_LABEL_MAX = 63
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+class BuildError(ValueError):
+    """The resource cannot be turned into Kubernetes objects; ``field`` is the spec path (``spec.output``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+# ----------------------------------------------------------------------------------------------- naming
+def _digest(*parts: str, length: int = 8) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:length]
+
+
+def child_name(name: str, suffix: str, max_length: int = DNS_LABEL_MAX) -> str:
+    """``<name>-<suffix>``, made a valid DNS-1123 label of at most ``max_length`` characters.
+
+    Deterministic: the same inputs give the same name, so a restarted operator finds its children. Too long
+    a name is cut and keeps a hash of the full one, so two long names never collide.
+    """
+
+    def clean(text: str) -> str:
+        return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
+
+    base, tail = clean(name), clean(suffix)
+    full = f"{base}-{tail}" if tail else base
+    if not full:
+        raise ValueError(f"no DNS label can be made from {name!r} and {suffix!r}")
+    if not full[0].isalpha():
+        full = f"x{full}"
+    if len(full) <= max_length:
+        return full
+    digest = _digest(name, suffix, length=8)
+    keep = max_length - len(digest) - 1
+    if keep < 1:
+        raise ValueError(f"max_length {max_length} is too short for a child name")
+    return f"{full[:keep].rstrip('-')}-{digest}"
+
+
+def configmap_name(resource: Resource[Any, Any]) -> str:
+    """Name of the resource's spec ConfigMap: ``<name>-<component>-spec`` (kinds may share names)."""
+    return child_name(resource.name, f"{COMPONENT[resource.kind]}-spec")
+
+
+def service_name(resource: Resource[Any, Any]) -> str:
+    """Name of the resource's headless Service, the pods' DNS subdomain: ``<name>-<component>``."""
+    return child_name(resource.name, COMPONENT[resource.kind])
+
+
+def job_name(
+    resource: Resource[Any, Any],
+    stage: Stage | None = None,
+    generation: int = 0,
+    suffix: str | None = None,
+) -> str:
+    """Name of a Job: ``<name>-<suffix>`` where suffix defaults to the Corpus stage or the kind's component
+    (``pretrain``, ``align``, ``evaluate``), and ``-<generation>`` is appended when generation > 0.
+
+    Short enough that every pod hostname ``<job>-<index>`` is a DNS label, as Indexed Jobs need.
+    """
+    tail = suffix or (stage.name if stage is not None else COMPONENT[resource.kind])
+    if generation:
+        tail = f"{tail}-{generation}"
+    index_digits = len(str(max(0, _completions(resource, stage) - 1)))
+    return child_name(resource.name, tail, max_length=DNS_LABEL_MAX - 1 - index_digits)
+
+
+# ----------------------------------------------------------------------------------------------- labels
+def labels(resource: Resource[Any, Any], stage: Stage | None = None) -> dict[str, str]:
+    """The labels every child of ``resource`` carries (the chart's PodMonitor selects on part-of)."""
+    out = {
+        "app.kubernetes.io/name": "lmforge",
+        "app.kubernetes.io/part-of": "lmforge",
+        "app.kubernetes.io/managed-by": "lmforge-operator",
+        "app.kubernetes.io/component": COMPONENT[resource.kind],
+        LABEL_KIND: resource.kind,
+        LABEL_NAME: resource.name,
+    }
+    if stage is not None:
+        out[LABEL_STAGE] = stage.name
+    return out
+
+
+def selector(resource: Resource[Any, Any]) -> dict[str, str]:
+    """Labels selecting every pod of ``resource`` (the Service's selector)."""
+    return {"app.kubernetes.io/part-of": "lmforge", LABEL_KIND: resource.kind, LABEL_NAME: resource.name}
+
+
+def _metadata(
+    resource: Resource[Any, Any], name: str, owner: dict[str, Any] | None, stage: Stage | None = None
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if resource.metadata.namespace:
+        meta["namespace"] = resource.metadata.namespace
+    meta["labels"] = labels(resource, stage)
+    meta["annotations"] = {ANNOTATION_GENERATION: str(resource.metadata.generation or 0)}
+    if owner:
+        meta["ownerReferences"] = [owner]
+    return meta
+
+
+def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The ownerReference that makes a child go away with ``body`` (kopf's body, or any object dict).
+
+    ``controller: true`` marks the operator's object as the managing controller; ``blockOwnerDeletion``
+    makes foreground deletion wait for the children.
+    """
+    meta = body.get("metadata") or {}
+    missing = [k for k in ("name", "uid") if not meta.get(k)] + [
+        k for k in ("apiVersion", "kind") if not body.get(k)
+    ]
+    if missing:
+        raise ValueError(f"cannot reference an owner without {', '.join(missing)}")
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def default_image() -> str:
+    """The jobs image: ``$LMFORGE_JOBS_IMAGE`` (the chart sets it), else
+    ghcr.io/lmforge/lmforge-jobs:<package version>."""
+    configured = os.environ.get(IMAGE_ENV)
+    if configured:
+        return configured
+    try:
+        from importlib.metadata import version
+
+        tag = version("lmforge")
+    except Exception:  # not installed as a distribution (source checkout)
+        tag = "latest"
+    return f"{IMAGE_REPOSITORY}:{tag}"
+
+
+def image_for(resource: Resource[Any, Any], default: str | None = None) -> str:
+    """``spec.image`` when set, else ``default`` (else :func:`default_image`)."""
+    return getattr(resource.spec, "image", None) or default or default_image()
+
+
+# ------------------------------------------------------------------------------------- storage and specs
+def _path(parts: list[str | int]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _volume_name(claim: str) -> str:
+    name = f"pvc-{claim}"
+    if len(name) <= DNS_LABEL_MAX and "." not in claim:
+        return name
+    return child_name("pvc", _digest(claim, length=12))
+
+
+def localize(
+    resolved_doc: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rewrite every ``pvc://CLAIM/path`` URI in the spec to ``/mnt/lmforge/pvc/CLAIM/path``.
+
+    Returns ``(doc, volumes, mounts)``: a rewritten copy of ``resolved_doc``, one PersistentVolumeClaim
+    volume per claim and its mount (read-write for the claim holding ``spec.output``, read-only for claims
+    that are only read). Other URIs (local paths, s3://, gs://, hf://) are left as they are. Raises
+    BuildError naming the field of a pvc:// URI without a valid claim name.
+    """
+    doc = copy.deepcopy(dict(resolved_doc))
+    claims: dict[str, bool] = {}  # claim -> written to
+
+    def visit(node: Any, path: list[str | int]) -> Any:
+        if isinstance(node, dict):
+            # regular-expression patterns are not URIs, whatever they look like
+            return {k: v if k == "pattern" else visit(v, [*path, k]) for k, v in node.items()}
+        if isinstance(node, list):
+            return [visit(v, [*path, i]) for i, v in enumerate(node)]
+        if isinstance(node, str) and node.startswith("pvc://"):
+            claim, _, rest = node[len("pvc://") :].partition("/")
+            if len(claim) > 253 or not _DNS_SUBDOMAIN.match(claim):
+                raise BuildError(
+                    _path(path),
+                    f"{node!r}: pvc:// needs a PersistentVolumeClaim name (lowercase letters, digits, '-', "
+                    "'.'), as in pvc://CLAIM/path",
+                )
+            written = path == ["spec", "output"]
+            claims[claim] = claims.get(claim, False) or written
+            rest = rest.strip("/")
+            return f"{PVC_ROOT}/{claim}" + (f"/{rest}" if rest else "")
+        return node
+
+    if "spec" in doc:  # only the spec holds URIs the job opens (status outputs are not mounted)
+        doc["spec"] = visit(doc["spec"], ["spec"])
+    else:
+        doc = visit(doc, [])
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    for claim in sorted(claims):
+        name = _volume_name(claim)
+        read_only = not claims[claim]
+        volume: dict[str, Any] = {"name": name, "persistentVolumeClaim": {"claimName": claim}}
+        mount: dict[str, Any] = {"name": name, "mountPath": f"{PVC_ROOT}/{claim}"}
+        if read_only:
+            volume["persistentVolumeClaim"]["readOnly"] = True
+            mount["readOnly"] = True
+        volumes.append(volume)
+        mounts.append(mount)
+    return doc, volumes, mounts
+
+
+def secret_refs(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``(field, secret name, key)`` of every ``{secretKeyRef: {name, key}}`` in a manifest dict, in order."""
+    found: list[tuple[str, str, str]] = []
+
+    def visit(node: Any, path: list[str | int]) -> None:
+        if isinstance(node, dict):
+            ref = node.get("secretKeyRef")
+            if isinstance(ref, dict) and "name" in ref and "key" in ref:
+                found.append((_path(path), str(ref["name"]), str(ref["key"])))
+                return
+            for k, v in node.items():
+                visit(v, [*path, k])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                visit(v, [*path, i])
+
+    visit(doc, [])
+    return found
+
+
+def secret_env(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One ``secretKeyRef`` environment variable per Secret key the manifest references (see
+    :func:`lmforge_jobs.secrets.secret_env_name`); the kubelet resolves them, the operator never reads
+    Secrets. Raises BuildError if two different keys would share a variable name."""
+    env: list[dict[str, Any]] = []
+    owners: dict[str, tuple[str, str, str]] = {}
+    for field, name, key in secret_refs(doc):
+        var = secret_env_name(name, key)
+        if var in owners:
+            if owners[var][1:] != (name, key):
+                raise BuildError(
+                    field,
+                    f"Secret {name!r} key {key!r} and Secret {owners[var][1]!r} key {owners[var][2]!r} (at "
+                    f"{owners[var][0]}) would both be ${var}; rename one",
+                )
+            continue
+        owners[var] = (field, name, key)
+        env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}})
+    return env
+
+
+class _SpecDumper(yaml.SafeDumper):
+    """Quotes every string the manifest loader (YAML 1.2 numbers) would not read back unchanged, so a spec
+    string such as ``1e5`` or ``yes`` stays a string in the job."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = None
+    if "\n" not in value:
+        try:
+            plain = load_yaml_documents(value) == [value]
+        except yaml.YAMLError:
+            plain = False
+        if not plain:
+            style = '"'
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_SpecDumper.add_representer(str, _represent_str)
+
+
+def dump_spec(doc: Mapping[str, Any]) -> str:
+    """YAML text of a manifest dict; :func:`lmforge_jobs.manifest.load_yaml_documents` reads it back equal."""
+    return yaml.dump(dict(doc), Dumper=_SpecDumper, sort_keys=False, allow_unicode=True, width=1 << 16)
+
+
+def job_manifest(resolved_doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest a job reads: apiVersion, kind, name (and namespace), spec; pvc:// URIs localised."""
+    meta = resolved_doc.get("metadata") or {}
+    doc: dict[str, Any] = {
+        "apiVersion": resolved_doc.get("apiVersion", GROUP_VERSION),
+        "kind": resolved_doc["kind"],
+        "metadata": {k: meta[k] for k in ("name", "namespace") if meta.get(k)},
+        "spec": resolved_doc.get("spec") or {},
+    }
+    return localize(doc)[0]
+
+
+# ----------------------------------------------------------------------------------------------- objects
+def build_configmap(
+    resource: Resource[Any, Any], resolved_doc: Mapping[str, Any], owner: dict[str, Any] | None
+) -> dict[str, Any]:
+    """ConfigMap ``<name>-<component>-spec`` holding ``spec.yaml``: the resolved, localised manifest the
+    job reads (``lmforge.io/spec-hash`` annotation: a digest of that text)."""
+    text = dump_spec(job_manifest(resolved_doc))
+    meta = _metadata(resource, configmap_name(resource), owner)
+    meta["annotations"][ANNOTATION_SPEC_HASH] = _digest(text, length=16)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {SPEC_FILE: text}}
+
+
+def build_service(resource: Resource[Any, Any], owner: dict[str, Any] | None) -> dict[str, Any]:
+    """Headless Service ``<name>-<component>``: DNS records ``<job>-<index>.<service>`` for every pod of
+    the resource, published before the pods are ready (the rendezvous happens before any readiness)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(resource, service_name(resource), owner),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector(resource),
+            "publishNotReadyAddresses": True,
+            "ports": [
+                {"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def _parallelism(resource: Resource[Any, Any]) -> tuple[int, int]:
+    """(nodes, GPUs per node) of a torchrun kind."""
+    p = resource.spec.parallelism
+    return p.nodes, p.gpus_per_node
+
+
+def uses_torchrun(resource: Resource[Any, Any]) -> bool:
+    """Training kinds always; an Evaluation when it spans more than one process."""
+    if resource.kind in TRAINING_KINDS:
+        return True
+    if resource.kind == "Evaluation":
+        nodes, gpus = _parallelism(resource)
+        return nodes > 1 or gpus > 1
+    return False
+
+
+def needs_service(resource: Resource[Any, Any]) -> bool:
+    """Whether the resource's pods need the headless Service (torchrun rendezvous)."""
+    return uses_torchrun(resource)
+
+
+def _completions(resource: Resource[Any, Any], stage: Stage | None) -> int:
+    if resource.kind == "Corpus":
+        return stage.tasks if stage is not None else resource.spec.parallelism.tasks
+    if resource.kind in TRAINING_KINDS or resource.kind == "Evaluation":
+        return _parallelism(resource)[0]
+    return 1
+
+
+def gpus_per_pod(resource: Resource[Any, Any]) -> int:
+    """nvidia.com/gpu of each pod: spec.resources.gpu, else parallelism.gpusPerNode (0 for a Corpus)."""
+    if resource.spec.resources.gpu is not None:
+        return int(resource.spec.resources.gpu)
+    if resource.kind == "Corpus":
+        return 0
+    return _parallelism(resource)[1]
+
+
+def command(resource: Resource[Any, Any], job: str, stage: Stage | None = None) -> list[str]:
+    """The container's argument list (never a shell string; no spec value appears in it)."""
+    module = MODULE[resource.kind]
+    tail = ["-m", module, "--manifest", MANIFEST_PATH]
+    if resource.kind == "Corpus":
+        if stage is None:
+            raise ValueError("a Corpus Job is built per stage: pass stage=")
+        return ["python", *tail, "--stage", stage.name]
+    if uses_torchrun(resource):
+        nodes, gpus = _parallelism(resource)
+        return [
+            "torchrun",
+            f"--nnodes={nodes}",
+            f"--nproc-per-node={max(1, gpus)}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={job}-0.{service_name(resource)}:{RDZV_PORT}",
+            f"--rdzv-id={job}",
+            f"--max-restarts={TORCHRUN_MAX_RESTARTS}",
+            *tail,
+        ]
+    return ["python", *tail]
+
+
+def _resources(resource: Resource[Any, Any]) -> dict[str, Any]:
+    spec = resource.spec.resources
+    amounts: dict[str, str] = {}
+    if spec.cpu is not None:
+        amounts["cpu"] = str(spec.cpu)
+    if spec.memory is not None:
+        amounts["memory"] = str(spec.memory)
+    if spec.ephemeral_storage is not None:
+        amounts["ephemeral-storage"] = str(spec.ephemeral_storage)
+    gpus = gpus_per_pod(resource)
+    if gpus:
+        amounts[GPU_RESOURCE] = str(gpus)
+    # requests = limits: Guaranteed QoS when cpu and memory are given, and GPUs must be equal anyway
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def literal(value: str) -> str:
+    """``value`` as a Kubernetes env value or argument that stays verbatim: ``$`` doubled, so the kubelet's
+    ``$(VAR)`` expansion leaves it alone."""
+    return value.replace("$", "$$")
+
+
+def _env(resource: Resource[Any, Any], doc: Mapping[str, Any], stage: Stage | None) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "LMFORGE_KIND", "value": resource.kind},
+        {"name": "LMFORGE_NAME", "value": resource.name},
+        {"name": "LMFORGE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "LMFORGE_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "LMFORGE_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HOME", "value": TMP_DIR},
+    ]
+    if stage is not None:
+        env.append({"name": "LMFORGE_STAGE", "value": stage.name})
+    if uses_torchrun(resource):
+        # torchrun reads --node-rank from PET_NODE_RANK; the Job controller sets the completion index
+        env.append(
+            {
+                "name": "PET_NODE_RANK",
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
+                },
+            }
+        )
+    env.extend(secret_env(doc))
+    return env
+
+
+def _pod_failure_policy() -> dict[str, Any]:
+    return {
+        "rules": [
+            # preemption, eviction, node drain: not the job's fault, not counted against backoffLimit
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # a configuration error fails the same way on every retry: fail the Job at once
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_CONFIG_ERROR]},
+            },
+        ]
+    }
+
+
+def _security_context() -> tuple[dict[str, Any], dict[str, Any]]:
+    pod = {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container = {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    return pod, container
+
+
+def build_job(
+    resource: Resource[Any, Any],
+    owner: dict[str, Any] | None,
+    *,
+    image: str,
+    stage: Stage | None = None,
+    generation: int = 0,
+    suffix: str | None = None,
+    resolved_doc: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    service_account: str | None = None,
+) -> dict[str, Any]:
+    """The batch/v1 Job running ``resource`` (a Corpus: its ``stage``).
+
+    ``generation`` numbers re-runs of the same step (0 = first; n > 0 appends ``-n`` to the name);
+    ``suffix`` replaces the default name suffix (stage or component). ``resolved_doc`` (the dict that goes
+    into the ConfigMap) supplies the ``pvc://`` volumes and Secret references of resolved references; the
+    resource's own spec is used when it is not given. ``env`` adds literal environment variables (their
+    ``$`` escaped, so Kubernetes never expands ``$(VAR)`` in them); ``service_account`` runs the pods under
+    that ServiceAccount (e.g. for workload identity to object storage; its token is still not mounted).
+    """
+    if resource.kind == "Corpus" and stage is None:
+        raise ValueError("a Corpus Job is built per stage: pass stage=")
+    doc = (
+        dict(resolved_doc)
+        if resolved_doc is not None
+        else resource.model_dump(by_alias=True, exclude_none=True, mode="json")
+    )
+    _, pvc_volumes, pvc_mounts = localize(doc)
+    name = job_name(resource, stage, generation, suffix)
+    torchrun = uses_torchrun(resource)
+    completions = _completions(resource, stage)
+    if resource.kind == "Corpus":
+        parallelism = min(resource.spec.parallelism.workers, completions)
+    else:
+        parallelism = completions
+
+    argv = command(resource, name, stage)
+    pod_security, container_security = _security_context()
+    ports = [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
+    if torchrun:
+        ports.append({"name": "rdzv", "containerPort": RDZV_PORT, "protocol": "TCP"})
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": argv[:1],
+        "args": argv[1:],
+        "env": [
+            *_env(resource, doc, stage),
+            *({"name": k, "value": literal(v)} for k, v in (env or {}).items()),
+        ],
+        "ports": ports,
+        "volumeMounts": [
+            {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": TMP_DIR},
+            *pvc_mounts,
+        ],
+        "securityContext": container_security,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    requirements = _resources(resource)
+    if requirements:
+        container["resources"] = requirements
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # the Job replaces failed pods; required by podFailurePolicy
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": GRACE_SECONDS[resource.kind],
+        "securityContext": pod_security,
+        "containers": [container],
+        "volumes": [
+            {"name": "spec", "configMap": {"name": configmap_name(resource), "defaultMode": 0o444}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "tmp", "emptyDir": {}},
+            *pvc_volumes,
+        ],
+    }
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+    if torchrun:
+        pod_spec["subdomain"] = service_name(resource)
+    if gpus_per_pod(resource):
+        pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+
+    meta = _metadata(resource, name, owner, stage)
+    if generation:
+        meta["annotations"][ANNOTATION_RUN] = str(generation)
+    queue = getattr(resource.spec, "queue", None)
+    if queue:
+        meta["labels"][QUEUE_LABEL] = queue
+
+    template_meta = {"labels": labels(resource, stage), "annotations": dict(meta["annotations"])}
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": completions,
+        "parallelism": parallelism,
+        "podFailurePolicy": _pod_failure_policy(),
+        "podReplacementPolicy": "Failed",
+        "template": {"metadata": template_meta, "spec": pod_spec},
+    }
+    if resource.kind == "Corpus":
+        job_spec["backoffLimitPerIndex"] = CORPUS_BACKOFF_LIMIT_PER_INDEX
+        job_spec["maxFailedIndexes"] = CORPUS_MAX_FAILED_INDEXES
+    else:
+        job_spec["backoffLimit"] = TRAINING_BACKOFF_LIMIT
+    if queue:
+        job_spec["suspend"] = True  # Kueue admits (unsuspends) it when the queue has quota
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def children(
+    resource: Resource[Any, Any],
+    resolved_doc: Mapping[str, Any],
+    owner: dict[str, Any] | None,
+    *,
+    image: str,
+    stage: Stage | None = None,
+    generation: int = 0,
+    env: Mapping[str, str] | None = None,
+    service_account: str | None = None,
+) -> list[dict[str, Any]]:
+    """Everything to create for the current step, in creation order: ConfigMap, Service (torchrun only),
+    Job. A Corpus needs ``stage`` (the stage to run now). Keyword arguments as in :func:`build_job`."""
+    objects = [build_configmap(resource, resolved_doc, owner)]
+    if needs_service(resource):
+        objects.append(build_service(resource, owner))
+    objects.append(
+        build_job(
+            resource,
+            owner,
+            image=image,
+            stage=stage,
+            generation=generation,
+            resolved_doc=resolved_doc,
+            env=env,
+            service_account=service_account,
+        )
+    )
+    return objects
+
+
+__all__ = [
+    "BuildError",
+    "build_configmap",
+    "build_job",
+    "build_service",
+    "child_name",
+    "children",
+    "command",
+    "configmap_name",
+    "default_image",
+    "dump_spec",
+    "image_for",
+    "job_manifest",
+    "job_name",
+    "labels",
+    "literal",
+    "localize",
+    "needs_service",
+    "owner_reference",
+    "secret_env",
+    "secret_refs",
+    "selector",
+    "service_name",
+    "uses_torchrun",
+]
