@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from lmforge_jobs.pretrain.config import Architecture, ModelShape, PretrainRunSpec, Strategy
 from lmforge_jobs.spec import Precision
@@ -136,7 +136,12 @@ def state_bytes_per_param(precision: Precision) -> dict[str, int]:
 
 
 def activation_bytes(
-    shape: ModelShape, micro_batch: int, *, checkpointing: bool, flash_attention: bool = True
+    shape: ModelShape,
+    micro_batch: int,
+    *,
+    checkpointing: bool,
+    flash_attention: bool = True,
+    bytes_per_value: int = 2,
 ) -> float:
     """Activation memory of one micro-batch on one GPU (no tensor or sequence parallelism).
 
@@ -147,17 +152,23 @@ def activation_bytes(
     ``flash_attention``. The 34 was derived for a GPT block with a 4h MLP; a SwiGLU/GQA block differs a
     little, so treat this as an approximation. With full activation checkpointing each layer keeps only its
     bf16 input (2·s·b·h bytes) and one layer's activations exist at a time during recomputation.
+    ``bytes_per_value`` is 2 for 16-bit activations; fp32 training (4) doubles everything.
     """
     s, b, h, a = shape.seq_len, micro_batch, shape.hidden, shape.heads
-    per_layer = s * b * h * (34 + (0 if flash_attention else 5 * a * s / h))
+    scale = bytes_per_value / 2
+    per_layer = scale * s * b * h * (34 + (0 if flash_attention else 5 * a * s / h))
     if checkpointing:
-        return shape.layers * 2 * s * b * h + per_layer
+        return shape.layers * bytes_per_value * s * b * h + per_layer
     return shape.layers * per_layer
 
 
-def logits_bytes(shape: ModelShape, micro_batch: int, vocab: int) -> float:
-    """Logits of one micro-batch: bf16 logits plus their fp32 copy for the cross-entropy (6 B per entry)."""
-    return shape.seq_len * micro_batch * vocab * 6
+def logits_bytes(
+    shape: ModelShape, micro_batch: int, vocab: int, precision: Precision = Precision.bf16
+) -> float:
+    """Logits of one micro-batch: bf16 logits plus their fp32 copy for the cross-entropy (6 B per entry);
+    in fp32 the logits and the log-softmax the cross-entropy keeps for its backward (8 B)."""
+    per_entry = 6 if precision == Precision.bf16 else 8
+    return shape.seq_len * micro_batch * vocab * per_entry
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -254,8 +265,13 @@ def plan_pretrain(
     divisor = world if sharded else 1
     mb = spec.batch.micro_batch_size
     ckpt = spec.parallelism.activation_checkpointing
-    act_full = activation_bytes(shape, mb, checkpointing=False, flash_attention=flash_attention)
-    act_ckpt = activation_bytes(shape, mb, checkpointing=True, flash_attention=flash_attention)
+    act_bytes = 2 if spec.precision == Precision.bf16 else 4
+    act_full = activation_bytes(
+        shape, mb, checkpointing=False, flash_attention=flash_attention, bytes_per_value=act_bytes
+    )
+    act_ckpt = activation_bytes(
+        shape, mb, checkpointing=True, flash_attention=flash_attention, bytes_per_value=act_bytes
+    )
     memory = Memory(
         weights=n * per_param["weights"] / divisor,
         master_weights=n * per_param["master_weights"] / divisor,
@@ -264,7 +280,7 @@ def plan_pretrain(
         activations=act_ckpt if ckpt else act_full,
         activations_no_checkpointing=act_full,
         activations_checkpointing=act_ckpt,
-        logits=logits_bytes(shape, mb, vocab),
+        logits=logits_bytes(shape, mb, vocab, spec.precision),
     )
 
     gpu_hours = flops / (peak * 1e12 * mfu) / 3600
@@ -344,12 +360,20 @@ class ScalingLaw:
 
 
 SCALING_LAWS: dict[str, ScalingLaw] = {
-    # Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", approach 3.
-    "hoffmann": ScalingLaw("Hoffmann et al. 2022 (approach 3)", 1.69, 406.4, 410.7, 0.34, 0.28),
+    # Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", approach 3 (parametric fit).
+    "hoffmann-approach3": ScalingLaw("Hoffmann et al. 2022 (approach 3)", 1.69, 406.4, 410.7, 0.34, 0.28),
     # Besiroglu et al. (Epoch AI) 2024, "Chinchilla Scaling: A replication attempt".
     "epoch": ScalingLaw(
         "Besiroglu et al. 2024 (Epoch AI replication)", 1.82, 482.01, 2085.43, 0.3478, 0.3658
     ),
+}
+# Hoffmann et al.'s approaches 1 and 2 fit N_opt ∝ C^0.5 and D_opt ∝ C^0.5 directly; anchored at Chinchilla's
+# own run (70B parameters, 1.4T tokens) that is the familiar "20 tokens per parameter" rule.
+HOFFMANN_TOKENS_PER_PARAMETER = 20.0
+METHODS: dict[str, str] = {
+    "hoffmann": "Hoffmann et al. 2022 (approaches 1-2: N, D ∝ C^0.5, 20 tokens/parameter)",
+    "hoffmann-approach3": SCALING_LAWS["hoffmann-approach3"].name,
+    "epoch": SCALING_LAWS["epoch"].name,
 }
 
 
@@ -366,20 +390,28 @@ class ComputeOptimal:
         return self.tokens / self.parameters
 
 
-def chinchilla_optimal(flops: float, method: Literal["hoffmann", "epoch"] = "hoffmann") -> ComputeOptimal:
+def chinchilla_optimal(flops: float, method: str = "hoffmann") -> ComputeOptimal:
     """Compute-optimal parameters and tokens for a FLOP budget C under C = 6·N·D.
 
-    Minimising L(N, D) = E + A/N^α + B/D^β subject to C = 6ND gives
+    ``hoffmann`` (approaches 1-2 of the paper): D = 20·N, so N = sqrt(C/120) — 69B parameters and 1.4T tokens
+    for Chinchilla's 5.76e23 FLOPs, the run the paper trained. ``hoffmann-approach3`` and ``epoch`` minimise
+    a parametric loss L(N, D) = E + A/N^α + B/D^β subject to C = 6ND, which gives
     N_opt = G·(C/6)^(β/(α+β)), D_opt = C/(6·N_opt), with G = (αA/(βB))^(1/(α+β)).
-    Note the fits disagree: Hoffmann's published approach-3 constants give a smaller N (about 33B for
-    Chinchilla's 5.76e23 FLOPs) than the 70B Chinchilla was trained at; the Epoch replication gives ~72B.
+    The fits disagree: Hoffmann's published approach-3 constants give about 32B for 5.76e23 FLOPs (the
+    rounding of the published constants is part of why; see Besiroglu et al. 2024), the Epoch replication
+    ~72B. The reported loss is the Epoch fit's L(N, D) for ``hoffmann``, else the method's own fit.
     """
     if flops <= 0:
         raise ValueError("flops must be positive")
-    try:
-        law = SCALING_LAWS[method]
-    except KeyError:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(SCALING_LAWS)}") from None
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "hoffmann":
+        n = math.sqrt(flops / (6 * HOFFMANN_TOKENS_PER_PARAMETER))
+        d = flops / (6 * n)
+        return ComputeOptimal(
+            flops=flops, parameters=n, tokens=d, loss=SCALING_LAWS["epoch"].loss(n, d), method=method
+        )
+    law = SCALING_LAWS[method]
     a, b = law.alpha, law.beta
     g = (a * law.A / (b * law.B)) ** (1 / (a + b))
     n = g * (flops / 6) ** (b / (a + b))
@@ -461,7 +493,8 @@ def explain(plan: Plan) -> str:
         "~16 GB of states before activations, i.e. 8× its bf16 weights (4× its fp32 weights). Rules of thumb",
         "like '~6× the weights' or '~24 GB per 1B at fp32' fold in activations and buffers loosely; the",
         "activations here follow Korthikanti et al. 2022 (s·b·h·34 bytes per layer with fused attention) and",
-        "are approximate. FSDP divides the states by the world size; DDP keeps a full copy on every GPU.",
+        "are approximate (doubled for fp32 activations). FSDP divides the states by the world size; DDP",
+        "keeps a full copy on every GPU. The optimizer is fused AdamW, which needs no temporaries.",
     ]
     for note in plan.notes:
         lines.append(f"note: {note}")
