@@ -47,9 +47,10 @@ class Perplexity(Spec):
     data: Uri | None = None
     """Token shards, or text/JSONL files."""
     seq_len: Annotated[int, Field(ge=8, le=1048576)] | None = None
-    """Window length; defaults to the model's context length."""
+    """Window length; defaults to the model's context length (at most 8192)."""
     stride: Annotated[int, Field(ge=1)] | None = None
-    """Sliding-window stride for long documents; defaults to seqLen (no overlap)."""
+    """Sliding-window stride for long documents: tokens newly scored per window (at most seqLen - 1, the rest of
+    the window is context); defaults to seqLen (windows overlap by one token)."""
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 8
     """Windows per forward pass."""
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -76,6 +77,8 @@ class Benchmark(Spec):
     """Few-shot examples; the task's default when unset."""
     limit: Annotated[int, Field(ge=1)] | None = None
     """Evaluate at most this many examples."""
+    apply_chat_template: bool = False
+    """Format prompts with the model's chat template (instruction-tuned models), few-shot examples as turns."""
 
     @model_validator(mode="after")
     def _one(self) -> Benchmark:
@@ -136,6 +139,8 @@ class Judge(Spec):
     """Bootstrap resamples for the 95 % interval."""
     limit: Annotated[int, Field(ge=1)] | None = None
     """Use at most this many prompts."""
+    verdict_max_tokens: Annotated[int, Field(ge=1, le=65536)] = 32
+    """Tokens the judge may generate for its verdict ([[A]], [[B]] or [[C]])."""
 
 
 class Arena(Spec):
@@ -186,6 +191,11 @@ class EvaluationSpec(Spec):
     checkpoint_dir: Uri | None = None
     """Checkpoint directory of model.pretrainRun, watched when checkpoints is every; filled in by the operator or
     lmforge run from the PretrainRun's status.outputs.checkpoint (leave unset)."""
+    checkpoint_poll_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
+    """checkpoints: every: seconds between looks for new checkpoints."""
+    checkpoint_timeout_seconds: Annotated[int, Field(ge=1, le=2592000)] = 86400
+    """checkpoints: every: fail when no new checkpoint appears for this long and the PretrainRun has not
+    finished."""
     queue: Queue | None = None
     """Kueue LocalQueue to submit to."""
     image: ShortStr | None = None
@@ -260,6 +270,8 @@ class Results(Spec):
     """Ratings per model."""
     checkpoint: ShortStr | None = None
     """Checkpoint these results are for (checkpoints: every)."""
+    step: Annotated[int, Field(ge=0)] | None = None
+    """Training step of that checkpoint (checkpoints: every)."""
 
 
 class EvaluationOutputs(Spec):

@@ -1,0 +1,219 @@
+"""Loading the models an Evaluation compares, and reading secrets handed to the job.
+
+A resolved ModelRef is ``{path: DIR}`` (a Hugging Face model directory: local, or fsspec storage copied to a
+scratch directory first) or ``{huggingface: ID, revision, token}``. Every failure a user can fix becomes a
+:class:`ConfigError` naming the spec field that pointed at the model.
+
+Secrets (``{secretKeyRef: {name, key}}``) are never in the manifest: the pod (or the shell running
+``lmforge run``) provides them either as the environment variable ``LMFORGE_SECRET_<NAME>_<KEY>`` (upper
+case, every other character ``_``) or as the file ``$LMFORGE_SECRETS_DIR/<name>/<key>`` (default
+``/var/run/secrets/lmforge``); see :func:`secret_env_name` and :func:`read_secret`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge_jobs.entry import ConfigError
+from lmforge_jobs.spec import ModelRef, Precision, SecretRef
+
+SECRETS_DIR = "/var/run/secrets/lmforge"
+
+
+# ------------------------------------------------------------------------------------------------ secrets
+def secret_env_name(ref: SecretRef) -> str:
+    """``LMFORGE_SECRET_<NAME>_<KEY>``: the environment variable that carries a secretKeyRef's value."""
+    raw = f"{ref.secret_key_ref.name}_{ref.secret_key_ref.key}".upper()
+    return "LMFORGE_SECRET_" + re.sub(r"[^A-Z0-9]", "_", raw)
+
+
+def secret_file(ref: SecretRef) -> Path:
+    """Where a secretKeyRef's value is mounted as a file."""
+    root = os.environ.get("LMFORGE_SECRETS_DIR") or SECRETS_DIR
+    return Path(root) / ref.secret_key_ref.name / ref.secret_key_ref.key
+
+
+def read_secret(ref: SecretRef, field: str) -> str:
+    """The secret's value from its environment variable or mounted file; ConfigError(field) when absent."""
+    env = secret_env_name(ref)
+    value = os.environ.get(env)
+    if value:
+        return value.strip()
+    path = secret_file(ref)
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        text = ""
+    if text:
+        return text
+    name, key = ref.secret_key_ref.name, ref.secret_key_ref.key
+    raise ConfigError(
+        field, f"secret {name}/{key} is not available: set ${env} or mount the Secret key at {path}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- models
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+def check_model_dir(uri: str, field: str) -> None:
+    """Fail fast when a local model directory is missing or not in Hugging Face format."""
+    if is_remote(uri):
+        return
+    path = local_path(uri)
+    if not path.is_dir():
+        raise ConfigError(field, f"no model directory at {path}")
+    if not (path / "config.json").is_file():
+        raise ConfigError(field, f"{path} is not a Hugging Face model directory (no config.json)")
+
+
+def fetch_dir(uri: str, field: str) -> Path:
+    """A local copy of a remote model directory (fsspec), or the local path itself."""
+    if not is_remote(uri):
+        check_model_dir(uri, field)
+        return local_path(uri)
+    import fsspec
+
+    target = Path(tempfile.mkdtemp(prefix="lmforge-model-"))
+    try:
+        fs, root = fsspec.core.url_to_fs(uri)
+        fs.get(root.rstrip("/") + "/", str(target), recursive=True)
+    except (OSError, ValueError, ImportError) as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        raise ConfigError(field, f"cannot copy the model from {uri}: {exc}") from exc
+    check_model_dir(str(target), field)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for inference, its tokenizer, where it came from and a short display name."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+    name: str
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+
+def model_name(ref: ModelRef) -> str:
+    """A short, human name for results: the hub id, or the run name in .../<run>/model, or the basename."""
+    if ref.huggingface:
+        return ref.huggingface
+    path = (ref.path or "").rstrip("/")
+    parts = [p for p in re.split(r"[/\\]", path) if p]
+    if len(parts) >= 2 and parts[-1] == "model":
+        return parts[-2]
+    return parts[-1] if parts else "model"
+
+
+def pick_device(gpus: int) -> str:
+    import torch
+
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(precision: Precision, device: str) -> Any:
+    """bf16 on accelerators; CPU inference always runs in fp32 (bf16 matmuls on CPU are slow and lossy)."""
+    import torch
+
+    if precision == Precision.bf16 and device != "cpu":
+        return torch.bfloat16
+    return torch.float32
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Batched inference needs a pad token; reuse EOS (or UNK) when the tokenizer has none."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def _dtype_keyword() -> str:
+    """transformers 4.56 renamed from_pretrained's ``torch_dtype`` to ``dtype``."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def load_model(
+    ref: ModelRef | str,
+    field: str,
+    *,
+    precision: Precision = Precision.fp32,
+    gpus: int = 0,
+    name: str | None = None,
+) -> LoadedModel:
+    """Load a resolved ModelRef (or a model directory) as a causal LM in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(ref, str):
+        ref = ModelRef(path=ref)
+    if ref.reference() is not None:
+        raise ConfigError(field, "references by name must be resolved first (lmforge run or the operator)")
+    kwargs: dict[str, Any] = {}
+    if ref.huggingface:
+        source, sub = ref.huggingface, f"{field}.huggingface"
+        if ref.revision:
+            kwargs["revision"] = ref.revision
+        if ref.token is not None:
+            kwargs["token"] = read_secret(ref.token, f"{field}.token")
+    else:
+        sub = f"{field}.path"
+        source = str(fetch_dir(str(ref.path), sub))
+    device = pick_device(gpus)
+    dtype = torch_dtype(precision, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        load_kwargs: dict[str, Any] = {_dtype_keyword(): dtype, **kwargs}
+        if device == "cuda" and gpus > 1:
+            load_kwargs["device_map"] = "auto"  # one process spreads a large model over the node's GPUs
+        model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(sub, f"cannot load a causal language model from {source}: {first}") from exc
+    if "device_map" not in load_kwargs:
+        model.to(device)
+    model.eval()
+    return LoadedModel(model, prepare_tokenizer(tokenizer), source, name or model_name(ref))
+
+
+def free(loaded: LoadedModel | None) -> None:
+    """Release a model's memory before the next one is loaded."""
+    if loaded is None:
+        return
+    import gc
+
+    import torch
+
+    loaded.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+__all__ = [
+    "LoadedModel",
+    "check_model_dir",
+    "free",
+    "load_model",
+    "model_name",
+    "read_secret",
+    "secret_env_name",
+    "secret_file",
+]
