@@ -268,18 +268,20 @@ def test_count_matches_native_model(kw):
 
 
 # Measures the peak memory of training steps of the native model in a fresh process: the growth of the
-# peak resident set size (getrusage ru_maxrss) from a baseline taken after torch's kernels and allocator
-# have warmed up on a throwaway model. glibc is told to serve every allocation of 64 KiB or more with
+# peak resident set size (VmHWM in /proc/self/status, reset to the current size through clear_refs) over
+# the resident size after torch's kernels and allocator have warmed up on a throwaway model. glibc is told to serve every allocation of 64 KiB or more with
 # mmap (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set at once and the peak is the live
 # bytes of weights, gradients, AdamW state, activations and logits, not allocator caching. The loop is
 # the job's: fused AdamW, loss from model(input_ids, labels), fp32 on CPU.
 _MEASURE = r"""
-import json, resource, sys
+import json, sys
 import torch
 from lmforge_jobs.pretrain.model import ModelArgs, Transformer
 torch.set_num_threads(1)
-def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
 def steps(args, batch, n):
     m = Transformer(args); m.init_weights(0)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
@@ -287,11 +289,16 @@ def steps(args, batch, n):
     for _ in range(n):
         m(x, y).backward(); opt.step(); opt.zero_grad(set_to_none=True)
 steps(ModelArgs("decoder", 64, 1, 32, 2, 2, 64, 16), 2, 2)
-base = peak()
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current resident size
+    base = status("VmRSS")
+except OSError:
+    base = status("VmHWM")
 shape = json.loads(sys.argv[1])
 steps(ModelArgs("decoder", shape["vocab_size"], shape["layers"], shape["hidden"], shape["heads"], shape["kv_heads"],
                 shape["ffn_hidden"], shape["seq_len"]), shape["batch"], 3)
-print(peak() - base)
+print(status("VmHWM") - base)
 """
 
 
@@ -328,7 +335,7 @@ def test_memory_estimate_within_15_percent_of_measured_cpu_peak(shape):
     import subprocess
 
     if not sys.platform.startswith("linux"):
-        pytest.skip("the measurement relies on glibc's MALLOC_MMAP_THRESHOLD_ and ru_maxrss in KiB")
+        pytest.skip("the measurement relies on glibc's MALLOC_MMAP_THRESHOLD_ and /proc/self/status")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, "-c", _MEASURE, json.dumps(shape)],
