@@ -1,0 +1,487 @@
+"""datatrove pipeline steps the Corpus job adds to datatrove's own (readers, filters, dedup, tokenizer).
+
+Each is a small :class:`~datatrove.pipeline.base.PipelineStep` (or a thin subclass of a datatrove block)
+doing one thing datatrove leaves open:
+
+* :class:`ShardedMixin` readers (``WarcSourceReader``, ``JsonlSourceReader``, ``ParquetSourceReader``)
+  read an explicit file list; with fewer files than ranks every rank reads all files and keeps every
+  ``world``-th document, so one big WARC is still split across ranks.
+* :class:`WarcSourceReader` keeps HTML records whose WARC header has no ``WARC-Identified-Payload-Type``:
+  the HTTP ``Content-Type`` decides, else the first bytes are sniffed.
+* :class:`OfflineURLFilter` and :class:`PathLanguageFilter` never touch the network (tldextract's bundled
+  suffix list; a fastText model from a path).
+* :class:`DomainLabeller`, :class:`DomainWeights`, :class:`HeldOutSplit` label, sample/repeat and split.
+* :class:`RankReader` reads back exactly one rank's intermediate file.
+* :class:`Counts` writes the per-rank document counts that ``stats.json`` adds up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.io import get_datafolder
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.extractors.base import BaseExtractor
+from datatrove.pipeline.filters import LanguageFilter, URLFilter
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.formatters.base import BaseFormatter
+from datatrove.pipeline.readers import JsonlReader, ParquetReader, WarcReader
+from datatrove.utils.lid import FastTextLID
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+
+
+def stable_fraction(key: str, salt: str = "") -> float:
+    """A number in [0, 1) that depends only on ``key`` (same on every machine and run)."""
+    digest = hashlib.blake2b(f"{salt}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+# ---------------------------------------------------------------------------------------------- readers
+class ShardedMixin:
+    """Reads ``files`` (paths relative to ``data_folder``) split across ranks; see the module docstring."""
+
+    files: list[str]
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        if len(self.files) >= world_size:
+            shard, self._stride = self.files[rank::world_size], (1, 0)
+        else:  # fewer files than ranks: split by document instead
+            shard, self._stride = list(self.files), (world_size, rank)
+        self._seen = 0
+        for doc in self.read_files_shard(shard):  # type: ignore[attr-defined]
+            self.update_doc_stats(doc)  # type: ignore[attr-defined]
+            yield doc
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        step, offset = self._stride
+        for doc in self._read_all(filepath):
+            index, self._seen = self._seen, self._seen + 1
+            if index % step == offset:
+                yield doc
+
+    def _read_all(self, filepath: str) -> DocumentsPipeline:
+        return super().read_file(filepath)  # type: ignore[misc]
+
+
+def _sniff_html(head: bytes) -> bool:
+    text = head[:2048].lstrip().lower()
+    return text.startswith((b"<!doctype html", b"<html")) or b"<html" in text or b"<body" in text
+
+
+def warc_record_to_dict(record: Any) -> dict[str, Any] | None:
+    """The HTML of a WARC response (or WET conversion) record with its id, url and date; else None.
+
+    The media type comes from ``WARC-Identified-Payload-Type``, else the HTTP ``Content-Type`` header, else
+    the payload's first bytes — records without a payload-type header are not silently dropped."""
+    if record.rec_type not in ("response", "conversion"):
+        return None
+    headers = record.rec_headers
+    mime = headers.get_header("WARC-Identified-Payload-Type")
+    charset = None
+    if mime is None and record.http_headers is not None:
+        ctype = record.http_headers.get_header("Content-Type") or ""
+        mime = ctype.split(";")[0].strip().lower() or None
+        found = re.search(r"charset=([\w.-]+)", ctype, re.I)
+        charset = found.group(1) if found else None
+    payload = record.content_stream().read()
+    if record.rec_type == "conversion":
+        ok = mime in (None, "text/plain", *HTML_TYPES)
+    elif mime is None or mime in ("application/octet-stream", "text/plain"):
+        ok = _sniff_html(payload)
+    else:
+        ok = mime.lower() in HTML_TYPES
+    if not ok:
+        return None
+    text = None
+    for encoding in (charset, "utf-8"):
+        if encoding:
+            try:
+                text = payload.decode(encoding)
+                break
+            except (UnicodeDecodeError, LookupError):
+                continue
+    if text is None:
+        import cchardet
+
+        detected = cchardet.detect(payload).get("encoding")
+        try:
+            text = payload.decode(detected or "latin-1")
+        except (UnicodeDecodeError, LookupError):
+            return None
+    url = headers.get_header("WARC-Target-URI") or headers.get_header("uri")
+    date = headers.get_header("WARC-Date") or headers.get_header("archive-date")
+    kind = "text" if record.rec_type == "conversion" else "html"
+    return {
+        "text": text,
+        "id": headers.get_header("WARC-Record-ID"),
+        "url": url,
+        "date": date,
+        "format": kind,
+    }
+
+
+class WarcSourceReader(ShardedMixin, WarcReader):
+    """datatrove's WarcReader with an explicit file list and a payload-type fallback."""
+
+    def __init__(self, data_folder: str, files: list[str], **kwargs: Any) -> None:
+        super().__init__(data_folder, **kwargs)
+        self.files = files
+
+    def _read_all(self, filepath: str) -> DocumentsPipeline:
+        from warcio.archiveiterator import ArchiveIterator
+        from warcio.exceptions import ArchiveLoadFailed
+
+        with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
+            try:
+                for index, record in enumerate(ArchiveIterator(f)):
+                    with self.track_time():
+                        found = warc_record_to_dict(record)
+                        document = found and self.get_document_from_dict(found, filepath, index)
+                    if document:
+                        yield document
+            except ArchiveLoadFailed as exc:
+                raise UnreadableInput(filepath, str(exc)) from None
+
+
+class JsonlSourceReader(ShardedMixin, JsonlReader):
+    """datatrove's JsonlReader with an explicit file list."""
+
+    def __init__(self, data_folder: str, files: list[str], **kwargs: Any) -> None:
+        super().__init__(data_folder, **kwargs)
+        self.files = files
+
+
+class ParquetSourceReader(ShardedMixin, ParquetReader):
+    """datatrove's ParquetReader with an explicit file list."""
+
+    def __init__(self, data_folder: str, files: list[str], **kwargs: Any) -> None:
+        super().__init__(data_folder, **kwargs)
+        self.files = files
+
+
+class UnreadableInput(Exception):
+    """An input file that is not what its source kind says (a broken WARC, say)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)  # both in args, so it survives pickling across worker processes
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class RankReader(JsonlReader):
+    """Reads the ``NNNNN.jsonl.gz`` files of an intermediate folder whose number ≡ rank (mod world): with
+    the same number of ranks as the stage that wrote them, exactly the file this rank wrote there."""
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        try:
+            listed = self.data_folder.list_files(glob_pattern="*.jsonl.gz", recursive=False)
+        except FileNotFoundError:  # no rank of the previous stage kept anything
+            listed = []
+        names = [
+            name
+            for name in sorted(listed)
+            if re.fullmatch(r"\d+\.jsonl\.gz", name) and int(name.split(".")[0]) % world_size == rank
+        ]
+        for doc in self.read_files_shard(names):
+            self.update_doc_stats(doc)
+            yield doc
+
+
+# --------------------------------------------------------------------------------------------- filters
+class OfflineURLFilter(URLFilter):
+    """datatrove's URLFilter with tldextract's bundled suffix list (never fetched), keeping url-less docs."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        from tldextract import TLDExtract
+
+        self.tldextractor = TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+    def filter(self, document: Document) -> bool | tuple[bool, str]:
+        if not document.metadata.get("url"):
+            return True
+        return super().filter(document)
+
+
+class PathFastTextLID(FastTextLID):
+    """fastText language ID from a model file; never downloaded."""
+
+    def __init__(self, model_path: str, languages: list[str] | None = None) -> None:
+        super().__init__(languages)
+        self.model_path = model_path
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from fasttext.FastText import _FastText
+
+            self._model = _FastText(local_copy(self.model_path))
+        return self._model
+
+
+class PathLanguageFilter(LanguageFilter):
+    """datatrove's LanguageFilter with the fastText model named in the spec."""
+
+    def __init__(self, model_path: str, languages: list[str], language_threshold: float) -> None:
+        super().__init__(languages=languages, language_threshold=language_threshold)
+        self.model = PathFastTextLID(model_path, languages)
+
+
+def local_copy(uri: str) -> str:
+    """A local path for ``uri``: remote files (s3://, gs://, hf://…) are copied to datatrove's cache once."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    from datatrove.io import cached_asset_path_or_download
+
+    return cached_asset_path_or_download(uri, namespace="lmforge", subfolder="models", desc=uri)
+
+
+# --------------------------------------------------------------------------------------------- domains
+class DomainLabeller(PipelineStep):
+    """Puts the top label of a fastText classifier into ``metadata["domain"]``."""
+
+    name = "🏷 Domain labeller"
+    type = "🏷 - LABELLER"
+
+    def __init__(self, model_path: str) -> None:
+        super().__init__()
+        self.model_path = model_path
+        self._model: Any = None
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from fasttext.FastText import _FastText
+
+        if self._model is None:
+            self._model = _FastText(local_copy(self.model_path))
+        for doc in data:
+            with self.track_time():
+                labels, _ = self._model.predict(doc.text.replace("\n", " "), k=1)
+                label = labels[0].removeprefix("__label__") if labels else "unknown"
+                doc.metadata["domain"] = label
+                self.stat_update(f"domain_{label}")
+            yield doc
+
+
+class DomainWeights(PipelineStep):
+    """Mixture weights by domain: weight w keeps a document ``floor(w)`` times plus once more with
+    probability ``w - floor(w)`` (decided by a hash of its id, so reruns agree). Weight 0 drops it;
+    ``metadata["repeats"]`` says how often the training shards contain it."""
+
+    name = "⚖ Domain weights"
+    type = "⚖ - SAMPLER"
+
+    def __init__(self, weights: dict[str, float], default: float) -> None:
+        super().__init__()
+        self.weights = dict(weights)
+        self.default = default
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            self.stat_update("total")
+            weight = self.weights.get(str(doc.metadata.get("domain", "")), self.default)
+            whole = math.floor(weight)
+            repeats = whole + (1 if stable_fraction(str(doc.id), "domain") < weight - whole else 0)
+            if repeats <= 0:
+                self.stat_update("dropped")
+                continue
+            self.stat_update("forwarded")
+            if repeats > 1:
+                self.stat_update("repeated", value=repeats - 1)
+            doc.metadata["repeats"] = repeats
+            yield doc
+
+
+class HeldOutSplit(PipelineStep):
+    """``metadata["split"]`` = ``held-out`` for a ``fraction`` of documents (by a hash of the id), else
+    ``train``: deterministic, independent of ranks and order."""
+
+    name = "✂ Held-out split"
+    type = "✂ - SPLITTER"
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__()
+        self.fraction = fraction
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            held = stable_fraction(str(doc.id), "held-out") < self.fraction
+            doc.metadata["split"] = "held-out" if held else "train"
+            self.stat_update("held_out" if held else "train")
+            yield doc
+
+
+# ---------------------------------------------------------------------------------------------- counts
+class Counts(PipelineStep):
+    """Last step of a stage: counts what reaches it and, with the other steps' datatrove stats, writes
+    ``<folder>/{rank:05d}.json`` = ``{"in": n, "removed": {key: n}, "kept": n, "bytes": n, ...}``.
+
+    ``roles`` maps a step object to a statistics key: ``("read", step)`` adds the reader's documents to
+    ``in``; ``(key, step)`` adds the documents the step removed (total − forwarded) to ``removed[key]``.
+    """
+
+    name = "🧮 Counts"
+    type = "🧮 - COUNTS"
+
+    def __init__(self, folder: str, roles: list[tuple[str, PipelineStep]], extra: bool = False) -> None:
+        super().__init__()
+        self.folder = folder
+        self.roles = roles
+        self.extra = extra
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        kept = size = 0
+        splits: dict[str, dict[str, int]] = {}
+        for doc in data:
+            kept += 1
+            n = len(doc.text.encode("utf-8"))
+            size += n
+            split = doc.metadata.get("split")
+            if split:
+                entry = splits.setdefault(split, {"documents": 0, "bytes": 0, "repeats": 0})
+                entry["documents"] += 1
+                entry["bytes"] += n
+                entry["repeats"] += int(doc.metadata.get("repeats", 1)) - 1
+            yield doc
+        result: dict[str, Any] = {"in": 0, "removed": {}, "kept": kept, "bytes": size}
+        for key, step in self.roles:
+            stats = step.stats
+            if key == "read":
+                result["in"] += int(stats["documents"].total) if "documents" in stats.stats else 0
+                continue
+            total = stats["total"].total if "total" in stats.stats else 0
+            forwarded = stats["forwarded"].total if "forwarded" in stats.stats else 0
+            result["removed"][key] = result["removed"].get(key, 0) + int(total - forwarded)
+        if splits:
+            result["splits"] = splits
+        with get_datafolder(self.folder).open(f"{rank:05d}.json", "wt") as fh:
+            json.dump(result, fh)
+
+
+__all__ = [
+    "Counts",
+    "DomainLabeller",
+    "DomainWeights",
+    "HeldOutSplit",
+    "JsonlSourceReader",
+    "OfflineURLFilter",
+    "ParquetSourceReader",
+    "PathLanguageFilter",
+    "RankReader",
+    "UnreadableInput",
+    "WarcSourceReader",
+    "stable_fraction",
+    "warc_record_to_dict",
+]
+
+
+# ------------------------------------------------------------------------------ extraction, normalising
+class InscriptisExtractor(BaseExtractor):
+    """All visible text of an HTML page (inscriptis), for ``extract.method: inscriptis``."""
+
+    name = "⛏ Inscriptis"
+    _requires_dependencies = ["inscriptis"]
+
+    def __init__(self, timeout: float = 1) -> None:
+        super().__init__(timeout)
+
+    def extract(self, text: str) -> str:
+        from inscriptis import get_text
+
+        return re.sub(r"\n{3,}", "\n\n", get_text(text)).strip()
+
+
+class SpecRegexFilter(BaseFilter):
+    """Drops documents matching ``pattern`` (or, with ``keep``, those not matching)."""
+
+    name = "🕵 Regex"
+
+    def __init__(self, pattern: str, keep: bool = False, ignore_case: bool = True) -> None:
+        super().__init__()
+        self.pattern = pattern
+        self.keep = keep
+        self.ignore_case = ignore_case
+        self._regex = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+
+    def filter(self, doc: Document) -> bool:
+        return bool(self._regex.search(doc.text)) == self.keep
+
+
+class TextNormalizer(BaseFormatter):
+    """Lowercasing and English stop-word removal (spaCy's list), for IR-style corpora."""
+
+    name = "🔡 Normalizer"
+
+    def __init__(self, lowercase: bool, remove_stop_words: bool) -> None:
+        super().__init__()
+        self.lowercase = lowercase
+        self.remove_stop_words = remove_stop_words
+        self._stop: frozenset[str] | None = None
+
+    def format(self, text: str) -> str:
+        if self.lowercase:
+            text = text.lower()
+        if self.remove_stop_words:
+            if self._stop is None:
+                from spacy.lang.en.stop_words import STOP_WORDS
+
+                self._stop = frozenset(STOP_WORDS)
+            stop = self._stop
+            text = "\n".join(
+                re.sub(
+                    r"[ \t]{2,}",
+                    " ",
+                    re.sub(r"\b[\w']+\b", lambda m: "" if m.group(0).lower() in stop else m.group(0), line),
+                ).strip()
+                for line in text.split("\n")
+            )
+        return text
+
+
+# -------------------------------------------------------------------------------------------- words
+_WORD = re.compile(r"\w+(?:['’.\-]\w+)*|[^\w\s]", re.UNICODE)
+_SENTENCE_END = re.compile(r"[.!?…。！？]+[\"'”’)\]]*(?=\s)|\n\s*\n")
+
+
+class RegexWordTokenizer(WordTokenizer):
+    """Words and sentences by Unicode regular expressions, for the quality filters and MinHash shingles.
+
+    datatrove's default for English is spaCy's tokenizer: about 10 s to load in every worker and ~100 kB/s
+    on documentation pages. This one splits words, numbers and punctuation marks the same way for
+    space-separated scripts at tens of MB/s; it is not meant for Chinese, Japanese or Thai text."""
+
+    def __init__(self) -> None:
+        super().__init__("en")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return _WORD.findall(text)
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        spans, start = [], 0
+        for match in _SENTENCE_END.finditer(text):
+            end = match.end()
+            if text[start:end].strip():
+                spans.append((start, end))
+            start = end
+        if text[start:].strip():
+            spans.append((start, len(text)))
+        return spans
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [text[a:b].strip() for a, b in self.span_tokenize(text)]
+
+
+WORDS = RegexWordTokenizer()

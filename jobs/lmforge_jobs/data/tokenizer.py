@@ -1,0 +1,148 @@
+"""The ``tokenizer`` stage: a byte-level BPE trained with Hugging Face ``tokenizers``, or a pretrained one.
+
+Writes ``OUT/tokenizer/`` with ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``
+so that ``transformers.AutoTokenizer.from_pretrained(OUT/tokenizer)`` loads it offline (as a
+PreTrainedTokenizerFast). The end-of-text token — the first of ``specialTokens`` — is also bos, unk and pad
+(GPT-2 convention); the training sample is the first ``sampleDocuments`` kept documents in corpus order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lmforge_jobs.data.config import CorpusSpec
+from lmforge_jobs.entry import ConfigError
+
+# No inherent limit for a byte-level BPE; the PretrainRun's seqLen is the real one.
+MODEL_MAX_LENGTH = 1 << 20
+BYTE_ALPHABET = 256
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str], min_frequency: int) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def save_tokenizer_dir(tok: Any, folder: Path, eos: str) -> None:
+    """tokenizer.json + the two small files AutoTokenizer needs to treat ``eos`` as bos/eos/unk/pad."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    specials = {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": eos}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        **specials,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
+
+
+def check_vocab_size(spec: CorpusSpec) -> None:
+    train = spec.tokenizer.train
+    if train is None:
+        return
+    needed = BYTE_ALPHABET + len(set(train.special_tokens))
+    if train.vocab_size < needed:
+        raise ConfigError(
+            "tokenizer.train.vocabSize",
+            f"{train.vocab_size} is too small: a byte-level BPE needs at least {needed} "
+            f"(256 bytes + {needed - BYTE_ALPHABET} special tokens)",
+        )
+
+
+def build(spec: CorpusSpec, texts: Iterator[str], folder: Path) -> str:
+    """Train (or install) the tokenizer into ``folder``; returns the end-of-text token."""
+    from tokenizers import Tokenizer
+
+    train = spec.tokenizer.train
+    if train is not None:
+        check_vocab_size(spec)
+        eos = train.special_tokens[0] if train.special_tokens else "<|endoftext|>"
+        specials = list(train.special_tokens) or [eos]
+        # a small corpus may support fewer merges than asked: the vocabulary is what the data allows
+        tok = train_bpe(texts, train.vocab_size, specials, train.min_frequency)
+        save_tokenizer_dir(tok, folder, eos)
+        return eos
+    assert spec.tokenizer.pretrained is not None
+    source = spec.tokenizer.pretrained.path.removeprefix("file://")
+    field = "tokenizer.pretrained.path"
+    src = Path(source)
+    if src.is_dir():
+        if not (src / "tokenizer.json").is_file():
+            raise ConfigError(field, f"{source} has no tokenizer.json (a fast tokenizer is required)")
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in src.iterdir():
+            if item.is_file():
+                shutil.copy2(item, folder / item.name)
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        config = _read_json(folder / "tokenizer_config.json")
+        eos = _token(config.get("eos_token")) or _guess_eos(tok)
+        if eos is None:
+            raise ConfigError(
+                field, "cannot tell the end-of-text token: set eos_token in tokenizer_config.json"
+            )
+        if not (folder / "tokenizer_config.json").exists():
+            save_tokenizer_dir(tok, folder, eos)
+        return eos
+    if not src.is_file():
+        raise ConfigError(field, f"no such file or directory: {source}")
+    try:
+        tok = Tokenizer.from_file(str(src))
+    except Exception as exc:
+        raise ConfigError(field, f"not a tokenizers JSON file: {exc}") from None
+    eos = _guess_eos(tok)
+    if eos is None:
+        raise ConfigError(
+            field, "the tokenizer has no end-of-text special token (<|endoftext|>, </s>, <eos>)"
+        )
+    save_tokenizer_dir(tok, folder, eos)
+    return eos
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _token(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _guess_eos(tok: Any) -> str | None:
+    vocab = tok.get_vocab()
+    for cand in ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>"):
+        if cand in vocab:
+            return cand
+    return None
+
+
+def eos_of(folder: Path) -> str:
+    """The end-of-text token of a tokenizer directory written by :func:`build`."""
+    return _token(_read_json(folder / "tokenizer_config.json").get("eos_token")) or "<|endoftext|>"
+
+
+__all__ = ["MODEL_MAX_LENGTH", "build", "check_vocab_size", "eos_of", "save_tokenizer_dir", "train_bpe"]
