@@ -21,6 +21,7 @@ from lmforge_operator.local import (
     command,
     order,
     set_condition,
+    spec_hash,
     status_rows,
     validated_status,
 )
@@ -119,7 +120,9 @@ def test_status_follows_the_crd_schema() -> None:
     set_condition(status, "Running", False, "Finished")
     set_condition(status, "Succeeded", True, "JobSucceeded")
     assert validated_status("AlignmentRun", status)["phase"] == "Succeeded"
-    apply_progress(status, "Corpus", {"stage": "dedup", "metrics": {"documentsPerSecond": 12.0}})
+    apply_progress(status, "Corpus", {"stage": "Deduplicating", "metrics": {"documentsPerSecond": 12.0}})
+    assert status["stage"] == "Deduplicating"
+    apply_progress(status, "Corpus", {"stage": "minhash-buckets"})  # not a status.stage value: ignored
     assert status["stage"] == "Deduplicating"
 
 
@@ -131,17 +134,58 @@ def test_rerun_skips_finished_resources(tmp_path: Path) -> None:
     out = Path(job.spec.output)
     out.mkdir(parents=True)
     (out / "outputs.json").write_text("{}")
-    from lmforge_operator.local import spec_hash
-
     (out / "status.json").write_text(json.dumps({"phase": "Succeeded", "specHash": spec_hash(job)}))
     outcome = runner.run_one(corpus)
     assert outcome.skipped and outcome.phase == "Succeeded"
 
 
+def test_rerun_after_an_input_changed(tmp_path: Path) -> None:
+    """A dependent's resolved spec names the same paths after its dependency ran again; it must rerun."""
+    pretrain = next(r for r in _quickstart() if r.kind == "PretrainRun")
+    runner = LocalRunner(workdir=tmp_path, gpus=0)
+    corpus_dir = tmp_path / "corpus" / "tiny-web"
+    corpus_dir.mkdir(parents=True)
+    outputs = {"tokens": "/t", "heldOut": "/h", "tokenizer": "/k", "documents": "/d"}
+
+    def corpus_finished(at: str) -> None:
+        (corpus_dir / "status.json").write_text(
+            json.dumps({"phase": "Succeeded", "specHash": "c1", "completionTime": at, "outputs": outputs})
+        )
+
+    corpus_finished("2026-01-01T00:00:00+00:00")
+    first = spec_hash(runner.resolved(pretrain), runner.input_ids(pretrain))
+    assert spec_hash(runner.resolved(pretrain), runner.input_ids(pretrain)) == first
+    corpus_finished("2026-01-02T00:00:00+00:00")
+    assert spec_hash(runner.resolved(pretrain), runner.input_ids(pretrain)) != first
+
+
+def test_changed_corpus_spec_starts_over(tmp_path: Path) -> None:
+    """datatrove's completion markers do not know the spec: a changed Corpus clears its own output."""
+    corpus = next(r for r in _quickstart() if r.kind == "Corpus")
+    runner = LocalRunner(workdir=tmp_path, gpus=0)
+    out = Path(runner.resolved(corpus).spec.output)
+    (out / "logs" / "extract" / "completions").mkdir(parents=True)
+    (out / "logs" / "extract" / "completions" / "00000").write_text("")
+    (out / "outputs.json").write_text("{}")
+    (out / "status.json").write_text(json.dumps({"phase": "Succeeded", "specHash": "old"}))
+    runner._discard_stale(corpus, str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["status.json"]
+    outside = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    (outside / "logs").mkdir(parents=True)
+    (outside / "outputs.json").write_text("{}")
+    runner._discard_stale(corpus, str(outside))  # not ours to delete: only the marker goes
+    assert sorted(p.name for p in outside.iterdir()) == ["logs"]
+
+
 def test_report_and_status_table(tmp_path: Path, capsys) -> None:
     corpus = tmp_path / "corpus" / "web"
     corpus.mkdir(parents=True)
-    stats = {"read": 100, "kept": 60, "removedBy": {"2:gopherQuality": 15, "1:url": 5, "duplicates": 20}}
+    stats = {
+        "read": 100,
+        "kept": 60,
+        "removedBy": {"gopherQuality": 15, "url": 5, "duplicates": 20},
+        "filters": [{"name": "url", "position": 0}, {"name": "gopherQuality", "position": 1}],
+    }
     (corpus / "stats.json").write_text(json.dumps(stats))
     (corpus / "status.json").write_text(
         json.dumps({"phase": "Succeeded", "documents": stats, "conditions": []})
@@ -167,7 +211,24 @@ def test_report_and_status_table(tmp_path: Path, capsys) -> None:
             {"phase": "Succeeded", "results": {"perplexity": 12.5, "benchmarks": {"mcq": {"acc": 0.4}}}}
         )
     )
-    assert funnel(stats) == [("read", 100), ("1:url", 95), ("2:gopherQuality", 80), ("duplicates", 60)]
+    assert funnel(stats) == [("read", 100), ("url", 95), ("gopherQuality", 80), ("duplicates", 60)]
+    # stats.json from the Corpus job: the filters' positions order the funnel, whatever the key order
+    job_stats = {
+        "read": 50,
+        "removedBy": {"duplicates": 5, "extract": 2, "gopherQuality": 10, "nearDuplicates": 3, "url": 4},
+        "filters": [
+            {"name": "url", "position": 0, "kept": 44, "removed": 4},
+            {"name": "gopherQuality", "position": 1, "kept": 34, "removed": 10},
+        ],
+    }
+    assert funnel(job_stats) == [
+        ("read", 50),
+        ("extract", 48),
+        ("url", 44),
+        ("gopherQuality", 34),
+        ("duplicates", 29),
+        ("nearDuplicates", 26),
+    ]
     steps, losses = series(
         [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[:-1]], "loss"
     )

@@ -22,6 +22,7 @@ from lmforge_jobs.spec import EXIT_CONFIG_ERROR, SpecError
 from lmforge_jobs.telemetry import Telemetry
 
 DEFAULT_WORKDIR = "lmforge-runs"
+MODULES = {"Corpus": "data", "PretrainRun": "pretrain", "AlignmentRun": "align", "Evaluation": "evaluate"}
 
 
 class ConfigError(Exception):
@@ -67,7 +68,7 @@ def job_main(
 ) -> int:
     """Parse ``--manifest``, load the resource of ``kind`` and run it; return the exit code."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m lmforge_jobs.{kind.lower()}", description=description or f"Run a {kind}."
+        prog=f"python -m lmforge_jobs.{MODULES[kind]}", description=description or f"Run a {kind}."
     )
     parser.add_argument("--manifest", required=True, help=f"YAML file with one {kind} (references resolved)")
     if add_arguments is not None:

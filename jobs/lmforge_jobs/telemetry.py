@@ -99,6 +99,16 @@ def _finite(value: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def local_dir(output: str | os.PathLike[str] | None) -> Path | None:
+    """The local directory of an output URI (a plain path or file://), None for remote URIs."""
+    if not output:
+        return None
+    text = str(output).removeprefix("file://")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
+        return None
+    return Path(text)
+
+
 class _Registry:
     """One process-wide metrics server and gauge table (tests create many Telemetry objects)."""
 
@@ -148,7 +158,9 @@ class Telemetry:
             raise ValueError(f"unknown kind {kind!r}")
         self.kind = kind
         self.enabled = enabled
-        self.dir = Path(str(output).removeprefix("file://")) if output else None
+        # progress.json and metrics.jsonl go beside local outputs only; a remote output (s3://, gs://…) is
+        # followed through the Prometheus endpoint and the termination message instead
+        self.dir = local_dir(output)
         self.started = time.monotonic()
         self.state: dict[str, Any] = {"kind": kind, "state": "Running", "metrics": {}}
         if total_steps is not None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from lmforge_jobs.data.config import CorpusStage
 from lmforge_jobs.manifest import Problem, Resource, load_resources
 from lmforge_jobs.resolve import (
     UnresolvedReference,
@@ -54,6 +55,7 @@ MODULES = {
 DISTRIBUTED = ("PretrainRun", "AlignmentRun")  # launched under torchrun
 EXIT_INTERRUPTED = 130
 LOCAL_KEYS = ("specHash", "output")
+CORPUS_PHASES = {s.value for s in CorpusStage}
 
 
 class RunError(Exception):
@@ -212,11 +214,10 @@ def apply_progress(status: dict[str, Any], kind: str, progress: dict[str, Any]) 
     if metrics:
         status["metrics"] = metrics
     if kind == "Corpus" and progress.get("stage"):
+        # the data job reports the stage's phase (lmforge_jobs.data.stages.Stage.phase)
         stage = str(progress["stage"])
-        stages = {"extract": "Extracting", "dedup": "Deduplicating", "tokenizer": "TrainingTokenizer"}
-        status["stage"] = stages.get(stage.lower(), "Tokenizing" if "token" in stage.lower() else None)
-        if status["stage"] is None:
-            status.pop("stage")
+        if stage in CORPUS_PHASES:
+            status["stage"] = stage
 
 
 def apply_results(status: dict[str, Any], resource: Resource[Any, Any], output: str) -> None:
@@ -263,8 +264,9 @@ def validated_status(kind: str, status: dict[str, Any]) -> dict[str, Any]:
     return status_cls.model_validate(status).model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def spec_hash(resource: Resource[Any, Any]) -> str:
-    text = json.dumps(resource.spec.to_yaml_dict(), sort_keys=True)
+def spec_hash(resource: Resource[Any, Any], inputs: Iterable[Any] = ()) -> str:
+    """Identity of a run: its resolved spec plus what identifies its inputs (see LocalRunner.input_ids)."""
+    text = json.dumps([resource.spec.to_yaml_dict(), list(inputs)], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -485,7 +487,7 @@ class LocalRunner:
             self._write(resource, {}, "Waiting", "DependencyNotReady", exc.message)
             return Outcome(resource, "Waiting", exc.message)
         output = str(job.spec.output)
-        digest = spec_hash(job)
+        digest = spec_hash(job, self.input_ids(resource))
         previous = read_status(self.workdir, kind, name) or {}
         if (
             previous.get("phase") == "Succeeded"
@@ -496,15 +498,13 @@ class LocalRunner:
                 self.display.skipped(resource, "up to date")
             return Outcome(resource, "Succeeded", "up to date", skipped=True)
 
+        if previous.get("specHash") not in (None, digest):
+            self._discard_stale(resource, output)
         rdir.mkdir(parents=True, exist_ok=True)
         manifest = rdir / "manifest.yaml"
         doc = job.model_dump(by_alias=True, exclude_none=True, mode="json")
         doc.pop("status", None)
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-        # a stale completion marker of a changed spec must not count
-        if previous.get("specHash") not in (None, digest):
-            with _suppress():
-                (_local(output) / "outputs.json").unlink()
         status: dict[str, Any] = {
             k: v for k, v in previous.items() if k in ("conditions", "startTime", "plan")
         }
@@ -572,6 +572,31 @@ class LocalRunner:
         if self.display:
             self.display.finished(resource, phase, message)
         return Outcome(resource, phase, message)
+
+    def input_ids(self, resource: Resource[Any, Any]) -> list[list[str]]:
+        """(kind, name, run identity, completion time) of each dependency: a dependency that ran again
+        makes its dependents run again, although their resolved specs (paths) are unchanged."""
+        ids = []
+        for _, ref, _ in dependencies(resource):
+            st = read_status(self.workdir, *ref) or {}
+            ids.append([*ref, str(st.get("specHash", "")), str(st.get("completionTime", ""))])
+        return sorted(ids)
+
+    def _discard_stale(self, resource: Resource[Any, Any], output: str) -> None:
+        """The spec or an input changed since the last run: its completion marker no longer counts.
+
+        A Corpus in the work directory starts over (datatrove's per-rank completion markers do not know
+        the spec); the training jobs decide themselves what of their checkpoints they can keep."""
+        out = _local(output)
+        with _suppress():
+            (out / "outputs.json").unlink()
+        inside = out.resolve().is_relative_to(self.workdir.resolve())
+        if resource.kind == "Corpus" and inside and out.is_dir():
+            if self.display:
+                self.display.note(resource, "spec changed: starting the corpus over")
+            for child in out.iterdir():
+                if child.name != "status.json":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
 
     def _plan(self, job: Resource[Any, Any]) -> dict[str, Any] | None:
         """The compute plan of a PretrainRun, shown before it starts and kept in status.plan."""

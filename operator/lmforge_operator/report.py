@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,18 +42,25 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[floa
     return steps, [by_step[s] for s in steps]
 
 
+# removals after the filters, in the order the Corpus job applies them
+_AFTER_FILTERS = ("duplicates", "nearDuplicates", "domains")
+
+
 def funnel(stats: dict[str, Any]) -> list[tuple[str, int]]:
-    """(step, documents left) from read through each removal, in pipeline order."""
+    """(step, documents left) from read through each removal, in pipeline order.
+
+    The order comes from stats.json's ``filters`` list (each filter's position), not from the key order of
+    ``removedBy``: status.json is written with sorted keys."""
     left = int(stats.get("read", 0))
     out = [("read", left)]
     removed = stats.get("removedBy") or {}
-
-    def position(item: tuple[str, Any]) -> tuple[int, str]:
-        match = re.match(r"^(\d+)", item[0])
-        return (int(match.group(1)) if match else 10_000, item[0])
-
-    for name, count in sorted(removed.items(), key=position):
-        left -= int(count)
+    ordered = ["extract"] if "extract" in removed else []
+    filters = sorted(stats.get("filters") or [], key=lambda f: int(f.get("position", 0)))
+    ordered += [f["name"] for f in filters if f.get("name") in removed and f["name"] not in ordered]
+    ordered += [k for k in _AFTER_FILTERS if k in removed and k not in ordered]
+    ordered += [k for k in removed if k not in ordered]
+    for name in ordered:
+        left -= int(removed[name])
         out.append((name, left))
     return out
 
