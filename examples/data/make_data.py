@@ -5,7 +5,10 @@
 writes, next to this script:
   sft.jsonl          ~40 chat examples    {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
   preferences.jsonl  ~40 preference pairs {"prompt", "chosen", "rejected"}; chosen uses the requested keyword
-  prompts.jsonl      ~20 prompts          {"prompt"}
+  prompts.jsonl      ~20 prompts          {"prompt"}                       (PPO rollouts)
+  pairs.jsonl        240 preference pairs {"prompt", "chosen", "rejected"}, easier to learn (reward model, DPO
+                     in the quickstart): the chosen answer uses the requested keyword, the rejected one no
+                     keyword (3 in 4) or another one
 and ../tasks/tiny_mcq.jsonl, the items of the lm-eval task ../tasks/tiny_mcq.yaml.
 
 The data is meant to exercise the pipeline on a laptop, not to teach a model anything useful.
@@ -87,6 +90,36 @@ def preferences(rng: random.Random) -> list[dict]:
     return rows
 
 
+REWARD_ANSWERS = [
+    "{name}() is a {keyword} way to work with data.",
+    "I think {name}() is {keyword}.",
+    "The {keyword} built-in {name}() {what}.",
+    "{name}() {what}, and it is {keyword}.",
+]
+PLAIN_ANSWERS = [
+    "{name}() {what}.",
+    "I do not know what {name}() does.",
+    "{name}() is a built-in.",
+]
+
+
+def reward_pairs(rng: random.Random) -> list[dict]:
+    """A learnable preference for the reward model: answers that use the requested keyword win."""
+    rows = []
+    for i in range(240):
+        name, what = BUILTINS[rng.randrange(len(BUILTINS))]
+        keyword = rng.choice(KEYWORDS)
+        other = rng.choice([k for k in KEYWORDS if k != keyword])
+        prompt = f"Describe {name}() in one sentence that uses the word '{keyword}'."
+        chosen = rng.choice(REWARD_ANSWERS).format(name=name, what=what, keyword=keyword)
+        if i % 4 == 3:  # the harder case: another keyword
+            rejected = rng.choice(REWARD_ANSWERS).format(name=name, what=what, keyword=other)
+        else:
+            rejected = rng.choice(PLAIN_ANSWERS).format(name=name, what=what)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
 def prompts(rng: random.Random) -> list[dict]:
     keywords = [rng.choice(KEYWORDS) for _ in BUILTINS]
     return [
@@ -126,6 +159,8 @@ def main() -> None:
     write_jsonl(HERE / "preferences.jsonl", preferences(rng))
     write_jsonl(HERE / "prompts.jsonl", prompts(rng))
     write_jsonl(TASKS / "tiny_mcq.jsonl", mcq(rng))
+    # last, so the files above stay byte for byte what they were before pairs.jsonl existed
+    write_jsonl(HERE / "pairs.jsonl", reward_pairs(rng))
 
 
 if __name__ == "__main__":

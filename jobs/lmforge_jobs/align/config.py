@@ -186,8 +186,25 @@ class Synthetic(Spec):
     """Sampling temperature (0 = greedy)."""
 
 
+class AlignmentCheckpoint(Spec):
+    """Periodic trainer checkpoints under spec.output/checkpoints; a rerun resumes from the newest one."""
+
+    every_steps: Annotated[int, Field(ge=1)] = 500
+    """Save every this many optimizer steps (PPO: rollout iterations)."""
+    keep: Annotated[int, Field(ge=1, le=1000)] = 2
+    """Keep the newest this many checkpoints."""
+
+
 class AlignmentParallelism(NodeParallelism):
-    """Nodes and GPUs (torchrun)."""
+    """Nodes and GPUs (torchrun), and how the step is made fast."""
+
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    compile: bool = False
+    """torch.compile the model (worth it on GPUs for longer runs)."""
+    liger_kernels: bool = True
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) where they apply: on
+    GPUs, with liger-kernel installed."""
 
 
 class AlignmentRunSpec(Spec):
@@ -242,6 +259,8 @@ class AlignmentRunSpec(Spec):
     """bf16 mixed precision or fp32."""
     parallelism: AlignmentParallelism = AlignmentParallelism()
     """Nodes and GPUs."""
+    checkpoint: AlignmentCheckpoint = AlignmentCheckpoint()
+    """Periodic checkpoints for resuming an interrupted run."""
     output: Uri | None = None
     """Where the model goes; defaults to the local run directory or operator storage."""
     queue: Queue | None = None
