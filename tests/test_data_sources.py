@@ -359,3 +359,84 @@ def test_prometheus_reports_documents_per_stage(tmp_path: Path, monkeypatch: pyt
     assert REGISTRY.get_sample_value("lmforge_data_documents_per_second") > 0
     rate = REGISTRY.get_sample_value("lmforge_data_stage_documents_per_second", {"stage": "extract"})
     assert rate is not None and rate > 0
+
+
+HUB_TOKEN_REF = {"secretKeyRef": {"name": "hf", "key": "token"}}
+
+
+def test_hub_token_reaches_load_dataset_and_is_never_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import datasets
+
+    from lmforge_jobs.data.__main__ import main
+
+    hf = tmp_path / "hf-dataset"
+    hf.mkdir()
+    (hf / "train.jsonl").write_text(
+        "".join(json.dumps({"text": _long(t, i)}) + "\n" for i, t in enumerate(COOKING + CODE)),
+        encoding="utf-8",
+    )
+    token = "hf_not_a_real_token_4f2a9c"
+    monkeypatch.setenv("LMFORGE_SECRET_HF_TOKEN", token)
+    monkeypatch.setenv("LMFORGE_METRICS_PORT", "off")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    real, calls = datasets.load_dataset, []
+
+    def load_dataset(path: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("token"))
+        kwargs.pop("token", None)  # a local directory: nothing to authenticate
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    out = tmp_path / "out"
+    manifest = write_manifest(
+        tmp_path / "c.yaml",
+        out,
+        {
+            "sources": [
+                {
+                    "huggingface": {
+                        "dataset": str(hf),
+                        "split": "train",
+                        "streaming": False,
+                        "token": HUB_TOKEN_REF,
+                    }
+                }
+            ],
+            "dedup": {"exact": True, "minhash": {"enabled": False}},
+            "tokenizer": {"train": {"vocabSize": 300}},
+        },
+    )
+    assert main(["--manifest", str(manifest)]) == 0
+    assert calls == [token]  # datatrove's HuggingFaceDatasetReader -> datasets.load_dataset(token=...)
+    assert json.loads((out / "stats.json").read_text())["read"] == len(COOKING + CODE)
+    captured = capsys.readouterr()
+    assert token not in captured.out and token not in captured.err
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "executor.json" for p in written)  # datatrove dumps every block's attributes there
+    for path in written:
+        assert token.encode() not in path.read_bytes(), path
+
+
+def test_missing_hub_token_secret_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmforge_jobs.data.__main__ import main
+
+    monkeypatch.delenv("LMFORGE_SECRET_HF_TOKEN", raising=False)
+    monkeypatch.setenv("LMFORGE_SECRETS_DIR", str(tmp_path / "no-secrets"))
+    monkeypatch.setenv("LMFORGE_METRICS_PORT", "off")
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    out = tmp_path / "out"
+    manifest = write_manifest(
+        tmp_path / "c.yaml",
+        out,
+        {"sources": [{"huggingface": {"dataset": "org/private-corpus", "token": HUB_TOKEN_REF}}]},
+    )
+    assert main(["--manifest", str(manifest)]) == 64
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: spec.sources[0].huggingface.token:"), errors
+    assert "LMFORGE_SECRET_HF_TOKEN" in errors[0]
+    assert not (out / "logs" / "extract").exists()

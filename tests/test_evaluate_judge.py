@@ -308,7 +308,7 @@ def test_endpoint_errors_name_the_field_and_keep_results(
         == EXIT_CONFIG_ERROR
     )
     assert (
-        "error: spec.judge.model.endpoint.apiKey: secret judge/key is not available"
+        "error: spec.judge.model.endpoint.apiKey: Secret 'judge' key 'key' is not available"
         in capsys.readouterr().err
     )
     # the wrong key: the endpoint's 401 names apiKey

@@ -22,11 +22,13 @@ import torch
 import yaml
 
 from lmforge_jobs import shards
+from lmforge_jobs.entry import ConfigError
 from lmforge_jobs.pretrain import checkpoint as ckpt
 from lmforge_jobs.pretrain import export as exp
 from lmforge_jobs.pretrain.__main__ import main
 from lmforge_jobs.pretrain.model import ModelArgs, Transformer
 from lmforge_jobs.pretrain.testing import make_token_data
+from lmforge_jobs.secrets import read_secret
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -563,13 +565,14 @@ def test_push_reads_secret_and_calls_hub(tmp_path: Path, monkeypatch: pytest.Mon
     push = Push.model_validate(
         {"repo": "org/tiny", "token": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}
     )
-    with pytest.raises(exp.SecretNotFound, match="LMFORGE_SECRET_HF_TOKEN_TOKEN"):
-        exp.read_secret(push.token)
+    monkeypatch.setenv("LMFORGE_SECRETS_DIR", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="LMFORGE_SECRET_HF_TOKEN_TOKEN"):
+        read_secret(push.token, "export.push.token")
     secrets = tmp_path / "secrets" / "hf-token"
     secrets.mkdir(parents=True)
     (secrets / "token").write_text("hf_file\n")
     monkeypatch.setenv("LMFORGE_SECRETS_DIR", str(tmp_path / "secrets"))
-    assert exp.read_secret(push.token) == "hf_file"
+    assert read_secret(push.token, "export.push.token") == "hf_file"
     monkeypatch.setenv("LMFORGE_SECRET_HF_TOKEN_TOKEN", "hf_env")
     calls = []
 

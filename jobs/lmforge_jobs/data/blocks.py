@@ -6,6 +6,8 @@ doing one thing datatrove leaves open:
 * :class:`ShardedMixin` readers (``WarcSourceReader``, ``JsonlSourceReader``, ``ParquetSourceReader``)
   read an explicit file list; with fewer files than ranks every rank reads all files and keeps every
   ``world``-th document, so one big WARC is still split across ranks.
+* :class:`HubDatasetReader` is datatrove's HuggingFaceDatasetReader with a hub token that never reaches
+  ``logs/<stage>/executor.json`` (datatrove writes every block's attributes there) or any log line.
 * :class:`WarcSourceReader` keeps HTML records whose WARC header has no ``WARC-Identified-Payload-Type``:
   the HTTP ``Content-Type`` decides, else the first bytes are sniffed.
 * :class:`OfflineURLFilter` and :class:`PathLanguageFilter` never touch the network (tldextract's bundled
@@ -30,7 +32,7 @@ from datatrove.pipeline.extractors.base import BaseExtractor
 from datatrove.pipeline.filters import LanguageFilter, URLFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.base import BaseFormatter
-from datatrove.pipeline.readers import JsonlReader, ParquetReader, WarcReader
+from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader, ParquetReader, WarcReader
 from datatrove.utils.lid import FastTextLID
 from datatrove.utils.word_tokenizers import WordTokenizer
 
@@ -166,6 +168,40 @@ class ParquetSourceReader(ShardedMixin, ParquetReader):
     def __init__(self, data_folder: str, files: list[str], **kwargs: Any) -> None:
         super().__init__(data_folder, **kwargs)
         self.files = files
+
+
+class Hidden:
+    """A value that ``str``, ``repr`` and datatrove's executor.json encoder never show."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+
+class HubDatasetReader(HuggingFaceDatasetReader):
+    """datatrove's HuggingFaceDatasetReader; ``token`` goes to ``datasets.load_dataset(token=...)`` only
+    while the reader runs, and is otherwise held as :class:`Hidden`."""
+
+    def __init__(self, dataset: str, *, token: str | None = None, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.token = Hidden(token) if token else None
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if self.token is None:
+            yield from super().run(data, rank, world_size)
+            return
+        options = self.dataset_options
+        self.dataset_options = {**options, "token": self.token.value}
+        try:
+            yield from super().run(data, rank, world_size)
+        finally:
+            self.dataset_options = options
 
 
 class UnreadableInput(Exception):
@@ -376,6 +412,8 @@ __all__ = [
     "DomainLabeller",
     "DomainWeights",
     "HeldOutSplit",
+    "Hidden",
+    "HubDatasetReader",
     "JsonlSourceReader",
     "OfflineURLFilter",
     "ParquetSourceReader",

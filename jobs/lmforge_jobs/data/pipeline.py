@@ -28,6 +28,7 @@ from typing import Any
 from lmforge_jobs.data import stages as st
 from lmforge_jobs.data.config import CorpusSpec, Source
 from lmforge_jobs.entry import ConfigError
+from lmforge_jobs.secrets import read_secret
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 EXTENSIONS = {
@@ -179,6 +180,8 @@ def preflight(spec: CorpusSpec, stage: str | None = None) -> None:
             assert hf is not None
             if hf.dataset.startswith((".", "/", "file://")) and not Path(local(hf.dataset)).exists():
                 raise ConfigError(f"sources[{i}].huggingface.dataset", f"no such directory: {hf.dataset}")
+            if hf.token is not None:
+                read_secret(hf.token, f"sources[{i}].huggingface.token")
             continue
         folder, files = expand_paths(source, i)
         if source.kind == "warc":
@@ -221,16 +224,16 @@ def _source_readers(spec: CorpusSpec, rank: int, world: int) -> list[tuple[str, 
             continue
         meta = {"source": f"{kind}[{i}]"}
         if kind == "huggingface":
-            from datatrove.pipeline.readers import HuggingFaceDatasetReader
-
             options: dict[str, Any] = {"split": cfg.split}
             if cfg.config:
                 options["name"] = cfg.config
             if cfg.revision:
                 options["revision"] = cfg.revision
             is_dir = Path(local(cfg.dataset)).is_dir()
-            reader = HuggingFaceDatasetReader(
+            token = read_secret(cfg.token, f"sources[{i}].huggingface.token") if cfg.token else None
+            reader = blocks.HubDatasetReader(
                 local(cfg.dataset) if is_dir else cfg.dataset,
+                token=token,
                 dataset_options=options,
                 streaming=cfg.streaming and not is_dir,
                 limit=limit,

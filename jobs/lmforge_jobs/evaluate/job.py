@@ -51,10 +51,10 @@ from lmforge_jobs.evaluate.models import (
     is_remote,
     load_model,
     model_name,
-    read_secret,
 )
 from lmforge_jobs.evaluate.perplexity import evaluate_perplexity, is_token_shards, text_files
 from lmforge_jobs.manifest import Resource
+from lmforge_jobs.secrets import read_secret
 from lmforge_jobs.spec import ModelRef
 from lmforge_jobs.telemetry import Telemetry, write_json_atomic
 

@@ -1,18 +1,14 @@
-"""Loading the models an Evaluation compares, and reading secrets handed to the job.
+"""Loading the models an Evaluation compares.
 
 A resolved ModelRef is ``{path: DIR}`` (a Hugging Face model directory: local, or fsspec storage copied to a
 scratch directory first) or ``{huggingface: ID, revision, token}``. Every failure a user can fix becomes a
 :class:`ConfigError` naming the spec field that pointed at the model.
 
-Secrets (``{secretKeyRef: {name, key}}``) are never in the manifest: the pod (or the shell running
-``lmforge run``) provides them either as the environment variable ``LMFORGE_SECRET_<NAME>_<KEY>`` (upper
-case, every other character ``_``) or as the file ``$LMFORGE_SECRETS_DIR/<name>/<key>`` (default
-``/var/run/secrets/lmforge``); see :func:`secret_env_name` and :func:`read_secret`.
+A hub token (``{secretKeyRef: {name, key}}``) is read with :func:`lmforge_jobs.secrets.read_secret`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -21,41 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge_jobs.entry import ConfigError
-from lmforge_jobs.spec import ModelRef, Precision, SecretRef
-
-SECRETS_DIR = "/var/run/secrets/lmforge"
-
-
-# ------------------------------------------------------------------------------------------------ secrets
-def secret_env_name(ref: SecretRef) -> str:
-    """``LMFORGE_SECRET_<NAME>_<KEY>``: the environment variable that carries a secretKeyRef's value."""
-    raw = f"{ref.secret_key_ref.name}_{ref.secret_key_ref.key}".upper()
-    return "LMFORGE_SECRET_" + re.sub(r"[^A-Z0-9]", "_", raw)
-
-
-def secret_file(ref: SecretRef) -> Path:
-    """Where a secretKeyRef's value is mounted as a file."""
-    root = os.environ.get("LMFORGE_SECRETS_DIR") or SECRETS_DIR
-    return Path(root) / ref.secret_key_ref.name / ref.secret_key_ref.key
-
-
-def read_secret(ref: SecretRef, field: str) -> str:
-    """The secret's value from its environment variable or mounted file; ConfigError(field) when absent."""
-    env = secret_env_name(ref)
-    value = os.environ.get(env)
-    if value:
-        return value.strip()
-    path = secret_file(ref)
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError:
-        text = ""
-    if text:
-        return text
-    name, key = ref.secret_key_ref.name, ref.secret_key_ref.key
-    raise ConfigError(
-        field, f"secret {name}/{key} is not available: set ${env} or mount the Secret key at {path}"
-    )
+from lmforge_jobs.secrets import read_secret
+from lmforge_jobs.spec import ModelRef, Precision
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -213,7 +176,4 @@ __all__ = [
     "free",
     "load_model",
     "model_name",
-    "read_secret",
-    "secret_env_name",
-    "secret_file",
 ]

@@ -6,16 +6,13 @@ for the encoder and encoder-decoder architectures): ``config.json``, ``model.saf
 tokenizer files. It runs in one CPU process without a process group (the Evaluation job calls it for
 ``checkpoints: every``).
 
-Secrets (the hub token) are read by reference: environment variable
-``LMFORGE_SECRET_<NAME>_<KEY>`` (secret name and key upper-cased, other characters as ``_``), else the file
-``$LMFORGE_SECRETS_DIR/<name>/<key>`` (default ``/var/run/secrets/lmforge``).
+The hub token is read by reference with :func:`lmforge_jobs.secrets.read_secret`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -25,6 +22,7 @@ import torch
 from torch import nn
 
 from lmforge_jobs.pretrain.model import ModelArgs, build_model, hf_config
+from lmforge_jobs.secrets import read_secret
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -39,11 +37,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 INT8_DIR = "model-int8"
-SECRETS_DIR = "/var/run/secrets/lmforge"
-
-
-class SecretNotFound(LookupError):
-    pass
 
 
 def _local(uri: str | os.PathLike[str]) -> Path:
@@ -333,25 +326,9 @@ def load_int8(model_dir: str | os.PathLike[str]) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------- hub
-def _env_name(name: str, key: str) -> str:
-    return "LMFORGE_SECRET_" + re.sub(r"[^A-Za-z0-9]", "_", f"{name}_{key}").upper()
-
-
-def read_secret(ref: Any) -> str:
-    """The value of a ``{secretKeyRef: {name, key}}`` (env var or mounted file, see the module docstring)."""
-    sk = ref.secret_key_ref
-    env = _env_name(sk.name, sk.key)
-    if os.environ.get(env):
-        return os.environ[env].strip()
-    path = Path(os.environ.get("LMFORGE_SECRETS_DIR", SECRETS_DIR)) / sk.name / sk.key
-    if path.is_file():
-        return path.read_text(encoding="utf-8").strip()
-    raise SecretNotFound(f"secret {sk.name}/{sk.key} is not mounted: set {env} or mount it at {path}")
-
-
 def push_to_hub(model_dir: str | os.PathLike[str], push: Any, api: Any = None) -> str:
     """Create the repository (private by default) and upload the export; returns the commit URL."""
-    token = read_secret(push.token)
+    token = read_secret(push.token, "export.push.token")
     if api is None:
         from huggingface_hub import HfApi
 
@@ -423,7 +400,6 @@ def hf_shape(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 __all__ = [
     "INT8_DIR",
-    "SecretNotFound",
     "dequantize_int8",
     "export_checkpoint",
     "hf_shape",
@@ -433,7 +409,6 @@ __all__ = [
     "load_int8",
     "push_to_hub",
     "quantize_int8",
-    "read_secret",
     "save_tokenizer",
     "tokenizer_files",
     "upload",

@@ -30,6 +30,7 @@ from lmforge_jobs.pretrain.data import Objective, TokenBatches
 from lmforge_jobs.pretrain.model import VOCAB_MULTIPLE, ModelArgs, build_model, count_parameters
 from lmforge_jobs.pretrain.parallelize import parallelize, uses_autocast
 from lmforge_jobs.resolve import expected_outputs
+from lmforge_jobs.secrets import read_secret
 from lmforge_jobs.shards import ShardError, TokenStream
 from lmforge_jobs.telemetry import Telemetry
 
@@ -223,7 +224,7 @@ def resolve_init(spec: PretrainRunSpec) -> str | None:
     else:
         from huggingface_hub import snapshot_download
 
-        token = exp.read_secret(init.token) if init.token is not None else None
+        token = read_secret(init.token, "model.init.token") if init.token is not None else None
         try:
             path = snapshot_download(
                 init.huggingface,
@@ -327,10 +328,7 @@ def _train(spec: PretrainRunSpec, world: World) -> int:
             )
     init_path = resolve_init(spec)
     if spec.export.push is not None:
-        try:
-            exp.read_secret(spec.export.push.token)
-        except exp.SecretNotFound as exc:
-            raise ConfigError("export.push.token", str(exc)) from None
+        read_secret(spec.export.push.token, "export.push.token")
     mb = spec.batch.micro_batch_size
     try:
         batches = TokenBatches(train_stream, objective, mb, accum, world.rank, world.size, spec.seed)
