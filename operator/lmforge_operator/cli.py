@@ -8,6 +8,7 @@ lmforge plan --gpu-hours H    compute-optimal parameters and tokens for a budget
 lmforge run PATH...           run a manifest set on this machine, in dependency order (no cluster)
 lmforge status [--workdir]    the resources of a local run, like `kubectl get lmforge`
 lmforge report [--workdir]    (re)write the HTML report of a local run
+lmforge operator [--namespace NS ...|--all-namespaces]   run the Kubernetes operator (kopf)
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def _plan(args: argparse.Namespace) -> int:
         print(
             f"budget      {args.gpu_hours:,.0f} GPU-hours on {dev.name} at MFU {args.mfu:.0%} = {flops:.3e} FLOPs"
         )
-        print(f"method      {planner.SCALING_LAWS[args.method].name}")
+        print(f"method      {planner.METHODS[args.method]}")
         print(f"parameters  {opt.parameters:.4g}")
         print(f"tokens      {opt.tokens:.4g} ({opt.tokens_per_parameter:.1f} per parameter)")
         print(f"loss        {opt.loss:.3f} (predicted)")
@@ -217,6 +218,47 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _operator(args: argparse.Namespace) -> int:
+    """Run the kopf operator in this process until SIGINT/SIGTERM."""
+    if args.all_namespaces and args.namespace:
+        print("give either --namespace or --all-namespaces, not both", file=sys.stderr)
+        return EXIT_USAGE
+    import logging
+
+    import kopf
+
+    from lmforge_operator import handlers
+
+    handlers.Options.metrics_port = args.metrics_port
+    kopf.configure(verbose=args.verbose, debug=args.debug, log_format=kopf.LogFormat.FULL)
+    logging.getLogger("lmforge").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    if not (args.verbose or args.debug):  # kopf logs every watch event it hands over at INFO
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    namespaces = list(args.namespace or [])
+    if not namespaces and not args.all_namespaces:
+        namespaces = [_own_namespace()]
+    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port >= 0 else None
+    kopf.run(
+        standalone=True,
+        clusterwide=bool(args.all_namespaces),
+        namespaces=namespaces,
+        liveness_endpoint=liveness,
+    )
+    return EXIT_OK
+
+
+def _own_namespace() -> str:
+    """$LMFORGE_NAMESPACE, else the pod's namespace (service account), else "default"."""
+    env = os.environ.get("LMFORGE_NAMESPACE") or os.environ.get("POD_NAMESPACE")
+    if env:
+        return env
+    try:
+        path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        return path.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmforge", description="Build language models from Kubernetes manifests."
@@ -240,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=None, help="tokenizer size when vocabSize is auto")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--gpu-hours", type=float, default=None, help="compute budget in GPU-hours")
-    p.add_argument("--method", default="hoffmann", choices=["hoffmann", "epoch"], help="scaling-law fit")
+    p.add_argument(
+        "--method",
+        default="hoffmann",
+        choices=["hoffmann", "hoffmann-approach3", "epoch"],
+        help="scaling-law fit",
+    )
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("run", help="run manifests on this machine in dependency order (no cluster needed)")
@@ -263,6 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the HTML report of a local run")
     p.add_argument("--workdir", default="lmforge-runs", help="work directory of `lmforge run`")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator that reconciles lmforge resources")
+    p.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        metavar="NS",
+        help="namespace to watch (repeatable; glob patterns allowed; default: the pod's own namespace)",
+    )
+    p.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    p.add_argument("--metrics-port", type=int, default=8080, help="operator metrics port (-1 = none)")
+    p.add_argument("--liveness-port", type=int, default=8081, help="/healthz port (-1 = none)")
+    p.add_argument("--verbose", "-v", action="store_true", help="more logging")
+    p.add_argument("--debug", action="store_true", help="debug logging")
+    p.set_defaults(func=_operator)
     return parser
 
 

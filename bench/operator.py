@@ -1,0 +1,228 @@
+"""Operator throughput against kmock: reconciles per second and create→Job latency.
+
+    python bench/operator.py                     # 1,000 Evaluations (goals: ≥ 50 reconciles/s, p99 ≤ 1 s)
+    python bench/operator.py --resources 100     # a quicker run
+    python bench/operator.py --kind PretrainRun  # torchrun children (ConfigMap, Service, Job)
+
+Everything runs in this process: kmock (the API server emulator) on one thread, the operator (kopf and
+lmforge_operator.handlers) on another, the client creating resources on the main thread. They share one
+interpreter (and its GIL), so the numbers are a lower bound of what the operator does against a real API
+server. Measured:
+
+* ``reconcilesPerSecond``: N resources already exist when the operator starts; reconciles it completed
+  (its own counter) / seconds until every one has its Job (``resourcesPerSecond``: Jobs per second);
+* ``createToJob``: then ``--latency-resources`` more are created one after another while it runs; for
+  each, the time from its POST to the POST of its Job (p50, p99, max);
+* ``apiCallsPerResource``: calls the operator made per resource in the backlog phase;
+* ``inMemory``: the same backlog reconciled against an in-memory API (no HTTP, no kmock): the operator's own
+  cost (spec validation, builders, status), i.e. its ceiling when the API server is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def manifest(kind: str, name: str) -> dict[str, Any]:
+    if kind == "Evaluation":
+        spec: dict[str, Any] = {
+            "model": {"huggingface": "org/model"},
+            "benchmarks": [{"task": "hellaswag"}],
+            "output": f"s3://bench/evals/{name}",
+        }
+    elif kind == "PretrainRun":
+        spec = {
+            "data": {"tokens": "s3://bench/tokens", "tokenizer": "s3://bench/tokenizer"},
+            "model": {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "seqLen": 64},
+            "budget": {"steps": 100},
+            "batch": {"globalTokens": 4096, "microBatchSize": 8},
+            "parallelism": {"nodes": 2, "gpusPerNode": 8},
+            "output": f"s3://bench/runs/{name}",
+        }
+    else:
+        raise SystemExit(f"unsupported kind {kind}")
+    return {"apiVersion": "lmforge.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+class MemoryApi:
+    """An in-memory API server stand-in (no HTTP): isolates the operator's own cost per reconcile."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.calls = 0
+
+    async def get(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
+        self.calls += 1
+        return self.objects.get((kind, ns, name))
+
+    async def create(self, obj: dict[str, Any], ns: str) -> tuple[dict[str, Any] | None, bool]:
+        self.calls += 1
+        key = (obj["kind"], ns, obj["metadata"]["name"])
+        if key in self.objects:
+            return None, False
+        self.objects[key] = obj
+        return obj, True
+
+    async def patch(
+        self, kind: str, ns: str, name: str, patch: dict[str, Any], subresource: Any = None
+    ) -> Any:
+        self.calls += 1
+        obj = self.objects.setdefault((kind, ns, name), {})
+        obj.update(patch)
+        return None
+
+    async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
+        self.calls += 1
+        return []
+
+    async def close(self) -> None:
+        pass
+
+
+def in_memory(kind: str, n: int, workers: int) -> dict[str, Any]:
+    """Reconciles per second of the controller alone (builders, validation, status), no API server."""
+    import asyncio
+
+    from lmforge_operator.controller import Config, Controller
+
+    async def run() -> dict[str, Any]:
+        controller = Controller(Config(workers=workers, resync_seconds=3600))
+        api = MemoryApi()
+        controller.set_api(api)  # type: ignore[arg-type]
+        await controller.start()
+        started = time.monotonic()
+        for i in range(n):
+            body = manifest(kind, f"m{i:05d}")
+            body["metadata"].update(namespace="bench", uid=f"uid-{i}", generation=1)
+            controller.observe(body, "ADDED")
+        while sum(1 for k in api.objects if k[0] == "Job") < n:
+            await asyncio.sleep(0.01)
+        elapsed = time.monotonic() - started
+        await controller.stop()
+        return {"resources": n, "seconds": round(elapsed, 2), "reconcilesPerSecond": round(n / elapsed, 1)}
+
+    return asyncio.run(run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--resources", type=int, default=1000, help="resources to create (default 1000)")
+    parser.add_argument("--kind", default="Evaluation", choices=["Evaluation", "PretrainRun"])
+    parser.add_argument("--workers", type=int, default=16, help="operator reconcile workers")
+    parser.add_argument("--latency-resources", type=int, default=200, help="resources timed create→Job")
+    parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    args = parser.parse_args(argv)
+
+    import logging
+
+    from kmock_harness import Cluster, Operator
+
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    ns = "bench"
+    n = args.resources
+    suffix = "-evaluate" if args.kind == "Evaluation" else "-pretrain"
+
+    def job_times(cluster: Cluster, since: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for call in cluster.calls[since:]:
+            if call.method == "POST" and call.path.endswith("/jobs") and call.status < 300:
+                out.setdefault(call.name.removesuffix(suffix), call.time)
+        return out
+
+    def wait_for(cluster: Cluster, since: int, names: set[str]) -> dict[str, float]:
+        deadline = time.monotonic() + args.timeout
+        jobs = job_times(cluster, since)
+        while not names <= set(jobs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            jobs = job_times(cluster, since)
+        return jobs
+
+    def reconciles(op: Operator) -> float:
+        counter = op.controller.metrics.reconciles
+        return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+    with Cluster() as cluster:
+        # A. Backlog: N resources exist when the operator starts (a restart, or kubectl apply of a big set).
+        backlog = {f"r{i:05d}" for i in range(n)}
+        for name in sorted(backlog):
+            cluster.create(manifest(args.kind, name), ns)
+        since = len(cluster.calls)
+        with Operator(cluster, ns, workers=args.workers, resync_seconds=300, events=True) as op:
+            before = reconciles(op)
+            started = time.monotonic()
+            jobs = wait_for(cluster, since, backlog)
+            elapsed = max(jobs.values(), default=time.monotonic()) - started
+            done = reconciles(op) - before
+            calls = sum(1 for c in cluster.calls[since:] if c.by_operator)
+
+            # Let it digest phase A (the Job and status watch events that follow the last Job) first.
+            settle = time.monotonic() + args.timeout
+            last = -1.0
+            while time.monotonic() < settle:
+                time.sleep(1.0)
+                now = reconciles(op)
+                if now == last and not op.controller._queued:
+                    break
+                last = now
+
+            # B. Latency: resources created one after another while it runs.
+            m = min(n, args.latency_resources)
+            since = len(cluster.calls)
+            created: dict[str, float] = {}
+            for i in range(m):
+                name = f"l{i:05d}"
+                created[name] = time.monotonic()
+                cluster.create(manifest(args.kind, name), ns)
+            late = wait_for(cluster, since, set(created))
+            errors = sum(1 for c in cluster.calls if c.by_operator and c.status >= 500)
+    latencies = [late[k] - created[k] for k in late if k in created]
+    result = {
+        "kind": args.kind,
+        "resources": n,
+        "jobsCreated": len(set(jobs) & backlog),
+        "seconds": round(elapsed, 2),
+        "reconciles": int(done),
+        "reconcilesPerSecond": round(done / elapsed, 1) if elapsed > 0 else None,
+        "resourcesPerSecond": round(len(jobs) / elapsed, 1) if elapsed > 0 else None,
+        "apiCallsPerResource": round(calls / n, 1),
+        "latencyResources": len(created),
+        "createToJob": {
+            "p50": round(statistics.median(latencies), 3) if latencies else None,
+            "p99": round(percentile(latencies, 99), 3) if latencies else None,
+            "max": round(max(latencies), 3) if latencies else None,
+        },
+        "workers": args.workers,
+        "serverErrors": errors,
+    }
+    result["inMemory"] = in_memory(args.kind, n, args.workers)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+        goals = result["reconcilesPerSecond"] or 0
+        print(
+            f"{n} {args.kind}s: {result['reconcilesPerSecond']} reconciles/s (goal ≥ 50), "
+            f"p99 create→Job {result['createToJob']['p99']} s (goal ≤ 1), {'ok' if goals >= 50 else 'below goal'}"
+        )
+    return 0 if result["jobsCreated"] == n and len(latencies) == len(created) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""kopf handlers of the lmforge operator.
+
+Run it with ``lmforge operator`` or ``kopf run -m lmforge_operator`` (``kopf run -m
+lmforge_operator.handlers`` works too). Importing this module registers the handlers in kopf's default
+registry; ``lmforge_operator/__init__.py`` imports it only when the process is ``kopf run``, so the rest of
+the CLI stays light.
+
+Only watch-event handlers are used (no ``on.create``/``on.update``/timers): they need no finalizer and no
+progress annotations, so deleting a resource is never blocked while the operator is down, and a restarted
+operator simply sees every resource again and reconciles it by level (see :mod:`lmforge_operator.controller`).
+
+Environment: ``LMFORGE_JOBS_IMAGE`` (default jobs image), ``LMFORGE_STORAGE`` (root of spec.output when
+unset), ``LMFORGE_RESYNC_SECONDS`` (15), ``LMFORGE_WORKERS`` (16), ``LMFORGE_GPU`` (h100, for the compute
+plan), ``LMFORGE_OPERATOR_METRICS_PORT`` (8080; ``off`` for none).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from lmforge_jobs.spec import API_GROUP, API_VERSION
+from lmforge_operator.controller import Config, Controller
+from lmforge_operator.kube import Kube
+from lmforge_operator.metrics import OperatorMetrics
+
+log = logging.getLogger("lmforge.operator")
+
+PLURALS = {
+    "Corpus": "corpora",
+    "PretrainRun": "pretrainruns",
+    "AlignmentRun": "alignmentruns",
+    "Evaluation": "evaluations",
+}
+MANAGED = {"app.kubernetes.io/managed-by": "lmforge-operator"}
+
+# One metrics registry per process (the HTTP endpoint outlives a restarted operator in tests).
+METRICS = OperatorMetrics()
+
+
+class Options:
+    """Set by ``lmforge operator`` before kopf starts (kopf run reads the environment instead)."""
+
+    metrics_port: int | None = None
+    config: Config | None = None
+
+
+def _metrics_port() -> int | None:
+    if Options.metrics_port is not None:
+        return Options.metrics_port if Options.metrics_port >= 0 else None
+    raw = os.environ.get("LMFORGE_OPERATOR_METRICS_PORT", "8080").strip().lower()
+    return None if raw in ("off", "none", "", "-1") else int(raw)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    settings.peering.standalone = True  # one replica; Jobs are created under deterministic names anyway
+    settings.scanning.disabled = True  # the CRDs are installed by the chart before the operator starts
+    settings.posting.level = logging.WARNING  # kopf's own Events only for problems; ours mark transitions
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    port = _metrics_port()
+    if port is not None:
+        try:
+            bound = METRICS.serve(port)
+            log.info("operator metrics on :%d/metrics", bound)
+        except OSError as exc:
+            log.warning("operator metrics not served on port %s: %s", port, exc)
+    controller = Controller(Options.config or Config(), METRICS)
+    memo.lmforge = controller
+    info = getattr(memo, "lmforge_login", None)
+    if info is not None:
+        controller.set_api(Kube(info))
+    await controller.start()
+
+
+@kopf.on.login()
+async def login(memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account, else the kubeconfig; the operator's own client uses the same."""
+    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is not None:
+        memo.lmforge_login = info
+        controller = getattr(memo, "lmforge", None)
+        if controller is not None:
+            controller.set_api(Kube(info))
+    return info
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: Any, **_: Any) -> None:
+    controller = getattr(memo, "lmforge", None)
+    if controller is not None:
+        await controller.stop()
+
+
+def _register(kind: str, plural: str) -> None:
+    @kopf.on.event(API_GROUP, API_VERSION, plural, id=f"observe-{plural}")
+    async def observe(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
+        controller = getattr(memo, "lmforge", None)
+        if controller is not None:
+            raw = dict(body)
+            raw.setdefault("kind", kind)
+            raw.setdefault("apiVersion", f"{API_GROUP}/{API_VERSION}")
+            controller.observe(raw, event.get("type"))
+
+
+for _kind, _plural in PLURALS.items():
+    _register(_kind, _plural)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="observe-jobs")
+async def observe_job(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
+    controller = getattr(memo, "lmforge", None)
+    if controller is not None:
+        controller.observe_job(dict(body), event.get("type"))
+
+
+__all__ = ["METRICS", "Options", "cleanup", "login", "observe_job", "startup"]

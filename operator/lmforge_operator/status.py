@@ -1,0 +1,274 @@
+"""Pure helpers that turn what the operator observes into a resource's status.
+
+* conditions (Kubernetes API conventions: ``lastTransitionTime`` changes only with ``status``, every
+  condition carries ``observedGeneration``) and the derived phase;
+* the state of a batch/v1 Job (:func:`job_state`);
+* a job pod's rank-0 Prometheus text (:func:`parse_prometheus`, :func:`progress_from_metrics`) and its
+  termination message (:func:`termination_summary`), in the shape of the job's ``progress.json`` so that
+  :func:`lmforge_operator.local.apply_progress` mirrors both the same way ``lmforge run`` does.
+
+No API calls, no kopf: unit-testable and shared by the reconciler.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from lmforge_jobs.spec import Condition, derive_phase
+
+# ------------------------------------------------------------------------------------ condition reasons
+# Machine-readable reasons (CamelCase) of the conditions the operator sets.
+SPEC_INVALID = "SpecInvalid"
+"""The spec breaks a rule the CRD schema cannot express (message: ``spec.<field>: why``)."""
+SPEC_CHANGED = "SpecChanged"
+"""A field changed after the resource's jobs were created; jobs are not restarted with a new spec."""
+DOES_NOT_FIT = "DoesNotFitInMemory"
+"""The compute plan needs more GPU memory than a GPU has."""
+DEPENDENCY_CYCLE = "DependencyCycle"
+DEPENDENCY_NOT_FOUND = "DependencyNotFound"
+DEPENDENCY_NOT_READY = "DependencyNotReady"
+DEPENDENCY_FAILED = "DependencyFailed"
+QUEUED = "Queued"
+"""The Job is suspended (Kueue admits it when its queue has quota)."""
+JOB_CREATED = "JobCreated"
+JOB_RUNNING = "JobRunning"
+JOB_SUCCEEDED = "JobSucceeded"
+JOB_FAILED = "JobFailed"
+CONFIG_ERROR = "ConfigError"
+"""The job exited with the configuration-error code (64): its message names the field."""
+WAITING_FOR_CHECKPOINT = "WaitingForCheckpoint"
+DEPENDENCIES_READY = "DependenciesReady"
+NOT_STARTED = "NotStarted"
+OUTPUTS_AVAILABLE = "OutputsAvailable"
+VALID = "Valid"
+
+CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Invalid", "Waiting")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def set_condition(
+    status: dict[str, Any],
+    ctype: str,
+    value: bool,
+    reason: str,
+    message: str = "",
+    generation: int | None = None,
+) -> bool:
+    """Set one condition; True when its status changed (a transition)."""
+    conditions = status.setdefault("conditions", [])
+    new = "True" if value else "False"
+    for c in conditions:
+        if c.get("type") == ctype:
+            changed = c.get("status") != new
+            if changed:
+                c["lastTransitionTime"] = now_iso()
+            c.update(status=new, reason=reason, message=message[:32768])
+            if generation is not None:
+                c["observedGeneration"] = generation
+            return changed
+    cond = {
+        "type": ctype,
+        "status": new,
+        "reason": reason,
+        "message": message[:32768],
+        "lastTransitionTime": now_iso(),
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    conditions.append(cond)
+    return value
+
+
+def set_state(
+    status: dict[str, Any],
+    true: str | None,
+    reason: str,
+    message: str = "",
+    generation: int | None = None,
+    *,
+    running: bool = False,
+) -> str:
+    """Make ``true`` the one True condition among Running/Succeeded/Failed/Invalid/Waiting (``running``
+    keeps Running True beside Waiting, e.g. an Evaluation between checkpoints); Ready follows Succeeded.
+    Returns the derived phase."""
+    for ctype in ("Running", "Succeeded", "Failed", "Invalid", "Waiting"):
+        on = ctype == true or (ctype == "Running" and running)
+        existing = next((c for c in status.get("conditions", []) if c.get("type") == ctype), None)
+        if on:
+            set_condition(status, ctype, True, reason, message, generation)
+        elif existing is not None or ctype in ("Running", "Succeeded", "Failed"):
+            set_condition(status, ctype, False, reason, "", generation)
+    ready = true == "Succeeded"
+    set_condition(
+        status,
+        "Ready",
+        ready,
+        OUTPUTS_AVAILABLE if ready else reason,
+        "outputs are available" if ready else "",
+        generation,
+    )
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    status["conditions"].sort(key=lambda c: order.get(c["type"], 99))
+    phase = derive_phase([Condition.model_validate(c) for c in status["conditions"]]).value
+    status["phase"] = phase
+    return phase
+
+
+def condition(status: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
+    for c in (status or {}).get("conditions") or []:
+        if c.get("type") == ctype:
+            return c
+    return None
+
+
+# ------------------------------------------------------------------------------------------- job state
+@dataclass
+class JobState:
+    """What a batch/v1 Job says about itself."""
+
+    name: str
+    state: str  # Pending | Queued | Running | Succeeded | Failed
+    message: str = ""
+    active: int = 0
+    succeeded: int = 0
+    completions: int = 1
+    start_time: str | None = None
+    completion_time: str | None = None
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def job_state(job: dict[str, Any]) -> JobState:
+    meta, spec, st = job.get("metadata") or {}, job.get("spec") or {}, job.get("status") or {}
+    conds = {c.get("type"): c for c in st.get("conditions") or [] if c.get("status") == "True"}
+    out = JobState(
+        name=meta.get("name", ""),
+        state="Pending",
+        active=int(st.get("active") or 0),
+        succeeded=int(st.get("succeeded") or 0),
+        completions=int(spec.get("completions") or 1),
+        start_time=st.get("startTime"),
+        completion_time=st.get("completionTime"),
+        annotations=dict(meta.get("annotations") or {}),
+    )
+    if "Complete" in conds or "SuccessCriteriaMet" in conds:
+        out.state = "Succeeded"
+    elif "Failed" in conds or "FailureTarget" in conds:
+        c = conds.get("Failed") or conds["FailureTarget"]
+        out.state = "Failed"
+        out.message = ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
+    elif spec.get("suspend") or "Suspended" in conds:
+        out.state = "Queued"
+    elif out.active or int(st.get("ready") or 0) or out.start_time or out.succeeded:
+        out.state = "Running"
+    return out
+
+
+# ------------------------------------------------------------------------------- pods and their reports
+def rank0_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The pod of completion index 0 (the newest, when it was replaced), else any pod."""
+
+    def index(p: dict[str, Any]) -> str | None:
+        meta = p.get("metadata") or {}
+        return (meta.get("labels") or {}).get("batch.kubernetes.io/job-completion-index") or (
+            meta.get("annotations") or {}
+        ).get("batch.kubernetes.io/job-completion-index")
+
+    ranked = [p for p in pods if index(p) in ("0", None)]
+    ranked.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+    return ranked[-1] if ranked else None
+
+
+def metrics_url(pod: dict[str, Any]) -> str | None:
+    """http://<pod IP>:<port named metrics>/metrics of a running pod."""
+    st = pod.get("status") or {}
+    ip = st.get("podIP")
+    if not ip or st.get("phase") not in (None, "Running"):
+        return None
+    port = None
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for p in c.get("ports") or []:
+            if p.get("name") == "metrics":
+                port = p.get("containerPort")
+                break
+    if not port:
+        return None
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}/metrics"
+
+
+def termination_summary(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON summary the job left as its container's termination message (telemetry.py), if any."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        for where in ("state", "lastState"):
+            term = (cs.get(where) or {}).get("terminated") or {}
+            message = term.get("message")
+            if message:
+                try:
+                    data = json.loads(message)
+                except ValueError:
+                    continue
+                if isinstance(data, dict):
+                    data.setdefault("exitCode", term.get("exitCode"))
+                    return data
+    return None
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sample name -> value (labelled series of one name summed: rank-0 endpoints have few labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
+    except (ValueError, TypeError):
+        return values
+    return values
+
+
+def progress_from_metrics(kind: str, values: dict[str, float]) -> dict[str, Any]:
+    """A scraped endpoint in the shape of progress.json: step, totalSteps, tokens, percent, etaSeconds,
+    metrics {camelCase: value} (only the series the kind's status has)."""
+    from lmforge_jobs.telemetry import metric_name, progress_names
+    from lmforge_operator.local import _METRIC_FIELDS
+
+    out: dict[str, Any] = {}
+    names = progress_names(kind)
+    for key in ("step", "totalSteps", "tokens", "etaSeconds"):
+        v = values.get(names[key])
+        if v is None and key == "tokens":
+            v = values.get(names[key].removesuffix("_total"))
+        if v is not None and v == v and v >= 0:
+            out[key] = int(v)
+    ratio = values.get(names["progress"])
+    if ratio is not None and ratio == ratio:
+        out["percent"] = round(min(100.0, max(0.0, ratio * 100.0)), 2)
+    metrics = {}
+    for key in sorted(_METRIC_FIELDS.get(kind, ())):
+        v = values.get(metric_name(kind, key))
+        if v is not None and v == v and abs(v) != float("inf"):
+            metrics[key] = v
+    if metrics:
+        out["metrics"] = metrics
+    return out
+
+
+__all__ = [
+    "JobState",
+    "condition",
+    "job_state",
+    "metrics_url",
+    "parse_prometheus",
+    "progress_from_metrics",
+    "rank0_pod",
+    "set_condition",
+    "set_state",
+    "termination_summary",
+]

@@ -1,0 +1,294 @@
+"""Unit tests of the operator's pure parts: conditions, Job states, pod reports, the reconciler's decisions
+(with a fake API), the `lmforge operator` command and the package's import weight."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from lmforge_jobs.telemetry import metric_name, progress_names
+from lmforge_operator import status as st
+from lmforge_operator.controller import Config, Controller, _changed_fields, spec_hash
+from lmforge_operator.kube import path_for
+
+
+# ------------------------------------------------------------------------------------------- conditions
+def test_condition_transition_time_changes_only_with_status() -> None:
+    status: dict[str, Any] = {}
+    assert st.set_condition(status, "Running", True, "JobRunning", "running", 3) is True
+    first = status["conditions"][0]["lastTransitionTime"]
+    status["conditions"][0]["lastTransitionTime"] = "2000-01-01T00:00:00Z"
+    assert st.set_condition(status, "Running", True, "JobRunning", "still", 4) is False
+    c = status["conditions"][0]
+    assert c["lastTransitionTime"] == "2000-01-01T00:00:00Z" and c["message"] == "still"
+    assert c["observedGeneration"] == 4 and first
+    assert st.set_condition(status, "Running", False, "JobSucceeded", "", 4) is True
+    assert status["conditions"][0]["lastTransitionTime"] != "2000-01-01T00:00:00Z"
+
+
+def test_set_state_one_true_condition_and_phase() -> None:
+    status: dict[str, Any] = {}
+    assert st.set_state(status, "Waiting", st.DEPENDENCY_NOT_READY, "spec.corpus: waiting", 1) == "Waiting"
+    assert st.set_state(status, "Running", st.JOB_RUNNING, "", 1) == "Running"
+    true = [c["type"] for c in status["conditions"] if c["status"] == "True"]
+    assert true == ["Running"]
+    assert st.set_state(status, "Succeeded", st.JOB_SUCCEEDED, "", 2) == "Succeeded"
+    types = [c["type"] for c in status["conditions"]]
+    assert types == ["Ready", "Running", "Succeeded", "Failed", "Waiting"]  # API order
+    ready = st.condition(status, "Ready")
+    assert ready is not None and ready["status"] == "True" and ready["reason"] == st.OUTPUTS_AVAILABLE
+    assert all(c["observedGeneration"] == 2 for c in status["conditions"])
+    assert st.set_state(status, "Invalid", st.SPEC_CHANGED, "spec.model.layers: …", 3) == "Invalid"
+    # Running beside Waiting (an Evaluation between checkpoints) shows as Running.
+    assert st.set_state({}, "Waiting", st.WAITING_FOR_CHECKPOINT, "", 1, running=True) == "Running"
+
+
+# ------------------------------------------------------------------------------------------ Job states
+@pytest.mark.parametrize(
+    ("job_status", "spec", "state"),
+    [
+        ({}, {}, "Pending"),
+        ({}, {"suspend": True}, "Queued"),
+        ({"active": 2, "startTime": "t"}, {}, "Running"),
+        ({"conditions": [{"type": "Complete", "status": "True"}]}, {}, "Succeeded"),
+        ({"conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]}, {}, "Succeeded"),
+        (
+            {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]},
+            {},
+            "Failed",
+        ),
+        (
+            {"conditions": [{"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy"}]},
+            {},
+            "Failed",
+        ),
+        ({"conditions": [{"type": "Failed", "status": "False"}], "active": 1}, {}, "Running"),
+    ],
+)
+def test_job_state(job_status: dict[str, Any], spec: dict[str, Any], state: str) -> None:
+    job = {"metadata": {"name": "j"}, "spec": {"completions": 2, **spec}, "status": job_status}
+    js = st.job_state(job)
+    assert js.state == state and js.completions == 2
+    if state == "Failed":
+        assert js.message.startswith(("BackoffLimitExceeded", "PodFailurePolicy"))
+
+
+# ------------------------------------------------------------------------------------------ pod reports
+def _pod(index: str, created: str, **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": f"p{index}{created}",
+            "creationTimestamp": created,
+            "labels": {"batch.kubernetes.io/job-completion-index": index},
+        },
+        "spec": {
+            "containers": [
+                {
+                    "ports": [
+                        {"name": "rdzv", "containerPort": 29400},
+                        {"name": "metrics", "containerPort": 9400},
+                    ]
+                }
+            ]
+        },
+        "status": status,
+    }
+
+
+def test_rank0_pod_and_metrics_url() -> None:
+    pods = [
+        _pod("1", "2024-01-01T00:00:02Z", phase="Running", podIP="10.0.0.2"),
+        _pod("0", "2024-01-01T00:00:00Z", phase="Failed", podIP="10.0.0.1"),
+        _pod("0", "2024-01-01T00:00:05Z", phase="Running", podIP="fd00::5"),  # the replacement
+    ]
+    pod = st.rank0_pod(pods)
+    assert pod is not None and pod["metadata"]["name"] == "p02024-01-01T00:00:05Z"
+    assert st.metrics_url(pod) == "http://[fd00::5]:9400/metrics"
+    assert st.metrics_url(pods[1]) is None  # not running
+    assert st.rank0_pod([]) is None
+
+
+def test_termination_summary() -> None:
+    message = json.dumps({"state": "Invalid", "message": "bad", "field": "data.tokens"})
+    pod = {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 64, "message": message}}}]}}
+    summary = st.termination_summary(pod)
+    assert summary == {"state": "Invalid", "message": "bad", "field": "data.tokens", "exitCode": 64}
+    logs = {
+        "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 1, "message": "Traceback…"}}}]}
+    }
+    assert st.termination_summary(logs) is None  # FallbackToLogsOnError gave log text, not JSON
+
+
+def test_progress_from_prometheus_text_uses_the_jobs_names() -> None:
+    names = progress_names("PretrainRun")
+    text = "\n".join(
+        [
+            f"# TYPE {names['step']} gauge",
+            f"{names['step']} 120.0",
+            f"{names['totalSteps']} 400.0",
+            f"{names['tokens']} 491520.0",
+            f"{names['progress']} 0.3",
+            f"{names['etaSeconds']} 90.0",
+            f"{metric_name('PretrainRun', 'loss')} 3.5",
+            f"{metric_name('PretrainRun', 'mfu')} 0.38",
+            f"{metric_name('PretrainRun', 'gpuUtilization')} 0.9",
+            "lmforge_train_unknown_series 7",
+            "",
+        ]
+    )
+    progress = st.progress_from_metrics("PretrainRun", st.parse_prometheus(text))
+    assert progress == {
+        "step": 120,
+        "totalSteps": 400,
+        "tokens": 491520,
+        "etaSeconds": 90,
+        "percent": 30.0,
+        "metrics": {"gpuUtilization": 0.9, "loss": 3.5, "mfu": 0.38},
+    }
+    assert st.parse_prometheus("not prometheus {{{") == {}
+
+
+# ------------------------------------------------------------------------------------------- reconciler
+class FakeApi:
+    """Records calls; objects in a dict; create answers 409 for existing names."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.calls: list[tuple[str, str, str]] = []
+
+    async def get(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", kind, name))
+        return self.objects.get((kind, ns, name))
+
+    async def create(self, obj: dict[str, Any], ns: str) -> tuple[dict[str, Any] | None, bool]:
+        key = (obj["kind"], ns, obj["metadata"]["name"])
+        self.calls.append(("create", obj["kind"], key[2]))
+        if key in self.objects:
+            return None, False
+        self.objects[key] = obj
+        return obj, True
+
+    async def patch(
+        self, kind: str, ns: str, name: str, patch: dict[str, Any], subresource: Any = None
+    ) -> Any:
+        self.calls.append(("patch", kind, name))
+        obj = self.objects.setdefault((kind, ns, name), {})
+        obj.update(patch)
+        return None
+
+    async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
+        return []
+
+    async def close(self) -> None:
+        pass
+
+
+def _resource(kind: str, name: str, spec: dict[str, Any], **status: Any) -> dict[str, Any]:
+    body = {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}", "generation": 1},
+        "spec": spec,
+    }
+    if status:
+        body["status"] = status
+    return body
+
+
+ALIGN = {
+    "base": {"pretrainRun": "base"},
+    "method": "sft",
+    "dataset": {"path": "s3://d", "format": "messages"},
+}
+
+
+def _run(controller: Controller, body: dict[str, Any]) -> dict[str, Any]:
+    key = (body["kind"], "ns", body["metadata"]["name"])
+    controller.cache[key] = body
+    asyncio.run(controller.reconcile(body))
+    return controller.cache[key].get("status") or {}
+
+
+def test_reconcile_waits_then_creates_children_once() -> None:
+    api = FakeApi()
+    controller = Controller(Config(events=False, storage="s3://store"))
+    controller.api = api  # type: ignore[assignment]
+    status = _run(controller, _resource("AlignmentRun", "sft", ALIGN))
+    assert status["phase"] == "Waiting"
+    waiting = st.condition(status, "Waiting")
+    assert waiting is not None and waiting["reason"] == st.DEPENDENCY_NOT_FOUND
+    assert "spec.base: PretrainRun/base not found" in waiting["message"]
+    assert not [c for c in api.calls if c[0] == "create"]
+
+    controller.cache[("PretrainRun", "ns", "base")] = _resource(
+        "PretrainRun", "base", {}, phase="Succeeded", outputs={"model": "s3://m/model"}
+    )
+    body = _resource("AlignmentRun", "sft", ALIGN)
+    body["status"] = status
+    status = _run(controller, body)
+    created = [(k, n) for op, k, n in api.calls if op == "create"]
+    assert created == [("ConfigMap", "sft-align-spec"), ("Service", "sft-align"), ("Job", "sft-align")]
+    job = api.objects[("Job", "ns", "sft-align")]
+    recorded = json.loads(job["metadata"]["annotations"]["lmforge.io/spec"])  # the spec it was built from
+    assert recorded["base"] == ALIGN["base"] and recorded["dataset"]["path"] == "s3://d"
+    assert job["metadata"]["annotations"]["lmforge.io/spec-digest"] == spec_hash(recorded)
+    assert status["phase"] == "Pending"
+    # Reconciling again (a restarted operator with an empty cache) creates nothing new.
+    controller2 = Controller(Config(events=False, storage="s3://store"))
+    controller2.api = api  # type: ignore[assignment]
+    controller2.cache[("PretrainRun", "ns", "base")] = controller.cache[("PretrainRun", "ns", "base")]
+    body["status"] = status
+    _run(controller2, body)
+    assert [(k, n) for op, k, n in api.calls if op == "create"] == created
+
+
+def test_spec_changed_names_the_fields() -> None:
+    before = {"model": {"layers": 2, "hidden": 64}, "budget": {"steps": 10}}
+    after = {"model": {"layers": 4, "hidden": 64}, "budget": {"steps": 10}, "queue": "a"}
+    assert _changed_fields(before, after) == ["spec.model.layers", "spec.queue"]
+    assert _changed_fields(before, before) == []
+
+
+def test_paths() -> None:
+    assert path_for("Job", "ns", "j", "status") == "/apis/batch/v1/namespaces/ns/jobs/j/status"
+    assert path_for("ConfigMap", "ns") == "/api/v1/namespaces/ns/configmaps"
+    assert path_for("Corpus", "ns", "web") == "/apis/lmforge.io/v1alpha1/namespaces/ns/corpora/web"
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+def test_operator_command_flags() -> None:
+    from lmforge_operator.cli import build_parser, main
+
+    args = build_parser().parse_args(
+        ["operator", "-n", "a", "-n", "b", "--metrics-port", "9", "--liveness-port", "-1"]
+    )
+    assert args.namespace == ["a", "b"] and args.metrics_port == 9 and args.liveness_port == -1
+    assert build_parser().parse_args(["operator"]).metrics_port == 8080
+    assert main(["operator", "--namespace", "a", "--all-namespaces"]) == 2
+
+
+def test_importing_the_package_stays_light_and_kopf_run_registers_handlers() -> None:
+    code = "import sys, lmforge_operator.cli; print('kopf' in sys.modules, 'lmforge_operator.handlers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    # As `kopf run -m lmforge_operator` imports it: handlers registered in kopf's default registry.
+    code = (
+        "import sys, kopf; sys.argv = ['kopf', 'run', '-m', 'lmforge_operator']; import lmforge_operator; "
+        "r = kopf.get_default_registry(); "
+        "print(sorted(h.id for h in r._watching.get_all_handlers()), len(r._activities.get_all_handlers()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    ids, activities = out.rsplit(" ", 1)
+    assert "observe-jobs" in ids and "observe-pretrainruns" in ids and int(activities) >= 3
+    # No changing handlers, timers or daemons: nothing that would need a finalizer.
+    code = (
+        "import kopf, lmforge_operator.handlers; r = kopf.get_default_registry(); "
+        "print(len(r._changing.get_all_handlers()), len(r._spawning.get_all_handlers()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "0"]
