@@ -639,28 +639,10 @@ class Controller:
             self._apply_progress(status, kind, progress)
         results = summary.get("results")
         if kind == "Evaluation" and isinstance(results, dict):
-            from lmforge_jobs.evaluate.config import Results
-
-            fields = {f.alias or n for n, f in Results.model_fields.items()}
-            status["results"] = {k: v for k, v in results.items() if k in fields}
+            status.update(st.evaluation_results(results))
         if kind == "Corpus":
             stats = results if isinstance(results, dict) else summary
-            stats = stats.get("documents", stats) if isinstance(stats.get("documents"), dict) else stats
-            docs = {k: stats[k] for k in ("read", "kept", "removedBy") if k in stats}
-            if docs:
-                status["documents"] = docs
-            tokens = (
-                (results or {}).get("tokens", summary.get("tokens")) if isinstance(results, dict) else None
-            )
-            tokens = tokens if tokens is not None else summary.get("tokens")
-            if isinstance(tokens, dict):
-                if isinstance(tokens.get("train"), int):
-                    status["tokens"] = tokens["train"]
-                held = tokens.get("heldOut", tokens.get("held-out"))
-                if isinstance(held, int):
-                    status["heldOutTokens"] = held
-            elif isinstance(tokens, int):
-                status["tokens"] = tokens
+            status.update(st.corpus_counts({"tokens": summary.get("tokens"), **stats}))
 
     def _outputs(
         self, resource: Resource[Any, Any], output: str, summary: dict[str, Any] | None
@@ -819,9 +801,7 @@ class Controller:
         if js.state == "Running" and self.config.scrape:
             scraped = await self._scrape(kind, await self._pods(ns, js.name))
             if scraped and scraped.get("metrics"):
-                from lmforge_operator.local import _metrics_for_status
-
-                status["metrics"] = _metrics_for_status(kind, scraped["metrics"]) or status.get("metrics")
+                status["metrics"] = st.metrics_for_status(kind, scraped["metrics"]) or status.get("metrics")
         msg = f"stage {len(done) + 1}/{n} {stage.name}: {stage.description}"
         return state("Running", st.JOB_RUNNING, msg)
 

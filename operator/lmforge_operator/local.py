@@ -44,6 +44,8 @@ from lmforge_jobs.resolve import (
 )
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR, Condition, derive_phase
 from lmforge_jobs.telemetry import read_progress, write_json_atomic
+from lmforge_operator import status as status_helpers
+from lmforge_operator.status import corpus_counts, evaluation_results, metrics_for_status
 
 DEFAULT_WORKDIR = "lmforge-runs"
 MODULES = {
@@ -145,58 +147,10 @@ def _now() -> datetime:
 
 
 def set_condition(status: dict[str, Any], ctype: str, value: bool, reason: str, message: str = "") -> None:
-    """Set one condition (Kubernetes API conventions: lastTransitionTime changes only with the status)."""
-    conditions = status.setdefault("conditions", [])
-    new = "True" if value else "False"
-    for c in conditions:
-        if c["type"] == ctype:
-            if c["status"] != new:
-                c["lastTransitionTime"] = _now().isoformat()
-            c.update(status=new, reason=reason, message=message)
-            break
-    else:
-        conditions.append(
-            {
-                "type": ctype,
-                "status": new,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": _now().isoformat(),
-            }
-        )
-    status["phase"] = derive_phase([Condition.model_validate(c) for c in conditions]).value
-
-
-_METRIC_FIELDS = {
-    "PretrainRun": {"loss", "evalLoss", "perplexity", "tokensPerSecond", "mfu", "gpuUtilization"},
-    "AlignmentRun": {
-        "loss",
-        "evalLoss",
-        "tokensPerSecond",
-        "rewardAccuracy",
-        "rewardMargin",
-        "meanReward",
-        "kl",
-    },
-    "Corpus": {"documentsPerSecond"},
-}
-
-
-def _metrics_for_status(kind: str, metrics: dict[str, float]) -> dict[str, Any] | None:
-    """The job's metrics in the shape of the kind's status.metrics (align extras → methodMetrics)."""
-    known = _METRIC_FIELDS.get(kind)
-    if known is None or not metrics:
-        return None
-    out: dict[str, Any] = {k: v for k, v in metrics.items() if k in known}
-    if kind == "AlignmentRun":
-        extra = {k: v for k, v in metrics.items() if k not in known}
-        if extra:
-            out["methodMetrics"] = extra
-    if kind == "PretrainRun" and "gpuUtilization" in out:
-        out["gpuUtilization"] = min(1.0, max(0.0, out["gpuUtilization"]))
-    if kind == "AlignmentRun" and "rewardAccuracy" in out:
-        out["rewardAccuracy"] = min(1.0, max(0.0, out["rewardAccuracy"]))
-    return out or None
+    """Set one condition (Kubernetes API conventions: lastTransitionTime changes only with the status) and
+    the phase derived from the conditions."""
+    status_helpers.set_condition(status, ctype, value, reason, message)
+    status["phase"] = derive_phase([Condition.model_validate(c) for c in status["conditions"]]).value
 
 
 def apply_progress(status: dict[str, Any], kind: str, progress: dict[str, Any]) -> None:
@@ -210,7 +164,7 @@ def apply_progress(status: dict[str, Any], kind: str, progress: dict[str, Any]) 
         p["percent"] = min(100.0, max(0.0, float(p.get("percent", 0.0))))
         p["updatedAt"] = progress.get("updatedAt") or _now().isoformat()
         status["progress"] = p
-    metrics = _metrics_for_status(kind, progress.get("metrics") or {})
+    metrics = metrics_for_status(kind, progress.get("metrics") or {})
     if metrics:
         status["metrics"] = metrics
     if kind == "Corpus" and progress.get("stage"):
@@ -223,36 +177,18 @@ def apply_progress(status: dict[str, Any], kind: str, progress: dict[str, Any]) 
 def apply_results(status: dict[str, Any], resource: Resource[Any, Any], output: str) -> None:
     """Kind-specific final numbers: Corpus counts from stats.json, Evaluation results from results.json."""
     out = _local(output)
+    name = {"Corpus": "stats.json", "Evaluation": "results.json"}.get(resource.kind)
+    if name is None:
+        return
+    try:
+        data = json.loads((out / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
     if resource.kind == "Corpus":
-        try:
-            stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return
-        docs = {k: stats[k] for k in ("read", "kept", "removedBy") if k in stats}
-        if docs:
-            status["documents"] = docs
-        tokens = stats.get("tokens")
-        if isinstance(tokens, dict):
-            if isinstance(tokens.get("train"), int):
-                status["tokens"] = tokens["train"]
-            held = tokens.get("heldOut", tokens.get("held-out"))
-            if isinstance(held, int):
-                status["heldOutTokens"] = held
-        elif isinstance(tokens, int):
-            status["tokens"] = tokens
+        status.update(corpus_counts(data))
         status["stage"] = "Done"
-    elif resource.kind == "Evaluation":
-        try:
-            results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return
-        history = results.pop("history", None)
-        from lmforge_jobs.evaluate.config import Results
-
-        fields = {f.alias or name for name, f in Results.model_fields.items()}
-        status["results"] = {k: v for k, v in results.items() if k in fields}
-        if isinstance(history, list):
-            status["history"] = [{k: v for k, v in h.items() if k in fields} for h in history][-1000:]
+    else:
+        status.update(evaluation_results(data))
 
 
 def validated_status(kind: str, status: dict[str, Any]) -> dict[str, Any]:

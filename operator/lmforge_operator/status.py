@@ -233,11 +233,75 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return values
 
 
+METRIC_FIELDS = {
+    "PretrainRun": {"loss", "evalLoss", "perplexity", "tokensPerSecond", "mfu", "gpuUtilization"},
+    "AlignmentRun": {
+        "loss",
+        "evalLoss",
+        "tokensPerSecond",
+        "rewardAccuracy",
+        "rewardMargin",
+        "meanReward",
+        "kl",
+    },
+    "Corpus": {"documentsPerSecond"},
+}
+
+
+def metrics_for_status(kind: str, metrics: dict[str, float]) -> dict[str, Any] | None:
+    """The job's metrics in the shape of the kind's status.metrics (align extras → methodMetrics)."""
+    known = METRIC_FIELDS.get(kind)
+    if known is None or not metrics:
+        return None
+    out: dict[str, Any] = {k: v for k, v in metrics.items() if k in known}
+    if kind == "AlignmentRun":
+        extra = {k: v for k, v in metrics.items() if k not in known}
+        if extra:
+            out["methodMetrics"] = extra
+    if kind == "PretrainRun" and "gpuUtilization" in out:
+        out["gpuUtilization"] = min(1.0, max(0.0, out["gpuUtilization"]))
+    if kind == "AlignmentRun" and "rewardAccuracy" in out:
+        out["rewardAccuracy"] = min(1.0, max(0.0, out["rewardAccuracy"]))
+    return out or None
+
+
+def corpus_counts(stats: dict[str, Any]) -> dict[str, Any]:
+    """status.documents, status.tokens and status.heldOutTokens of a Corpus, from its stats.json or from the
+    final stage's termination summary ({documents: {read, kept, removedBy}, tokens: {train, heldOut}})."""
+    counts = stats if "read" in stats else (stats.get("documents") or {})
+    out: dict[str, Any] = {}
+    docs = {k: counts[k] for k in ("read", "kept", "removedBy") if k in counts}
+    if docs:
+        out["documents"] = docs
+    tokens = stats.get("tokens")
+    if isinstance(tokens, dict):
+        if isinstance(tokens.get("train"), int):
+            out["tokens"] = tokens["train"]
+        held = tokens.get("heldOut", tokens.get("held-out"))
+        if isinstance(held, int):
+            out["heldOutTokens"] = held
+    elif isinstance(tokens, int):
+        out["tokens"] = tokens
+    return out
+
+
+def evaluation_results(results: dict[str, Any]) -> dict[str, Any]:
+    """status.results (and status.history for checkpoints: every) of an Evaluation, from results.json or
+    the termination summary: only the fields of the Results model."""
+    from lmforge_jobs.evaluate.config import Results
+
+    fields = {f.alias or name for name, f in Results.model_fields.items()}
+    out: dict[str, Any] = {"results": {k: v for k, v in results.items() if k in fields}}
+    history = results.get("history")
+    if isinstance(history, list):
+        out["history"] = [{k: v for k, v in h.items() if k in fields} for h in history][-1000:]
+    return out
+
+
 def progress_from_metrics(kind: str, values: dict[str, float]) -> dict[str, Any]:
     """A scraped endpoint in the shape of progress.json: step, totalSteps, tokens, percent, etaSeconds,
     metrics {camelCase: value} (only the series the kind's status has)."""
     from lmforge_jobs.telemetry import metric_name, progress_names
-    from lmforge_operator.local import _METRIC_FIELDS
 
     out: dict[str, Any] = {}
     names = progress_names(kind)
@@ -251,7 +315,7 @@ def progress_from_metrics(kind: str, values: dict[str, float]) -> dict[str, Any]
     if ratio is not None and ratio == ratio:
         out["percent"] = round(min(100.0, max(0.0, ratio * 100.0)), 2)
     metrics = {}
-    for key in sorted(_METRIC_FIELDS.get(kind, ())):
+    for key in sorted(METRIC_FIELDS.get(kind, ())):
         v = values.get(metric_name(kind, key))
         if v is not None and v == v and abs(v) != float("inf"):
             metrics[key] = v
@@ -261,9 +325,13 @@ def progress_from_metrics(kind: str, values: dict[str, float]) -> dict[str, Any]
 
 
 __all__ = [
+    "METRIC_FIELDS",
     "JobState",
     "condition",
+    "corpus_counts",
+    "evaluation_results",
     "job_state",
+    "metrics_for_status",
     "metrics_url",
     "parse_prometheus",
     "progress_from_metrics",
