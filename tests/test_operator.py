@@ -247,6 +247,43 @@ def test_reconcile_waits_then_creates_children_once() -> None:
     assert [(k, n) for op, k, n in api.calls if op == "create"] == created
 
 
+def test_config_error_stays_invalid_after_its_pods_are_gone() -> None:
+    """Exit 64 → Invalid naming the field; a later reconcile with no pods left must not turn it Failed."""
+
+    class PodsApi(FakeApi):
+        pods: list[dict[str, Any]] = []
+
+        async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
+            return list(self.pods) if kind == "Pod" else []
+
+    api = PodsApi()
+    controller = Controller(Config(events=False, storage="s3://store", scrape=False))
+    controller.api = api  # type: ignore[assignment]
+    controller.cache[("PretrainRun", "ns", "base")] = _resource(
+        "PretrainRun", "base", {}, phase="Succeeded", outputs={"model": "s3://m/model"}
+    )
+    status = _run(controller, _resource("AlignmentRun", "sft", ALIGN))
+    job = api.objects[("Job", "ns", "sft-align")]
+    job["status"] = {
+        "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "x"}]
+    }
+    controller.jobs[("ns", "sft-align")] = job
+    message = json.dumps({"state": "Invalid", "message": "no such file", "field": "dataset.path"})
+    terminated = {"terminated": {"exitCode": 64, "message": message}}
+    pod = _pod("0", "t1", containerStatuses=[{"state": terminated}])
+    pod["metadata"]["labels"]["job-name"] = "sft-align"
+    api.pods = [pod]
+    body = _resource("AlignmentRun", "sft", ALIGN)
+    body["status"] = status
+    status = _run(controller, body)
+    assert status["phase"] == "Invalid", status
+    assert "spec.dataset.path" in (st.condition(status, "Invalid") or {}).get("message", "")
+    api.pods = []  # pods garbage-collected; resync reconciles again
+    body["status"] = status
+    status = _run(controller, body)
+    assert status["phase"] == "Invalid", status
+
+
 def test_spec_changed_names_the_fields() -> None:
     before = {"model": {"layers": 2, "hidden": 64}, "budget": {"steps": 10}}
     after = {"model": {"layers": 4, "hidden": 64}, "budget": {"steps": 10}, "queue": "a"}

@@ -659,7 +659,12 @@ class Controller:
     def _failed(self, state: Any, job_name: str, js: st.JobState, summary: dict[str, Any] | None) -> Outcome:
         summary = summary or {}
         message = str(summary.get("message") or js.message or "the job failed")
-        config_error = summary.get("state") == "Invalid" or summary.get("exitCode") == EXIT_CONFIG_ERROR
+        config_error = (
+            summary.get("state") == "Invalid"
+            or summary.get("exitCode") == EXIT_CONFIG_ERROR
+            # no pod left to ask: the Job's own condition names the podFailurePolicy rule that matched
+            or (js.message.startswith("PodFailurePolicy") and f"exit code {EXIT_CONFIG_ERROR}" in js.message)
+        )
         if config_error:
             field_ = summary.get("field")
             where = f"spec.{field_}: " if field_ and not message.startswith("spec.") else ""
@@ -695,9 +700,10 @@ class Controller:
                 if progress:
                     self._apply_progress(status, kind, progress)
             return state("Running", st.JOB_RUNNING, f"Job {js.name} is running")
-        already = status.get("phase") in TERMINAL and bool(
-            status.get("outputs") or status.get("phase") == "Failed"
-        )
+        # a finished resource keeps its verdict: Invalid (exit 64) must not turn into Failed once the
+        # failed pods (and their termination messages) are gone
+        phase = status.get("phase")
+        already = phase in ("Failed", "Invalid") or (phase == "Succeeded" and bool(status.get("outputs")))
         if js.state == "Succeeded":
             if not already:
                 summary, _ = await self._summary(ns, js.name)
