@@ -588,3 +588,71 @@ def _spec_of(manifest: Path) -> Any:
     from lmforge_jobs.manifest import load_spec
 
     return load_spec(str(manifest), "AlignmentRun").spec
+
+
+def test_ppo_gae_masks_padding_and_matches_hand_computation() -> None:
+    """GAE runs over the real response tokens only: padding after the last token adds nothing and
+    bootstraps nothing; a hand-computed two-sequence example with γ, λ ≠ 1."""
+    import torch
+
+    from lmforge_jobs.align.ppo import gae, response_mask, whiten
+
+    gamma, lam = 0.9, 0.8
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    values = torch.tensor([[0.5, -0.2, 0.3, 9.0], [0.1, 0.2, 0.3, 0.4]]) * mask
+    rewards = torch.tensor([[0.1, -0.1, 1.0, 0.0], [0.0, 0.2, -0.3, 2.0]])
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    expected = torch.zeros_like(rewards)
+    for b in range(2):
+        n = int(mask[b].sum())
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = float(values[b, t + 1]) if t + 1 < n else 0.0
+            delta = float(rewards[b, t]) + gamma * next_v - float(values[b, t])
+            last = delta + gamma * lam * last
+            expected[b, t] = last
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert torch.allclose(ret, (expected + values) * mask, atol=1e-6)
+    assert adv[0, 3] == 0 and ret[0, 3] == 0
+
+    white = whiten(adv, mask)
+    real = white[mask.bool()]
+    assert abs(float(real.mean())) < 1e-5 and white[0, 3] == 0
+
+    # everything after the first eos (id 2) is masked; the eos itself is a response token; pad (0) too
+    responses = torch.tensor([[5, 2, 7, 2], [5, 6, 0, 0], [2, 3, 4, 5]])
+    assert response_mask(responses, eos_id=2, pad_id=0).tolist() == [
+        [1, 1, 0, 0],
+        [1, 1, 0, 0],
+        [1, 0, 0, 0],
+    ]
+    # pad == eos: the first eos stays, the padding after it goes
+    assert response_mask(torch.tensor([[5, 2, 2, 2]]), eos_id=2, pad_id=2).tolist() == [[1, 1, 0, 0]]
+
+
+def test_ppo_ratio_is_one_before_the_update_even_with_dropout(
+    tmp_path: Path, base: str, reward_run: Path
+) -> None:
+    """Old log-probs are taken without dropout; the update must see the same network, so with one PPO
+    epoch and one minibatch ρ = π/π_old is exactly 1 and nothing is clipped, whatever the LoRA dropout."""
+    spec = {
+        "base": {"path": base},
+        "method": "ppo",
+        "rewardModel": {"path": str(reward_run / "model")},
+        "dataset": {"path": str(DATA / "prompts.jsonl"), "format": "prompts", "evalFraction": 0},
+        "peft": {"lora": {"r": 4, "alpha": 8, "dropout": 0.9}},
+        "hyperparameters": {
+            "lr": 2.0e-2,
+            "maxSteps": 3,
+            "batchSize": 8,
+            "microBatchSize": 8,
+            "warmupRatio": 0,
+            "ppo": {"rolloutBatchSize": 8, "maxNewTokens": 6, "ppoEpochs": 1},
+        },
+    }
+    code, out = run_job(tmp_path, "ppo-dropout", spec)
+    assert code == 0
+    rows = [r for r in history(out) if "clipFraction" in r]
+    assert len(rows) == 3
+    assert rows[-1]["kl"] != 0  # the adapter did change the policy (so dropout had something to drop)
+    assert all(r["clipFraction"] == 0 for r in rows), [r["clipFraction"] for r in rows]

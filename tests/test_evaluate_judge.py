@@ -349,3 +349,23 @@ def test_endpoint_judge_failures(endpoint: str) -> None:
     with pytest.raises(ConfigError) as err:
         EndpointJudge(endpoint.removesuffix("/v1") + "/nothing", "judge", "sekret")(request)
     assert err.value.field == "judge.model.endpoint.url" and "HTTP 404" in err.value.message
+
+
+def test_read_prompts_limit_applies_to_every_row_kind(tmp_path: Path) -> None:
+    from lmforge_jobs.evaluate.judge import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('"bare one"\n"bare two"\n{"prompt": "three"}\n"bare four"\n', encoding="utf-8")
+    assert read_prompts(str(path), limit=2) == ["bare one", "bare two"]
+    assert read_prompts(str(path), limit=3) == ["bare one", "bare two", "three"]
+    assert len(read_prompts(str(path))) == 4
+
+
+def test_swapped_verdicts_are_mapped_back_to_the_first_model() -> None:
+    def prefers_good(requests):  # a content judge: the answer "good" wins wherever it stands
+        return ["[[A]]" if a == "good" else "[[B]]" for _, a, b in requests]
+
+    prompts = ["p1", "p2", "p3", "p4"]
+    out = win_rate(compare(prefers_good, prompts, ["good", "good", "bad", "good"], ["bad"] * 4, swap=True))
+    assert (out["wins"], out["losses"], out["ties"]) == (3, 0, 1)
+    assert out["winRate"] == pytest.approx(3.5 / 4)

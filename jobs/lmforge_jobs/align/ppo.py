@@ -14,7 +14,8 @@ Each iteration:
    the last one.
 5. **GAE** — advantages ``A_t = Σ (γλ)^k δ_{t+k}`` with ``δ_t = r_t + γ V_{t+1} − V_t``; returns ``A + V``;
    advantages whitened over the batch.
-6. **Update** — ``ppoEpochs`` passes over the rollout in minibatches of ``batchSize``: the clipped
+6. **Update** — ``ppoEpochs`` passes over the rollout in minibatches of ``batchSize`` (dropout off, like
+   the rollout, so ``ρ = 1`` before the first step): the clipped
    surrogate ``max(−A·ρ, −A·clip(ρ, 1±ε))`` with ``ρ = π/π_old``, plus ``valueCoef`` × the clipped value
    loss ``½·max((V−R)², (clip(V, V_old±ε_v)−R)²)``.
 
@@ -435,8 +436,9 @@ def train_ppo(
         advantages, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, mask)
 
-        # 6. PPO epochs over minibatches
-        model.train()
+        # 6. PPO epochs over minibatches. Dropout stays off (eval mode, as in TRL's PPO): the old log-probs
+        # and values were computed without it, so ρ must be exactly 1 before the first update.
+        model.eval()
         n = input_ids.shape[0]
         minibatch = max(1, min(n, hp.batch_size // world))
         micro = max(1, min(minibatch, hp.micro_batch_size))

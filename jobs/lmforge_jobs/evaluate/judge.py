@@ -76,11 +76,13 @@ def read_prompts(uri: str, field: str = "judge.prompts", limit: int | None = Non
             raise ConfigError(field, f"{uri}:{number}: not valid JSON ({exc})") from exc
         if isinstance(row, str):
             prompts.append(row)
-            continue
-        key = next((k for k in PROMPT_KEYS if isinstance(row, dict) and isinstance(row.get(k), str)), None)
-        if key is None:
-            raise ConfigError(field, f"{uri}:{number}: no prompt field (one of {', '.join(PROMPT_KEYS)})")
-        prompts.append(row[key])
+        else:
+            key = next(
+                (k for k in PROMPT_KEYS if isinstance(row, dict) and isinstance(row.get(k), str)), None
+            )
+            if key is None:
+                raise ConfigError(field, f"{uri}:{number}: no prompt field (one of {', '.join(PROMPT_KEYS)})")
+            prompts.append(row[key])
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
