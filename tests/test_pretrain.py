@@ -268,6 +268,25 @@ def test_bf16_activation_checkpointing_tied_mfu(
     assert set(json.loads((out / "outputs.json").read_text())) == {"checkpoint", "model", "tokenizer"}
 
 
+def test_throughput_window_excludes_eval_and_its_steps(
+    tmp_path: Path, data: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tokensPerSecond counts only the steps timed since the last log, eval or save (log every 4 steps,
+    eval every 2): a clock that ticks 1 s per reading gives exactly 2 steps per second."""
+    import types
+
+    from lmforge_jobs.pretrain import train as train_mod
+
+    ticks = itertools.count()
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setenv("LMFORGE_LOG_EVERY", "4")
+    path = manifest(tmp_path, data, budget={"steps": 8}, eval={"everySteps": 2}, checkpoint={"everySteps": 8})
+    assert main(["--manifest", str(path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tps = {r["step"]: r["tokensPerSecond"] for r in rows if "tokensPerSecond" in r}
+    assert tps == {4: 2 * 1024.0, 8: 2 * 1024.0}
+
+
 def test_budget_rules() -> None:
     from lmforge_jobs.pretrain.config import PretrainRunSpec
     from lmforge_jobs.pretrain.train import total_steps
@@ -353,6 +372,43 @@ def test_init_from_hub_id_offline_up_to_the_download(
     _, state = exp.load_checkpoint_state(ckpt.list_complete(str(tmp_path / "run" / "checkpoints"))[-1][1])
     for name, tensor in source.state_dict().items():
         assert torch.allclose(state[name], tensor, atol=1e-6), name  # lr 1e-9: still the hub weights
+
+
+def test_init_must_match_rope_norm_and_tying(tmp_path: Path, data: dict[str, str]) -> None:
+    """model.init from weights with another RoPE base, norm epsilon, lm_head tying or extra weights is a
+    ConfigError, not a silently different model."""
+    from safetensors.torch import load_file, save_file
+
+    from lmforge_jobs.pretrain.config import PretrainRunSpec
+    from lmforge_jobs.pretrain.train import resolve_init
+
+    args = ModelArgs("decoder", 320, 2, 64, 4, 2, 192, 32, special_ids={"eos": 0, "pad": 0})
+    source = Transformer(args)
+    source.init_weights(1)
+    hf_dir = exp.write_hf(args, source.state_dict(), data["tokenizer"], tmp_path / "hf")
+    shape = {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "ffnHidden": 192, "seqLen": 32}
+
+    def spec(**model: object) -> PretrainRunSpec:
+        return PretrainRunSpec.model_validate(
+            {"data": data, "model": {**shape, **model, "init": {"path": str(hf_dir)}}}
+        )
+
+    assert resolve_init(spec()) == str(hf_dir)
+    for change, field in (
+        ({"ropeTheta": 500000.0}, "model.ropeTheta"),
+        ({"normEps": 1e-6}, "model.normEps"),
+        ({"tieEmbeddings": True}, "model.tieEmbeddings"),  # would drop the checkpoint's lm_head
+    ):
+        with pytest.raises(ConfigError) as err:
+            resolve_init(spec(**change))
+        assert err.value.field == field
+
+    # a Qwen2-style q_proj bias has no place in the native decoder: refused, not dropped
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(weights, str(hf_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"q_proj\.bias"):
+        exp.load_hf_into(Transformer(args), args, hf_dir)
 
 
 def _run(path: Path, **kw: object) -> subprocess.Popen[str]:
@@ -477,6 +533,33 @@ def test_objective_batches() -> None:
     assert dec.sequence_ids(5, 1) == [5 * 16 + 8 + 4 + j for j in range(4)]
     again = TokenBatches(Stream(), Objective("decoder", 16, 320, 0, 0), 4, 2, rank=1, world=2, seed=3)  # type: ignore[arg-type]
     assert torch.equal(again.train(5, 1)["input_ids"], b["input_ids"])
+    # the ranks and micro-batches of a step read disjoint sequences that tile the step's global batch,
+    # and consecutive steps continue where the last one ended (the loader's position is the step)
+    for step in (0, 5):
+        ids = [
+            g
+            for micro in range(2)
+            for rank in range(2)
+            for g in TokenBatches(
+                Stream(), Objective("decoder", 16, 320, 0, 0), 4, 2, rank, 2, 3
+            ).sequence_ids(  # type: ignore[arg-type]
+                step, micro
+            )
+        ]
+        assert sorted(ids) == list(range(step * 16, (step + 1) * 16))
+
+    class Positions(Stream):
+        def window(self, start: int, length: int) -> np.ndarray:
+            return np.arange(start, start + length, dtype=np.int64)  # a token names its position
+
+    held = [
+        TokenBatches(Positions(), Objective("decoder", 16, 320, 0, 0), 4, 1, r, 2, shuffle=False)  # type: ignore[arg-type]
+        for r in range(2)
+    ]
+    n = held[0].held_out_batches(100)
+    starts = [t for h in held for k in range(n) for t in h.held_out(k)["input_ids"][:, 0].tolist()]
+    assert n == (4096 - 1) // 16 // 8  # all the held-out windows the two ranks can share out
+    assert len(starts) == len(set(starts)) == n * 2 * 4  # each held-out window evaluated at most once
     # every window once per epoch
     one = TokenBatches(Stream(), Objective("decoder", 16, 320, 0, 0), 1, 1, seed=3)  # type: ignore[arg-type]
     assert sorted(one._window_of(g) for g in range(one.windows)) == list(range(one.windows))
@@ -526,6 +609,9 @@ def test_schedules_and_nonfinite_guard() -> None:
     assert [lr_multiplier(s, 100, wsd) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]
     assert lr_multiplier(89, 100, wsd) == pytest.approx(0.5)
     assert lr_multiplier(99, 100, wsd) == 0.0
+    # decayFraction 0 is warmup-stable without a decay, not a one-step drop to minLrRatio at the end
+    stable = Optimizer(warmup_steps=10, schedule="wsd", decay_fraction=0.0, min_lr_ratio=0.0)
+    assert [lr_multiplier(s, 100, stable) for s in (10, 98, 99)] == [1.0, 1.0, 1.0]
 
     guard = NonFiniteGuard(limit=3)
     assert guard.check(1.0, 2.0)
@@ -605,6 +691,12 @@ def test_push_reads_secret_and_calls_hub(tmp_path: Path, monkeypatch: pytest.Mon
             "spec.export.push.token: ",
         ),
         ({"model": {"layers": 3, "init": {"path": "MODEL"}}}, {}, "spec.model.layers: "),
+        # span corruption with too few unmasked tokens to separate the noise spans
+        (
+            {"model": {"architecture": "encoder-decoder", "maskProbability": 0.9, "meanSpanLength": 1.0}},
+            {},
+            "spec.model.maskProbability: ",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_64(

@@ -371,6 +371,10 @@ def load_hf_into(model: nn.Module, args: ModelArgs, path: str | os.PathLike[str]
     missing = sorted(set(own) - set(state) - ({"lm_head.weight"} if args.tie_embeddings else set()))
     if missing:
         raise ValueError(f"checkpoint lacks {missing[:5]}")
+    # weights the native decoder has no place for (e.g. Qwen2's q/k/v biases) would be dropped silently
+    extra = sorted(k for k in set(state) - set(own) if not k.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise ValueError(f"checkpoint has weights the Llama decoder lacks: {extra[:5]}")
     with torch.no_grad():
         for k, v in state.items():
             if k in own:

@@ -50,7 +50,9 @@ def lr_multiplier(step: int, total: int, opt: Any) -> float:
     if schedule == "constant":
         return 1.0
     if schedule == "wsd":
-        decay = max(1, round(opt.decay_fraction * total))
+        decay = round(opt.decay_fraction * total)
+        if decay <= 0:  # decayFraction 0 (or under one step): warmup-stable only, decayed later
+            return 1.0
         start = max(warm, total - decay)
         if step < start:
             return 1.0
@@ -193,6 +195,14 @@ def model_args(spec: PretrainRunSpec, tokenizer: Any, tokenizer_file: Path) -> t
         special["mask"] = mask
         objective = Objective(**{**objective.__dict__, "mask": mask})
     elif arch == "encoder-decoder":
+        if shape.seq_len - objective.noise_tokens < objective.spans:
+            # every noise span needs a kept run before it: the batches could not be cut
+            raise ConfigError(
+                "model.maskProbability",
+                f"{shape.mask_probability} leaves {shape.seq_len - objective.noise_tokens} of {shape.seq_len} "
+                f"tokens unmasked, fewer than the {objective.spans} noise spans of mean length "
+                f"{shape.mean_span_length}; lower maskProbability or raise meanSpanLength",
+            )
         extra = objective.spans  # sentinels <extra_id_k> = tok_vocab + k
         special["sentinel0"] = tok_vocab
         objective = Objective(**{**objective.__dict__, "sentinel0": tok_vocab})
@@ -247,6 +257,11 @@ def resolve_init(spec: PretrainRunSpec) -> str | None:
         "heads": shape.heads,
         "kvHeads": shape.n_kv_heads,
         "ffnHidden": shape.ffn_size,
+        # not shapes, but loading weights trained with another RoPE base, norm epsilon or a separate
+        # lm_head (dropped when ours is tied) would silently change the model
+        "ropeTheta": float(shape.rope_theta),
+        "normEps": float(shape.norm_eps),
+        "tieEmbeddings": bool(shape.tie_embeddings),
     }
     for key, value in ours.items():
         if theirs[key] != value:
@@ -547,7 +562,8 @@ def _train(spec: PretrainRunSpec, world: World) -> int:
             if held is not None and (step % spec.eval.every_steps == 0 or step == total):
                 eval_loss = evaluate()
                 metrics.update(evalLoss=eval_loss, perplexity=math.exp(min(eval_loss, 80.0)))
-                last_time = time.perf_counter()  # evaluation time is not training throughput
+                # evaluation time is not training throughput: the next window starts after it
+                last_time, last_step = time.perf_counter(), step
             if metrics:
                 tel.update(step=step, tokens=int(train_state["tokens"]), metrics=metrics, stage="Training")
                 if world.rank == 0:
@@ -556,7 +572,7 @@ def _train(spec: PretrainRunSpec, world: World) -> int:
             stopping = stop_votes > 0
             if step % spec.checkpoint.every_steps == 0 or step == total or stopping:
                 save(step)
-                last_time = time.perf_counter()
+                last_time, last_step = time.perf_counter(), step
             if stopping:
                 stopped = True
                 break
