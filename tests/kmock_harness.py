@@ -110,10 +110,41 @@ class RecordingEmulator(kmock.KubernetesEmulator):
             )
 
 
-class Cluster:
-    """kmock on a background thread, with a blocking HTTP client for the test."""
+def _serve_in_process(conn: Any) -> None:
+    """Child-process body of ``Cluster(process=True)``: kmock on this process's main thread; a thread answers
+    the parent over ``conn`` (an int: the calls recorded from that index on; None: stop)."""
+    cluster = Cluster()
+    serving = threading.Thread(target=cluster._run, name="kmock", daemon=True)
+    serving.start()
+    if not cluster._ready.wait(30):
+        conn.send(None)
+        return
+    conn.send(cluster.url)
+    while True:
+        try:
+            since = conn.recv()
+        except EOFError:
+            break
+        if since is None:
+            break
+        assert cluster.emulator is not None
+        conn.send(cluster.emulator.calls[since:])
+    if cluster._stop is not None:
+        cluster.loop.call_soon_threadsafe(cluster._stop.set)
+    serving.join(10)
+    conn.send("stopped")
 
-    def __init__(self) -> None:
+
+class Cluster:
+    """kmock on a background thread (or, with ``process=True``, in a child process of its own, so that it
+    shares no interpreter or GIL with the operator: the way an API server runs), with a blocking HTTP
+    client for the test."""
+
+    def __init__(self, process: bool = False) -> None:
+        self.process = process
+        self._child: Any = None
+        self._conn: Any = None
+        self._lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="kmock", daemon=True)
         self._ready = threading.Event()
@@ -149,9 +180,20 @@ class Cluster:
             await self._stop.wait()
 
     def __enter__(self) -> Cluster:
-        self.thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("kmock did not start")
+        if self.process:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")
+            self._conn, child_conn = ctx.Pipe()
+            self._child = ctx.Process(target=_serve_in_process, args=(child_conn,), name="kmock", daemon=True)
+            self._child.start()
+            if not self._conn.poll(60) or not (url := self._conn.recv()):
+                raise RuntimeError("kmock did not start")
+            self.url = url
+        else:
+            self.thread.start()
+            if not self._ready.wait(30):
+                raise RuntimeError("kmock did not start")
         self.kubeconfig.write_text(
             json.dumps(
                 {
@@ -172,6 +214,16 @@ class Cluster:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._child is not None:
+            with self._lock, contextlib.suppress(Exception):
+                self._conn.send(None)
+                self._conn.poll(15)
+            self._child.join(5)
+            if self._child.is_alive():
+                self._child.terminate()
+                self._child.join(5)
+            self.tmp.cleanup()
+            return
         if self._stop is not None:
             self.loop.call_soon_threadsafe(self._stop.set)
         self.thread.join(10)
@@ -298,8 +350,17 @@ class Cluster:
     # ------------------------------------------------------------------------------------- helpers
     @property
     def calls(self) -> list[Call]:
+        return self.calls_since(0)
+
+    def calls_since(self, since: int) -> list[Call]:
+        """The requests kmock served, from the ``since``-th on (in order; ``Call.time`` is time.monotonic(),
+        one clock for every process on the machine)."""
+        if self._child is not None:
+            with self._lock:
+                self._conn.send(since)
+                return list(self._conn.recv())
         assert self.emulator is not None
-        return list(self.emulator.calls)
+        return list(self.emulator.calls[since:])
 
     def wait(self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout

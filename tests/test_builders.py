@@ -702,3 +702,62 @@ def test_extra_env_is_never_expanded_and_service_account_is_optional() -> None:
     assert pod["serviceAccountName"] == "lmforge-jobs"
     assert pod["automountServiceAccountToken"] is False
     assert_valid(job)
+
+
+def test_dump_spec_quotes_exactly_the_strings_yaml_would_misread() -> None:
+    """dump_spec decides quoting with a cached check and a no-parse fast path for path-like strings: both
+    agree with a full YAML re-parse, and every string round-trips (twice: the second from the cache)."""
+    samples = [
+        "1e5",
+        "yes",
+        "no",
+        "on",
+        "null",
+        "~",
+        "true",
+        "0x1F",
+        "0o17",
+        ".inf",
+        "-.nan",
+        "12:30",
+        "1_000",
+        "2024-01-01",
+        "org/model",
+        "s3://bench/evals/r00001",
+        "pvc://vol/a/b",
+        "a/b:",
+        "1/2",
+        "a/b#c",
+        "a: b/c",
+        "/abs/path",
+        "-x/y",
+        "&a/b",
+        "*a/b",
+        "!t/x",
+        "a/b,c",
+        "[a/b]",
+        "{a/b}",
+        "?a/b",
+        "%a/b",
+        "@a/b",
+        "`a/b",
+        "a/ #b",
+        "a/b ",
+        " a/b",
+        "",
+        "hellaswag",
+        "r00001-evaluate",
+        "a:/b",
+        "0/0",
+        "1e5/",
+    ]
+    for value in samples:
+        try:
+            misread = load_yaml_documents(value) != [value]
+        except Exception:
+            misread = True
+        builders._needs_quotes.cache_clear()
+        assert builders._needs_quotes(value) == misread, value
+        for _ in range(2):
+            (loaded,) = load_yaml_documents(builders.dump_spec({"k": value, value: [value]}))
+            assert loaded == {"k": value, value: [value]}, value

@@ -43,6 +43,7 @@ Invalid condition.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 import re
@@ -367,15 +368,25 @@ class _SpecDumper(yaml.SafeDumper):
     string such as ``1e5`` or ``yes`` stays a string in the job."""
 
 
+# Plain scalars YAML reads back as the same string without a parse: they start with a letter or digit, hold
+# only these characters, include a "/" (no bool, null, number or timestamp does) and do not end in ":".
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]*")
+
+
+@functools.lru_cache(maxsize=65536)
+def _needs_quotes(value: str) -> bool:
+    """Whether ``value`` (one line) would not read back as itself unquoted; a pure function, so cached (the
+    same keys and values recur in every manifest)."""
+    if "/" in value and not value.endswith(":") and _PLAIN_PATH.fullmatch(value):
+        return False
+    try:
+        return load_yaml_documents(value) != [value]
+    except yaml.YAMLError:
+        return True
+
+
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = None
-    if "\n" not in value:
-        try:
-            plain = load_yaml_documents(value) == [value]
-        except yaml.YAMLError:
-            plain = False
-        if not plain:
-            style = '"'
+    style = '"' if "\n" not in value and _needs_quotes(value) else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
