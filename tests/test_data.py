@@ -231,6 +231,39 @@ def test_tokenizer_loads_offline_and_shards_round_trip(corpus: Path) -> None:
             assert ids[:-1] == tok(doc["text"])["input_ids"]
 
 
+def test_held_out_split_is_deterministic_and_disjoint(corpus: Path) -> None:
+    from lmforge_jobs.data.blocks import stable_fraction
+
+    train = read_jsonl_gz(corpus / "documents" / "train")
+    held = read_jsonl_gz(corpus / "documents" / "held-out")
+    train_ids, held_ids = [d["id"] for d in train], [d["id"] for d in held]
+    assert len(set(train_ids)) == len(train_ids) and len(set(held_ids)) == len(held_ids)
+    assert not set(train_ids) & set(held_ids)
+    # dedup runs before the split, so no text is in both (no held-out leakage into training)
+    assert not {d["text"] for d in train} & {d["text"] for d in held}
+    # the split is the documented rule (a hash of the id against heldOutFraction), nothing else
+    assert all(stable_fraction(i, "held-out") < 0.1 for i in held_ids)
+    assert all(stable_fraction(i, "held-out") >= 0.1 for i in train_ids)
+    assert all(d["metadata"]["split"] == "held-out" for d in held)
+    assert all(d["metadata"]["split"] == "train" for d in train)
+
+
+def test_held_out_split_ignores_order_and_rank() -> None:
+    from datatrove.data import Document
+
+    from lmforge_jobs.data.blocks import HeldOutSplit
+
+    def split(order: list[int], rank: int, world: int, fraction: float = 0.1) -> dict[str, str]:
+        docs = (Document(text=f"text {i}", id=f"doc-{i}") for i in order)
+        return {d.id: d.metadata["split"] for d in HeldOutSplit(fraction).run(docs, rank, world)}
+
+    ids = list(range(2000))
+    first = split(ids, 0, 1)
+    assert split(ids[::-1], 3, 4) == first == split(ids, 0, 1)
+    assert 140 < sum(v == "held-out" for v in first.values()) < 260
+    assert set(split(ids, 0, 1, 0.0).values()) == {"train"}
+
+
 # ------------------------------------------------------------------------------------- kill and resume
 def test_killed_rank_resumes_to_the_same_output(corpus: Path, lid: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -286,7 +319,15 @@ def _jsonl(path: Path, texts: list[str]) -> Path:
 
 @pytest.mark.parametrize(
     "case",
-    ["missing-source", "unreadable-warc", "missing-language-model", "vocab-too-small", "empty-after-filters"],
+    [
+        "missing-source",
+        "unreadable-warc",
+        "truncated-warc",
+        "missing-language-model",
+        "vocab-too-small",
+        "missing-pretrained-tokenizer",
+        "empty-after-filters",
+    ],
 )
 def test_bad_input_is_one_clear_error(case: str, tmp_path: Path) -> None:
     docs = _jsonl(tmp_path / "docs.jsonl.gz", ["Some ordinary text about gardening and tomatoes."] * 3)
@@ -302,6 +343,12 @@ def test_bad_input_is_one_clear_error(case: str, tmp_path: Path) -> None:
         bad.write_bytes(gzip.compress(b"this is not a web archive\n" * 20))
         spec["sources"] = [{"warc": {"paths": [str(bad)]}}]
         field = "spec.sources[0].warc.paths"
+    elif case == "truncated-warc":  # the first records parse (preflight passes); the file ends mid-record
+        whole = (ROOT / "examples" / "data" / "python-docs.warc.gz").read_bytes()
+        bad = tmp_path / "truncated.warc.gz"
+        bad.write_bytes(whole[: len(whole) // 2])
+        spec["sources"] = [{"warc": {"paths": [str(bad)]}}]
+        field = "spec.sources[0].warc.paths"
     elif case == "missing-language-model":
         spec["filters"] = [
             {"regex": {"pattern": "x"}},
@@ -311,6 +358,9 @@ def test_bad_input_is_one_clear_error(case: str, tmp_path: Path) -> None:
     elif case == "vocab-too-small":
         spec["tokenizer"] = {"train": {"vocabSize": 257, "specialTokens": ["<|endoftext|>", "<|pad|>"]}}
         field = "spec.tokenizer.train.vocabSize"
+    elif case == "missing-pretrained-tokenizer":  # found before extract runs, not after it
+        spec["tokenizer"] = {"pretrained": {"path": str(tmp_path / "no-tokenizer")}}
+        field = "spec.tokenizer.pretrained.path"
     else:
         spec["filters"] = [{"regex": {"pattern": "tomatoes", "action": "drop"}}]
         field = "spec.filters"
@@ -319,9 +369,14 @@ def test_bad_input_is_one_clear_error(case: str, tmp_path: Path) -> None:
     assert proc.returncode == 64, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {field}:"), proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    if case != "truncated-warc":  # found mid-run: datatrove logs the failed rank's traceback first
+        assert "Traceback" not in proc.stderr
+    if case == "truncated-warc":  # the rank that failed mid-file is not marked complete
+        assert not (out / "logs" / "extract" / "completions" / "00000").exists()
     assert not (out / "outputs.json").exists() and not (out / "stats.json").exists()
     assert not (out / "logs" / "tokenize").exists()
+    if case != "empty-after-filters":  # input checks fail before any stage ran
+        assert not (out / "logs" / "extract" / "completions").exists()
     if (out / "progress.json").exists():
         assert json.loads((out / "progress.json").read_text())["state"] == "Invalid"
 
@@ -337,3 +392,15 @@ def test_a_stage_waits_for_every_rank_of_the_previous_one(tmp_path: Path) -> Non
     assert not (tmp_path / "out" / "logs" / "exact-sigs" / "completions").exists()
     stats = run_job(manifest, "--stage", "stats")
     assert stats.returncode == 75 and not (tmp_path / "out" / "outputs.json").exists()
+    for bad in ("--rank", "one"), ("--rank", "-1"):  # a usage error, not a crash
+        proc = run_job(manifest, "--stage", "extract", *bad)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    outside = run_job(manifest, "--stage", "extract", "--rank", "2")
+    assert outside.returncode == 64 and "error: spec.parallelism.tasks: rank 2 is outside" in outside.stderr
+    # the dedup filters apply per-rank document indexes: their world must be that of the signatures
+    for stage in ("extract", "exact-sigs", "exact-dups"):
+        assert run_job(manifest, "--stage", stage, "--rank", "all").returncode == 0
+    mismatch = run_job(manifest, "--stage", "exact-filter", "--world", "1", "--rank", "0")
+    assert mismatch.returncode == 64, mismatch.stderr[-2000:]
+    assert "error: spec.parallelism.tasks: --world 1 of stage exact-filter" in mismatch.stderr
+    assert run_job(manifest, "--stage", "exact-filter", "--rank", "all").returncode == 0

@@ -440,3 +440,49 @@ def test_missing_hub_token_secret_is_a_config_error(
     assert len(errors) == 1 and errors[0].startswith("error: spec.sources[0].huggingface.token:"), errors
     assert "LMFORGE_SECRET_HF_TOKEN" in errors[0]
     assert not (out / "logs" / "extract").exists()
+
+
+def test_a_limit_below_the_rank_count_leaves_ranks_empty_not_crashed(tmp_path: Path) -> None:
+    """limit 1 with 2 ranks: rank 1's share of the only source is empty; it must still run (no reader)."""
+    from lmforge_jobs.data.config import CorpusSpec
+    from lmforge_jobs.data.pipeline import Layout, read_counts, run_stage
+
+    src = tmp_path / "a.jsonl"
+    src.write_text(
+        "".join(json.dumps({"text": _long(t, i), "id": f"d{i}"}) + "\n" for i, t in enumerate(CODE)),
+        encoding="utf-8",
+    )
+    spec = CorpusSpec.model_validate(
+        {
+            "sources": [{"jsonl": {"paths": [str(src)], "limit": 1}}],
+            "dedup": {"exact": False, "minhash": {"enabled": False}},
+            "tokenizer": {"train": {"vocabSize": 300}},
+            "parallelism": {"tasks": 2, "workers": 1},
+            "output": str(tmp_path / "out"),
+        }
+    )
+    run_stage(spec, "extract", rank=None)
+    counts = read_counts(Layout(str(tmp_path / "out")), "extract")
+    assert sorted(c["in"] for c in counts) == [0, 1]
+    assert sum(c["kept"] for c in counts) == 1
+
+
+def test_weights_that_drop_every_document_name_the_domains_field(tmp_path: Path) -> None:
+    src = tmp_path / "a.jsonl"
+    src.write_text(
+        "".join(json.dumps({"text": _long(t, i), "id": f"d{i}"}) + "\n" for i, t in enumerate(CODE)),
+        encoding="utf-8",
+    )
+    spec = {
+        "sources": [{"jsonl": {"paths": [str(src)]}}],
+        "dedup": {"exact": False, "minhash": {"enabled": False}},
+        "domains": {"classifierPath": str(_domain_model(tmp_path / "d.bin")), "defaultWeight": 0},
+        "tokenizer": {"train": {"vocabSize": 300}},
+        "parallelism": {"tasks": 1, "workers": 1},
+    }
+    out = tmp_path / "out"
+    proc = run_job(write_manifest(tmp_path / "c.yaml", out, spec))
+    assert proc.returncode == 64, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: spec.domains.weights:"), errors
+    assert not (out / "outputs.json").exists() and not (out / "stats.json").exists()

@@ -63,7 +63,9 @@ def finish(spec: Any, tel: Telemetry) -> dict[str, Any]:
 
     stats = build_stats(spec)
     if stats["kept"] == 0:
-        raise ConfigError("filters", "no documents left: the corpus would be empty")
+        # what reaches the tokenize stage is not empty (checked before it), so the weights dropped it all
+        field = "domains.weights" if stats["removedBy"].get("domains") else "filters"
+        raise ConfigError(field, "no documents left: the corpus would be empty")
     # removedBy and filters stay in pipeline order (extract, filters by position, duplicates, …)
     text = json.dumps(stats, indent=2) + "\n"
     output = str(spec.output)
@@ -116,6 +118,12 @@ def run(resource: Resource[Any, Any], args: argparse.Namespace) -> int:
         return 2
     raw_rank = args.rank if args.rank is not None else os.environ.get("JOB_COMPLETION_INDEX", "0")
     every = args.stage == "all" or raw_rank == "all"
+    if not every and not str(raw_rank).isdigit():
+        print(
+            f"error: --rank (or $JOB_COMPLETION_INDEX) must be a rank number or all: {raw_rank!r}",
+            file=sys.stderr,
+        )
+        return 2
     rank = None if every else int(raw_rank)
     workers = args.workers or spec.parallelism.workers
     tel = Telemetry(KIND, spec.output, enabled=every or rank == 0)

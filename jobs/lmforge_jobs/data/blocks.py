@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import re
+import zlib
 from typing import Any
 
 from datatrove.data import Document, DocumentsPipeline
@@ -150,8 +151,8 @@ class WarcSourceReader(ShardedMixin, WarcReader):
                         document = found and self.get_document_from_dict(found, filepath, index)
                     if document:
                         yield document
-            except ArchiveLoadFailed as exc:
-                raise UnreadableInput(filepath, str(exc)) from None
+            except (ArchiveLoadFailed, EOFError, OSError, zlib.error) as exc:  # broken or truncated
+                raise UnreadableInput(filepath, str(exc) or type(exc).__name__) from None
 
 
 class JsonlSourceReader(ShardedMixin, JsonlReader):
@@ -202,6 +203,18 @@ class HubDatasetReader(HuggingFaceDatasetReader):
             yield from super().run(data, rank, world_size)
         finally:
             self.dataset_options = options
+
+
+class NoDocuments(PipelineStep):
+    """The source of a rank whose share of every source is empty (``limit`` below the rank count): the
+    steps after it see no documents instead of ``None``."""
+
+    name = "∅ No documents"
+    type = "📖 - READER"
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
 
 
 class UnreadableInput(Exception):
@@ -415,6 +428,7 @@ __all__ = [
     "Hidden",
     "HubDatasetReader",
     "JsonlSourceReader",
+    "NoDocuments",
     "OfflineURLFilter",
     "ParquetSourceReader",
     "PathLanguageFilter",

@@ -38,6 +38,8 @@ EXTENSIONS = {
 }
 # Stages whose Counts files feed stats.json, with the key of what they remove.
 COUNTED = ("extract", "exact-filter", "minhash-filter", "tokenize")
+# Filter stages and the signature stage whose per-rank document indexes they apply.
+SIGNATURES = {"exact-filter": "exact-sigs", "minhash-filter": "minhash-sigs"}
 
 
 # ------------------------------------------------------------------------------------------------ paths
@@ -168,10 +170,11 @@ def check_model_file(uri: str, field: str) -> None:
 def preflight(spec: CorpusSpec, stage: str | None = None) -> None:
     """Every input check that needs no processing — sources exist, WARCs parse, model files exist, the
     vocabulary can hold the byte alphabet — for one stage (``None``: all). Raises ConfigError."""
-    from lmforge_jobs.data.tokenizer import check_vocab_size
+    from lmforge_jobs.data.tokenizer import check_pretrained, check_vocab_size
 
     if stage in (None, "tokenizer"):
         check_vocab_size(spec)
+        check_pretrained(spec)
     if stage not in (None, "extract"):
         return
     for i, source in enumerate(spec.sources):
@@ -355,6 +358,8 @@ def build_pipeline(spec: CorpusSpec, stage: str, rank: int, world: int, layout: 
         steps: list[Any] = []
         roles: list[tuple[str, Any]] = []
         readers = _source_readers(spec, rank, world)
+        if not readers:  # every source's limit leaves this rank nothing to read
+            steps.append(blocks.NoDocuments())
         html = [r for kind, r in readers if kind == "warc"]
         other = [r for kind, r in readers if kind != "warc"]
         steps += html
@@ -561,6 +566,14 @@ def run_stage(
     if rank is not None and not 0 <= rank < world:
         raise ConfigError("parallelism.tasks", f"rank {rank} is outside 0..{world - 1} for stage {stage}")
     check_previous_complete(spec, layout, stage)
+    signed = SIGNATURES.get(stage)
+    if signed is not None and completed_ranks(layout, signed) not in (0, world):
+        # duplicate indexes are positions within one rank's documents: other ranks would drop others
+        raise ConfigError(
+            "parallelism.tasks",
+            f"--world {world} of stage {stage} must equal that of {signed} "
+            f"({completed_ranks(layout, signed)} ranks)",
+        )
     check_not_empty(spec, layout, stage)
     started = time.monotonic()
     if stage == "tokenizer":

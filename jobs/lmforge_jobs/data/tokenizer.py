@@ -70,6 +70,21 @@ def check_vocab_size(spec: CorpusSpec) -> None:
         )
 
 
+def check_pretrained(spec: CorpusSpec) -> None:
+    """A local ``tokenizer.pretrained.path`` must exist before any stage runs (not only when the
+    tokenizer stage reaches it, after extraction and dedup)."""
+    pretrained = spec.tokenizer.pretrained
+    if pretrained is None or ("://" in pretrained.path and not pretrained.path.startswith("file://")):
+        return
+    source = Path(pretrained.path.removeprefix("file://"))
+    if not source.exists():
+        raise ConfigError("tokenizer.pretrained.path", f"no such file or directory: {source}")
+    if source.is_dir() and not (source / "tokenizer.json").is_file():
+        raise ConfigError(
+            "tokenizer.pretrained.path", f"{source} has no tokenizer.json (a fast tokenizer is required)"
+        )
+
+
 def build(spec: CorpusSpec, texts: Iterator[str], folder: Path) -> str:
     """Train (or install) the tokenizer into ``folder``; returns the end-of-text token."""
     from tokenizers import Tokenizer
@@ -145,4 +160,12 @@ def eos_of(folder: Path) -> str:
     return _token(_read_json(folder / "tokenizer_config.json").get("eos_token")) or "<|endoftext|>"
 
 
-__all__ = ["MODEL_MAX_LENGTH", "build", "check_vocab_size", "eos_of", "save_tokenizer_dir", "train_bpe"]
+__all__ = [
+    "MODEL_MAX_LENGTH",
+    "build",
+    "check_pretrained",
+    "check_vocab_size",
+    "eos_of",
+    "save_tokenizer_dir",
+    "train_bpe",
+]
