@@ -311,23 +311,90 @@ class _NullGauge:
         pass
 
 
-def write_termination_message(summary: Mapping[str, Any]) -> None:
-    """Leave a JSON summary where Kubernetes reads a container's termination message (≤ 4096 bytes).
+def _without_stderr(results: dict[str, Any]) -> dict[str, Any]:
+    bench = results.get("benchmarks")
+    if not isinstance(bench, dict):
+        return results
+    kept = {
+        task: {k: v for k, v in m.items() if not str(k).endswith("_stderr")} if isinstance(m, dict) else m
+        for task, m in bench.items()
+    }
+    return {**results, "benchmarks": kept}
 
-    Oversized summaries lose their bulkiest keys (results, metrics, outputs) until they fit."""
+
+def _headline(results: dict[str, Any]) -> dict[str, Any]:
+    bench = results.get("benchmarks")
+    if not isinstance(bench, dict):
+        return results
+    kept = {
+        task: dict(sorted(m.items())[:1]) if isinstance(m, dict) else m for task, m in bench.items()
+    }  # one metric per task (the first by name: acc before acc_norm)
+    return {**results, "benchmarks": kept}
+
+
+# Ways to shrink a summary, least loss first: results.json (and outputs.json) keep everything; the
+# termination message is what status shows when no pod can be scraped any more.
+_SHRINK: list[tuple[str, Any]] = [
+    ("results.history", lambda r: {k: v for k, v in r.items() if k != "history"}),
+    ("results.benchmarks.*_stderr", _without_stderr),
+    ("results.arena", lambda r: {k: v for k, v in r.items() if k != "arena"}),
+    ("metrics", None),
+    ("results.benchmarks (one metric per task)", _headline),
+    ("results", None),
+    ("outputs", None),
+]
+
+
+def fit_termination_message(summary: Mapping[str, Any], limit: int = TERMINATION_MAX_BYTES) -> str:
+    """The summary as compact JSON of at most ``limit`` bytes. An oversized one is shrunk step by step
+    (results history, benchmark standard errors, arena, metrics, all but one metric per benchmark task,
+    results, outputs) until it fits; ``truncated`` lists what was left out."""
+    data = dict(summary)
+    dropped: list[str] = []
+
+    def dump() -> str:
+        doc = {**data, "truncated": dropped} if dropped else data
+        return json.dumps(doc, separators=(",", ":"), default=str)
+
+    text = dump()
+    for what, shrink in _SHRINK:
+        if len(text.encode()) <= limit:
+            break
+        key = what.split(".")[0].split(" ")[0]
+        if key not in data:
+            continue
+        if shrink is None:
+            data.pop(key)
+        elif isinstance(data[key], dict):
+            smaller = shrink(data[key])
+            if smaller == data[key]:
+                continue
+            data[key] = smaller
+        else:
+            continue
+        dropped.append(what)
+        text = dump()
+    if len(text.encode()) > limit and isinstance(data.get("message"), str):  # a long error message
+        dropped.append("message (cut)")
+        message = data["message"]
+        while message and (size := len(dump().encode())) > limit:  # escapes make JSON longer than text
+            message = message[: max(0, len(message) - (size - limit) - 3)]
+            data["message"] = message + "..."
+        text = dump()
+    if len(text.encode()) > limit:  # nothing sensible left to drop: at least stay within the limit
+        text = text.encode()[:limit].decode("utf-8", "ignore")
+    return text
+
+
+def write_termination_message(summary: Mapping[str, Any]) -> None:
+    """Leave a JSON summary where Kubernetes reads a container's termination message (≤ 4096 bytes);
+    see :func:`fit_termination_message` for what an oversized one loses."""
     path = os.environ.get("LMFORGE_TERMINATION_LOG") or TERMINATION_LOG
     target = Path(path)
     if not os.environ.get("LMFORGE_TERMINATION_LOG") and not (target.exists() and os.access(target, os.W_OK)):
         return
-    data = dict(summary)
-    text = json.dumps(data, separators=(",", ":"), default=str)
-    for key in ("results", "metrics", "outputs"):
-        if len(text.encode()) <= TERMINATION_MAX_BYTES:
-            break
-        data.pop(key, None)
-        text = json.dumps(data, separators=(",", ":"), default=str)
     with contextlib.suppress(OSError):
-        target.write_text(text[:TERMINATION_MAX_BYTES], encoding="utf-8")
+        target.write_text(fit_termination_message(summary), encoding="utf-8")
 
 
 def read_progress(output: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -343,6 +410,7 @@ __all__ = [
     "DEFAULT_PORT",
     "PREFIX",
     "Telemetry",
+    "fit_termination_message",
     "metric_name",
     "progress_names",
     "read_progress",
