@@ -78,6 +78,21 @@ class RecordingEmulator(kmock.KubernetesEmulator):
 
     calls: list[Call] = attrs.field(factory=list)
     inflight: list[Any] = attrs.field(factory=list)
+    indexed: bool = True  # False: kmock's stock lookup (a scan of every stored object per request)
+
+    def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:
+        """kmock finds an object by scanning every stored object per request (quadratic over a run): look a
+        named object up by its key instead; lists and cluster-wide requests keep kmock's own scan."""
+        named = request.name is not None and request.resource is not None
+        if (
+            self.indexed and named and (strict or request.namespace is not None)
+        ):  # the one key kmock's scan would match
+            obj = self._objects._objects.get((request.resource, request.namespace, request.name))
+            return [] if obj is None else [obj]
+        return self._scan_objs(request, strict)
+
+    def _scan_objs(self, request: Any, strict: bool) -> list[Any]:
+        return kmock.KubernetesEmulator._KubernetesEmulator__get_objs(self, request, strict)  # type: ignore[attr-defined]
 
     async def _handle(self, request: Any) -> Any:
         started = time.monotonic()
@@ -110,10 +125,10 @@ class RecordingEmulator(kmock.KubernetesEmulator):
             )
 
 
-def _serve_in_process(conn: Any) -> None:
+def _serve_in_process(conn: Any, indexed: bool = True) -> None:
     """Child-process body of ``Cluster(process=True)``: kmock on this process's main thread; a thread answers
     the parent over ``conn`` (an int: the calls recorded from that index on; None: stop)."""
-    cluster = Cluster()
+    cluster = Cluster(indexed=indexed)
     serving = threading.Thread(target=cluster._run, name="kmock", daemon=True)
     serving.start()
     if not cluster._ready.wait(30):
@@ -140,10 +155,12 @@ class Cluster:
     shares no interpreter or GIL with the operator: the way an API server runs), with a blocking HTTP
     client for the test."""
 
-    def __init__(self, process: bool = False) -> None:
+    def __init__(self, process: bool = False, indexed: bool = True) -> None:
         self.process = process
+        self.indexed = indexed
         self._child: Any = None
         self._conn: Any = None
+        self._calls: list[Call] = []  # the child's record, as far as fetched
         self._lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="kmock", daemon=True)
@@ -162,7 +179,7 @@ class Cluster:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        async with RecordingEmulator() as emulator, kmock.Server(emulator) as server:
+        async with RecordingEmulator(indexed=self.indexed) as emulator, kmock.Server(emulator) as server:
             for key, (kind, subresources) in RESOURCES.items():
                 emulator.resources[key] = kmock.ResourceInfo(
                     kind=kind,
@@ -185,7 +202,9 @@ class Cluster:
 
             ctx = multiprocessing.get_context("spawn")
             self._conn, child_conn = ctx.Pipe()
-            self._child = ctx.Process(target=_serve_in_process, args=(child_conn,), name="kmock", daemon=True)
+            self._child = ctx.Process(
+                target=_serve_in_process, args=(child_conn, self.indexed), name="kmock", daemon=True
+            )
             self._child.start()
             if not self._conn.poll(60) or not (url := self._conn.recv()):
                 raise RuntimeError("kmock did not start")
@@ -356,9 +375,10 @@ class Cluster:
         """The requests kmock served, from the ``since``-th on (in order; ``Call.time`` is time.monotonic(),
         one clock for every process on the machine)."""
         if self._child is not None:
-            with self._lock:
-                self._conn.send(since)
-                return list(self._conn.recv())
+            with self._lock:  # fetch only what this side has not seen yet: polling stays linear
+                self._conn.send(len(self._calls))
+                self._calls.extend(self._conn.recv())
+                return self._calls[since:]
         assert self.emulator is not None
         return list(self.emulator.calls[since:])
 

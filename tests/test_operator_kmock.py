@@ -19,6 +19,7 @@ from kmock_harness import Cluster, Operator
 from lmforge_jobs.manifest import parse_resource
 from lmforge_jobs.resolve import dependencies
 from lmforge_operator import rbac
+from lmforge_operator.kube import path_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -606,9 +607,18 @@ def test_evaluation_every_checkpoint_reruns_as_checkpoints_land(cluster: Cluster
             lambda: (s := cluster.status("Evaluation", "gpt-every", ns)).get("history") and s, 20, "round 0"
         )
         assert st["phase"] == "Running" and st["history"][0]["perplexity"] == 30.0
-        # The run finishes: one more round for the final model, then Succeeded.
-        finish(cluster, "gpt-pretrain", ns)
-        wait_job(cluster, ns, "gpt-every-evaluate-1")
+        # The run finishes (its export reported somewhere other than the default): one more round for the
+        # final model, then Succeeded.
+        final = {"state": "Succeeded", "outputs": {"model": "s3://bucket/exports/gpt-final"}}
+        finish(cluster, "gpt-pretrain", ns, final)
+        job1 = wait_job(cluster, ns, "gpt-every-evaluate-1")
+        # Each round mounts the spec it was resolved with, in a ConfigMap of its own; round 0's is unchanged.
+        mounted = {v["name"]: v for v in job1["spec"]["template"]["spec"]["volumes"]}["spec"]
+        assert mounted["configMap"]["name"] == "gpt-every-evaluate-spec-1"
+        assert configmap_spec(cluster, ns, "gpt-every-evaluate-spec-1")["spec"]["model"] == {
+            "path": "s3://bucket/exports/gpt-final"
+        }
+        assert configmap_spec(cluster, ns, "gpt-every-evaluate-spec") == resolved
         finish(cluster, "gpt-every-evaluate-1", ns, {"state": "Succeeded", "results": {"perplexity": 25.0}})
         st = cluster.wait_phase("Evaluation", "gpt-every", "Succeeded", ns)
         assert [h["perplexity"] for h in st["history"]] == [30.0, 25.0]
@@ -617,6 +627,54 @@ def test_evaluation_every_checkpoint_reruns_as_checkpoints_land(cluster: Cluster
             "gpt-every-evaluate",
             "gpt-every-evaluate-1",
         ]
+    assert_rbac(cluster)
+
+
+def test_evaluation_every_checkpoint_deletes_superseded_rounds(cluster: Cluster) -> None:
+    """Only the newest two rounds keep their Job (and pods) and spec ConfigMap; older ones are deleted once
+    their results are in status.history, and a restarted operator neither re-creates nor forgets them."""
+    ns = "prune"
+    pre = {k: v for k, v in PRETRAIN.items() if k != "corpus"} | {
+        "data": {"tokens": "s3://b/t", "tokenizer": "s3://b/tok"}
+    }
+    ev = {"model": {"pretrainRun": "gpt"}, "checkpoints": "every", "output": "s3://b/evals/gpt"}
+    ev["benchmarks"] = [{"task": "hellaswag"}]
+    rounds = ["gpt-every-evaluate", "gpt-every-evaluate-1", "gpt-every-evaluate-2"]
+    specs = ["gpt-every-evaluate-spec", "gpt-every-evaluate-spec-1", "gpt-every-evaluate-spec-2"]
+
+    def history() -> list[float]:
+        return [h["perplexity"] for h in cluster.status("Evaluation", "gpt-every", ns).get("history") or []]
+
+    with Operator(cluster, ns):
+        cluster.create(doc("PretrainRun", "gpt", pre), ns)
+        cluster.create(doc("Evaluation", "gpt-every", ev), ns)
+        wait_job(cluster, ns, "gpt-pretrain")
+        cluster.start_job("gpt-pretrain", ns)
+        cluster.wait_phase("PretrainRun", "gpt", "Running", ns)
+        for r, step in enumerate((60, 110)):  # checkpoints 1 and 2 land (everySteps 50): rounds 0 and 1
+            cluster.patch("PretrainRun", "gpt", {"status": {"progress": {"step": step}}}, ns, "status")
+            wait_job(cluster, ns, rounds[r])
+            finish(cluster, rounds[r], ns, {"state": "Succeeded", "results": {"perplexity": 30.0 - r}})
+            cluster.wait(lambda r=r: len(history()) == r + 1, 20, f"round {r} recorded")
+        assert cluster.get("Job", rounds[0], ns) is not None  # two rounds so far: nothing deleted
+        finish(cluster, "gpt-pretrain", ns)  # the final model: round 2, and round 0 goes
+        wait_job(cluster, ns, rounds[2])
+        cluster.wait(lambda: cluster.get("Job", rounds[0], ns) is None, 20, "round 0 deleted")
+        cluster.wait(lambda: cluster.get("ConfigMap", specs[0], ns) is None, 20, "round 0 spec deleted")
+        assert all(cluster.get("Job", j, ns) is not None for j in rounds[1:])
+        assert all(cluster.get("ConfigMap", c, ns) is not None for c in specs[1:])
+        deletes = [c for c in cluster.calls if c.by_operator and c.method == "DELETE" and f"/{ns}/" in c.path]
+        assert {c.path.rsplit("/", 1)[-1] for c in deletes} == {rounds[0], specs[0]}
+    # A restart: round 0 is not re-created; round 2 finishes and the Evaluation succeeds with all three.
+    with Operator(cluster, ns):
+        finish(cluster, rounds[2], ns, {"state": "Succeeded", "results": {"perplexity": 25.0}})
+        st = cluster.wait_phase("Evaluation", "gpt-every", "Succeeded", ns)
+        assert [h["perplexity"] for h in st["history"]] == [30.0, 29.0, 25.0]
+        assert st["results"]["perplexity"] == 25.0
+    assert sorted(j for j in cluster.job_names(ns) if "every" in j) == rounds[1:]
+    here = [c for c in cluster.calls if c.by_operator and f"/namespaces/{ns}/" in c.path]
+    posted = [c.name for c in here if c.method == "POST" and c.path.endswith("/jobs") and "every" in c.name]
+    assert sorted(posted) == rounds  # each round's Job created once, none again after the restart
     assert_rbac(cluster)
 
 
@@ -674,3 +732,40 @@ def test_lmforge_operator_command_serves_metrics_and_liveness(cluster: Cluster, 
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
     assert code == 0, (tmp_path / "operator.log").read_text()[-2000:]
+
+
+def test_keyed_lookup_in_the_harness_finds_what_kmocks_scan_finds(cluster: Cluster) -> None:
+    """The harness replaces kmock's per-request scan of every stored object with a dict lookup (bench speed);
+    it must answer exactly what the scan answers: live, deleted and absent objects, any namespace."""
+    from kmock._internal.references import resource
+    from kmock._internal.rendering import Request
+
+    ns_a, ns_b = "lookup-a", "lookup-b"
+    for ns in (ns_a, ns_b):
+        cluster.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "same"}}, ns)
+    cluster.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "gone"}}, ns_a)
+    cluster.request("DELETE", path_for("ConfigMap", ns_a, "gone"))
+    emulator = cluster.emulator
+    assert emulator is not None and emulator.indexed
+    configmaps, jobs = resource("v1/configmaps"), resource("batch/v1/jobs")
+    cases = [
+        (configmaps, ns_a, "same"),
+        (configmaps, ns_b, "same"),
+        (configmaps, ns_a, "gone"),
+        (configmaps, ns_a, "absent"),
+        (configmaps, None, "same"),
+        (configmaps, ns_a, None),
+        (jobs, ns_a, "same"),
+    ]
+    found_any = found_deleted = False
+    for res, ns, name in cases:
+        for strict in (True, False):
+            request = Request(resource=res, namespace=ns, name=name)
+            keyed = emulator._KubernetesEmulator__get_objs(request, strict)
+            scanned = emulator._scan_objs(request, strict)
+            assert [id(o) for o in keyed] == [id(o) for o in scanned], (res, ns, name, strict)
+            found_any |= any(not o.deleted for o in keyed)
+            found_deleted |= any(o.deleted for o in keyed)
+    assert found_any and found_deleted
+    assert cluster.get("ConfigMap", "same", ns_b) is not None
+    assert cluster.get("ConfigMap", "gone", ns_a) is None

@@ -151,9 +151,11 @@ def child_name(name: str, suffix: str, max_length: int = DNS_LABEL_MAX) -> str:
     return f"{full[:keep].rstrip('-')}-{digest}"
 
 
-def configmap_name(resource: Resource[Any, Any]) -> str:
-    """Name of the resource's spec ConfigMap: ``<name>-<component>-spec`` (kinds may share names)."""
-    return child_name(resource.name, f"{COMPONENT[resource.kind]}-spec")
+def configmap_name(resource: Resource[Any, Any], generation: int = 0) -> str:
+    """Name of the resource's spec ConfigMap: ``<name>-<component>-spec`` (kinds may share names), with
+    ``-<generation>`` for a re-run (n > 0): each run of a step mounts the spec it was resolved with."""
+    tail = f"{COMPONENT[resource.kind]}-spec"
+    return child_name(resource.name, f"{tail}-{generation}" if generation else tail)
 
 
 def service_name(resource: Resource[Any, Any]) -> str:
@@ -412,12 +414,17 @@ def job_manifest(resolved_doc: Mapping[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- objects
 def build_configmap(
-    resource: Resource[Any, Any], resolved_doc: Mapping[str, Any], owner: dict[str, Any] | None
+    resource: Resource[Any, Any],
+    resolved_doc: Mapping[str, Any],
+    owner: dict[str, Any] | None,
+    generation: int = 0,
 ) -> dict[str, Any]:
-    """ConfigMap ``<name>-<component>-spec`` holding ``spec.yaml``: the resolved, localised manifest the
-    job reads (``lmforge.io/spec-hash`` annotation: a digest of that text)."""
+    """ConfigMap ``<name>-<component>-spec[-<generation>]`` holding ``spec.yaml``: the resolved, localised
+    manifest the job reads (``lmforge.io/spec-hash`` annotation: a digest of that text)."""
     text = dump_spec(job_manifest(resolved_doc))
-    meta = _metadata(resource, configmap_name(resource), owner)
+    meta = _metadata(resource, configmap_name(resource, generation), owner)
+    if generation:
+        meta["annotations"][ANNOTATION_RUN] = str(generation)
     meta["annotations"][ANNOTATION_SPEC_HASH] = _digest(text, length=16)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {SPEC_FILE: text}}
 
@@ -659,7 +666,10 @@ def build_job(
         "securityContext": pod_security,
         "containers": [container],
         "volumes": [
-            {"name": "spec", "configMap": {"name": configmap_name(resource), "defaultMode": 0o444}},
+            {
+                "name": "spec",
+                "configMap": {"name": configmap_name(resource, generation), "defaultMode": 0o444},
+            },
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             {"name": "tmp", "emptyDir": {}},
             *pvc_volumes,
@@ -711,7 +721,7 @@ def children(
 ) -> list[dict[str, Any]]:
     """Everything to create for the current step, in creation order: ConfigMap, Service (torchrun only),
     Job. A Corpus needs ``stage`` (the stage to run now). Keyword arguments as in :func:`build_job`."""
-    objects = [build_configmap(resource, resolved_doc, owner)]
+    objects = [build_configmap(resource, resolved_doc, owner, generation)]
     if needs_service(resource):
         objects.append(build_service(resource, owner))
     objects.append(

@@ -14,7 +14,8 @@ Workers take keys off the queue and :meth:`reconcile` them from scratch:
 3. otherwise mirror the Job's state into the conditions: progress and metrics from the rank-0 pod's
    Prometheus endpoint while it runs, the container's termination message when it ends, outputs on success;
    a Corpus advances stage by stage (one Indexed Job each); an Evaluation with ``checkpoints: every`` runs
-   one Job per round, a new round whenever its PretrainRun has landed new checkpoints;
+   one Job per round, a new round whenever its PretrainRun has landed new checkpoints (rounds older than
+   the newest two are deleted, their results kept in status.history);
 4. patch ``status`` (validated by the kind's status model) only when it changed, post a Kubernetes Event on
    every phase transition, and wake the resources that depend on this one.
 
@@ -31,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable
@@ -59,6 +61,8 @@ SPEC_ANNOTATION = "lmforge.io/spec"
 SPEC_HASH_ANNOTATION = "lmforge.io/spec-digest"
 CHECKPOINTS_ANNOTATION = "lmforge.io/checkpoints"
 MAX_ROUNDS = 1000
+KEEP_ROUNDS = 2  # round Jobs (and their pods and spec ConfigMaps) kept per Evaluation with checkpoints: every
+_ROUND = re.compile(r"round (\d+): ")
 
 
 def default_image() -> str:
@@ -839,12 +843,24 @@ class Controller:
         ns = key[1]
         assert self.api is not None
 
+        # Rounds older than the last KEEP_ROUNDS are deleted once recorded in status.history: look from the
+        # last recorded one on (from 0 when none is, or when that Job is gone too).
+        recorded = [
+            int(m.group(1))
+            for h in status.get("history") or []
+            if (m := _ROUND.match(str(h.get("checkpoint") or "")))
+        ]
+        seen: list[int] = []
         latest: tuple[int, dict[str, Any]] | None = None
-        for r in range(MAX_ROUNDS):
-            job = await self._job(ns, builders.job_name(resource, None, r), status)
-            if job is None:
+        for first in dict.fromkeys((max(recorded, default=0), 0)):
+            for r in range(first, MAX_ROUNDS):
+                job = await self._job(ns, builders.job_name(resource, None, r), status)
+                if job is None:
+                    break
+                seen.append(r)
+                latest = (r, job)
+            if latest is not None:
                 break
-            latest = (r, job)
         marker = self._checkpoint_marker(resource, ns)
         if latest is None:
             waiting = self._check_dependencies(resource, ns)
@@ -893,11 +909,34 @@ class Controller:
             )
             if isinstance(made, Outcome):
                 return state(made.phase, made.reason, made.message)
+            await self._prune_rounds(resource, ns, r + 1, seen)
             return state("Running", st.JOB_CREATED, f"round {r + 1} created for checkpoints {marker[0]}")
         if marker is not None and marker[1]:
             status.setdefault("completionTime", js.completion_time or st.now_iso())
             return state("Succeeded", st.JOB_SUCCEEDED, f"{r + 1} rounds evaluated, the final model included")
         return state("Running", st.WAITING_FOR_CHECKPOINT, f"round {r} done; waiting for the next checkpoint")
+
+    async def _prune_rounds(
+        self, resource: Resource[Any, Any], ns: str, newest: int, seen: list[int]
+    ) -> None:
+        """Round ``newest`` was just created: delete the Job (its pods with it) and spec ConfigMap of round
+        ``newest - KEEP_ROUNDS`` (each older one went when its successor's successor came), and of any older
+        round still seen. Their results are in status.history and results.json. Best effort: a refusal
+        is logged, and the round is tried again only if it is seen again."""
+        from lmforge_operator import builders
+
+        assert self.api is not None
+        cutoff = newest - KEEP_ROUNDS
+        for r in sorted({r for r in seen if r < cutoff} | ({cutoff} if cutoff >= 0 else set())):
+            job = builders.job_name(resource, None, r)
+            try:
+                await self.api.delete("Job", ns, job)
+                await self.api.delete("ConfigMap", ns, builders.configmap_name(resource, r))
+            except ApiError as exc:
+                log.warning("%s/%s/%s: round %d not cleaned up: %s", resource.kind, ns, resource.name, r, exc)
+                continue
+            self.jobs.pop((ns, job), None)
+            log.info("%s/%s/%s: deleted round %d (Job %s)", resource.kind, ns, resource.name, r, job)
 
     # ------------------------------------------------------------------------------------- events
     async def _event(self, body: dict[str, Any], outcome: Outcome) -> None:

@@ -30,10 +30,10 @@ RULES: list[dict[str, Any]] = [
         "verbs": ["get", "patch", "update"],
     },
     # Children: created if absent under deterministic names, read back after a restart, watched for
-    # progress. Jobs are deleted when a step is superseded (e.g. a new checkpoint to evaluate); everything
-    # else goes away through ownerReferences (the garbage collector, not the operator, deletes it).
+    # progress. The Jobs and spec ConfigMaps of superseded Evaluation rounds (checkpoints: every) are
+    # deleted; everything else goes away through ownerReferences (the garbage collector deletes it).
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*READ, "create", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": [*READ, "create", "patch"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": [*READ, "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": [*READ, "create"]},
     # Job pods: rank 0's IP for its Prometheus endpoint, termination messages and restart counts.
     {"apiGroups": [""], "resources": ["pods"], "verbs": READ},
