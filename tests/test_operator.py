@@ -284,6 +284,42 @@ def test_config_error_stays_invalid_after_its_pods_are_gone() -> None:
     assert status["phase"] == "Invalid", status
 
 
+def test_abridged_results_are_said_in_the_condition_and_kept() -> None:
+    """A termination summary that had to shed detail (telemetry.fit_termination_message) shows what it
+    left out in the Succeeded condition, with where the full results are; the pods going away keeps it."""
+    from lmforge_jobs.telemetry import fit_termination_message
+
+    class PodsApi(FakeApi):
+        pods: list[dict[str, Any]] = []
+
+        async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
+            return list(self.pods) if kind == "Pod" else []
+
+    api = PodsApi()
+    controller = Controller(Config(events=False, storage="s3://store", scrape=False))
+    controller.api = api  # type: ignore[assignment]
+    spec = {"model": {"huggingface": "org/m"}, "benchmarks": [{"task": "x"}], "output": "s3://e/ev"}
+    status = _run(controller, _resource("Evaluation", "ev", spec))
+    job = api.objects[("Job", "ns", "ev-evaluate")]
+    job["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    controller.jobs[("ns", "ev-evaluate")] = job
+    tasks = {f"t{i}": {"acc": 0.5, "acc_stderr": 0.01, "f1": 0.4, "f1_stderr": 0.02} for i in range(100)}
+    message = fit_termination_message({"state": "Succeeded", "results": {"benchmarks": tasks}})
+    pod = _pod("0", "t1", containerStatuses=[{"state": {"terminated": {"exitCode": 0, "message": message}}}])
+    pod["metadata"]["labels"]["job-name"] = "ev-evaluate"
+    api.pods = [pod]
+    body = _resource("Evaluation", "ev", spec)
+    body["status"] = status
+    status = _run(controller, body)
+    assert status["phase"] == "Succeeded", status
+    assert status["results"]["benchmarks"]["t7"] == {"acc": 0.5, "f1": 0.4}
+    said = (st.condition(status, "Succeeded") or {})["message"]
+    assert "results.benchmarks.*_stderr" in said and "s3://e/ev/results.json" in said
+    api.pods = []
+    body["status"] = status
+    assert (st.condition(_run(controller, body), "Succeeded") or {})["message"] == said
+
+
 def test_spec_changed_names_the_fields() -> None:
     before = {"model": {"layers": 2, "hidden": 64}, "budget": {"steps": 10}}
     after = {"model": {"layers": 4, "hidden": 64}, "budget": {"steps": 10}, "queue": "a"}

@@ -660,6 +660,16 @@ class Controller:
         allowed = {f.alias or n for n, f in model.model_fields.items()}
         return {k: v for k, v in outputs.items() if k in allowed}
 
+    @staticmethod
+    def _left_out(summary: dict[str, Any] | None, outputs: dict[str, Any]) -> str:
+        """What an oversized termination summary left out of status, and where all of it is."""
+        dropped = (summary or {}).get("truncated")
+        if not isinstance(dropped, list) or not dropped:
+            return ""
+        where = outputs.get("results") or ", ".join(str(v) for v in outputs.values()) or "the job's output"
+        what = ", ".join(str(d) for d in dropped)[:300]
+        return f"; status lacks {what} (the 4 KiB termination message could not hold them): see {where}"
+
     def _failed(self, state: Any, job_name: str, js: st.JobState, summary: dict[str, Any] | None) -> Outcome:
         summary = summary or {}
         message = str(summary.get("message") or js.message or "the job failed")
@@ -709,18 +719,22 @@ class Controller:
         phase = status.get("phase")
         already = phase in ("Failed", "Invalid") or (phase == "Succeeded" and bool(status.get("outputs")))
         if js.state == "Succeeded":
+            message = f"Job {js.name} succeeded"
             if not already:
                 summary, _ = await self._summary(ns, js.name)
                 if summary:
                     self._apply_summary(status, resource, summary, output)
                 status["outputs"] = self._outputs(resource, output, summary)
+                message += self._left_out(summary, status["outputs"])
+            else:  # the pods may be gone: keep what was said when the summary was read
+                message = (st.condition(status, "Succeeded") or {}).get("message") or message
                 progress = dict(status.get("progress") or {})
                 if progress.get("totalSteps"):
                     progress["step"] = max(progress.get("step", 0), progress["totalSteps"])
                 progress.update(percent=100.0, etaSeconds=0, updatedAt=st.now_iso())
                 status["progress"] = progress
             status.setdefault("completionTime", js.completion_time or st.now_iso())
-            return state("Succeeded", st.JOB_SUCCEEDED, f"Job {js.name} succeeded")
+            return state("Succeeded", st.JOB_SUCCEEDED, message)
         # Failed
         status.setdefault("completionTime", js.completion_time or st.now_iso())
         if already:
