@@ -188,6 +188,17 @@ class FakeApi:
         pass
 
 
+class PodsApi(FakeApi):
+    """FakeApi whose pod list is ``pods`` (set by the test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pods: list[dict[str, Any]] = []
+
+    async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
+        return list(self.pods) if kind == "Pod" else []
+
+
 def _resource(kind: str, name: str, spec: dict[str, Any], **status: Any) -> dict[str, Any]:
     body = {
         "apiVersion": "lmforge.io/v1alpha1",
@@ -247,14 +258,31 @@ def test_reconcile_waits_then_creates_children_once() -> None:
     assert [(k, n) for op, k, n in api.calls if op == "create"] == created
 
 
+def _job_ended(
+    controller: Controller,
+    api: PodsApi,
+    body: dict[str, Any],
+    status: dict[str, Any],
+    job_name: str,
+    job_status: dict[str, Any],
+    exit_code: int,
+    message: str,
+) -> dict[str, Any]:
+    """Play the Job controller and kubelet: the Job gets ``job_status``, its one pod terminated with
+    ``exit_code`` and termination ``message``; then reconcile ``body`` (last seen with ``status``) again."""
+    job = api.objects[("Job", "ns", job_name)]
+    job["status"] = job_status
+    controller.jobs[("ns", job_name)] = job
+    terminated = {"terminated": {"exitCode": exit_code, "message": message}}
+    pod = _pod("0", "t1", containerStatuses=[{"state": terminated}])
+    pod["metadata"]["labels"]["job-name"] = job_name
+    api.pods = [pod]
+    body["status"] = status
+    return _run(controller, body)
+
+
 def test_config_error_stays_invalid_after_its_pods_are_gone() -> None:
     """Exit 64 → Invalid naming the field; a later reconcile with no pods left must not turn it Failed."""
-
-    class PodsApi(FakeApi):
-        pods: list[dict[str, Any]] = []
-
-        async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
-            return list(self.pods) if kind == "Pod" else []
 
     api = PodsApi()
     controller = Controller(Config(events=False, storage="s3://store", scrape=False))
@@ -263,19 +291,10 @@ def test_config_error_stays_invalid_after_its_pods_are_gone() -> None:
         "PretrainRun", "base", {}, phase="Succeeded", outputs={"model": "s3://m/model"}
     )
     status = _run(controller, _resource("AlignmentRun", "sft", ALIGN))
-    job = api.objects[("Job", "ns", "sft-align")]
-    job["status"] = {
-        "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "x"}]
-    }
-    controller.jobs[("ns", "sft-align")] = job
+    failed = {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "x"}
     message = json.dumps({"state": "Invalid", "message": "no such file", "field": "dataset.path"})
-    terminated = {"terminated": {"exitCode": 64, "message": message}}
-    pod = _pod("0", "t1", containerStatuses=[{"state": terminated}])
-    pod["metadata"]["labels"]["job-name"] = "sft-align"
-    api.pods = [pod]
     body = _resource("AlignmentRun", "sft", ALIGN)
-    body["status"] = status
-    status = _run(controller, body)
+    status = _job_ended(controller, api, body, status, "sft-align", {"conditions": [failed]}, 64, message)
     assert status["phase"] == "Invalid", status
     assert "spec.dataset.path" in (st.condition(status, "Invalid") or {}).get("message", "")
     api.pods = []  # pods garbage-collected; resync reconciles again
@@ -289,28 +308,16 @@ def test_abridged_results_are_said_in_the_condition_and_kept() -> None:
     left out in the Succeeded condition, with where the full results are; the pods going away keeps it."""
     from lmforge_jobs.telemetry import fit_termination_message
 
-    class PodsApi(FakeApi):
-        pods: list[dict[str, Any]] = []
-
-        async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
-            return list(self.pods) if kind == "Pod" else []
-
     api = PodsApi()
     controller = Controller(Config(events=False, storage="s3://store", scrape=False))
     controller.api = api  # type: ignore[assignment]
     spec = {"model": {"huggingface": "org/m"}, "benchmarks": [{"task": "x"}], "output": "s3://e/ev"}
     status = _run(controller, _resource("Evaluation", "ev", spec))
-    job = api.objects[("Job", "ns", "ev-evaluate")]
-    job["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
-    controller.jobs[("ns", "ev-evaluate")] = job
     tasks = {f"t{i}": {"acc": 0.5, "acc_stderr": 0.01, "f1": 0.4, "f1_stderr": 0.02} for i in range(100)}
     message = fit_termination_message({"state": "Succeeded", "results": {"benchmarks": tasks}})
-    pod = _pod("0", "t1", containerStatuses=[{"state": {"terminated": {"exitCode": 0, "message": message}}}])
-    pod["metadata"]["labels"]["job-name"] = "ev-evaluate"
-    api.pods = [pod]
+    complete = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
     body = _resource("Evaluation", "ev", spec)
-    body["status"] = status
-    status = _run(controller, body)
+    status = _job_ended(controller, api, body, status, "ev-evaluate", complete, 0, message)
     assert status["phase"] == "Succeeded", status
     assert status["results"]["benchmarks"]["t7"] == {"acc": 0.5, "f1": 0.4}
     said = (st.condition(status, "Succeeded") or {})["message"]
