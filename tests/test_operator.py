@@ -372,3 +372,29 @@ def test_importing_the_package_stays_light_and_kopf_run_registers_handlers() -> 
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", "0"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "status", "resync"),
+    [
+        ("PretrainRun", {}, {"phase": "Running"}, True),
+        ("PretrainRun", {}, {"phase": "Succeeded"}, False),
+        ("PretrainRun", {}, {"phase": "Failed"}, False),
+        ("PretrainRun", {}, {"phase": "Succeeded", "observedGeneration": 0}, True),  # not seen at this gen
+        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.SPEC_INVALID}, False),
+        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.CONFIG_ERROR}, False),
+        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.SPEC_CHANGED}, False),
+        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.DEPENDENCY_CYCLE}, True),  # others' specs
+        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.DOES_NOT_FIT}, True),  # a Corpus's vocab
+        ("Evaluation", {"checkpoints": "every"}, {"phase": "Succeeded"}, True),
+    ],
+)
+def test_resync_skips_what_only_an_event_can_change(
+    kind: str, spec: dict[str, Any], status: dict[str, Any], resync: bool
+) -> None:
+    status = {"observedGeneration": 1, **status}
+    reason = status.pop("reason", None)
+    if reason:
+        status["conditions"] = [{"type": "Invalid", "status": "True", "reason": reason, "message": "m"}]
+    body = _resource(kind, "r", spec, **status)
+    assert Controller.needs_resync((kind, "ns", "r"), body) is resync

@@ -243,15 +243,28 @@ class Controller:
             if other in self.cache:
                 self.enqueue(other)
 
+    @staticmethod
+    def needs_resync(key: Key, body: dict[str, Any]) -> bool:
+        """Whether the periodic resync reconciles this resource: not when it is finished for its current
+        generation (Succeeded, Failed, or Invalid for a reason only a spec change or an event it gets
+        anyway can undo), except an Evaluation following checkpoints."""
+        s = body.get("status") or {}
+        gen = (body.get("metadata") or {}).get("generation")
+        if key[0] == "Evaluation" and (body.get("spec") or {}).get("checkpoints") == "every":
+            return True
+        if s.get("observedGeneration") != gen:
+            return True
+        if s.get("phase") in TERMINAL:
+            return False
+        invalid = next((c for c in s.get("conditions") or [] if c.get("type") == "Invalid"), None)
+        settled = (st.SPEC_INVALID, st.CONFIG_ERROR, st.SPEC_CHANGED)
+        return not (s.get("phase") == "Invalid" and invalid and invalid.get("reason") in settled)
+
     async def _resync(self) -> None:
         while True:
             await asyncio.sleep(self.config.resync_seconds)
             for key, body in list(self.cache.items()):
-                s = body.get("status") or {}
-                gen = (body.get("metadata") or {}).get("generation")
-                finished = s.get("phase") in TERMINAL and s.get("observedGeneration") == gen
-                every = key[0] == "Evaluation" and (body.get("spec") or {}).get("checkpoints") == "every"
-                if not finished or every:
+                if self.needs_resync(key, body):
                     self.enqueue(key)
 
     async def _worker(self) -> None:
