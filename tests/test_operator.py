@@ -322,9 +322,12 @@ def test_abridged_results_are_said_in_the_condition_and_kept() -> None:
     assert status["results"]["benchmarks"]["t7"] == {"acc": 0.5, "f1": 0.4}
     said = (st.condition(status, "Succeeded") or {})["message"]
     assert "results.benchmarks.*_stderr" in said and "s3://e/ev/results.json" in said
+    assert status["progress"]["percent"] == 100.0 and status["progress"]["etaSeconds"] == 0
     api.pods = []
     body["status"] = status
-    assert (st.condition(_run(controller, body), "Succeeded") or {})["message"] == said
+    again = _run(controller, body)
+    assert (st.condition(again, "Succeeded") or {})["message"] == said
+    assert again == status  # nothing to write once it has succeeded
 
 
 def test_spec_changed_names_the_fields() -> None:

@@ -739,13 +739,13 @@ class Controller:
                     self._apply_summary(status, resource, summary, output)
                 status["outputs"] = self._outputs(resource, output, summary)
                 message += self._left_out(summary, status["outputs"])
-            else:  # the pods may be gone: keep what was said when the summary was read
-                message = (st.condition(status, "Succeeded") or {}).get("message") or message
                 progress = dict(status.get("progress") or {})
                 if progress.get("totalSteps"):
                     progress["step"] = max(progress.get("step", 0), progress["totalSteps"])
                 progress.update(percent=100.0, etaSeconds=0, updatedAt=st.now_iso())
                 status["progress"] = progress
+            else:  # the pods may be gone: keep what was said when the summary was read
+                message = (st.condition(status, "Succeeded") or {}).get("message") or message
             status.setdefault("completionTime", js.completion_time or st.now_iso())
             return state("Succeeded", st.JOB_SUCCEEDED, message)
         # Failed
