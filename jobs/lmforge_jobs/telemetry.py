@@ -332,23 +332,24 @@ def _headline(results: dict[str, Any]) -> dict[str, Any]:
     return {**results, "benchmarks": kept}
 
 
-# Ways to shrink a summary, least loss first: results.json (and outputs.json) keep everything; the
-# termination message is what status shows when no pod can be scraped any more.
-_SHRINK: list[tuple[str, Any]] = [
-    ("results.history", lambda r: {k: v for k, v in r.items() if k != "history"}),
-    ("results.benchmarks.*_stderr", _without_stderr),
-    ("results.arena", lambda r: {k: v for k, v in r.items() if k != "arena"}),
-    ("metrics", None),
-    ("results.benchmarks (one metric per task)", _headline),
-    ("results", None),
-    ("outputs", None),
+# Ways to shrink a summary, least loss first: (what status loses, the top-level key, how; None drops the
+# key). results.json and outputs.json keep everything; the termination message is what status shows once
+# no pod can be scraped any more.
+_SHRINK: list[tuple[str, str, Any]] = [
+    ("results.history", "results", lambda r: {k: v for k, v in r.items() if k != "history"}),
+    ("results.benchmarks.*_stderr", "results", _without_stderr),
+    ("results.arena", "results", lambda r: {k: v for k, v in r.items() if k != "arena"}),
+    ("metrics", "metrics", None),
+    ("results.benchmarks (one metric per task)", "results", _headline),
+    ("results", "results", None),
+    ("outputs", "outputs", None),
 ]
 
 
 def fit_termination_message(summary: Mapping[str, Any], limit: int = TERMINATION_MAX_BYTES) -> str:
     """The summary as compact JSON of at most ``limit`` bytes. An oversized one is shrunk step by step
     (results history, benchmark standard errors, arena, metrics, all but one metric per benchmark task,
-    results, outputs) until it fits; ``truncated`` lists what was left out."""
+    results, outputs, then the message's tail) until it fits; ``truncated`` lists what was left out."""
     data = dict(summary)
     dropped: list[str] = []
 
@@ -357,18 +358,14 @@ def fit_termination_message(summary: Mapping[str, Any], limit: int = TERMINATION
         return json.dumps(doc, separators=(",", ":"), default=str)
 
     text = dump()
-    for what, shrink in _SHRINK:
+    for what, key, shrink in _SHRINK:
         if len(text.encode()) <= limit:
             break
-        key = what.split(".")[0].split(" ")[0]
         if key not in data:
             continue
         if shrink is None:
             data.pop(key)
-        elif isinstance(data[key], dict):
-            smaller = shrink(data[key])
-            if smaller == data[key]:
-                continue
+        elif isinstance(data[key], dict) and (smaller := shrink(data[key])) != data[key]:
             data[key] = smaller
         else:
             continue
