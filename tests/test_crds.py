@@ -139,3 +139,102 @@ def test_printer_columns_and_names() -> None:
         c["name"] for c in build_crd("PretrainRun")["spec"]["versions"][0]["additionalPrinterColumns"]
     }
     assert {"Progress", "Tokens/s", "MFU", "ETA"} <= pretrain
+
+
+# ----------------------------------------------------------------------- what the API server checks on create
+# Kubernetes (apiextensions-apiserver, CRD create/update) validates every `default` in the schema: the value
+# must be pruned (no unknown fields), valid against its own schema node, and every `x-kubernetes-validations`
+# rule of that node and of the nodes inside the value is evaluated against the default *as written* — nested
+# defaults are not applied to a default first. A rule reading `self.workers` on an object whose default is
+# `{}` is refused ("no such key: workers evaluating rule ..."). When a custom resource is stored, defaults are
+# applied recursively (a defaulted object gets its own fields' defaults) and then every rule runs. Both are
+# replayed here with cel-python; the rules read the same keys either way, so a missing key fails both.
+
+
+def _defaulted_nodes(schema: dict[str, Any]):
+    for path, node in _walk(schema, ""):
+        if "default" in node:
+            yield path, node
+
+
+def _default_problems(schema: dict[str, Any]) -> list[str]:
+    from crdcheck import cel_errors
+    from openapi_schema_validator import OAS30Validator
+
+    problems = []
+    for path, node in _defaulted_nodes(schema):
+        default = node["default"]
+        for error in OAS30Validator(_closed_schema(node)).iter_errors(default):
+            problems.append(f"{path}.default: {error.message}")
+        problems += [f"{path}.default{e}" for e in cel_errors(default, node)]
+    return problems
+
+
+def _closed_schema(node: Any) -> Any:
+    """Unknown fields in a default are refused (the default must be pruned); x- keys are not OpenAPI."""
+    if isinstance(node, dict):
+        out = {k: _closed_schema(v) for k, v in node.items() if k != "x-kubernetes-validations"}
+        if "properties" in node and "additionalProperties" not in node:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(node, list):
+        return [_closed_schema(v) for v in node]
+    return node
+
+
+@pytest.mark.parametrize("kind", list(KIND_INFO))
+def test_every_default_passes_its_own_rules_as_written(kind: str) -> None:
+    schema = build_crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert _default_problems(schema) == []
+
+
+@pytest.mark.parametrize("path", CRDS, ids=[p.name for p in CRDS])
+def test_committed_crd_defaults_pass_their_rules(path: Path) -> None:
+    schema = yaml.safe_load(path.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert _default_problems(schema) == []
+
+
+def test_default_checker_refuses_an_empty_default_under_a_rule() -> None:
+    """The case the API server refused: `default: {}` on an object whose rule reads a field."""
+    node = {
+        "type": "object",
+        "default": {},
+        "properties": {
+            "tasks": {"type": "integer", "default": 1},
+            "workers": {"type": "integer", "default": 1},
+        },
+        "x-kubernetes-validations": [
+            {"rule": "self.workers <= self.tasks", "message": "workers must not exceed tasks"}
+        ],
+    }
+    problems = _default_problems({"type": "object", "properties": {"parallelism": node}})
+    assert problems and "workers must not exceed tasks" in problems[0]
+    node["default"] = {"tasks": 1, "workers": 1}
+    assert _default_problems({"type": "object", "properties": {"parallelism": node}}) == []
+    node["default"] = {"tasks": 1, "workers": 1, "extra": 2}
+    assert any(
+        "extra" in p for p in _default_problems({"type": "object", "properties": {"parallelism": node}})
+    )
+
+
+def _minimal_manifests() -> list[dict[str, Any]]:
+    """The smallest valid manifest of each kind in examples/ (fewest spec keys), as a user would write it."""
+    from lmforge_jobs.manifest import load_yaml_documents
+
+    smallest: dict[str, dict[str, Any]] = {}
+    for path in sorted((ROOT / "examples").rglob("*.yaml")):
+        for doc in load_yaml_documents(path.read_text()):
+            if not isinstance(doc, dict) or doc.get("kind") not in KIND_INFO:
+                continue
+            size = len(yaml.safe_dump(doc.get("spec", {})))
+            if doc["kind"] not in smallest or size < smallest[doc["kind"]][0]:
+                smallest[doc["kind"]] = (size, doc)
+    return [doc for _, doc in smallest.values()]
+
+
+@pytest.mark.parametrize("doc", _minimal_manifests(), ids=lambda d: d["kind"])
+def test_stored_object_of_a_minimal_manifest_passes_every_rule(doc: dict[str, Any]) -> None:
+    """Defaults applied recursively (as the API server stores the object), then schema and every rule."""
+    from crdcheck import admission_errors
+
+    assert admission_errors(doc) == []

@@ -173,21 +173,29 @@ class _Structural:
             out["type"] = "string" if all(isinstance(v, str) for v in out["enum"]) else "integer"
         if "properties" in out:
             out["type"] = "object"
-        if out.get("type") == "object" and "default" in out and isinstance(out["default"], dict):
-            out["default"] = self._prune_default(out["default"], out)
+        if out.get("type") == "object" and isinstance(out.get("default"), dict):
+            out["default"] = _expanded_default(out["default"], out)
         return out
 
-    def _prune_default(self, default: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
-        """Keep only the fields a user would write: drop ones equal to their own defaults (the API server
-        fills those in anyway), so defaults stay short and readable."""
-        props = schema.get("properties", {})
-        pruned: dict[str, Any] = {}
-        for key, value in default.items():
-            sub = props.get(key, {})
-            if "default" in sub and sub["default"] == value:
-                continue
-            pruned[key] = value
-        return pruned
+
+def _expanded_default(value: Any, schema: dict[str, Any]) -> Any:
+    """A default with its own fields' defaults filled in, recursively.
+
+    The API server evaluates every CEL rule against each ``default`` as written when the CRD is created and
+    does not apply nested defaults to a default first: ``default: {}`` on an object whose rule reads
+    ``self.workers`` makes the whole CRD invalid. Expanded defaults are exactly what a stored object holds.
+    """
+    if isinstance(value, dict) and "properties" in schema:
+        out = dict(value)
+        for key, sub in schema["properties"].items():
+            if key not in out and "default" in sub:
+                out[key] = copy.deepcopy(sub["default"])
+            if key in out:
+                out[key] = _expanded_default(out[key], sub)
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_expanded_default(v, schema["items"]) for v in value]
+    return value
 
 
 def _apply_cel(model: type[BaseModel], schema: dict[str, Any]) -> None:
