@@ -311,13 +311,16 @@ def test_training_job_runs_torchrun_on_every_node() -> None:
     assert svc["spec"]["publishNotReadyAddresses"] is True
     assert svc["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
     assert argv(job) == [
-        "torchrun",
+        "python",
+        "-m",
+        "lmforge_jobs.launch",
         "--nnodes=2",
         "--nproc-per-node=4",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={name}-0.{service}:29400",
         f"--rdzv-id={name}",
         f"--max-restarts={builders.TORCHRUN_MAX_RESTARTS}",
+        "--shutdown-timeout=580",
         "-m",
         "lmforge_jobs.pretrain",
         "--manifest",
@@ -404,8 +407,8 @@ def test_alignment_run_uses_the_align_module_and_resources_gpu() -> None:
     objs = builders.children(res, resolved(res), owner_of(res), image=IMAGE)
     job = objs[-1]
     assert all(o["metadata"]["namespace"] == "ml" for o in objs)
-    assert argv(job)[:3] == ["torchrun", "--nnodes=3", "--nproc-per-node=8"]
-    assert argv(job)[argv(job).index("-m") + 1] == "lmforge_jobs.align"
+    assert argv(job)[:5] == ["python", "-m", "lmforge_jobs.launch", "--nnodes=3", "--nproc-per-node=8"]
+    assert argv(job)[-3] == "lmforge_jobs.align"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
     assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == "8"
     for obj in objs:
@@ -424,7 +427,7 @@ def test_evaluation_single_process_vs_multi_gpu() -> None:
     multi = resource(evaluation_doc(parallelism={"nodes": 1, "gpusPerNode": 4}))
     objs = builders.children(multi, resolved(multi), owner_of(multi), image=IMAGE)
     assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]
-    assert argv(objs[-1])[:3] == ["torchrun", "--nnodes=1", "--nproc-per-node=4"]
+    assert argv(objs[-1])[:5] == ["python", "-m", "lmforge_jobs.launch", "--nnodes=1", "--nproc-per-node=4"]
     assert objs[-1]["spec"]["template"]["spec"]["subdomain"] == objs[1]["metadata"]["name"]
     for obj in objs:
         assert_valid(obj)
@@ -761,3 +764,16 @@ def test_dump_spec_quotes_exactly_the_strings_yaml_would_misread() -> None:
         for _ in range(2):
             (loaded,) = load_yaml_documents(builders.dump_spec({"k": value, value: [value]}))
             assert loaded == {"k": value, value: [value]}, value
+
+
+def test_torchrun_waits_the_pods_grace_period_for_its_workers() -> None:
+    """torchrun's own shutdown timeout (30 s) would SIGKILL a rank still writing its final checkpoint."""
+    for kind in ("PretrainRun", "AlignmentRun"):
+        grace = builders.GRACE_SECONDS[kind]
+        timeout = builders.shutdown_timeout(kind)
+        assert 30 < timeout < grace
+    res = resource(pretrain_doc())
+    job = builders.build_job(res, owner_of(res), image=IMAGE)
+    grace = job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    flag = next(a for a in argv(job) if a.startswith("--shutdown-timeout="))
+    assert grace - 60 <= int(flag.split("=")[1]) < grace

@@ -128,7 +128,7 @@ def test_operator_commands_run_in_the_jobs_image() -> None:
         stage = stages(resource.spec)[0] if resource.kind == "Corpus" else None
         argv = builders.command(resource, builders.child_name(resource.metadata.name, "job"), stage)
         assert argv[0] in ("python", "torchrun"), argv
-        module = argv[argv.index("-m") + 1]
+        module = argv[len(argv) - argv[::-1].index("-m")]  # the last -m: torchrun's launcher comes first
         assert module in JOB_MODULES, argv
         seen.add(module)
     assert seen == set(JOB_MODULES)

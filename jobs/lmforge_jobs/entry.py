@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lmforge_jobs.launch import record_exit
 from lmforge_jobs.manifest import ManifestError, Resource, load_spec
 from lmforge_jobs.resolve import default_output, unresolved
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR, SpecError
@@ -81,6 +82,7 @@ def job_main(
     except ManifestError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
+        record_exit(EXIT_CONFIG_ERROR)
         return EXIT_CONFIG_ERROR
     except (ConfigError, SpecError) as exc:
         print(f"error: {error_line(exc)}", file=sys.stderr)
@@ -89,6 +91,7 @@ def job_main(
             Telemetry(kind, resource.spec.output, port="off").fail(
                 error_line(exc), field=f"spec.{exc.field}", config_error=True
             )
+        record_exit(EXIT_CONFIG_ERROR)  # under torchrun, the launcher turns this into the pod's exit code
         return EXIT_CONFIG_ERROR
     return int(result) if isinstance(result, int) else 0
 

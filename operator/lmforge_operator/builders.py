@@ -17,9 +17,10 @@ What a resource becomes:
   process): stable DNS names ``<job>-<index>.<service>`` for the pods (``subdomain``), the torchrun
   rendezvous endpoint.
 * one Indexed **Job** per step. PretrainRun / AlignmentRun / multi-process Evaluation: ``<name>-<component>``,
-  completions = parallelism = nodes, each pod running ``torchrun --nnodes=N --nproc-per-node=G
-  --rdzv-backend=c10d --rdzv-endpoint=<job>-0.<service>:29400 ... -m lmforge_jobs.<stage> --manifest
-  /etc/lmforge/spec.yaml``. Corpus: ``<name>-<stage>`` per stage of :func:`lmforge_jobs.data.stages.stages`,
+  completions = parallelism = nodes, each pod running torchrun through ``python -m lmforge_jobs.launch
+  --nnodes=N --nproc-per-node=G --rdzv-backend=c10d --rdzv-endpoint=<job>-0.<service>:29400 ...
+  --shutdown-timeout=<grace - 20 s> -m lmforge_jobs.<stage> --manifest /etc/lmforge/spec.yaml`` (the
+  launcher keeps a worker's exit 64 as the pod's exit code, which torchrun alone turns into 1). Corpus: ``<name>-<stage>`` per stage of :func:`lmforge_jobs.data.stages.stages`,
   completions = the stage's tasks, parallelism = spec.parallelism.workers, a failed rank retried alone
   (backoffLimitPerIndex). Single-process Evaluation: ``python -m lmforge_jobs.evaluate``.
 
@@ -89,6 +90,7 @@ CORPUS_MAX_FAILED_INDEXES = 0
 
 # Seconds between SIGTERM and SIGKILL: a training rank finishes its step and writes a final checkpoint.
 GRACE_SECONDS = {"Corpus": 120, "PretrainRun": 600, "AlignmentRun": 600, "Evaluation": 120}
+SHUTDOWN_MARGIN_SECONDS = 20
 
 COMPONENT = {"Corpus": "corpus", "PretrainRun": "pretrain", "AlignmentRun": "align", "Evaluation": "evaluate"}
 MODULE = {
@@ -477,6 +479,13 @@ def _completions(resource: Resource[Any, Any], stage: Stage | None) -> int:
     return 1
 
 
+def shutdown_timeout(kind: str) -> int:
+    """Seconds torchrun lets its workers finish after SIGTERM: the pod's grace period less a margin for
+    torchrun itself to exit before the kubelet's SIGKILL."""
+    grace = GRACE_SECONDS[kind]
+    return max(grace // 2, grace - SHUTDOWN_MARGIN_SECONDS)
+
+
 def gpus_per_pod(resource: Resource[Any, Any]) -> int:
     """nvidia.com/gpu of each pod: spec.resources.gpu, else parallelism.gpusPerNode (0 for a Corpus)."""
     if resource.spec.resources.gpu is not None:
@@ -496,14 +505,20 @@ def command(resource: Resource[Any, Any], job: str, stage: Stage | None = None) 
         return ["python", *tail, "--stage", stage.name]
     if uses_torchrun(resource):
         nodes, gpus = _parallelism(resource)
+        # lmforge_jobs.launch runs torchrun and keeps a worker's exit 64 as the pod's exit code (torchrun
+        # would restart the worker and exit 1); torchrun waits the pod's grace period, not its own 30 s,
+        # between forwarding SIGTERM to the workers and killing them.
         return [
-            "torchrun",
+            "python",
+            "-m",
+            "lmforge_jobs.launch",
             f"--nnodes={nodes}",
             f"--nproc-per-node={max(1, gpus)}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={job}-0.{service_name(resource)}:{RDZV_PORT}",
             f"--rdzv-id={job}",
             f"--max-restarts={TORCHRUN_MAX_RESTARTS}",
+            f"--shutdown-timeout={shutdown_timeout(resource.kind)}",
             *tail,
         ]
     return ["python", *tail]

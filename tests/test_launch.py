@@ -1,0 +1,173 @@
+"""The job pods' torchrun launcher (`python -m lmforge_jobs.launch`), run for real on CPU.
+
+* A worker's configuration error (exit 64) must end the launcher with 64 at once — plain torchrun restarts
+  the worker and exits 1, which the Job's podFailurePolicy rule for 64 never matches.
+* SIGTERM to the launcher (the container's first process) must reach the workers and let them finish
+  within torchrun's ``--shutdown-timeout``, which the operator sets from the pod's grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge_jobs.launch import EXIT_DIR_ENV, record_exit, recorded_config_error
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", LMFORGE_METRICS_PORT="off", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("LMFORGE_TERMINATION_LOG", None)
+    env.pop(EXIT_DIR_ENV, None)
+    return env
+
+
+def _bad_pretrain(tmp: Path) -> Path:
+    """A valid PretrainRun whose token shards do not exist: the job finds out at run time (exit 64)."""
+    spec = {
+        "data": {"tokens": str(tmp / "missing"), "tokenizer": str(tmp / "missing-tokenizer")},
+        "model": {"layers": 2, "hidden": 64, "heads": 4, "seqLen": 32},
+        "budget": {"steps": 2},
+        "batch": {"globalTokens": 512, "microBatchSize": 8},
+        "precision": "fp32",
+        "parallelism": {"nodes": 1, "gpusPerNode": 0, "strategy": "ddp", "compile": False},
+        "output": str(tmp / "out"),
+    }
+    path = tmp / "bad.yaml"
+    doc = {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": "PretrainRun",
+        "metadata": {"name": "bad"},
+        "spec": spec,
+    }
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return path
+
+
+TORCHRUN = ["--standalone", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=2", "--monitor-interval=0.2"]
+
+
+def test_config_error_under_torchrun_exits_64_without_restarts(tmp_path: Path) -> None:
+    manifest = _bad_pretrain(tmp_path)
+    job = ["-m", "lmforge_jobs.pretrain", "--manifest", str(manifest)]
+    start = time.monotonic()
+    launched = subprocess.run(
+        [sys.executable, "-m", "lmforge_jobs.launch", *TORCHRUN, *job],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    took = time.monotonic() - start
+    assert launched.returncode == 64, launched.stderr[-3000:]
+    assert "spec.data.tokens" in launched.stderr
+    assert "configuration error" in launched.stderr
+    # no restart: the workers ran once (a restart re-prints the error line from both ranks)
+    assert launched.stderr.count("error: spec.data.tokens") <= 2, launched.stderr[-3000:]
+
+    # what the launcher is for: torchrun alone restarts the workers and ends with 1
+    plain = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *TORCHRUN, *job],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert plain.returncode == 1
+    assert plain.stderr.count("error: spec.data.tokens") > 2  # restarted
+    assert took < 300
+
+
+def test_exit_records_are_atomic_and_only_64_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(EXIT_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "3")
+    assert recorded_config_error(tmp_path) is None
+    (tmp_path / "rank-1.99.tmp").write_text("64")  # a record still being written is not read
+    (tmp_path / "rank-2").write_text("1")
+    assert recorded_config_error(tmp_path) is None
+    record_exit(64)
+    assert recorded_config_error(tmp_path) == "3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank-1.99.tmp", "rank-2", "rank-3"]
+    monkeypatch.delenv(EXIT_DIR_ENV)
+    record_exit(64)  # outside the launcher: nothing written, no error
+
+
+SLOW_SAVER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    from pathlib import Path
+
+    out = Path(sys.argv[1])
+    save_seconds = float(sys.argv[2])
+
+    def on_term(signum, frame):
+        time.sleep(save_seconds)  # a large final checkpoint
+        (out / f"saved-{os.environ['RANK']}").write_text("ok")
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    (out / f"ready-{os.environ['RANK']}").write_text("ok")
+    while True:
+        time.sleep(0.1)
+    """
+)
+
+
+def _terminate_during_save(tmp: Path, save_seconds: float, shutdown_timeout: int) -> tuple[int, bool]:
+    script = tmp / "saver.py"
+    script.write_text(SLOW_SAVER, encoding="utf-8")
+    out = tmp / f"out-{save_seconds}-{shutdown_timeout}"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lmforge_jobs.launch",
+            "--standalone",
+            "--nnodes=1",
+            "--nproc-per-node=1",
+            "--monitor-interval=0.2",
+            f"--shutdown-timeout={shutdown_timeout}",
+            str(script),
+            str(out),
+            str(save_seconds),
+        ],
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "ready-0").exists():
+            assert proc.poll() is None, "the worker did not start"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # what the kubelet sends the container's first process
+        code = proc.wait(timeout=save_seconds + shutdown_timeout + 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return code, (out / "saved-0").exists()
+
+
+def test_sigterm_reaches_the_workers_and_waits_the_shutdown_timeout(tmp_path: Path) -> None:
+    _, saved = _terminate_during_save(tmp_path, save_seconds=3, shutdown_timeout=15)
+    assert saved, "the worker was killed before its save finished"
+    _, saved = _terminate_during_save(tmp_path, save_seconds=6, shutdown_timeout=1)
+    assert not saved, "torchrun should have killed the worker after --shutdown-timeout"
+
+
+@pytest.mark.slow
+def test_a_save_longer_than_torchruns_default_30s_finishes(tmp_path: Path) -> None:
+    from lmforge_operator.builders import shutdown_timeout
+
+    _, saved = _terminate_during_save(
+        tmp_path, save_seconds=35, shutdown_timeout=shutdown_timeout("PretrainRun")
+    )
+    assert saved
