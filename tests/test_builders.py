@@ -77,7 +77,7 @@ def pretrain_doc(**spec: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "data": {"tokens": "s3://bucket/tokens/train", "tokenizer": "s3://bucket/tokenizer"},
         "model": {"layers": 2, "hidden": 64, "heads": 4, "seqLen": 64, "vocabSize": 512},
-        "budget": {"steps": 10},
+        "budget": {"steps": 1000},
         "batch": {"globalTokens": 8192, "microBatchSize": 4},
         "parallelism": {"nodes": 2, "gpusPerNode": 4},
         "output": "s3://bucket/runs/gpt",
@@ -589,8 +589,12 @@ def test_localize_mounts_pvc_uris_and_leaves_other_uris() -> None:
     assert_valid(cm)
 
     bad = corpus_doc(sources=[{"jsonl": {"paths": ["s3://ok", "pvc://Bad_Claim/x"]}}])
-    with pytest.raises(BuildError) as err:
-        builders.localize(resolved(resource(bad)))
+    _, found = parse_resource(bad)  # the spec refuses it first ...
+    assert [p.field for p in found] == ["spec.sources[0].jsonl.paths[1]"]
+    doc = resolved(resource(corpus_doc(sources=[{"jsonl": {"paths": ["s3://ok", "pvc://ok/x"]}}])))
+    doc["spec"]["sources"][0]["jsonl"]["paths"][1] = "pvc://Bad_Claim/x"
+    with pytest.raises(BuildError) as err:  # ... and the builder still refuses what reaches it
+        builders.localize(doc)
     assert err.value.field == "spec.sources[0].jsonl.paths[1]"
 
 

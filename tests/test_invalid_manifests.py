@@ -21,7 +21,7 @@ BASE: dict[str, dict[str, Any]] = {
     "PretrainRun": {
         "corpus": {"name": "web"},
         "model": {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "seqLen": 64},
-        "budget": {"steps": 10},
+        "budget": {"steps": 1000},
         "batch": {"globalTokens": 4096, "microBatchSize": 8},
         "parallelism": {"nodes": 1, "gpusPerNode": 8},
     },
@@ -269,6 +269,52 @@ CASES: list[tuple[str, str, dict[str, Any], str, bool]] = [
         "spec.export.push.token",
         True,
     ),
+    # quantities, GPUs, images, step counts and URIs a pod would only fail on
+    ("cpu-zero", "Corpus", {"spec.resources": {"cpu": "0"}}, "spec.resources.cpu", True),
+    ("cpu-int-zero", "Evaluation", {"spec.resources": {"cpu": 0}}, "spec.resources.cpu", True),
+    (
+        "memory-negative",
+        "PretrainRun",
+        {"spec.resources": {"memory": "-16Gi"}},
+        "spec.resources.memory",
+        True,
+    ),
+    (
+        "disk-zero",
+        "AlignmentRun",
+        {"spec.resources": {"ephemeralStorage": "0Gi"}},
+        "spec.resources.ephemeralStorage",
+        True,
+    ),
+    ("gpu-not-gpus-per-node", "PretrainRun", {"spec.resources": {"gpu": 4}}, "spec.resources.gpu", True),
+    ("gpu-default-parallelism", "Evaluation", {"spec.resources": {"gpu": 2}}, "spec.resources.gpu", True),
+    ("image-spaces", "AlignmentRun", {"spec.image": "ghcr.io/org/jobs:1.0 --privileged"}, "spec.image", True),
+    ("image-upper-case", "Corpus", {"spec.image": "ghcr.io/Org/Jobs:1.0"}, "spec.image", True),
+    ("steps-absurd", "PretrainRun", {"spec.budget": {"steps": 10**12}}, "spec.budget.steps", True),
+    (
+        "align-steps-absurd",
+        "AlignmentRun",
+        {"spec.hyperparameters": {"maxSteps": 10**12}},
+        "spec.hyperparameters.maxSteps",
+        True,
+    ),
+    (
+        "warmup-beyond-run",
+        "PretrainRun",
+        {"spec.optimizer": {"warmupSteps": 2000}},
+        "spec.optimizer.warmupSteps",
+        True,
+    ),
+    (
+        "url-credentials",
+        "AlignmentRun",
+        {"spec.dataset.path": "https://user:hunter2@example.com/prefs.jsonl"},
+        "spec.dataset.path",
+        True,
+    ),
+    ("s3-credentials", "Corpus", {"spec.output": "s3://AKIA:secret@bucket/out"}, "spec.output", True),
+    ("pvc-dotdot", "Corpus", {"spec.output": "pvc://data/corpora/../../etc"}, "spec.output", True),
+    ("pvc-claim-name", "Evaluation", {"spec.output": "pvc://Data_Claim/x"}, "spec.output", True),
     # Python regular expressions cannot be compiled by CEL: refused by lmforge validate and the operator only
     (
         "regex-invalid",
@@ -330,3 +376,35 @@ def test_bad_names(tmp_path, capsys, name) -> None:
     assert main(["validate", str(path)]) == 1
     assert "metadata.name" in capsys.readouterr().err
     assert any("metadata.name" in e for e in admission_errors(doc))
+
+
+def test_credentials_in_a_uri_are_not_echoed(tmp_path, capsys) -> None:
+    doc = manifest("AlignmentRun", {"spec.dataset.path": "https://user:hunter2@example.com/prefs.jsonl"})
+    path = tmp_path / "creds.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.dataset.path" in err and "Secret" in err
+    assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(
+    ("patch", "kind"),
+    [
+        ({"spec.resources": {"cpu": "500m", "memory": "16Gi", "ephemeralStorage": "0.5Ti"}}, "Corpus"),
+        ({"spec.resources": {"cpu": 4, "gpu": 8}}, "PretrainRun"),
+        ({"spec.image": "registry.example:5000/team/lmforge-jobs:0.1.0-rc.1"}, "Evaluation"),
+        ({"spec.image": "lmforge-jobs@sha256:" + "a" * 64}, "AlignmentRun"),
+        (
+            {"spec.output": "pvc://lmforge-storage/runs/./x..y/...", "spec.optimizer": {"warmupSteps": 1000}},
+            "PretrainRun",
+        ),
+        ({"spec.dataset.path": "hf://datasets/org/prefs@main/train.jsonl"}, "AlignmentRun"),
+    ],
+)
+def test_what_the_new_rules_still_accept(tmp_path, capsys, patch, kind) -> None:
+    doc = manifest(kind, patch, name="good")
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    assert admission_errors(doc) == []

@@ -36,6 +36,7 @@ def _bad_pretrain(tmp: Path) -> Path:
         "data": {"tokens": str(tmp / "missing"), "tokenizer": str(tmp / "missing-tokenizer")},
         "model": {"layers": 2, "hidden": 64, "heads": 4, "seqLen": 32},
         "budget": {"steps": 2},
+        "optimizer": {"warmupSteps": 1},
         "batch": {"globalTokens": 512, "microBatchSize": 8},
         "precision": "fp32",
         "parallelism": {"nodes": 1, "gpusPerNode": 0, "strategy": "ddp", "compile": False},

@@ -17,7 +17,15 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "lmforge.io"
@@ -102,7 +110,64 @@ Name = Annotated[
 ]
 """Name of another lmforge resource in the same namespace."""
 
-Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=URI_PATTERN)]
+
+# The CRD refuses the same URIs as check_uri with one OpenAPI `pattern`, not a CEL rule: a rule on every URI
+# (up to 64 sources × 1,000 paths each) would exceed the API server's CEL cost budget, while a pattern has
+# none. Kubernetes matches patterns with Go's RE2, so no look-ahead: "any scheme but pvc" and "a path
+# segment other than .." are spelled out. tests/test_specs.py checks RE2 and Python agree with check_uri.
+_SCHEME_CHAR = r"[a-zA-Z0-9+.-]"
+_SCHEME_NOT_PVC = (
+    rf"([a-zA-Z]{_SCHEME_CHAR}?"  # one or two characters
+    rf"|[a-oq-zA-Z]{_SCHEME_CHAR}{{2,}}"  # three or more, not starting with p
+    rf"|p[a-uw-zA-Z0-9+.-]{_SCHEME_CHAR}+"  # p, then not v
+    rf"|pv[abd-zA-Z0-9+.-]{_SCHEME_CHAR}*"  # pv, then not c
+    rf"|pvc{_SCHEME_CHAR}+)"  # longer than pvc
+)
+_SEGMENT_NOT_DOTDOT = r"([^/.\s][^/\s]*|\.([^/.\s][^/\s]*)?|\.\.[^/\s]+)?"
+_CLAIM = r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+URI_STRICT_PATTERN = (
+    r"^("
+    rf"pvc://{_CLAIM}(/{_SEGMENT_NOT_DOTDOT})*"  # a claim name, no .. segment
+    rf"|{_SCHEME_NOT_PVC}://[^/@\s]*(/\S*)?"  # no user:password@ before the host
+    r"|[^a-zA-Z\s]\S*"  # local: /abs, ./rel, ~/x
+    rf"|[a-zA-Z]{_SCHEME_CHAR}*([^a-zA-Z0-9+.:\s-]\S*)?"  # local: rel/path, file.txt
+    rf"|[a-zA-Z]{_SCHEME_CHAR}*:([^/\s]\S*|/([^/\s]\S*)?)?"  # a colon, but not ://
+    r")$"
+)
+_PVC_CLAIM = re.compile(rf"^{_CLAIM}$")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://([^/]*)")
+
+
+def check_uri(value: str) -> str:
+    """Refuse URIs that can only be mistakes: credentials in the URI (they belong in a Secret), a
+    ``pvc://`` URI without a valid claim name or with a ``..`` segment (it would leave the claim)."""
+    if any(c.isspace() for c in value):
+        raise ValueError("must not contain white space")
+    if value.startswith("pvc://"):
+        claim, _, rest = value[len("pvc://") :].partition("/")
+        if len(claim) > 253 or not _PVC_CLAIM.match(claim):
+            raise ValueError(
+                f"{value!r}: pvc:// needs a PersistentVolumeClaim name (lowercase letters, digits, '-', '.'), "
+                "as in pvc://CLAIM/path"
+            )
+        if ".." in rest.split("/"):
+            raise ValueError(f"{value!r}: a pvc:// path must not contain '..' (it would leave the claim)")
+        return value
+    scheme = _SCHEME.match(value)
+    if scheme and "@" in scheme.group(2):
+        raise ValueError(
+            f"{scheme.group(1)}:// URI with credentials before the host: give credentials by Secret "
+            "reference or the environment, never in a spec"
+        )
+    return value
+
+
+Uri = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=2048),
+    AfterValidator(check_uri),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 2048, "pattern": URI_STRICT_PATTERN}),
+]
 """Storage location: a local path, file://, pvc://CLAIM/path, s3://, gs://, hf:// (fsspec underneath)."""
 
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
@@ -139,6 +204,55 @@ class Quantity(str):
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "pattern": QUANTITY_PATTERN,
         }
+
+
+# A quantity a pod asks for: no sign, not zero. RE2-compatible (no look-ahead): a non-zero digit somewhere
+# in the number. Integers (int-or-string) are checked by a CEL rule on Resources.
+POSITIVE_QUANTITY_PATTERN = r"^(([0-9]*[1-9][0-9]*(\.[0-9]*)?)|([0-9]*\.[0-9]*[1-9][0-9]*))(([KMGTPE]i)|[numkMGTPE]|([eE]\+?[0-9]+))?$"
+
+
+class PositiveQuantity(Quantity):
+    """A Kubernetes resource quantity greater than zero (``"4"``, ``500m``, ``16Gi``)."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        def check(value: Any) -> str:
+            if isinstance(value, bool):
+                raise ValueError("must be a quantity such as 4, 500m or 16Gi")
+            text = str(value)
+            if not re.match(POSITIVE_QUANTITY_PATTERN, text):
+                raise ValueError(f"{text!r} is not a positive Kubernetes quantity (such as 4, 500m or 16Gi)")
+            return text
+
+        return core_schema.no_info_plain_validator_function(
+            check, serialization=core_schema.plain_serializer_function_ser_schema(str)
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        return {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": POSITIVE_QUANTITY_PATTERN,
+        }
+
+
+# An image reference (Docker's grammar, simplified): [registry[:port]/]path[:tag][@digest]; no spaces,
+# quotes or upper-case path components, which the kubelet would only refuse when the pod starts.
+IMAGE_PATTERN = (
+    r"^([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)*(:[0-9]+)?/)?"
+    r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@[a-z0-9]+([+._-][a-z0-9]+)*:[a-fA-F0-9]{32,})?$"
+)
+Image = Annotated[str, StringConstraints(min_length=1, max_length=512, pattern=IMAGE_PATTERN)]
+"""A container image reference, e.g. ghcr.io/lmforge/lmforge-jobs:0.1.0."""
+
+MAX_STEPS = 100_000_000
+"""More optimizer steps than any run trains for (the largest public runs take a few million): a typo."""
+MAX_TOKENS = 10**15
+"""A thousand trillion training tokens: thirty times the largest public runs."""
 
 
 # ------------------------------------------------------------------------------------------- references
@@ -212,14 +326,41 @@ class ModelRef(Spec):
 class Resources(Spec):
     """Compute resources of each pod (requests = limits)."""
 
-    cpu: Quantity | None = None
+    __cel__ = tuple(
+        Cel(
+            f"!has(self.{name}) || type(self.{name}) == string || self.{name} > 0",
+            f"{name} must be greater than zero",
+            field=name,
+        )
+        for name in ("cpu", "memory", "ephemeralStorage")
+    )
+
+    cpu: PositiveQuantity | None = None
     """CPU cores per pod, e.g. "4" or 500m."""
-    memory: Quantity | None = None
+    memory: PositiveQuantity | None = None
     """Memory per pod, e.g. 16Gi."""
     gpu: Annotated[int, Field(ge=0, le=64)] | None = None
-    """GPUs per pod (nvidia.com/gpu); defaults to parallelism.gpusPerNode where that exists."""
-    ephemeral_storage: Quantity | None = None
+    """GPUs per pod (nvidia.com/gpu); must equal parallelism.gpusPerNode where that exists (its default)."""
+    ephemeral_storage: PositiveQuantity | None = None
     """Local scratch disk per pod, e.g. 100Gi."""
+
+
+GPU_CONSISTENT = Cel(
+    "!has(self.resources) || !has(self.resources.gpu) || "
+    "self.resources.gpu == (has(self.parallelism) ? self.parallelism.gpusPerNode : 1)",
+    "resources.gpu must equal parallelism.gpusPerNode (torchrun starts one process per GPU)",
+    field="resources.gpu",
+)
+"""Rule for kinds with both ``resources`` and ``parallelism.gpusPerNode``; Python twin: check_gpus."""
+
+
+def check_gpus(resources: Resources, gpus_per_node: int) -> None:
+    if resources.gpu is not None and resources.gpu != gpus_per_node:
+        raise SpecError(
+            "resources.gpu",
+            f"resources.gpu ({resources.gpu}) must equal parallelism.gpusPerNode ({gpus_per_node}): torchrun "
+            "starts one process per GPU",
+        )
 
 
 class Precision(str, Enum):

@@ -13,7 +13,10 @@ from pydantic import Field, model_validator
 
 from lmforge_jobs.pretrain.config import Queue
 from lmforge_jobs.spec import (
+    GPU_CONSISTENT,
+    MAX_STEPS,
     Cel,
+    Image,
     ModelRef,
     NodeParallelism,
     Precision,
@@ -23,6 +26,7 @@ from lmforge_jobs.spec import (
     SpecError,
     StatusBase,
     Uri,
+    check_gpus,
 )
 
 
@@ -149,7 +153,7 @@ class Hyperparameters(Spec):
     """Peak learning rate."""
     epochs: Annotated[float, Field(gt=0, le=1000)] = 1
     """Passes over the dataset."""
-    max_steps: Annotated[int, Field(ge=1)] | None = None
+    max_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
     """Stop after this many steps (overrides epochs)."""
     batch_size: Annotated[int, Field(ge=1)] = 8
     """Global batch size in examples."""
@@ -189,7 +193,7 @@ class Synthetic(Spec):
 class AlignmentCheckpoint(Spec):
     """Periodic trainer checkpoints under spec.output/checkpoints; a rerun resumes from the newest one."""
 
-    every_steps: Annotated[int, Field(ge=1)] = 500
+    every_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 500
     """Save every this many optimizer steps (PPO: rollout iterations)."""
     keep: Annotated[int, Field(ge=1, le=1000)] = 2
     """Keep the newest this many checkpoints."""
@@ -211,6 +215,7 @@ class AlignmentRunSpec(Spec):
     """Align a model: SFT, reward model, DPO or PPO, optionally parameter-efficient."""
 
     __cel__ = (
+        GPU_CONSISTENT,
         Cel(
             "(self.method == 'ppo') == has(self.rewardModel)",
             "rewardModel is required if and only if method is ppo",
@@ -265,7 +270,7 @@ class AlignmentRunSpec(Spec):
     """Where the model goes; defaults to the local run directory or operator storage."""
     queue: Queue | None = None
     """Kueue LocalQueue to submit to."""
-    image: ShortStr | None = None
+    image: Image | None = None
     """Container image of the jobs; defaults to the operator's configured jobs image."""
     resources: Resources = Resources()
     """Resources of each node's pod."""
@@ -286,6 +291,7 @@ class AlignmentRunSpec(Spec):
             )
         if self.peft is not None and self.peft.prompt_tuning is not None and self.peft.merge:
             raise SpecError("peft.merge", "peft.merge applies only to lora")
+        check_gpus(self.resources, self.parallelism.gpus_per_node)
         return self
 
 

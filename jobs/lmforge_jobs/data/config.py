@@ -14,6 +14,7 @@ from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from lmforge_jobs.spec import (
     Cel,
+    Image,
     Progress,
     Resources,
     SecretRef,
@@ -485,7 +486,7 @@ class CorpusSpec(Spec):
     """Ranks and concurrent workers."""
     resources: Resources = Resources()
     """Resources of each worker pod."""
-    image: ShortStr | None = None
+    image: Image | None = None
     """Container image of the jobs; defaults to the operator's configured jobs image."""
 
 

@@ -13,8 +13,10 @@ from pydantic import Field, StringConstraints, model_validator
 
 from lmforge_jobs.pretrain.config import Queue
 from lmforge_jobs.spec import (
+    GPU_CONSISTENT,
     Cel,
     HubId,
+    Image,
     ModelRef,
     NodeParallelism,
     Precision,
@@ -26,6 +28,7 @@ from lmforge_jobs.spec import (
     SpecError,
     StatusBase,
     Uri,
+    check_gpus,
     exactly_one,
 )
 
@@ -154,6 +157,7 @@ class EvaluationSpec(Spec):
     """Evaluate a model: perplexity, benchmarks, judge win rate, arena ratings."""
 
     __cel__ = (
+        GPU_CONSISTENT,
         Cel(
             "has(self.perplexity) || (has(self.benchmarks) && size(self.benchmarks) > 0) || has(self.judge)",
             "at least one of perplexity, benchmarks, judge must be set",
@@ -198,7 +202,7 @@ class EvaluationSpec(Spec):
     finished."""
     queue: Queue | None = None
     """Kueue LocalQueue to submit to."""
-    image: ShortStr | None = None
+    image: Image | None = None
     """Container image of the jobs; defaults to the operator's configured jobs image."""
     resources: Resources = Resources()
     """Resources of each pod."""
@@ -218,6 +222,7 @@ class EvaluationSpec(Spec):
             )
         if self.arena is not None and self.judge is None:
             raise SpecError("arena", "arena needs judge")
+        check_gpus(self.resources, self.parallelism.gpus_per_node)
         return self
 
 

@@ -8,8 +8,12 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PlainValidator, StringConstraints, WithJsonSchema, model_validator
 
 from lmforge_jobs.spec import (
+    GPU_CONSISTENT,
+    MAX_STEPS,
+    MAX_TOKENS,
     Cel,
     HubId,
+    Image,
     NodeParallelism,
     Precision,
     ResourceRef,
@@ -20,6 +24,7 @@ from lmforge_jobs.spec import (
     SpecError,
     StatusBase,
     Uri,
+    check_gpus,
     exactly_one,
 )
 
@@ -180,11 +185,11 @@ class Budget(Spec):
         ),
     )
 
-    tokens: Annotated[int, Field(ge=1)] | None = None
+    tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
     """Train on this many tokens."""
     tokens_per_parameter: Annotated[float, Field(gt=0, le=100000)] | None = None
     """Tokens per model parameter; 20 is compute-optimal (Chinchilla, Hoffmann et al. 2022)."""
-    steps: Annotated[int, Field(ge=1)] | None = None
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
     """Train for this many optimizer steps."""
 
     @model_validator(mode="after")
@@ -209,7 +214,7 @@ class Optimizer(Spec):
     """Peak learning rate."""
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     """Final learning rate as a fraction of lr."""
-    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = 100
     """Linear warmup steps."""
     schedule: Schedule = Schedule.cosine
     """cosine, wsd (warmup-stable-decay), linear or constant."""
@@ -255,7 +260,7 @@ class TrainParallelism(NodeParallelism):
 class Checkpoint(Spec):
     """Periodic checkpoints (torch.distributed.checkpoint) for exact resume."""
 
-    every_steps: Annotated[int, Field(ge=1)] = 1000
+    every_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 1000
     """Save every this many steps (and on SIGTERM and at the end)."""
     keep: Annotated[int, Field(ge=1, le=1000)] = 3
     """Keep the newest this many complete checkpoints."""
@@ -264,7 +269,7 @@ class Checkpoint(Spec):
 class Eval(Spec):
     """Periodic held-out loss."""
 
-    every_steps: Annotated[int, Field(ge=1)] = 500
+    every_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 500
     """Evaluate every this many steps (and at the end)."""
     batches: Annotated[int, Field(ge=1, le=100000)] = 20
     """Held-out micro-batches per evaluation."""
@@ -310,6 +315,13 @@ class PretrainRunSpec(Spec):
             "batch.globalTokens must be a multiple of model.seqLen × batch.microBatchSize × nodes × gpusPerNode",
             field="batch.globalTokens",
         ),
+        Cel(
+            "!has(self.budget) || !has(self.budget.steps) || !has(self.optimizer)"
+            " || self.optimizer.warmupSteps <= self.budget.steps",
+            "optimizer.warmupSteps must not exceed budget.steps",
+            field="optimizer.warmupSteps",
+        ),
+        GPU_CONSISTENT,
     )
 
     corpus: ResourceRef | None = None
@@ -340,7 +352,7 @@ class PretrainRunSpec(Spec):
     """Where checkpoints and the export go; defaults to the local run directory or operator storage."""
     queue: Queue | None = None
     """Kueue LocalQueue to submit to."""
-    image: ShortStr | None = None
+    image: Image | None = None
     """Container image of the jobs; defaults to the operator's configured jobs image."""
     resources: Resources = Resources()
     """Resources of each node's pod."""
@@ -355,6 +367,14 @@ class PretrainRunSpec(Spec):
                 f"batch.globalTokens ({self.batch.global_tokens}) must be a multiple of model.seqLen × "
                 f"batch.microBatchSize × nodes × gpusPerNode = {per_step}",
             )
+        steps = self.budget.steps
+        if steps is not None and self.optimizer.warmup_steps > steps:
+            raise SpecError(
+                "optimizer.warmupSteps",
+                f"optimizer.warmupSteps ({self.optimizer.warmup_steps}) must not exceed budget.steps ({steps}): "
+                "the learning rate would never reach its peak",
+            )
+        check_gpus(self.resources, self.parallelism.gpus_per_node)
         return self
 
 
