@@ -104,3 +104,100 @@ def test_malformed_documents(doc: Any, field: str) -> None:
     resource, problems = parse_resource(doc)
     assert resource is None
     assert problems[0].field == field
+
+
+# The CRD's patterns are matched by the API server with Go's RE2; these run them with google-re2 (cel-python's
+# regex engine) as well as Python's re, and against the Python-side check that `lmforge validate` uses.
+URIS_ACCEPTED = [
+    "/data/a.jsonl",
+    "./x",
+    "../shared/x",
+    "rel/path",
+    "file.txt",
+    "~/x",
+    "s3://bucket/key",
+    "s3://bucket/a@b",
+    "gs://b/k/x.parquet",
+    "hf://datasets/org/name@main/x",
+    "file:///tmp/x",
+    "https://example.com/x",
+    "pvc://my-claim/data/x",
+    "pvc://claim",
+    "pvc://claim/",
+    "pvc://c.d/x/./y/..z/...",
+    "pv://x/../y",
+    "C:foo",
+]
+URIS_REFUSED = [
+    "pvc://Bad/x",
+    "pvc://claim/../x",
+    "pvc://claim/x/..",
+    "pvc://claim/x/../..",
+    "pvc://-x/y",
+    "pvc:///x",
+    "https://user:pw@host/x",
+    "s3://key@bucket/x",
+    "pvcx://a@b/c",
+    "a b",
+]
+
+
+@pytest.mark.parametrize("uri", [*URIS_ACCEPTED, *URIS_REFUSED])
+def test_uri_pattern_agrees_with_check_uri_in_re2_and_python(uri: str) -> None:
+    import re
+
+    import re2
+
+    from lmforge_jobs.spec import URI_STRICT_PATTERN, check_uri
+
+    accepted = uri in URIS_ACCEPTED
+    assert bool(re.match(URI_STRICT_PATTERN, uri)) is accepted
+    assert bool(re2.match(URI_STRICT_PATTERN, uri)) is accepted
+    try:
+        check_uri(uri)
+        checked = True
+    except ValueError:
+        checked = False
+    assert checked is accepted
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        *[("4", True), ("500m", True), ("16Gi", True), ("0.5", True), ("1e3", True), ("1.5Ti", True)],
+        *[("0", False), ("0Gi", False), ("0.0", False), ("-1", False), ("+2", False), ("lots", False)],
+    ],
+)
+def test_positive_quantity_pattern_in_re2_and_python(value: str, ok: bool) -> None:
+    import re
+
+    import re2
+
+    from lmforge_jobs.spec import POSITIVE_QUANTITY_PATTERN
+
+    assert bool(re.match(POSITIVE_QUANTITY_PATTERN, value)) is ok
+    assert bool(re2.match(POSITIVE_QUANTITY_PATTERN, value)) is ok
+
+
+@pytest.mark.parametrize(
+    ("image", "ok"),
+    [
+        ("ghcr.io/lmforge/lmforge-jobs:0.1.0", True),
+        ("registry.example:5000/team/jobs:v1_2.3-rc", True),
+        ("jobs", True),
+        ("jobs@sha256:" + "0" * 64, True),
+        ("ghcr.io/Org/jobs:1", False),
+        ("jobs:1 --privileged", False),
+        ("jobs:", False),
+        ("'jobs'", False),
+    ],
+)
+def test_image_pattern_in_re2_and_python(image: str, ok: bool) -> None:
+    import re
+
+    import re2
+
+    from lmforge_jobs.spec import IMAGE_PATTERN
+
+    assert bool(re.match(IMAGE_PATTERN, image)) is ok
+    assert bool(re2.match(IMAGE_PATTERN, image)) is ok
