@@ -21,7 +21,7 @@ from lmforge_jobs.evaluate import arena
 from lmforge_jobs.evaluate.__main__ import main
 from lmforge_jobs.evaluate.judge import LOSS, TIE, WIN, Comparison, compare, parse_verdict, win_rate
 from lmforge_jobs.pretrain.testing import synthetic_texts
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_UNAVAILABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "examples" / "tasks" / "judge_prompts.jsonl"
@@ -326,9 +326,12 @@ def test_endpoint_errors_name_the_field_and_keep_results(
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     spec = {**endpoint_spec(dead, models, limit=2), "perplexity": {"data": str(text_data), "seqLen": 64}}
-    assert main(["--manifest", str(write_manifest(tmp_path, spec))]) == EXIT_CONFIG_ERROR
+    # an outage is not the spec's fault: exit 69, which the Job retries (64 would fail it for good)
+    assert main(["--manifest", str(write_manifest(tmp_path, spec))]) == EXIT_UNAVAILABLE
     err = capsys.readouterr().err
     assert f"error: spec.judge.model.endpoint.url: cannot reach the judge at {dead} (" in err
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert progress["state"] == "Failed" and progress["field"] == "spec.judge.model.endpoint.url"
     assert "Traceback" not in err
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["perplexity"] > 1 and "judge" not in res
@@ -336,12 +339,12 @@ def test_endpoint_errors_name_the_field_and_keep_results(
 
 
 def test_endpoint_judge_failures(endpoint: str) -> None:
-    from lmforge_jobs.entry import ConfigError
+    from lmforge_jobs.entry import ConfigError, ServiceUnavailable
     from lmforge_jobs.evaluate.judge import EndpointJudge
 
     request = [("q", "a", "b")]
     assert EndpointJudge(endpoint, "empty", "sekret")(request) == [""]  # no message: an unparseable verdict
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ServiceUnavailable) as err:  # 5xx after the retries: an outage, retried by the Job
         EndpointJudge(endpoint, "broken", "sekret", retries=2, backoff=0)(request)
     assert err.value.field == "judge.model.endpoint.url"
     assert "kept failing (HTTP 500" in err.value.message and "after 3 attempts" in err.value.message

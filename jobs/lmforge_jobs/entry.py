@@ -19,7 +19,7 @@ from typing import Any
 from lmforge_jobs.launch import record_exit
 from lmforge_jobs.manifest import ManifestError, Resource, load_spec
 from lmforge_jobs.resolve import default_output, unresolved
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR, SpecError
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_UNAVAILABLE, SpecError
 from lmforge_jobs.telemetry import Telemetry
 
 DEFAULT_WORKDIR = "lmforge-runs"
@@ -35,11 +35,21 @@ class ConfigError(Exception):
         self.message = message
 
 
+class ServiceUnavailable(Exception):
+    """A service named in the spec (``field``) is down or overloaded after the job's own retries: worth
+    retrying later, unlike a ConfigError. Exit code 69 (``EXIT_UNAVAILABLE``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"spec.{field}: {message}")
+        self.field = field
+        self.message = message
+
+
 def error_line(exc: BaseException) -> str:
     """The one-line message for a configuration error."""
     if isinstance(exc, ConfigError):
         return f"spec.{exc.field}: {exc.message}"
-    if isinstance(exc, SpecError):
+    if isinstance(exc, (SpecError, ServiceUnavailable)):
         return f"spec.{exc.field}: {exc.message}"
     return str(exc)
 
@@ -93,7 +103,19 @@ def job_main(
             )
         record_exit(EXIT_CONFIG_ERROR)  # under torchrun, the launcher turns this into the pod's exit code
         return EXIT_CONFIG_ERROR
+    except ServiceUnavailable as exc:
+        print(f"error: {error_line(exc)} (the Job retries the pod)", file=sys.stderr)
+        if resource is not None and os.environ.get("RANK", "0") == "0":
+            Telemetry(kind, resource.spec.output, port="off").fail(error_line(exc), field=f"spec.{exc.field}")
+        return EXIT_UNAVAILABLE
     return int(result) if isinstance(result, int) else 0
 
 
-__all__ = ["DEFAULT_WORKDIR", "ConfigError", "error_line", "job_main", "load_job_resource"]
+__all__ = [
+    "DEFAULT_WORKDIR",
+    "ConfigError",
+    "ServiceUnavailable",
+    "error_line",
+    "job_main",
+    "load_job_resource",
+]

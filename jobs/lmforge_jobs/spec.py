@@ -35,6 +35,9 @@ GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
 # Exit code of every job for a configuration error (bad spec, missing input): distinct from crashes, so a
 # Job's podFailurePolicy can fail fast instead of retrying.
 EXIT_CONFIG_ERROR = 64
+# Exit code for a service the job needs being unavailable (an endpoint down, overloaded, unreachable) after
+# the job's own retries: not the spec's fault, so the Job retries the pod (backoffLimit) instead of failing.
+EXIT_UNAVAILABLE = 69
 
 
 class SpecError(ValueError):

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge_jobs.entry import ConfigError
+from lmforge_jobs.entry import ConfigError, ServiceUnavailable
 
 WIN, LOSS, TIE = "win", "loss", "tie"
 PROMPT_KEYS = ("prompt", "question", "instruction", "input")
@@ -213,8 +213,9 @@ class EndpointJudge:
     """An OpenAI-compatible ``POST {url}/chat/completions`` endpoint (vLLM, TGI, hosted APIs) as judge.
 
     Requests run ``concurrency`` at a time; connection errors, 429 and 5xx are retried with backoff. An
-    endpoint that cannot be reached, refuses the key or does not know the model is a ConfigError naming the
-    field; a reply without a message counts as an unparseable verdict."""
+    endpoint that refuses the key or does not know the model is a ConfigError naming the field (the spec
+    must change); one that stays unreachable or overloaded is ServiceUnavailable (exit 69: the Job retries
+    the pod later). A reply without a message counts as an unparseable verdict."""
 
     FIELD = "judge.model.endpoint"
 
@@ -282,7 +283,7 @@ class EndpointJudge:
             problem = f"the judge at {self.base} kept failing (HTTP {last.code} {last.reason})"
         else:
             problem = f"cannot reach the judge at {self.base} ({getattr(last, 'reason', None) or last})"
-        raise ConfigError(f"{self.FIELD}.url", f"{problem} after {self.retries + 1} attempts")
+        raise ServiceUnavailable(f"{self.FIELD}.url", f"{problem} after {self.retries + 1} attempts")
 
     def __call__(self, requests: Sequence[tuple[str, str, str]]) -> list[str]:
         if not requests:
