@@ -158,28 +158,17 @@ def _defaulted_nodes(schema: dict[str, Any]):
 
 
 def _default_problems(schema: dict[str, Any]) -> list[str]:
-    from crdcheck import cel_errors
+    from crdcheck import _closed, _strip_extensions, cel_errors
     from openapi_schema_validator import OAS30Validator
 
     problems = []
     for path, node in _defaulted_nodes(schema):
         default = node["default"]
-        for error in OAS30Validator(_closed_schema(node)).iter_errors(default):
+        # unknown fields in a default are refused (it must be pruned); x- keys are not OpenAPI
+        for error in OAS30Validator(_closed(_strip_extensions(node))).iter_errors(default):
             problems.append(f"{path}.default: {error.message}")
         problems += [f"{path}.default{e}" for e in cel_errors(default, node)]
     return problems
-
-
-def _closed_schema(node: Any) -> Any:
-    """Unknown fields in a default are refused (the default must be pruned); x- keys are not OpenAPI."""
-    if isinstance(node, dict):
-        out = {k: _closed_schema(v) for k, v in node.items() if k != "x-kubernetes-validations"}
-        if "properties" in node and "additionalProperties" not in node:
-            out["additionalProperties"] = False
-        return out
-    if isinstance(node, list):
-        return [_closed_schema(v) for v in node]
-    return node
 
 
 @pytest.mark.parametrize("kind", list(KIND_INFO))

@@ -184,6 +184,9 @@ QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkM
 class Quantity(str):
     """A Kubernetes resource quantity (``"4"``, ``500m``, ``16Gi``); integers are accepted too."""
 
+    PATTERN: ClassVar[str] = QUANTITY_PATTERN
+    WHAT: ClassVar[str] = "a Kubernetes quantity"
+
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
         from pydantic_core import core_schema
@@ -192,8 +195,8 @@ class Quantity(str):
             if isinstance(value, bool):
                 raise ValueError("must be a quantity such as 4, 500m or 16Gi")
             text = str(value)
-            if not re.match(QUANTITY_PATTERN, text):
-                raise ValueError(f"{text!r} is not a Kubernetes quantity (such as 4, 500m or 16Gi)")
+            if not re.match(cls.PATTERN, text):
+                raise ValueError(f"{text!r} is not {cls.WHAT} (such as 4, 500m or 16Gi)")
             return text
 
         return core_schema.no_info_plain_validator_function(
@@ -205,7 +208,7 @@ class Quantity(str):
         return {
             "x-kubernetes-int-or-string": True,
             "anyOf": [{"type": "integer"}, {"type": "string"}],
-            "pattern": QUANTITY_PATTERN,
+            "pattern": cls.PATTERN,
         }
 
 
@@ -217,29 +220,8 @@ POSITIVE_QUANTITY_PATTERN = r"^(([0-9]*[1-9][0-9]*(\.[0-9]*)?)|([0-9]*\.[0-9]*[1
 class PositiveQuantity(Quantity):
     """A Kubernetes resource quantity greater than zero (``"4"``, ``500m``, ``16Gi``)."""
 
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
-        from pydantic_core import core_schema
-
-        def check(value: Any) -> str:
-            if isinstance(value, bool):
-                raise ValueError("must be a quantity such as 4, 500m or 16Gi")
-            text = str(value)
-            if not re.match(POSITIVE_QUANTITY_PATTERN, text):
-                raise ValueError(f"{text!r} is not a positive Kubernetes quantity (such as 4, 500m or 16Gi)")
-            return text
-
-        return core_schema.no_info_plain_validator_function(
-            check, serialization=core_schema.plain_serializer_function_ser_schema(str)
-        )
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
-        return {
-            "x-kubernetes-int-or-string": True,
-            "anyOf": [{"type": "integer"}, {"type": "string"}],
-            "pattern": POSITIVE_QUANTITY_PATTERN,
-        }
+    PATTERN = POSITIVE_QUANTITY_PATTERN
+    WHAT = "a positive Kubernetes quantity"
 
 
 # An image reference (Docker's grammar, simplified): [registry[:port]/]path[:tag][@digest]; no spaces,
