@@ -13,7 +13,7 @@ import pytest
 
 from lmforge_jobs.telemetry import metric_name, progress_names
 from lmforge_operator import status as st
-from lmforge_operator.controller import Config, Controller, _changed_fields, spec_hash
+from lmforge_operator.controller import Config, Controller, changed_fields, spec_hash
 from lmforge_operator.kube import path_for
 
 
@@ -333,8 +333,8 @@ def test_abridged_results_are_said_in_the_condition_and_kept() -> None:
 def test_spec_changed_names_the_fields() -> None:
     before = {"model": {"layers": 2, "hidden": 64}, "budget": {"steps": 10}}
     after = {"model": {"layers": 4, "hidden": 64}, "budget": {"steps": 10}, "queue": "a"}
-    assert _changed_fields(before, after) == ["spec.model.layers", "spec.queue"]
-    assert _changed_fields(before, before) == []
+    assert changed_fields(before, after) == ["spec.model.layers", "spec.queue"]
+    assert changed_fields(before, before) == []
 
 
 def test_paths() -> None:
