@@ -110,7 +110,7 @@ class WorkQueue:
             or (prev.get("status") or {}).get("phase") != (new.get("status") or {}).get("phase")
         )
 
-    def observe_job(self, body: dict[str, Any], event_type: str | None = None) -> None:
+    def observe_job(self, body: dict[str, Any], event_type: str | None) -> None:
         """A watch event of a Job the operator created: remember it, and reconcile its owner."""
         meta = body.get("metadata") or {}
         job_key = (str(meta.get("namespace") or ""), str(meta.get("name")))
@@ -185,11 +185,11 @@ class WorkQueue:
                 if self.metrics is not None:
                     self.metrics.queue_depth.set(self._queue.qsize())
 
-    async def reconcile_key(self, key: Key) -> str:
+    async def reconcile_key(self, key: Key) -> None:
         """Reconcile one resource; never raises (errors are logged, counted and retried with backoff)."""
         body = self.cache.get(key)
         if body is None:
-            return "gone"
+            return
         started = time.monotonic()
         result = "ok"
         try:
@@ -208,7 +208,6 @@ class WorkQueue:
         if self.metrics is not None:
             self.metrics.reconciles.labels(key[0], result).inc()
             self.metrics.duration.labels(key[0]).observe(time.monotonic() - started)
-        return result
 
 
 __all__ = ["TERMINAL", "Key", "WorkQueue"]
