@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from lmforge_jobs.telemetry import metric_name, progress_names
-from lmforge_operator import status as st
+from lmforge_operator import status as status_helpers
 from lmforge_operator.controller import Config, Controller, changed_fields, spec_hash
 from lmforge_operator.kube import path_for
 
@@ -20,32 +20,47 @@ from lmforge_operator.kube import path_for
 # ------------------------------------------------------------------------------------------- conditions
 def test_condition_transition_time_changes_only_with_status() -> None:
     status: dict[str, Any] = {}
-    assert st.set_condition(status, "Running", True, "JobRunning", "running", 3) is True
+    assert status_helpers.set_condition(status, "Running", True, "JobRunning", "running", 3) is True
     first = status["conditions"][0]["lastTransitionTime"]
     status["conditions"][0]["lastTransitionTime"] = "2000-01-01T00:00:00Z"
-    assert st.set_condition(status, "Running", True, "JobRunning", "still", 4) is False
+    assert status_helpers.set_condition(status, "Running", True, "JobRunning", "still", 4) is False
     c = status["conditions"][0]
     assert c["lastTransitionTime"] == "2000-01-01T00:00:00Z" and c["message"] == "still"
     assert c["observedGeneration"] == 4 and first
-    assert st.set_condition(status, "Running", False, "JobSucceeded", "", 4) is True
+    assert status_helpers.set_condition(status, "Running", False, "JobSucceeded", "", 4) is True
     assert status["conditions"][0]["lastTransitionTime"] != "2000-01-01T00:00:00Z"
 
 
 def test_set_state_one_true_condition_and_phase() -> None:
     status: dict[str, Any] = {}
-    assert st.set_state(status, "Waiting", st.DEPENDENCY_NOT_READY, "spec.corpus: waiting", 1) == "Waiting"
-    assert st.set_state(status, "Running", st.JOB_RUNNING, "", 1) == "Running"
+    assert (
+        status_helpers.set_state(
+            status, "Waiting", status_helpers.DEPENDENCY_NOT_READY, "spec.corpus: waiting", 1
+        )
+        == "Waiting"
+    )
+    assert status_helpers.set_state(status, "Running", status_helpers.JOB_RUNNING, "", 1) == "Running"
     true = [c["type"] for c in status["conditions"] if c["status"] == "True"]
     assert true == ["Running"]
-    assert st.set_state(status, "Succeeded", st.JOB_SUCCEEDED, "", 2) == "Succeeded"
+    assert status_helpers.set_state(status, "Succeeded", status_helpers.JOB_SUCCEEDED, "", 2) == "Succeeded"
     types = [c["type"] for c in status["conditions"]]
     assert types == ["Ready", "Running", "Succeeded", "Failed", "Waiting"]  # API order
-    ready = st.condition(status, "Ready")
-    assert ready is not None and ready["status"] == "True" and ready["reason"] == st.OUTPUTS_AVAILABLE
+    ready = status_helpers.condition(status, "Ready")
+    assert (
+        ready is not None
+        and ready["status"] == "True"
+        and ready["reason"] == status_helpers.OUTPUTS_AVAILABLE
+    )
     assert all(c["observedGeneration"] == 2 for c in status["conditions"])
-    assert st.set_state(status, "Invalid", st.SPEC_CHANGED, "spec.model.layers: …", 3) == "Invalid"
+    assert (
+        status_helpers.set_state(status, "Invalid", status_helpers.SPEC_CHANGED, "spec.model.layers: …", 3)
+        == "Invalid"
+    )
     # Running beside Waiting (an Evaluation between checkpoints) shows as Running.
-    assert st.set_state({}, "Waiting", st.WAITING_FOR_CHECKPOINT, "", 1, running=True) == "Running"
+    assert (
+        status_helpers.set_state({}, "Waiting", status_helpers.WAITING_FOR_CHECKPOINT, "", 1, running=True)
+        == "Running"
+    )
 
 
 # ------------------------------------------------------------------------------------------ Job states
@@ -72,7 +87,7 @@ def test_set_state_one_true_condition_and_phase() -> None:
 )
 def test_job_state(job_status: dict[str, Any], spec: dict[str, Any], state: str) -> None:
     job = {"metadata": {"name": "j"}, "spec": {"completions": 2, **spec}, "status": job_status}
-    js = st.job_state(job)
+    js = status_helpers.job_state(job)
     assert js.state == state and js.completions == 2
     if state == "Failed":
         assert js.message.startswith(("BackoffLimitExceeded", "PodFailurePolicy"))
@@ -106,22 +121,22 @@ def test_rank0_pod_and_metrics_url() -> None:
         _pod("0", "2024-01-01T00:00:00Z", phase="Failed", podIP="10.0.0.1"),
         _pod("0", "2024-01-01T00:00:05Z", phase="Running", podIP="fd00::5"),  # the replacement
     ]
-    pod = st.rank0_pod(pods)
+    pod = status_helpers.rank0_pod(pods)
     assert pod is not None and pod["metadata"]["name"] == "p02024-01-01T00:00:05Z"
-    assert st.metrics_url(pod) == "http://[fd00::5]:9400/metrics"
-    assert st.metrics_url(pods[1]) is None  # not running
-    assert st.rank0_pod([]) is None
+    assert status_helpers.metrics_url(pod) == "http://[fd00::5]:9400/metrics"
+    assert status_helpers.metrics_url(pods[1]) is None  # not running
+    assert status_helpers.rank0_pod([]) is None
 
 
 def test_termination_summary() -> None:
     message = json.dumps({"state": "Invalid", "message": "bad", "field": "data.tokens"})
     pod = {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 64, "message": message}}}]}}
-    summary = st.termination_summary(pod)
+    summary = status_helpers.termination_summary(pod)
     assert summary == {"state": "Invalid", "message": "bad", "field": "data.tokens", "exitCode": 64}
     logs = {
         "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 1, "message": "Traceback…"}}}]}
     }
-    assert st.termination_summary(logs) is None  # FallbackToLogsOnError gave log text, not JSON
+    assert status_helpers.termination_summary(logs) is None  # FallbackToLogsOnError gave log text, not JSON
 
 
 def test_progress_from_prometheus_text_uses_the_jobs_names() -> None:
@@ -141,7 +156,7 @@ def test_progress_from_prometheus_text_uses_the_jobs_names() -> None:
             "",
         ]
     )
-    progress = st.progress_from_metrics("PretrainRun", st.parse_prometheus(text))
+    progress = status_helpers.progress_from_metrics("PretrainRun", status_helpers.parse_prometheus(text))
     assert progress == {
         "step": 120,
         "totalSteps": 400,
@@ -150,7 +165,7 @@ def test_progress_from_prometheus_text_uses_the_jobs_names() -> None:
         "percent": 30.0,
         "metrics": {"gpuUtilization": 0.9, "loss": 3.5, "mfu": 0.38},
     }
-    assert st.parse_prometheus("not prometheus {{{") == {}
+    assert status_helpers.parse_prometheus("not prometheus {{{") == {}
 
 
 # ------------------------------------------------------------------------------------------- reconciler
@@ -231,8 +246,8 @@ def test_reconcile_waits_then_creates_children_once() -> None:
     controller.api = api  # type: ignore[assignment]
     status = _run(controller, _resource("AlignmentRun", "sft", ALIGN))
     assert status["phase"] == "Waiting"
-    waiting = st.condition(status, "Waiting")
-    assert waiting is not None and waiting["reason"] == st.DEPENDENCY_NOT_FOUND
+    waiting = status_helpers.condition(status, "Waiting")
+    assert waiting is not None and waiting["reason"] == status_helpers.DEPENDENCY_NOT_FOUND
     assert "spec.base: PretrainRun/base not found" in waiting["message"]
     assert not [c for c in api.calls if c[0] == "create"]
 
@@ -296,7 +311,7 @@ def test_config_error_stays_invalid_after_its_pods_are_gone() -> None:
     body = _resource("AlignmentRun", "sft", ALIGN)
     status = _job_ended(controller, api, body, status, "sft-align", {"conditions": [failed]}, 64, message)
     assert status["phase"] == "Invalid", status
-    assert "spec.dataset.path" in (st.condition(status, "Invalid") or {}).get("message", "")
+    assert "spec.dataset.path" in (status_helpers.condition(status, "Invalid") or {}).get("message", "")
     api.pods = []  # pods garbage-collected; resync reconciles again
     body["status"] = status
     status = _run(controller, body)
@@ -320,13 +335,13 @@ def test_abridged_results_are_said_in_the_condition_and_kept() -> None:
     status = _job_ended(controller, api, body, status, "ev-evaluate", complete, 0, message)
     assert status["phase"] == "Succeeded", status
     assert status["results"]["benchmarks"]["t7"] == {"acc": 0.5, "f1": 0.4}
-    said = (st.condition(status, "Succeeded") or {})["message"]
+    said = (status_helpers.condition(status, "Succeeded") or {})["message"]
     assert "results.benchmarks.*_stderr" in said and "s3://e/ev/results.json" in said
     assert status["progress"]["percent"] == 100.0 and status["progress"]["etaSeconds"] == 0
     api.pods = []
     body["status"] = status
     again = _run(controller, body)
-    assert (st.condition(again, "Succeeded") or {})["message"] == said
+    assert (status_helpers.condition(again, "Succeeded") or {})["message"] == said
     assert again == status  # nothing to write once it has succeeded
 
 
@@ -384,11 +399,21 @@ def test_importing_the_package_stays_light_and_kopf_run_registers_handlers() -> 
         ("PretrainRun", {}, {"phase": "Succeeded"}, False),
         ("PretrainRun", {}, {"phase": "Failed"}, False),
         ("PretrainRun", {}, {"phase": "Succeeded", "observedGeneration": 0}, True),  # not seen at this gen
-        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.SPEC_INVALID}, False),
-        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.CONFIG_ERROR}, False),
-        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.SPEC_CHANGED}, False),
-        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.DEPENDENCY_CYCLE}, True),  # others' specs
-        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.DOES_NOT_FIT}, True),  # a Corpus's vocab
+        ("PretrainRun", {}, {"phase": "Invalid", "reason": status_helpers.SPEC_INVALID}, False),
+        ("PretrainRun", {}, {"phase": "Invalid", "reason": status_helpers.CONFIG_ERROR}, False),
+        ("PretrainRun", {}, {"phase": "Invalid", "reason": status_helpers.SPEC_CHANGED}, False),
+        (
+            "PretrainRun",
+            {},
+            {"phase": "Invalid", "reason": status_helpers.DEPENDENCY_CYCLE},
+            True,
+        ),  # others' specs
+        (
+            "PretrainRun",
+            {},
+            {"phase": "Invalid", "reason": status_helpers.DOES_NOT_FIT},
+            True,
+        ),  # a Corpus's vocab
         ("Evaluation", {"checkpoints": "every"}, {"phase": "Succeeded"}, True),
     ],
 )
