@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -356,6 +357,26 @@ def test_paths() -> None:
     assert path_for("Job", "ns", "j", "status") == "/apis/batch/v1/namespaces/ns/jobs/j/status"
     assert path_for("ConfigMap", "ns") == "/api/v1/namespaces/ns/configmaps"
     assert path_for("Corpus", "ns", "web") == "/apis/lmforge.io/v1alpha1/namespaces/ns/corpora/web"
+
+
+def test_the_operator_does_not_import_the_local_runner() -> None:
+    """Every module the controller package and the kopf handlers import, at the top or inside a function,
+    loads without lmforge_operator.local (the laptop runner)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "operator" / "lmforge_operator"
+    modules = {"lmforge_operator.handlers"}
+    for path in [*sorted((package / "controller").glob("*.py")), package / "handlers.py"]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lmforge"):
+                modules.add(node.module)
+            elif isinstance(node, ast.Import):
+                modules.update(a.name for a in node.names if a.name.startswith("lmforge"))
+    assert "lmforge_operator.controller.mirror" in modules and "lmforge_jobs.data.stages" in modules
+    code = f"import importlib, sys; [importlib.import_module(m) for m in {sorted(modules)!r}]; "
+    code += "print('lmforge_operator.local' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
