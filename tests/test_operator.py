@@ -171,17 +171,22 @@ def test_progress_from_prometheus_text_uses_the_jobs_names() -> None:
 
 # ------------------------------------------------------------------------------------------- reconciler
 class FakeApi:
-    """Records calls; objects in a dict; create answers 409 for existing names."""
+    """Records calls; objects in a dict; create answers 409 for existing names. Events are kept apart
+    (``events``), pods have no Prometheus endpoint that answers."""
 
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.calls: list[tuple[str, str, str]] = []
+        self.events: list[dict[str, Any]] = []
 
     async def get(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
         self.calls.append(("get", kind, name))
         return self.objects.get((kind, ns, name))
 
     async def create(self, obj: dict[str, Any], ns: str) -> tuple[dict[str, Any] | None, bool]:
+        if obj["kind"] == "Event":
+            self.events.append(obj)
+            return obj, True
         key = (obj["kind"], ns, obj["metadata"]["name"])
         self.calls.append(("create", obj["kind"], key[2]))
         if key in self.objects:
@@ -199,6 +204,9 @@ class FakeApi:
 
     async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
         return []
+
+    async def scrape(self, url: str) -> str | None:
+        return None
 
     async def close(self) -> None:
         pass
@@ -243,7 +251,7 @@ def _run(controller: Controller, body: dict[str, Any]) -> dict[str, Any]:
 
 def test_reconcile_waits_then_creates_children_once() -> None:
     api = FakeApi()
-    controller = Controller(Config(events=False, storage="s3://store"))
+    controller = Controller(Config(storage="s3://store"))
     controller.api = api  # type: ignore[assignment]
     status = _run(controller, _resource("AlignmentRun", "sft", ALIGN))
     assert status["phase"] == "Waiting"
@@ -251,6 +259,9 @@ def test_reconcile_waits_then_creates_children_once() -> None:
     assert waiting is not None and waiting["reason"] == status_helpers.DEPENDENCY_NOT_FOUND
     assert "spec.base: PretrainRun/base not found" in waiting["message"]
     assert not [c for c in api.calls if c[0] == "create"]
+    (event,) = api.events  # the transition to Waiting, and why
+    assert event["reason"] == status_helpers.DEPENDENCY_NOT_FOUND and event["type"] == "Normal"
+    assert event["message"] == f"Waiting: {waiting['message']}"
 
     controller.cache[("PretrainRun", "ns", "base")] = _resource(
         "PretrainRun", "base", {}, phase="Succeeded", outputs={"model": "s3://m/model"}
@@ -266,7 +277,7 @@ def test_reconcile_waits_then_creates_children_once() -> None:
     assert job["metadata"]["annotations"]["lmforge.io/spec-digest"] == spec_hash(recorded)
     assert status["phase"] == "Pending"
     # Reconciling again (a restarted operator with an empty cache) creates nothing new.
-    controller2 = Controller(Config(events=False, storage="s3://store"))
+    controller2 = Controller(Config(storage="s3://store"))
     controller2.api = api  # type: ignore[assignment]
     controller2.cache[("PretrainRun", "ns", "base")] = controller.cache[("PretrainRun", "ns", "base")]
     body["status"] = status
@@ -301,7 +312,7 @@ def test_config_error_stays_invalid_after_its_pods_are_gone() -> None:
     """Exit 64 → Invalid naming the field; a later reconcile with no pods left must not turn it Failed."""
 
     api = PodsApi()
-    controller = Controller(Config(events=False, storage="s3://store", scrape=False))
+    controller = Controller(Config(storage="s3://store"))
     controller.api = api  # type: ignore[assignment]
     controller.cache[("PretrainRun", "ns", "base")] = _resource(
         "PretrainRun", "base", {}, phase="Succeeded", outputs={"model": "s3://m/model"}
@@ -325,7 +336,7 @@ def test_abridged_results_are_said_in_the_condition_and_kept() -> None:
     from lmforge_jobs.telemetry import fit_termination_message
 
     api = PodsApi()
-    controller = Controller(Config(events=False, storage="s3://store", scrape=False))
+    controller = Controller(Config(storage="s3://store"))
     controller.api = api  # type: ignore[assignment]
     spec = {"model": {"huggingface": "org/m"}, "benchmarks": [{"task": "x"}], "output": "s3://e/ev"}
     status = _run(controller, _resource("Evaluation", "ev", spec))

@@ -29,10 +29,6 @@ class Config:
     """Resources reconciled concurrently ($LMFORGE_WORKERS)."""
     gpu: str = field(default_factory=lambda: os.environ.get("LMFORGE_GPU", "h100"))
     """GPU type the compute plan assumes ($LMFORGE_GPU: h100, h200, a100, l40s)."""
-    scrape: bool = True
-    """Read rank 0's Prometheus endpoint while a job runs."""
-    events: bool = True
-    """Post Kubernetes Events on phase transitions."""
 
 
 __all__ = ["Config", "default_image"]

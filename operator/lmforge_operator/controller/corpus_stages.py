@@ -93,7 +93,7 @@ async def reconcile_corpus(
         return Pending(
             status_helpers.JOB_CREATED, f"stage {stage.name}: Job {js.name} created, waiting for its pods"
         )
-    if js.state == "Running" and ctl.config.scrape:
+    if js.state == "Running":
         scraped = await scrape_progress(api, kind, await job_pods(api, ns, js.name))
         if scraped and scraped.get("metrics"):
             status["metrics"] = status_helpers.metrics_for_status(kind, scraped["metrics"]) or status.get(

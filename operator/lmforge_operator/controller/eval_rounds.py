@@ -99,7 +99,7 @@ async def reconcile_rounds(
     js = status_helpers.job_state(job)
     evaluated = js.annotations.get(CHECKPOINTS_ANNOTATION, "")
     if js.state != "Succeeded":
-        return await mirror_job(api, resource, ns, status, job, output, scrape=ctl.config.scrape)
+        return await mirror_job(api, resource, ns, status, job, output)
     # The latest round succeeded: record its results once, then start another if checkpoints landed.
     history = status.setdefault("history", [])
     if not any(h.get("checkpoint") == f"round {number}: {evaluated}" for h in history):

@@ -164,8 +164,6 @@ async def mirror_job(
     status: dict[str, Any],
     job: dict[str, Any],
     output: str,
-    *,
-    scrape: bool,
 ) -> Outcome:
     """The outcome of a single-Job resource from its Job and pods; status filled on the way."""
     kind = resource.kind
@@ -182,10 +180,9 @@ async def mirror_job(
     if js.state == "Running":
         if kind == "PretrainRun":
             status["outputs"] = {"checkpoint": expected_outputs(kind, output)["checkpoint"]}
-        if scrape:
-            progress = await scrape_progress(api, kind, await job_pods(api, ns, js.name))
-            if progress:
-                apply_progress(status, kind, progress)
+        progress = await scrape_progress(api, kind, await job_pods(api, ns, js.name))
+        if progress:
+            apply_progress(status, kind, progress)
         return Running(status_helpers.JOB_RUNNING, f"Job {js.name} is running")
     # a finished resource keeps its verdict: Invalid (exit 64) must not turn into Failed once the
     # failed pods (and their termination messages) are gone

@@ -137,7 +137,7 @@ class Controller(WorkQueue):
                 old_phase,
                 old_reason,
             )  # the phase, or why it is in it
-            if transition and self.config.events and self.api is not None:
+            if transition and self.api is not None:
                 await post_event(self.api, self.host, body, phase, outcome)
             if new_phase != old_phase:
                 self._wake_dependents(key)
@@ -168,7 +168,7 @@ class Controller(WorkQueue):
         changed = self.spec_changed(job, resource)
         if changed:
             raise Invalid(status_helpers.SPEC_CHANGED, changed)
-        return await mirror_job(self.api, resource, ns, status, job, output, scrape=self.config.scrape)
+        return await mirror_job(self.api, resource, ns, status, job, output)
 
     # ------------------------------------------------------------------------------------ admission
     def admit(self, key: Key, body: dict[str, Any], status: dict[str, Any]) -> Resource[Any, Any]:
