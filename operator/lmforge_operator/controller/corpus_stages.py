@@ -95,10 +95,9 @@ async def reconcile_corpus(
         )
     if js.state == "Running":
         scraped = await scrape_progress(api, kind, await job_pods(api, ns, js.name))
-        if scraped and scraped.get("metrics"):
-            status["metrics"] = status_helpers.metrics_for_status(kind, scraped["metrics"]) or status.get(
-                "metrics"
-            )
+        metrics = status_helpers.metrics_for_status(kind, (scraped or {}).get("metrics") or {})
+        if metrics:
+            status["metrics"] = metrics
     return Running(status_helpers.JOB_RUNNING, f"stage {len(done) + 1}/{n} {stage.name}: {stage.description}")
 
 

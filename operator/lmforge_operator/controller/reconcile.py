@@ -71,6 +71,15 @@ def validated_status(kind: str, status: dict[str, Any]) -> dict[str, Any]:
     return status_model(kind).model_validate(status).model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+def _reason_for_phase(status: dict[str, Any]) -> str | None:
+    """The reason of the True condition that gave the status its phase."""
+    phase = status.get("phase")
+    for c in status.get("conditions") or []:
+        if c.get("type") == phase and c.get("status") == "True":
+            return c.get("reason")
+    return None
+
+
 class Controller(WorkQueue):
     """The work queue and cache (:class:`WorkQueue`) and the reconcile logic; see the module docstring."""
 
@@ -125,19 +134,8 @@ class Controller(WorkQueue):
             old_phase, new_phase = old.get("phase"), new.get("phase")
             if self.metrics is not None and key in self.cache:
                 self.metrics.phase(kind, ns, name, new_phase)
-            old_reason = next(
-                (
-                    c.get("reason")
-                    for c in old.get("conditions") or []
-                    if c.get("type") == old_phase and c.get("status") == "True"
-                ),
-                None,
-            )
-            transition = (new_phase, outcome.reason) != (
-                old_phase,
-                old_reason,
-            )  # the phase, or why it is in it
-            if transition and self.api is not None:
+            # a transition: the phase, or why it is in it
+            if (new_phase, outcome.reason) != (old_phase, _reason_for_phase(old)) and self.api is not None:
                 await post_event(self.api, self.host, body, phase, outcome)
             if new_phase != old_phase:
                 self._wake_dependents(key)
