@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in sorted(backlog):
             cluster.create(manifest(args.kind, name), ns)
         since = len(cluster.calls)
-        with Operator(cluster, ns, workers=args.workers, resync_seconds=300, events=True) as op:
+        with Operator(cluster, ns, workers=args.workers, resync_seconds=300) as op:
             before = reconciles(op)
             started = time.monotonic()
             jobs = wait_for(cluster, since, backlog)

@@ -415,7 +415,7 @@ class Operator:
         self.cluster = cluster
         self.namespace = namespace
         self.metrics_port = int(config.pop("metrics_port", -1))
-        self.config = {"resync_seconds": 0.5, "workers": 8, "events": True, **config}
+        self.config = {"resync_seconds": 0.5, "workers": 8, **config}
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task[Any] | None = None

@@ -7,45 +7,61 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lmforge_jobs.telemetry import metric_name, progress_names
-from lmforge_operator import status as st
-from lmforge_operator.controller import Config, Controller, _changed_fields, spec_hash
+from lmforge_operator import status as status_helpers
+from lmforge_operator.controller import Config, Controller, changed_fields, spec_hash
 from lmforge_operator.kube import path_for
 
 
 # ------------------------------------------------------------------------------------------- conditions
 def test_condition_transition_time_changes_only_with_status() -> None:
     status: dict[str, Any] = {}
-    assert st.set_condition(status, "Running", True, "JobRunning", "running", 3) is True
+    assert status_helpers.set_condition(status, "Running", True, "JobRunning", "running", 3) is True
     first = status["conditions"][0]["lastTransitionTime"]
     status["conditions"][0]["lastTransitionTime"] = "2000-01-01T00:00:00Z"
-    assert st.set_condition(status, "Running", True, "JobRunning", "still", 4) is False
+    assert status_helpers.set_condition(status, "Running", True, "JobRunning", "still", 4) is False
     c = status["conditions"][0]
     assert c["lastTransitionTime"] == "2000-01-01T00:00:00Z" and c["message"] == "still"
     assert c["observedGeneration"] == 4 and first
-    assert st.set_condition(status, "Running", False, "JobSucceeded", "", 4) is True
+    assert status_helpers.set_condition(status, "Running", False, "JobSucceeded", "", 4) is True
     assert status["conditions"][0]["lastTransitionTime"] != "2000-01-01T00:00:00Z"
 
 
 def test_set_state_one_true_condition_and_phase() -> None:
     status: dict[str, Any] = {}
-    assert st.set_state(status, "Waiting", st.DEPENDENCY_NOT_READY, "spec.corpus: waiting", 1) == "Waiting"
-    assert st.set_state(status, "Running", st.JOB_RUNNING, "", 1) == "Running"
+    assert (
+        status_helpers.set_state(
+            status, "Waiting", status_helpers.DEPENDENCY_NOT_READY, "spec.corpus: waiting", 1
+        )
+        == "Waiting"
+    )
+    assert status_helpers.set_state(status, "Running", status_helpers.JOB_RUNNING, "", 1) == "Running"
     true = [c["type"] for c in status["conditions"] if c["status"] == "True"]
     assert true == ["Running"]
-    assert st.set_state(status, "Succeeded", st.JOB_SUCCEEDED, "", 2) == "Succeeded"
+    assert status_helpers.set_state(status, "Succeeded", status_helpers.JOB_SUCCEEDED, "", 2) == "Succeeded"
     types = [c["type"] for c in status["conditions"]]
     assert types == ["Ready", "Running", "Succeeded", "Failed", "Waiting"]  # API order
-    ready = st.condition(status, "Ready")
-    assert ready is not None and ready["status"] == "True" and ready["reason"] == st.OUTPUTS_AVAILABLE
+    ready = status_helpers.condition(status, "Ready")
+    assert (
+        ready is not None
+        and ready["status"] == "True"
+        and ready["reason"] == status_helpers.OUTPUTS_AVAILABLE
+    )
     assert all(c["observedGeneration"] == 2 for c in status["conditions"])
-    assert st.set_state(status, "Invalid", st.SPEC_CHANGED, "spec.model.layers: …", 3) == "Invalid"
+    assert (
+        status_helpers.set_state(status, "Invalid", status_helpers.SPEC_CHANGED, "spec.model.layers: …", 3)
+        == "Invalid"
+    )
     # Running beside Waiting (an Evaluation between checkpoints) shows as Running.
-    assert st.set_state({}, "Waiting", st.WAITING_FOR_CHECKPOINT, "", 1, running=True) == "Running"
+    assert (
+        status_helpers.set_state({}, "Waiting", status_helpers.WAITING_FOR_CHECKPOINT, "", 1, running=True)
+        == "Running"
+    )
 
 
 # ------------------------------------------------------------------------------------------ Job states
@@ -72,7 +88,7 @@ def test_set_state_one_true_condition_and_phase() -> None:
 )
 def test_job_state(job_status: dict[str, Any], spec: dict[str, Any], state: str) -> None:
     job = {"metadata": {"name": "j"}, "spec": {"completions": 2, **spec}, "status": job_status}
-    js = st.job_state(job)
+    js = status_helpers.job_state(job)
     assert js.state == state and js.completions == 2
     if state == "Failed":
         assert js.message.startswith(("BackoffLimitExceeded", "PodFailurePolicy"))
@@ -106,22 +122,22 @@ def test_rank0_pod_and_metrics_url() -> None:
         _pod("0", "2024-01-01T00:00:00Z", phase="Failed", podIP="10.0.0.1"),
         _pod("0", "2024-01-01T00:00:05Z", phase="Running", podIP="fd00::5"),  # the replacement
     ]
-    pod = st.rank0_pod(pods)
+    pod = status_helpers.rank0_pod(pods)
     assert pod is not None and pod["metadata"]["name"] == "p02024-01-01T00:00:05Z"
-    assert st.metrics_url(pod) == "http://[fd00::5]:9400/metrics"
-    assert st.metrics_url(pods[1]) is None  # not running
-    assert st.rank0_pod([]) is None
+    assert status_helpers.metrics_url(pod) == "http://[fd00::5]:9400/metrics"
+    assert status_helpers.metrics_url(pods[1]) is None  # not running
+    assert status_helpers.rank0_pod([]) is None
 
 
 def test_termination_summary() -> None:
     message = json.dumps({"state": "Invalid", "message": "bad", "field": "data.tokens"})
     pod = {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 64, "message": message}}}]}}
-    summary = st.termination_summary(pod)
+    summary = status_helpers.termination_summary(pod)
     assert summary == {"state": "Invalid", "message": "bad", "field": "data.tokens", "exitCode": 64}
     logs = {
         "status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 1, "message": "Traceback…"}}}]}
     }
-    assert st.termination_summary(logs) is None  # FallbackToLogsOnError gave log text, not JSON
+    assert status_helpers.termination_summary(logs) is None  # FallbackToLogsOnError gave log text, not JSON
 
 
 def test_progress_from_prometheus_text_uses_the_jobs_names() -> None:
@@ -141,7 +157,7 @@ def test_progress_from_prometheus_text_uses_the_jobs_names() -> None:
             "",
         ]
     )
-    progress = st.progress_from_metrics("PretrainRun", st.parse_prometheus(text))
+    progress = status_helpers.progress_from_metrics("PretrainRun", status_helpers.parse_prometheus(text))
     assert progress == {
         "step": 120,
         "totalSteps": 400,
@@ -150,22 +166,27 @@ def test_progress_from_prometheus_text_uses_the_jobs_names() -> None:
         "percent": 30.0,
         "metrics": {"gpuUtilization": 0.9, "loss": 3.5, "mfu": 0.38},
     }
-    assert st.parse_prometheus("not prometheus {{{") == {}
+    assert status_helpers.parse_prometheus("not prometheus {{{") == {}
 
 
 # ------------------------------------------------------------------------------------------- reconciler
 class FakeApi:
-    """Records calls; objects in a dict; create answers 409 for existing names."""
+    """Records calls; objects in a dict; create answers 409 for existing names. Events are kept apart
+    (``events``), pods have no Prometheus endpoint that answers."""
 
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.calls: list[tuple[str, str, str]] = []
+        self.events: list[dict[str, Any]] = []
 
     async def get(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
         self.calls.append(("get", kind, name))
         return self.objects.get((kind, ns, name))
 
     async def create(self, obj: dict[str, Any], ns: str) -> tuple[dict[str, Any] | None, bool]:
+        if obj["kind"] == "Event":
+            self.events.append(obj)
+            return obj, True
         key = (obj["kind"], ns, obj["metadata"]["name"])
         self.calls.append(("create", obj["kind"], key[2]))
         if key in self.objects:
@@ -183,6 +204,9 @@ class FakeApi:
 
     async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
         return []
+
+    async def scrape(self, url: str) -> str | None:
+        return None
 
     async def close(self) -> None:
         pass
@@ -227,14 +251,17 @@ def _run(controller: Controller, body: dict[str, Any]) -> dict[str, Any]:
 
 def test_reconcile_waits_then_creates_children_once() -> None:
     api = FakeApi()
-    controller = Controller(Config(events=False, storage="s3://store"))
+    controller = Controller(Config(storage="s3://store"))
     controller.api = api  # type: ignore[assignment]
     status = _run(controller, _resource("AlignmentRun", "sft", ALIGN))
     assert status["phase"] == "Waiting"
-    waiting = st.condition(status, "Waiting")
-    assert waiting is not None and waiting["reason"] == st.DEPENDENCY_NOT_FOUND
+    waiting = status_helpers.condition(status, "Waiting")
+    assert waiting is not None and waiting["reason"] == status_helpers.DEPENDENCY_NOT_FOUND
     assert "spec.base: PretrainRun/base not found" in waiting["message"]
     assert not [c for c in api.calls if c[0] == "create"]
+    (event,) = api.events  # the transition to Waiting, and why
+    assert event["reason"] == status_helpers.DEPENDENCY_NOT_FOUND and event["type"] == "Normal"
+    assert event["message"] == f"Waiting: {waiting['message']}"
 
     controller.cache[("PretrainRun", "ns", "base")] = _resource(
         "PretrainRun", "base", {}, phase="Succeeded", outputs={"model": "s3://m/model"}
@@ -250,7 +277,7 @@ def test_reconcile_waits_then_creates_children_once() -> None:
     assert job["metadata"]["annotations"]["lmforge.io/spec-digest"] == spec_hash(recorded)
     assert status["phase"] == "Pending"
     # Reconciling again (a restarted operator with an empty cache) creates nothing new.
-    controller2 = Controller(Config(events=False, storage="s3://store"))
+    controller2 = Controller(Config(storage="s3://store"))
     controller2.api = api  # type: ignore[assignment]
     controller2.cache[("PretrainRun", "ns", "base")] = controller.cache[("PretrainRun", "ns", "base")]
     body["status"] = status
@@ -285,7 +312,7 @@ def test_config_error_stays_invalid_after_its_pods_are_gone() -> None:
     """Exit 64 → Invalid naming the field; a later reconcile with no pods left must not turn it Failed."""
 
     api = PodsApi()
-    controller = Controller(Config(events=False, storage="s3://store", scrape=False))
+    controller = Controller(Config(storage="s3://store"))
     controller.api = api  # type: ignore[assignment]
     controller.cache[("PretrainRun", "ns", "base")] = _resource(
         "PretrainRun", "base", {}, phase="Succeeded", outputs={"model": "s3://m/model"}
@@ -296,7 +323,7 @@ def test_config_error_stays_invalid_after_its_pods_are_gone() -> None:
     body = _resource("AlignmentRun", "sft", ALIGN)
     status = _job_ended(controller, api, body, status, "sft-align", {"conditions": [failed]}, 64, message)
     assert status["phase"] == "Invalid", status
-    assert "spec.dataset.path" in (st.condition(status, "Invalid") or {}).get("message", "")
+    assert "spec.dataset.path" in (status_helpers.condition(status, "Invalid") or {}).get("message", "")
     api.pods = []  # pods garbage-collected; resync reconciles again
     body["status"] = status
     status = _run(controller, body)
@@ -309,7 +336,7 @@ def test_abridged_results_are_said_in_the_condition_and_kept() -> None:
     from lmforge_jobs.telemetry import fit_termination_message
 
     api = PodsApi()
-    controller = Controller(Config(events=False, storage="s3://store", scrape=False))
+    controller = Controller(Config(storage="s3://store"))
     controller.api = api  # type: ignore[assignment]
     spec = {"model": {"huggingface": "org/m"}, "benchmarks": [{"task": "x"}], "output": "s3://e/ev"}
     status = _run(controller, _resource("Evaluation", "ev", spec))
@@ -320,27 +347,47 @@ def test_abridged_results_are_said_in_the_condition_and_kept() -> None:
     status = _job_ended(controller, api, body, status, "ev-evaluate", complete, 0, message)
     assert status["phase"] == "Succeeded", status
     assert status["results"]["benchmarks"]["t7"] == {"acc": 0.5, "f1": 0.4}
-    said = (st.condition(status, "Succeeded") or {})["message"]
+    said = (status_helpers.condition(status, "Succeeded") or {})["message"]
     assert "results.benchmarks.*_stderr" in said and "s3://e/ev/results.json" in said
     assert status["progress"]["percent"] == 100.0 and status["progress"]["etaSeconds"] == 0
     api.pods = []
     body["status"] = status
     again = _run(controller, body)
-    assert (st.condition(again, "Succeeded") or {})["message"] == said
+    assert (status_helpers.condition(again, "Succeeded") or {})["message"] == said
     assert again == status  # nothing to write once it has succeeded
 
 
 def test_spec_changed_names_the_fields() -> None:
     before = {"model": {"layers": 2, "hidden": 64}, "budget": {"steps": 10}}
     after = {"model": {"layers": 4, "hidden": 64}, "budget": {"steps": 10}, "queue": "a"}
-    assert _changed_fields(before, after) == ["spec.model.layers", "spec.queue"]
-    assert _changed_fields(before, before) == []
+    assert changed_fields(before, after) == ["spec.model.layers", "spec.queue"]
+    assert changed_fields(before, before) == []
 
 
 def test_paths() -> None:
     assert path_for("Job", "ns", "j", "status") == "/apis/batch/v1/namespaces/ns/jobs/j/status"
     assert path_for("ConfigMap", "ns") == "/api/v1/namespaces/ns/configmaps"
     assert path_for("Corpus", "ns", "web") == "/apis/lmforge.io/v1alpha1/namespaces/ns/corpora/web"
+
+
+def test_the_operator_does_not_import_the_local_runner() -> None:
+    """Every module the controller package and the kopf handlers import, at the top or inside a function,
+    loads without lmforge_operator.local (the laptop runner)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "operator" / "lmforge_operator"
+    modules = {"lmforge_operator.handlers"}
+    for path in [*sorted((package / "controller").glob("*.py")), package / "handlers.py"]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lmforge"):
+                modules.add(node.module)
+            elif isinstance(node, ast.Import):
+                modules.update(a.name for a in node.names if a.name.startswith("lmforge"))
+    assert "lmforge_operator.controller.mirror" in modules and "lmforge_jobs.data.stages" in modules
+    code = f"import importlib, sys; [importlib.import_module(m) for m in {sorted(modules)!r}]; "
+    code += "print('lmforge_operator.local' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
@@ -384,11 +431,21 @@ def test_importing_the_package_stays_light_and_kopf_run_registers_handlers() -> 
         ("PretrainRun", {}, {"phase": "Succeeded"}, False),
         ("PretrainRun", {}, {"phase": "Failed"}, False),
         ("PretrainRun", {}, {"phase": "Succeeded", "observedGeneration": 0}, True),  # not seen at this gen
-        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.SPEC_INVALID}, False),
-        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.CONFIG_ERROR}, False),
-        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.SPEC_CHANGED}, False),
-        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.DEPENDENCY_CYCLE}, True),  # others' specs
-        ("PretrainRun", {}, {"phase": "Invalid", "reason": st.DOES_NOT_FIT}, True),  # a Corpus's vocab
+        ("PretrainRun", {}, {"phase": "Invalid", "reason": status_helpers.SPEC_INVALID}, False),
+        ("PretrainRun", {}, {"phase": "Invalid", "reason": status_helpers.CONFIG_ERROR}, False),
+        ("PretrainRun", {}, {"phase": "Invalid", "reason": status_helpers.SPEC_CHANGED}, False),
+        (
+            "PretrainRun",
+            {},
+            {"phase": "Invalid", "reason": status_helpers.DEPENDENCY_CYCLE},
+            True,
+        ),  # others' specs
+        (
+            "PretrainRun",
+            {},
+            {"phase": "Invalid", "reason": status_helpers.DOES_NOT_FIT},
+            True,
+        ),  # a Corpus's vocab
         ("Evaluation", {"checkpoints": "every"}, {"phase": "Succeeded"}, True),
     ],
 )

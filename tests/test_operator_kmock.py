@@ -156,7 +156,7 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
             later = {f"web-{s}" for s in stages[i + 1 :]}
             assert not later & set(cluster.job_names(ns))
             cluster.start_job(f"web-{stage}", ns)
-            st = cluster.wait(
+            status = cluster.wait(
                 lambda stage=stage: (
                     (s := cluster.status("Corpus", "web", ns)).get("phase") == "Running"
                     and len(s.get("completedStages", [])) == stages.index(stage)
@@ -165,7 +165,7 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
                 20,
                 f"Corpus running {stage}",
             )
-            assert st["stage"] in ("Extracting", "TrainingTokenizer", "Tokenizing")
+            assert status["stage"] in ("Extracting", "TrainingTokenizer", "Tokenizing")
             term = None
             if stage == "stats":
                 term = {
@@ -179,12 +179,12 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
                     },
                 }
             finish(cluster, f"web-{stage}", ns, term)
-        st = cluster.wait_phase("Corpus", "web", "Succeeded", ns)
-        assert st["stage"] == "Done" and st["completedStages"] == stages
-        assert st["documents"] == {"read": 1000, "kept": 700, "removedBy": {"url": 200, "language": 100}}
-        assert st["tokens"] == 123456 and st["heldOutTokens"] == 789
-        assert st["outputs"]["heldOut"] == "s3://bucket/corpora/web/tokens/held-out"
-        assert st["progress"]["percent"] == 100
+        status = cluster.wait_phase("Corpus", "web", "Succeeded", ns)
+        assert status["stage"] == "Done" and status["completedStages"] == stages
+        assert status["documents"] == {"read": 1000, "kept": 700, "removedBy": {"url": 200, "language": 100}}
+        assert status["tokens"] == 123456 and status["heldOutTokens"] == 789
+        assert status["outputs"]["heldOut"] == "s3://bucket/corpora/web/tokens/held-out"
+        assert status["progress"]["percent"] == 100
 
         # PretrainRun: ConfigMap with references resolved, headless Service, torchrun Job.
         job = wait_job(cluster, ns, "gpt-pretrain")
@@ -222,34 +222,34 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
             cluster.add_pod("gpt-pretrain", namespace=ns, metrics_port=server.server_address[1])
             cluster.add_pod("gpt-pretrain", index=1, namespace=ns, metrics_port=1)  # not rank 0: not read
             cluster.start_job("gpt-pretrain", ns)
-            st = cluster.wait(
+            status = cluster.wait(
                 lambda: (s := cluster.status("PretrainRun", "gpt", ns)).get("metrics") and s,
                 20,
                 "mirrored metrics",
             )
         finally:
             server.shutdown()
-        assert st["phase"] == "Running"
-        assert st["progress"]["step"] == 50 and st["progress"]["totalSteps"] == 200
-        assert st["progress"]["percent"] == 25.0 and st["progress"]["tokens"] == 204800
-        assert st["metrics"] == {"loss": 3.25, "tokensPerSecond": 1234.5, "mfu": 0.41}
-        assert st["outputs"]["checkpoint"] == "s3://bucket/runs/gpt/checkpoints"  # while running
-        assert st["startTime"]
+        assert status["phase"] == "Running"
+        assert status["progress"]["step"] == 50 and status["progress"]["totalSteps"] == 200
+        assert status["progress"]["percent"] == 25.0 and status["progress"]["tokens"] == 204800
+        assert status["metrics"] == {"loss": 3.25, "tokensPerSecond": 1234.5, "mfu": 0.41}
+        assert status["outputs"]["checkpoint"] == "s3://bucket/runs/gpt/checkpoints"  # while running
+        assert status["startTime"]
         finish(
             cluster,
             "gpt-pretrain",
             ns,
             {"state": "Succeeded", "step": 200, "metrics": {"loss": 2.5, "evalLoss": 2.75}},
         )
-        st = cluster.wait_phase("PretrainRun", "gpt", "Succeeded", ns)
-        assert st["outputs"] == {
+        status = cluster.wait_phase("PretrainRun", "gpt", "Succeeded", ns)
+        assert status["outputs"] == {
             "checkpoint": "s3://bucket/runs/gpt/checkpoints",
             "model": "s3://bucket/runs/gpt/model",
             "tokenizer": "s3://bucket/runs/gpt/model",
         }
-        assert st["metrics"]["loss"] == 2.5 and st["progress"]["percent"] == 100
-        ready = next(c for c in st["conditions"] if c["type"] == "Ready")
-        assert ready["status"] == "True" and st["completionTime"]
+        assert status["metrics"]["loss"] == 2.5 and status["progress"]["percent"] == 100
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "True" and status["completionTime"]
 
         # AlignmentRun: the base resolved to the PretrainRun's model; shell metacharacters verbatim.
         job = wait_job(cluster, ns, "gpt-sft-align")
@@ -260,8 +260,8 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
         assert all(NASTY not in a for a in container["args"])  # spec strings never become arguments
         assert container["command"][0] != "sh" and "-c" not in container["args"][:1]
         finish(cluster, "gpt-sft-align", ns)
-        st = cluster.wait_phase("AlignmentRun", "gpt-sft", "Succeeded", ns)
-        assert st["outputs"] == {"model": "s3://bucket/runs/gpt-sft/model"}
+        status = cluster.wait_phase("AlignmentRun", "gpt-sft", "Succeeded", ns)
+        assert status["outputs"] == {"model": "s3://bucket/runs/gpt-sft/model"}
 
         # Evaluation: results from the termination message.
         wait_job(cluster, ns, "gpt-eval-evaluate")
@@ -273,9 +273,11 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
             ns,
             {"state": "Succeeded", "results": {"perplexity": 12.5, "benchmarks": {"tiny": {"acc": 0.5}}}},
         )
-        st = cluster.wait_phase("Evaluation", "gpt-eval", "Succeeded", ns)
-        assert st["results"]["perplexity"] == 12.5 and st["results"]["benchmarks"] == {"tiny": {"acc": 0.5}}
-        assert st["outputs"] == {"results": "s3://bucket/evals/gpt-sft/results.json"}
+        status = cluster.wait_phase("Evaluation", "gpt-eval", "Succeeded", ns)
+        assert status["results"]["perplexity"] == 12.5 and status["results"]["benchmarks"] == {
+            "tiny": {"acc": 0.5}
+        }
+        assert status["outputs"] == {"results": "s3://bucket/evals/gpt-sft/results.json"}
 
         # Kubernetes Events on transitions, and no finalizer anywhere.
         events = cluster.list("Event", ns)
@@ -407,8 +409,8 @@ def test_operator_killed_mid_reconcile_restarts_without_duplicates(cluster: Clus
     ]
     assert len(posts) == len(set(posts)) == 11  # every stage once
     assert sorted(cluster.job_names(ns)) == sorted(set(posts))
-    st = cluster.status("Corpus", "web-en", ns)
-    assert st["completedStages"] and len(st["completedStages"]) == 11
+    status = cluster.status("Corpus", "web-en", ns)
+    assert status["completedStages"] and len(status["completedStages"]) == 11
     assert len(cluster.list("ConfigMap", ns)) == 1
     assert_rbac(cluster)
 
@@ -487,8 +489,8 @@ def test_invalid_resources_get_invalid_condition_and_no_children(cluster: Cluste
         for _, manifest, _, _ in cases:
             cluster.create(manifest, ns)
         for name, manifest, field, reason in cases:
-            st = cluster.wait_phase(manifest["kind"], name, "Invalid", ns)
-            invalid = next(c for c in st["conditions"] if c["type"] == "Invalid")
+            status = cluster.wait_phase(manifest["kind"], name, "Invalid", ns)
+            invalid = next(c for c in status["conditions"] if c["type"] == "Invalid")
             assert invalid["status"] == "True" and invalid["reason"] == reason, (name, invalid)
             assert field in invalid["message"], (name, field, invalid["message"])
             assert invalid["observedGeneration"] == 1
@@ -515,10 +517,10 @@ def test_spec_change_while_running_failure_and_deletion(cluster: Cluster) -> Non
         cluster.patch(
             "PretrainRun", "run", {"metadata": {"generation": 2}, "spec": {"model": {"layers": 4}}}, ns
         )
-        st = cluster.wait_phase("PretrainRun", "run", "Invalid", ns)
-        invalid = next(c for c in st["conditions"] if c["type"] == "Invalid")
+        status = cluster.wait_phase("PretrainRun", "run", "Invalid", ns)
+        invalid = next(c for c in status["conditions"] if c["type"] == "Invalid")
         assert invalid["reason"] == "SpecChanged" and "spec.model.layers" in invalid["message"]
-        assert invalid["observedGeneration"] == 2 and st["observedGeneration"] == 2
+        assert invalid["observedGeneration"] == 2 and status["observedGeneration"] == 2
         # Restoring it clears the refusal.
         cluster.patch(
             "PretrainRun", "run", {"metadata": {"generation": 3}, "spec": {"model": {"layers": 2}}}, ns
@@ -535,8 +537,8 @@ def test_spec_change_while_running_failure_and_deletion(cluster: Cluster) -> Non
             exit_code=64,
         )
         cluster.finish_job("bad-config-pretrain", ns, failed=True, message="exit code 64")
-        st = cluster.wait_phase("PretrainRun", "bad-config", "Invalid", ns)
-        invalid = next(c for c in st["conditions"] if c["type"] == "Invalid")
+        status = cluster.wait_phase("PretrainRun", "bad-config", "Invalid", ns)
+        invalid = next(c for c in status["conditions"] if c["type"] == "Invalid")
         assert (
             invalid["reason"] == "ConfigError"
             and "spec.data.tokenizer: no tokenizer.json" in invalid["message"]
@@ -544,8 +546,11 @@ def test_spec_change_while_running_failure_and_deletion(cluster: Cluster) -> Non
         cluster.create(doc("PretrainRun", "crash", spec), ns)
         wait_job(cluster, ns, "crash-pretrain")
         cluster.finish_job("crash-pretrain", ns, failed=True, message="BackoffLimitExceeded")
-        st = cluster.wait_phase("PretrainRun", "crash", "Failed", ns)
-        assert "BackoffLimitExceeded" in next(c for c in st["conditions"] if c["type"] == "Failed")["message"]
+        status = cluster.wait_phase("PretrainRun", "crash", "Failed", ns)
+        assert (
+            "BackoffLimitExceeded"
+            in next(c for c in status["conditions"] if c["type"] == "Failed")["message"]
+        )
 
         # The operator's own metrics.
         from lmforge_operator import handlers
@@ -584,11 +589,11 @@ def test_evaluation_every_checkpoint_reruns_as_checkpoints_land(cluster: Cluster
     with Operator(cluster, ns):
         cluster.create(doc("PretrainRun", "gpt", pre), ns)
         cluster.create(doc("Evaluation", "gpt-every", ev), ns)
-        st = cluster.wait_phase("Evaluation", "gpt-every", "Waiting", ns)
+        status = cluster.wait_phase("Evaluation", "gpt-every", "Waiting", ns)
         wait_job(cluster, ns, "gpt-pretrain")
         cluster.start_job("gpt-pretrain", ns)
         cluster.wait_phase("PretrainRun", "gpt", "Running", ns)
-        st = cluster.wait(
+        status = cluster.wait(
             lambda: (
                 (s := cluster.status("Evaluation", "gpt-every", ns)).get("conditions")
                 and any(c["reason"] == "WaitingForCheckpoint" for c in s["conditions"])
@@ -603,10 +608,10 @@ def test_evaluation_every_checkpoint_reruns_as_checkpoints_land(cluster: Cluster
         resolved = configmap_spec(cluster, ns, "gpt-every-evaluate-spec")
         assert resolved["spec"]["checkpointDir"] == "s3://bucket/runs/gpt/checkpoints"
         finish(cluster, "gpt-every-evaluate", ns, {"state": "Succeeded", "results": {"perplexity": 30.0}})
-        st = cluster.wait(
+        status = cluster.wait(
             lambda: (s := cluster.status("Evaluation", "gpt-every", ns)).get("history") and s, 20, "round 0"
         )
-        assert st["phase"] == "Running" and st["history"][0]["perplexity"] == 30.0
+        assert status["phase"] == "Running" and status["history"][0]["perplexity"] == 30.0
         # The run finishes (its export reported somewhere other than the default): one more round for the
         # final model, then Succeeded.
         final = {"state": "Succeeded", "outputs": {"model": "s3://bucket/exports/gpt-final"}}
@@ -620,9 +625,9 @@ def test_evaluation_every_checkpoint_reruns_as_checkpoints_land(cluster: Cluster
         }
         assert configmap_spec(cluster, ns, "gpt-every-evaluate-spec") == resolved
         finish(cluster, "gpt-every-evaluate-1", ns, {"state": "Succeeded", "results": {"perplexity": 25.0}})
-        st = cluster.wait_phase("Evaluation", "gpt-every", "Succeeded", ns)
-        assert [h["perplexity"] for h in st["history"]] == [30.0, 25.0]
-        assert st["results"]["perplexity"] == 25.0
+        status = cluster.wait_phase("Evaluation", "gpt-every", "Succeeded", ns)
+        assert [h["perplexity"] for h in status["history"]] == [30.0, 25.0]
+        assert status["results"]["perplexity"] == 25.0
         assert sorted(j for j in cluster.job_names(ns) if "every" in j) == [
             "gpt-every-evaluate",
             "gpt-every-evaluate-1",
@@ -668,9 +673,9 @@ def test_evaluation_every_checkpoint_deletes_superseded_rounds(cluster: Cluster)
     # A restart: round 0 is not re-created; round 2 finishes and the Evaluation succeeds with all three.
     with Operator(cluster, ns):
         finish(cluster, rounds[2], ns, {"state": "Succeeded", "results": {"perplexity": 25.0}})
-        st = cluster.wait_phase("Evaluation", "gpt-every", "Succeeded", ns)
-        assert [h["perplexity"] for h in st["history"]] == [30.0, 29.0, 25.0]
-        assert st["results"]["perplexity"] == 25.0
+        status = cluster.wait_phase("Evaluation", "gpt-every", "Succeeded", ns)
+        assert [h["perplexity"] for h in status["history"]] == [30.0, 29.0, 25.0]
+        assert status["results"]["perplexity"] == 25.0
     assert sorted(j for j in cluster.job_names(ns) if "every" in j) == rounds[1:]
     here = [c for c in cluster.calls if c.by_operator and f"/namespaces/{ns}/" in c.path]
     posted = [c.name for c in here if c.method == "POST" and c.path.endswith("/jobs") and "every" in c.name]

@@ -60,10 +60,6 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.peering.standalone = True  # one replica; Jobs are created under deterministic names anyway
     settings.scanning.disabled = True  # the CRDs are installed by the chart before the operator starts
     settings.posting.level = logging.WARNING  # kopf's own Events only for problems; ours mark transitions
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=API_GROUP, key="last-handled-configuration"
-    )
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     port = _metrics_port()

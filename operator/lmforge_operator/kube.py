@@ -89,12 +89,15 @@ class Kube:
     """JSON calls against one API server. Create with a ConnectionInfo (or a server URL), then ``await
     start()``; ``await close()`` at shutdown."""
 
-    def __init__(self, info: Any, *, timeout: float = 30.0) -> None:
+    TIMEOUT = 30.0
+    """Seconds a call to the API server may take."""
+    SCRAPE_TIMEOUT = 3.0
+    """Seconds a job pod's Prometheus endpoint may take to answer."""
+
+    def __init__(self, info: Any) -> None:
         self.info = info
         self.server = str(getattr(info, "server", info)).rstrip("/")
-        self.timeout = timeout
         self.session: Any = None
-        self.calls = 0
 
     async def start(self) -> None:
         import aiohttp
@@ -111,7 +114,7 @@ class Kube:
             headers=headers,
             auth=auth,
             connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=64),
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            timeout=aiohttp.ClientTimeout(total=self.TIMEOUT),
         )
 
     async def close(self) -> None:
@@ -132,7 +135,6 @@ class Kube:
             await self.start()
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if data is not None else None
-        self.calls += 1
         async with self.session.request(
             method, self.server + path, data=data, params=params, headers=headers
         ) as resp:
@@ -206,13 +208,13 @@ class Kube:
                 return False
             raise
 
-    async def scrape(self, url: str, timeout: float = 3.0) -> str | None:
+    async def scrape(self, url: str) -> str | None:
         """Text of a job pod's Prometheus endpoint, or None when it does not answer."""
         import aiohttp
 
         try:
             async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.SCRAPE_TIMEOUT)) as session,
                 session.get(url) as resp,
             ):
                 return await resp.text() if resp.status == 200 else None

@@ -76,20 +76,14 @@ class OperatorMetrics:
         if phase is not None:
             self.resources.labels(kind, phase).inc()
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+    def serve(self, port: int) -> int:
         """Start the HTTP endpoint (once); returns the port it listens on."""
         from prometheus_client import start_http_server
 
         if self._server is None:
-            server, _ = start_http_server(port, addr=addr, registry=self.registry)
+            server, _ = start_http_server(port, addr="0.0.0.0", registry=self.registry)
             self._server = server
         return int(self._server.server_address[1])
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
 
 __all__ = ["OperatorMetrics"]

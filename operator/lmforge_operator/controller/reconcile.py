@@ -1,0 +1,398 @@
+"""The reconcile of one resource, from scratch every time (level-based, restart-safe):
+
+1. validate the spec (the same models ``lmforge validate`` uses) → Invalid naming the field, no children;
+   a reference to itself or a cycle → Invalid; a PretrainRun whose compute plan does not fit in GPU memory
+   → Invalid (``status.plan`` is written at admission either way);
+2. look for the children under their deterministic names (builders.py): none yet → check dependencies
+   (Waiting with the reason until every referenced resource has the needed phase and outputs), resolve the
+   references to their status.outputs and create the ConfigMap, Service and Job if absent (409 is fine);
+3. otherwise mirror the Job's state into the status (mirror.py); a Corpus advances stage by stage
+   (corpus_stages.py); an Evaluation with ``checkpoints: every`` runs one Job per round (eval_rounds.py);
+4. patch ``status`` (validated by the kind's status model) only when it changed, post a Kubernetes Event on
+   every transition (events.py), and wake the resources that depend on this one.
+
+The steps return or raise an :class:`~lmforge_operator.controller.outcomes.Outcome`;
+:meth:`Controller.reconcile` alone turns it into conditions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import logging
+from typing import Any
+
+from lmforge_jobs.manifest import Resource, parse_resource
+from lmforge_jobs.resolve import (
+    NEEDS_RUNNING,
+    UnresolvedReference,
+    default_output,
+    dependencies,
+    expected_outputs,
+    resolve,
+)
+from lmforge_operator import status as status_helpers
+from lmforge_operator.controller.config import Config
+from lmforge_operator.controller.corpus_stages import reconcile_corpus
+from lmforge_operator.controller.eval_rounds import reconcile_rounds
+from lmforge_operator.controller.events import post_event
+from lmforge_operator.controller.mirror import mirror_job, status_model
+from lmforge_operator.controller.outcomes import Invalid, Outcome, Pending, Waiting
+from lmforge_operator.controller.workqueue import Key, WorkQueue
+
+log = logging.getLogger("lmforge.operator")
+
+SPEC_ANNOTATION = "lmforge.io/spec"
+SPEC_HASH_ANNOTATION = "lmforge.io/spec-digest"
+
+
+def spec_hash(spec: Any) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def changed_fields(old: Any, new: Any, prefix: str = "spec") -> list[str]:
+    """Field paths whose values differ between two spec dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += changed_fields(old.get(k), new.get(k), f"{prefix}.{k}")
+        return out
+    return [] if old == new else [prefix]
+
+
+def _status_fields(kind: str) -> set[str]:
+    return {f.alias or n for n, f in status_model(kind).model_fields.items()}
+
+
+def validated_status(kind: str, status: dict[str, Any]) -> dict[str, Any]:
+    """The status checked against the kind's status model (the CRD's status schema); raises on a bug."""
+    return status_model(kind).model_validate(status).model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def _reason_for_phase(status: dict[str, Any]) -> str | None:
+    """The reason of the True condition that gave the status its phase."""
+    phase = status.get("phase")
+    for c in status.get("conditions") or []:
+        if c.get("type") == phase and c.get("status") == "True":
+            return c.get("reason")
+    return None
+
+
+class Controller(WorkQueue):
+    """The work queue and cache (:class:`WorkQueue`) and the reconcile logic; see the module docstring."""
+
+    def __init__(self, config: Config | None = None, metrics: Any = None) -> None:
+        super().__init__(config, metrics)
+        self._parsed: dict[Key, tuple[str, Resource[Any, Any] | None, list[Any]]] = {}
+        self._locks: dict[Key, asyncio.Lock] = {}
+
+    def forget(self, key: Key) -> None:
+        super().forget(key)
+        self._parsed.pop(key, None)
+        self._locks.pop(key, None)
+
+    # ------------------------------------------------------------------------------------ reconcile
+    async def reconcile(self, body: dict[str, Any]) -> Outcome | None:
+        """Reconcile the resource of ``body``: its conditions from the outcome of the steps, its status
+        patched when changed, an Event on a transition. None when it is being deleted."""
+        meta = body.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            return None
+        kind, ns, name = str(body["kind"]), str(meta.get("namespace") or ""), str(meta["name"])
+        key = (kind, ns, name)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            body = self.cache.get(key, body)
+            old = {k: v for k, v in (body.get("status") or {}).items() if k in _status_fields(kind)}
+            status = copy.deepcopy(old)
+            generation = meta.get("generation")
+            try:
+                outcome = await self._steps(key, body, status)
+            except Outcome as raised:
+                outcome = raised
+            phase = status_helpers.set_state(
+                status, outcome.condition, outcome.reason, outcome.message, generation
+            )
+            if generation is not None:
+                status["observedGeneration"] = generation
+            try:
+                new = validated_status(kind, status)
+            except Exception as exc:  # a bug of ours: say so in the log, never write a broken status
+                log.error("status of %s/%s/%s does not validate: %s", *key, exc)
+                raise
+            if new != old:
+                patch = {k: None for k in old if k not in new}
+                patch.update(new)
+                assert self.api is not None
+                updated = await self.api.patch(kind, ns, name, {"status": patch}, subresource="status")
+                if updated is not None and key in self.cache:
+                    self.cache[key] = updated
+                elif key in self.cache:
+                    self.cache[key] = {**self.cache[key], "status": new}
+            old_phase, new_phase = old.get("phase"), new.get("phase")
+            if self.metrics is not None and key in self.cache:
+                self.metrics.phase(kind, ns, name, new_phase)
+            # a transition: the phase, or why it is in it
+            if (new_phase, outcome.reason) != (old_phase, _reason_for_phase(old)) and self.api is not None:
+                await post_event(self.api, self.host, body, phase, outcome)
+            if new_phase != old_phase:
+                self._wake_dependents(key)
+            return outcome
+
+    async def _steps(self, key: Key, body: dict[str, Any], status: dict[str, Any]) -> Outcome:
+        """Admission, then the children: returns the outcome, or raises it (Waiting, Invalid, Failed)."""
+        kind, ns, name = key
+        resource = self.admit(key, body, status)
+        from lmforge_operator import builders
+
+        owner = builders.owner_reference(body)
+        output = resource.spec.output or default_output(kind, name, self.config.storage, ns)
+        if kind == "Corpus":
+            return await reconcile_corpus(self, key, resource, status, owner)
+        if kind == "Evaluation" and resource.spec.checkpoints.value == "every":
+            return await reconcile_rounds(self, key, resource, status, owner, output)
+
+        job_name = builders.job_name(resource)
+        assert self.api is not None
+        job = await self.find_job(ns, job_name, status)
+        if job is None:
+            outputs = self.check_dependencies(resource, ns)
+            job = await self.create_children(key, resource, owner, outputs, stage=None)
+            job = job or await self.find_job(ns, job_name, None)
+            if job is None:
+                return Pending(status_helpers.JOB_CREATED, f"Job {job_name} created")
+        changed = self.spec_changed(job, resource)
+        if changed:
+            raise Invalid(status_helpers.SPEC_CHANGED, changed)
+        return await mirror_job(self.api, resource, ns, status, job, output)
+
+    # ------------------------------------------------------------------------------------ admission
+    def admit(self, key: Key, body: dict[str, Any], status: dict[str, Any]) -> Resource[Any, Any]:
+        """The validated resource; raises Invalid when its spec is invalid, it refers to itself or to a
+        cycle, or (a PretrainRun) its compute plan does not fit in GPU memory."""
+        kind, _, name = key
+        resource, problems = self.parse(key, body)
+        if resource is None:
+            message = "; ".join(f"{p.field}: {p.message}" for p in problems) or "invalid resource"
+            raise Invalid(status_helpers.SPEC_INVALID, message)
+
+        # References to itself, and cycles through the cache.
+        for field, ref, _ in dependencies(resource):
+            if ref == (kind, name):
+                raise Invalid(
+                    status_helpers.DEPENDENCY_CYCLE, f"refers to this {kind} itself", f"spec.{field}"
+                )
+        cycle = self._cycle(key)
+        if cycle:
+            path = " → ".join(f"{k}/{n}" for k, _, n in cycle)
+            field = next(f for f, ref, _ in dependencies(resource) if ref == (cycle[1][0], cycle[1][2]))
+            raise Invalid(status_helpers.DEPENDENCY_CYCLE, f"dependency cycle {path}", f"spec.{field}")
+
+        # The compute plan, at admission; a run that cannot fit is refused.
+        if kind == "PretrainRun":
+            self._plan(resource, status, key[1])
+        return resource
+
+    def parse(self, key: Key, body: dict[str, Any]) -> tuple[Resource[Any, Any] | None, list[Any]]:
+        """The validated resource (cached per spec), or the problems that make it invalid."""
+        doc = {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "metadata": {
+                k: v
+                for k, v in (body.get("metadata") or {}).items()
+                if k in ("name", "namespace", "labels", "annotations", "uid", "generation")
+            },
+            "spec": body.get("spec"),
+        }
+        text = json.dumps(doc, sort_keys=True, default=str)
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] == text:
+            return cached[1], cached[2]
+        resource, problems = parse_resource(doc, f"{key[0]}/{key[2]}")
+        self._parsed[key] = (text, resource, problems)
+        if resource is not None:  # reverse index: stale entries only cause a spare reconcile
+            for _, ref, _ in dependencies(resource):
+                self._dependents.setdefault((ref[0], key[1], ref[1]), set()).add(key)
+        return resource, problems
+
+    def _cycle(self, key: Key) -> list[Key] | None:
+        """The path key → … → key through references, when there is one (resources in the cache)."""
+        ns = key[1]
+
+        def deps_of(k: Key) -> list[Key]:
+            body = self.cache.get(k)
+            if body is None:
+                return []
+            resource, _ = self.parse(k, body)
+            if resource is None:
+                return []
+            return [(ref[0], ns, ref[1]) for _, ref, _ in dependencies(resource)]
+
+        stack: list[tuple[Key, list[Key]]] = [(key, [key])]
+        seen: set[Key] = set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in deps_of(node):
+                if nxt == key:
+                    return [*path, key]
+                if nxt not in seen and len(path) < 64:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+        return None
+
+    def _plan(self, resource: Resource[Any, Any], status: dict[str, Any], ns: str) -> None:
+        """Write status.plan; raise Invalid naming the field when the run cannot fit in GPU memory."""
+        from lmforge_jobs import plan as planner
+
+        vocab = None
+        spec = resource.spec
+        if spec.model.vocab_size == "auto" and spec.corpus is not None:
+            corpus = self.cache.get(("Corpus", ns, spec.corpus.name))
+            train = ((corpus or {}).get("spec") or {}).get("tokenizer", {}).get("train") or {}
+            if isinstance(train.get("vocabSize"), int):
+                vocab = train["vocabSize"]
+        try:
+            plan = planner.plan_pretrain(spec, vocab_size=vocab, gpu=self.config.gpu)
+        except ValueError:
+            return  # a shape the planner does not model (encoder, encoder-decoder): no plan
+        status["plan"] = plan.to_status().to_yaml_dict()
+        if plan.fits:
+            return
+        where = "spec.batch.microBatchSize" if spec.batch.micro_batch_size > 1 else "spec.parallelism"
+        raise Invalid(status_helpers.DOES_NOT_FIT, f"does not fit in GPU memory: {plan.reason}", where)
+
+    def check_dependencies(
+        self, resource: Resource[Any, Any], ns: str
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        """Outputs of every referenced resource; raises Waiting saying why when one is not ready."""
+        outputs: dict[tuple[str, str], dict[str, Any]] = {}
+        waits: list[tuple[str, str]] = []
+        for field, ref, needs in dependencies(resource):
+            target = self.cache.get((ref[0], ns, ref[1]))
+            label = f"{ref[0]}/{ref[1]}"
+            if target is None:
+                waits.append((status_helpers.DEPENDENCY_NOT_FOUND, f"spec.{field}: {label} not found"))
+                continue
+            target_status = target.get("status") or {}
+            phase = target_status.get("phase") or "Pending"
+            if phase in ("Failed", "Invalid"):
+                waits.append((status_helpers.DEPENDENCY_FAILED, f"spec.{field}: {label} is {phase}"))
+                continue
+            ok = phase == "Succeeded" or (needs == NEEDS_RUNNING and phase == "Running")
+            if not ok:
+                waits.append(
+                    (status_helpers.DEPENDENCY_NOT_READY, f"spec.{field}: waiting for {label} ({phase})")
+                )
+                continue
+            found = dict(target_status.get("outputs") or {})
+            if phase == "Running":  # followed while it runs (checkpoints: every): where it will write
+                out = (target.get("spec") or {}).get("output") or default_output(
+                    ref[0], ref[1], self.config.storage, ns
+                )
+                found = {**expected_outputs(ref[0], out), **found}
+            outputs[ref] = found
+        if waits:
+            order = [
+                status_helpers.DEPENDENCY_FAILED,
+                status_helpers.DEPENDENCY_NOT_FOUND,
+                status_helpers.DEPENDENCY_NOT_READY,
+            ]
+            reason = min((r for r, _ in waits), key=order.index)
+            raise Waiting(reason, "; ".join(m for _, m in waits))
+        return outputs
+
+    # -------------------------------------------------------------------------------------- children
+    async def find_job(self, ns: str, name: str, status: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The Job from the watch cache. On a miss it is read from the API server only when the resource
+        may have Jobs already (``status`` says it got past Waiting, or ``status`` is None: just created);
+        a new resource's Job is created if absent anyway (409 tolerated), so no read is needed for it."""
+        job = self.jobs.get((ns, name))
+        if job is not None:
+            return job
+        phase = (status or {}).get("phase") if status is not None else "?"
+        if phase in (None, "Waiting"):
+            return None
+        assert self.api is not None
+        job = await self.api.get("Job", ns, name)
+        if job is not None:
+            self.jobs.setdefault((ns, name), job)
+        return job
+
+    def _resolved_doc(
+        self, resource: Resource[Any, Any], outputs: dict[tuple[str, str], dict[str, Any]], ns: str
+    ) -> dict[str, Any]:
+        root_default = default_output(resource.kind, resource.name, self.config.storage, ns)
+        try:
+            resolved = resolve(resource, outputs, root_default)
+        except UnresolvedReference as exc:
+            raise Waiting(status_helpers.DEPENDENCY_NOT_READY, exc.message) from None
+        return resolved.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+    @staticmethod
+    def _annotate(obj: dict[str, Any], resource: Resource[Any, Any], extra: dict[str, str]) -> None:
+        spec = resource.spec.to_yaml_dict()
+        annotations = obj.setdefault("metadata", {}).setdefault("annotations", {})
+        annotations[SPEC_HASH_ANNOTATION] = spec_hash(spec)
+        annotations[SPEC_ANNOTATION] = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+        annotations.update(extra)
+
+    async def create_children(
+        self,
+        key: Key,
+        resource: Resource[Any, Any],
+        owner: dict[str, Any],
+        outputs: dict[tuple[str, str], dict[str, Any]],
+        *,
+        stage: Any = None,
+        round: int = 0,
+        extra: dict[str, str] | None = None,
+    ) -> dict[str, Any] | None:
+        """Create the children of a step (a Corpus ``stage``, an Evaluation ``round``) if absent, in order:
+        the Job as created (None if it existed). Raises Invalid naming the field when the resource cannot
+        be built, Waiting when a reference does not resolve yet."""
+        from lmforge_operator import builders
+
+        kind, ns, _ = key
+        doc = self._resolved_doc(resource, outputs, ns)
+        image = getattr(resource.spec, "image", None) or self.config.image
+        try:
+            objs = builders.children(resource, doc, owner, image=image, stage=stage, generation=round)
+        except builders.BuildError as exc:
+            where = exc.field if exc.field.startswith("spec") else f"spec.{exc.field}"
+            raise Invalid(status_helpers.SPEC_INVALID, exc.message, where) from None
+        created_job = None
+        assert self.api is not None
+        for obj in objs:
+            if obj.get("kind") == "Job":
+                self._annotate(obj, resource, extra or {})
+            obj.setdefault("metadata", {})["namespace"] = ns
+            made, fresh = await self.api.create(obj, ns)
+            if fresh and self.metrics is not None:
+                self.metrics.children.labels(kind, str(obj.get("kind"))).inc()
+            if obj.get("kind") == "Job" and fresh:
+                created_job = made
+                log.info("%s/%s/%s: created Job %s", *key, obj["metadata"]["name"])
+        return created_job
+
+    @staticmethod
+    def spec_changed(job: dict[str, Any], resource: Resource[Any, Any]) -> str | None:
+        """Why the spec no longer matches the one ``job`` was created from (the fields that changed)."""
+        annotations = (job.get("metadata") or {}).get("annotations") or {}
+        spec = resource.spec.to_yaml_dict()
+        if annotations.get(SPEC_HASH_ANNOTATION) in (None, spec_hash(spec)):
+            return None
+        try:
+            before = json.loads(annotations.get(SPEC_ANNOTATION) or "{}")
+        except ValueError:
+            before = {}
+        fields = changed_fields(before, spec) or ["spec"]
+        return (
+            f"{', '.join(fields)}: cannot change after Job {job['metadata']['name']} was created "
+            "(restore the previous value, or delete and re-create the resource to run it again)"
+        )
+
+
+__all__ = ["Controller", "changed_fields", "spec_hash", "validated_status"]
