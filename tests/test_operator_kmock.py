@@ -196,7 +196,11 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
         assert service is not None and service["spec"]["clusterIP"] == "None"
         container = job["spec"]["template"]["spec"]["containers"][0]
         argv = [*container["command"], *container["args"]]
-        assert argv[0] == "torchrun" and "--nnodes=2" in argv and "--nproc-per-node=4" in argv
+        assert (
+            argv[:3] == ["python", "-m", "lmforge_jobs.launch"]
+            and "--nnodes=2" in argv
+            and "--nproc-per-node=4" in argv
+        )
         assert "--rdzv-endpoint=gpt-pretrain-0.gpt-pretrain:29400" in argv
         assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
         assert container["resources"]["limits"]["nvidia.com/gpu"] in (4, "4")
@@ -453,7 +457,7 @@ def _invalid_cases() -> list[tuple[str, dict[str, Any], str, str]]:
                 "seqLen": 4096,
                 "vocabSize": 128256,
             },
-            "budget": {"steps": 10},
+            "budget": {"steps": 1000},
             "batch": {"globalTokens": 65536, "microBatchSize": 16},
             "parallelism": {"nodes": 1, "gpusPerNode": 1, "strategy": "ddp"},
         },
