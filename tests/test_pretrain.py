@@ -380,7 +380,7 @@ def test_init_must_match_rope_norm_and_tying(tmp_path: Path, data: dict[str, str
     from safetensors.torch import load_file, save_file
 
     from lmforge_jobs.pretrain.config import PretrainRunSpec
-    from lmforge_jobs.pretrain.train import resolve_init
+    from lmforge_jobs.pretrain.inputs import resolve_init
 
     args = ModelArgs("decoder", 320, 2, 64, 4, 2, 192, 32, special_ids={"eos": 0, "pad": 0})
     source = Transformer(args)

@@ -26,8 +26,10 @@ from lmforge_jobs.manifest import Resource
 from lmforge_jobs.pretrain import checkpoint as ckpt
 from lmforge_jobs.pretrain import export as exp
 from lmforge_jobs.pretrain.config import PretrainRunSpec
-from lmforge_jobs.pretrain.data import Objective, TokenBatches
-from lmforge_jobs.pretrain.model import VOCAB_MULTIPLE, ModelArgs, build_model, count_parameters
+from lmforge_jobs.pretrain.data import TokenBatches
+from lmforge_jobs.pretrain.inputs import load_tokenizer, model_args, resolve_init
+from lmforge_jobs.pretrain.metrics import GpuStats, flops_per_token, peak_flops
+from lmforge_jobs.pretrain.model import build_model, count_parameters
 from lmforge_jobs.pretrain.parallelize import parallelize, uses_autocast
 from lmforge_jobs.resolve import expected_outputs
 from lmforge_jobs.secrets import read_secret
@@ -117,156 +119,6 @@ def setup_world(spec: PretrainRunSpec) -> World:
     if size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return World(rank, local, size, device)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of one device ($LMFORGE_PEAK_TFLOPS overrides; None when unknown)."""
-    if os.environ.get("LMFORGE_PEAK_TFLOPS"):
-        return float(os.environ["LMFORGE_PEAK_TFLOPS"]) * 1e12
-    if device.type != "cuda":
-        return None
-    from lmforge_jobs.plan import DEVICES
-
-    name = torch.cuda.get_device_name(device).lower()
-    for key, dev in DEVICES.items():
-        if key in name:
-            return dev.peak_tflops * 1e12
-    return None
-
-
-class GpuStats:
-    """Utilisation and memory of this process's GPU from NVML (nothing on CPU or without nvidia-ml-py)."""
-
-    def __init__(self, device: torch.device):
-        self.handle = None
-        if device.type != "cuda":
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self.nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        except Exception:  # no NVML (MIG, containers without the library): metrics are optional
-            self.handle = None
-
-    def read(self) -> dict[str, float]:
-        if self.handle is None:
-            return {}
-        try:
-            util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu / 100.0
-            used = float(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
-        except Exception:
-            return {}
-        return {"gpuUtilization": util, "gpuMemoryBytes": used}
-
-
-# -------------------------------------------------------------------------------------------- inputs
-def load_tokenizer(uri: str) -> Any:
-    from tokenizers import Tokenizer
-
-    path = exp.tokenizer_json(uri)
-    if path is None:
-        raise ConfigError("data.tokenizer", f"{uri}: no tokenizer.json file or directory containing one")
-    try:
-        return Tokenizer.from_file(str(path)), path
-    except Exception as exc:
-        raise ConfigError("data.tokenizer", f"{path}: cannot load the tokenizer: {exc}") from None
-
-
-def model_args(spec: PretrainRunSpec, tokenizer: Any, tokenizer_file: Path) -> tuple[ModelArgs, Objective]:
-    """Model shape with the vocabulary decided, and the objective with the special token ids it needs."""
-    shape = spec.model
-    arch = shape.architecture.value
-    tok_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    names = exp.special_tokens(tokenizer_file)
-    eos = tokenizer.token_to_id(names["eos"]) if "eos" in names else None
-    eos = eos if eos is not None else 0
-    pad = tokenizer.token_to_id(names["pad"]) if "pad" in names else None
-    pad = pad if pad is not None else eos
-    extra, special = 0, {"eos": eos, "pad": pad}
-    objective = Objective(
-        arch, shape.seq_len, tok_vocab, eos, pad, None, None, shape.mask_probability, shape.mean_span_length
-    )
-    if arch == "encoder":
-        mask = tokenizer.token_to_id(names["mask"]) if "mask" in names else None
-        if mask is None:
-            mask, extra = tok_vocab, 1  # a new [MASK] id after the tokenizer's
-        special["mask"] = mask
-        objective = Objective(**{**objective.__dict__, "mask": mask})
-    elif arch == "encoder-decoder":
-        if shape.seq_len - objective.noise_tokens < objective.spans:
-            # every noise span needs a kept run before it: the batches could not be cut
-            raise ConfigError(
-                "model.maskProbability",
-                f"{shape.mask_probability} leaves {shape.seq_len - objective.noise_tokens} of {shape.seq_len} "
-                f"tokens unmasked, fewer than the {objective.spans} noise spans of mean length "
-                f"{shape.mean_span_length}; lower maskProbability or raise meanSpanLength",
-            )
-        extra = objective.spans  # sentinels <extra_id_k> = tok_vocab + k
-        special["sentinel0"] = tok_vocab
-        objective = Objective(**{**objective.__dict__, "sentinel0": tok_vocab})
-    needed = tok_vocab + extra
-    if shape.vocab_size == "auto":
-        vocab = VOCAB_MULTIPLE * -(-needed // VOCAB_MULTIPLE)
-    else:
-        vocab = int(shape.vocab_size)
-        if vocab < needed:
-            what = f"{tok_vocab} tokens" + (
-                f" plus {extra} special ids for the {arch} objective" if extra else ""
-            )
-            raise ConfigError(
-                "model.vocabSize",
-                f"the tokenizer has {what} ({needed}), more than model.vocabSize {vocab}; use vocabSize: auto",
-            )
-    return ModelArgs.from_shape(shape, vocab, tokenizer_vocab=tok_vocab, special_ids=special), objective
-
-
-def resolve_init(spec: PretrainRunSpec) -> str | None:
-    """Local directory of the Hugging Face checkpoint to continue from, checked against spec.model."""
-    init = spec.model.init
-    if init is None:
-        return None
-    if spec.model.architecture.value != "decoder":
-        raise ConfigError("model.init", "continued pre-training supports architecture decoder (Llama family)")
-    if init.path is not None:
-        path = init.path.removeprefix("file://")
-    else:
-        from huggingface_hub import snapshot_download
-
-        token = read_secret(init.token, "model.init.token") if init.token is not None else None
-        try:
-            path = snapshot_download(
-                init.huggingface,
-                revision=init.revision,
-                token=token,
-                allow_patterns=["*.json", "*.safetensors"],
-            )
-        except Exception as exc:
-            raise ConfigError(
-                "model.init.huggingface", f"cannot download {init.huggingface}: {exc}"
-            ) from None
-    try:
-        theirs = exp.hf_shape(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError("model.init", f"{path}: not a Llama-family Hugging Face model: {exc}") from None
-    shape = spec.model
-    ours = {
-        "layers": shape.layers,
-        "hidden": shape.hidden,
-        "heads": shape.heads,
-        "kvHeads": shape.n_kv_heads,
-        "ffnHidden": shape.ffn_size,
-        # not shapes, but loading weights trained with another RoPE base, norm epsilon or a separate
-        # lm_head (dropped when ours is tied) would silently change the model
-        "ropeTheta": float(shape.rope_theta),
-        "normEps": float(shape.norm_eps),
-        "tieEmbeddings": bool(shape.tie_embeddings),
-    }
-    for key, value in ours.items():
-        if theirs[key] != value:
-            raise ConfigError(f"model.{key}", f"is {value} but the model.init checkpoint has {theirs[key]}")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ job
@@ -620,28 +472,4 @@ def _train(spec: PretrainRunSpec, world: World) -> int:
     return 0
 
 
-def flops_per_token(args: ModelArgs, parameters: int) -> float:
-    """Training FLOPs per token, attention included: the planner's formula for the decoder (6·N with the
-    lm_head but not the embedding lookup, + 12·L·h·T); 6·N + 12·L·h·T for the HF architectures."""
-    if args.architecture == "decoder":
-        from lmforge_jobs.plan import flops_per_token as plan_flops
-        from lmforge_jobs.pretrain.config import ModelShape
-
-        shape = ModelShape(
-            layers=args.layers,
-            hidden=args.hidden,
-            heads=args.heads,
-            kv_heads=args.kv_heads,
-            ffn_hidden=args.ffn_hidden,
-            seq_len=args.seq_len,
-            vocab_size=args.vocab_size,
-            tie_embeddings=args.tie_embeddings,
-        )
-        return plan_flops(shape)
-    layers = args.layers + (
-        args.decoder_layers or args.layers if args.architecture == "encoder-decoder" else 0
-    )
-    return 6.0 * parameters + 12.0 * layers * args.hidden * args.seq_len
-
-
-__all__ = ["MAX_NONFINITE_STEPS", "NonFiniteGuard", "flops_per_token", "lr_multiplier", "run", "total_steps"]
+__all__ = ["MAX_NONFINITE_STEPS", "NonFiniteGuard", "lr_multiplier", "run", "total_steps"]
