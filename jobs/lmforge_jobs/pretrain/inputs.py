@@ -1,18 +1,73 @@
-"""What a PretrainRun trains on, checked before any model is built: the tokenizer and the model shape it
-decides, and the Hugging Face checkpoint to continue from. Every problem is a ConfigError naming the spec
-field."""
+"""What a PretrainRun trains on, checked before any model is built: the token shards (training and
+held-out), the tokenizer and the model shape it decides, the Hugging Face checkpoint to continue from, and
+the deterministic batches of this rank. Every problem is a ConfigError naming the spec field."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmforge_jobs.entry import ConfigError
 from lmforge_jobs.pretrain import export as exp
 from lmforge_jobs.pretrain.config import PretrainRunSpec
-from lmforge_jobs.pretrain.data import Objective
+from lmforge_jobs.pretrain.data import Objective, TokenBatches
 from lmforge_jobs.pretrain.model import VOCAB_MULTIPLE, ModelArgs
 from lmforge_jobs.secrets import read_secret
+from lmforge_jobs.shards import ShardError, TokenStream
+
+
+@dataclass
+class Inputs:
+    model_args: ModelArgs
+    objective: Objective
+    init_path: str | None
+    """Local directory of the Hugging Face checkpoint to continue from (None: start from the seed)."""
+    train_batches: TokenBatches
+    held_out_batches: TokenBatches | None
+
+
+def build_inputs(spec: PretrainRunSpec, rank: int, world_size: int, accumulation: int) -> Inputs:
+    """Open and check everything the run reads, in the order a user would fix it: shards, tokenizer, model
+    shape, token ids against the tokenizer, model.init, the hub-push secret, then this rank's batches."""
+    assert spec.data is not None
+    train_stream = open_stream(spec.data.tokens, "data.tokens")
+    held_out_stream = open_stream(spec.data.held_out, "data.heldOut") if spec.data.held_out else None
+    tokenizer, tokenizer_file = load_tokenizer(spec.data.tokenizer)
+    args, objective = model_args(spec, tokenizer, tokenizer_file)
+    for field, stream in (("data.tokens", train_stream), ("data.heldOut", held_out_stream)):
+        if stream is not None and stream.max_token() >= objective.tokenizer_vocab:
+            raise ConfigError(
+                field,
+                f"token id {stream.max_token()} is outside the tokenizer's {objective.tokenizer_vocab} ids: "
+                "the shards were made with a different tokenizer than data.tokenizer",
+            )
+    init_path = resolve_init(spec)
+    if spec.export.push is not None:
+        read_secret(spec.export.push.token, "export.push.token")
+    micro_batch = spec.batch.micro_batch_size
+    try:
+        train_batches = TokenBatches(
+            train_stream, objective, micro_batch, accumulation, rank, world_size, spec.seed
+        )
+    except ValueError as exc:
+        raise ConfigError("data.tokens", str(exc)) from None
+    held_out_batches = None
+    if held_out_stream is not None:
+        try:
+            held_out_batches = TokenBatches(
+                held_out_stream, objective, micro_batch, 1, rank, world_size, spec.seed, shuffle=False
+            )
+        except ValueError as exc:
+            raise ConfigError("data.heldOut", str(exc)) from None
+    return Inputs(args, objective, init_path, train_batches, held_out_batches)
+
+
+def open_stream(uri: str, field: str) -> TokenStream:
+    try:
+        return TokenStream(uri)
+    except ShardError as exc:
+        raise ConfigError(field, str(exc)) from None
 
 
 def load_tokenizer(uri: str) -> Any:
@@ -122,4 +177,4 @@ def resolve_init(spec: PretrainRunSpec) -> str | None:
     return path
 
 
-__all__ = ["load_tokenizer", "model_args", "resolve_init"]
+__all__ = ["Inputs", "build_inputs", "load_tokenizer", "model_args", "resolve_init"]

@@ -1,13 +1,41 @@
-"""What the training loop measures besides the loss: model FLOPs utilisation (FLOPs per token and the
-device's peak), and GPU utilisation and memory from NVML."""
+"""What the training loop measures besides the loss: throughput over a window of steps, model FLOPs
+utilisation (FLOPs per token and the device's peak), and GPU utilisation and memory from NVML."""
 
 from __future__ import annotations
 
+import math
 import os
+import time
 
 import torch
 
 from lmforge_jobs.pretrain.model import ModelArgs
+
+PERPLEXITY_CAP = 80.0
+"""Held-out losses above this report the perplexity of this loss (exp would overflow)."""
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, PERPLEXITY_CAP))
+
+
+class ThroughputWindow:
+    """Tokens per second over the steps trained since the window last started: at the last metrics report,
+    evaluation or checkpoint save (neither of which is training time)."""
+
+    def __init__(self, step: int, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.started, self.start_step = time.perf_counter(), step
+
+    def close(self, step: int) -> float:
+        """Tokens per second since the start of the window; the next window starts now."""
+        now = time.perf_counter()
+        tokens_per_second = (step - self.start_step) * self.tokens_per_step / max(now - self.started, 1e-9)
+        self.started, self.start_step = now, step
+        return tokens_per_second
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -76,4 +104,4 @@ class GpuStats:
         return {"gpuUtilization": util, "gpuMemoryBytes": used}
 
 
-__all__ = ["GpuStats", "flops_per_token", "peak_flops"]
+__all__ = ["GpuStats", "ThroughputWindow", "flops_per_token", "peak_flops", "perplexity"]
