@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
 import torch
 
+from lmforge_jobs.pretrain.metrics import flops_per_token, peak_flops
 from lmforge_jobs.pretrain.model import ModelArgs, Transformer
 from lmforge_jobs.pretrain.parallelize import parallelize
-from lmforge_jobs.pretrain.train import flops_per_token, peak_flops
 
 SHAPES = {
     # GPT-2 small's size: SwiGLU 3·768·2048 has the parameters of GPT-2's 2·768·3072 MLP.

@@ -275,10 +275,10 @@ def test_throughput_window_excludes_eval_and_its_steps(
     eval every 2): a clock that ticks 1 s per reading gives exactly 2 steps per second."""
     import types
 
-    from lmforge_jobs.pretrain import train as train_mod
+    from lmforge_jobs.pretrain import metrics
 
     ticks = itertools.count()
-    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     monkeypatch.setenv("LMFORGE_LOG_EVERY", "4")
     path = manifest(tmp_path, data, budget={"steps": 8}, eval={"everySteps": 2}, checkpoint={"everySteps": 8})
     assert main(["--manifest", str(path)]) == 0
@@ -380,7 +380,7 @@ def test_init_must_match_rope_norm_and_tying(tmp_path: Path, data: dict[str, str
     from safetensors.torch import load_file, save_file
 
     from lmforge_jobs.pretrain.config import PretrainRunSpec
-    from lmforge_jobs.pretrain.train import resolve_init
+    from lmforge_jobs.pretrain.inputs import resolve_init
 
     args = ModelArgs("decoder", 320, 2, 64, 4, 2, 192, 32, special_ids={"eos": 0, "pad": 0})
     source = Transformer(args)

@@ -1,5 +1,7 @@
-"""The PretrainRun job: build → parallelize → resume → loop (LR, micro-steps, clip, step, eval, checkpoint)
-→ export. See ``python -m lmforge_jobs.pretrain --help``.
+"""The PretrainRun job: ``run`` builds a ``Trainer`` (inputs → model → parallelism → optimizer → resume)
+and ``Trainer.train`` loops ``train_step`` (micro-steps of ``forward_backward_step``, clip, step, LR) with
+metrics, evaluation and checkpoints between steps, then exports. See ``python -m lmforge_jobs.pretrain
+--help``.
 
 Run with torchrun for several processes (``--nnodes=M --nproc-per-node=N``, c10d rendezvous) or as one
 plain process. On SIGTERM/SIGINT every rank finishes its current step, a checkpoint is saved and the job
@@ -12,7 +14,6 @@ import contextlib
 import math
 import os
 import signal
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,11 @@ from lmforge_jobs.manifest import Resource
 from lmforge_jobs.pretrain import checkpoint as ckpt
 from lmforge_jobs.pretrain import export as exp
 from lmforge_jobs.pretrain.config import PretrainRunSpec
-from lmforge_jobs.pretrain.data import Objective, TokenBatches
-from lmforge_jobs.pretrain.model import VOCAB_MULTIPLE, ModelArgs, build_model, count_parameters
+from lmforge_jobs.pretrain.inputs import Inputs, build_inputs
+from lmforge_jobs.pretrain.metrics import GpuStats, ThroughputWindow, flops_per_token, peak_flops, perplexity
+from lmforge_jobs.pretrain.model import build_model, count_parameters
 from lmforge_jobs.pretrain.parallelize import parallelize, uses_autocast
 from lmforge_jobs.resolve import expected_outputs
-from lmforge_jobs.secrets import read_secret
-from lmforge_jobs.shards import ShardError, TokenStream
 from lmforge_jobs.telemetry import Telemetry
 
 KIND = "PretrainRun"
@@ -119,157 +119,6 @@ def setup_world(spec: PretrainRunSpec) -> World:
     return World(rank, local, size, device)
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of one device ($LMFORGE_PEAK_TFLOPS overrides; None when unknown)."""
-    if os.environ.get("LMFORGE_PEAK_TFLOPS"):
-        return float(os.environ["LMFORGE_PEAK_TFLOPS"]) * 1e12
-    if device.type != "cuda":
-        return None
-    from lmforge_jobs.plan import DEVICES
-
-    name = torch.cuda.get_device_name(device).lower()
-    for key, dev in DEVICES.items():
-        if key in name:
-            return dev.peak_tflops * 1e12
-    return None
-
-
-class GpuStats:
-    """Utilisation and memory of this process's GPU from NVML (nothing on CPU or without nvidia-ml-py)."""
-
-    def __init__(self, device: torch.device):
-        self.handle = None
-        if device.type != "cuda":
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self.nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        except Exception:  # no NVML (MIG, containers without the library): metrics are optional
-            self.handle = None
-
-    def read(self) -> dict[str, float]:
-        if self.handle is None:
-            return {}
-        try:
-            util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu / 100.0
-            used = float(self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used)
-        except Exception:
-            return {}
-        return {"gpuUtilization": util, "gpuMemoryBytes": used}
-
-
-# -------------------------------------------------------------------------------------------- inputs
-def load_tokenizer(uri: str) -> Any:
-    from tokenizers import Tokenizer
-
-    path = exp.tokenizer_json(uri)
-    if path is None:
-        raise ConfigError("data.tokenizer", f"{uri}: no tokenizer.json file or directory containing one")
-    try:
-        return Tokenizer.from_file(str(path)), path
-    except Exception as exc:
-        raise ConfigError("data.tokenizer", f"{path}: cannot load the tokenizer: {exc}") from None
-
-
-def model_args(spec: PretrainRunSpec, tokenizer: Any, tokenizer_file: Path) -> tuple[ModelArgs, Objective]:
-    """Model shape with the vocabulary decided, and the objective with the special token ids it needs."""
-    shape = spec.model
-    arch = shape.architecture.value
-    tok_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    names = exp.special_tokens(tokenizer_file)
-    eos = tokenizer.token_to_id(names["eos"]) if "eos" in names else None
-    eos = eos if eos is not None else 0
-    pad = tokenizer.token_to_id(names["pad"]) if "pad" in names else None
-    pad = pad if pad is not None else eos
-    extra, special = 0, {"eos": eos, "pad": pad}
-    objective = Objective(
-        arch, shape.seq_len, tok_vocab, eos, pad, None, None, shape.mask_probability, shape.mean_span_length
-    )
-    if arch == "encoder":
-        mask = tokenizer.token_to_id(names["mask"]) if "mask" in names else None
-        if mask is None:
-            mask, extra = tok_vocab, 1  # a new [MASK] id after the tokenizer's
-        special["mask"] = mask
-        objective = Objective(**{**objective.__dict__, "mask": mask})
-    elif arch == "encoder-decoder":
-        if shape.seq_len - objective.noise_tokens < objective.spans:
-            # every noise span needs a kept run before it: the batches could not be cut
-            raise ConfigError(
-                "model.maskProbability",
-                f"{shape.mask_probability} leaves {shape.seq_len - objective.noise_tokens} of {shape.seq_len} "
-                f"tokens unmasked, fewer than the {objective.spans} noise spans of mean length "
-                f"{shape.mean_span_length}; lower maskProbability or raise meanSpanLength",
-            )
-        extra = objective.spans  # sentinels <extra_id_k> = tok_vocab + k
-        special["sentinel0"] = tok_vocab
-        objective = Objective(**{**objective.__dict__, "sentinel0": tok_vocab})
-    needed = tok_vocab + extra
-    if shape.vocab_size == "auto":
-        vocab = VOCAB_MULTIPLE * -(-needed // VOCAB_MULTIPLE)
-    else:
-        vocab = int(shape.vocab_size)
-        if vocab < needed:
-            what = f"{tok_vocab} tokens" + (
-                f" plus {extra} special ids for the {arch} objective" if extra else ""
-            )
-            raise ConfigError(
-                "model.vocabSize",
-                f"the tokenizer has {what} ({needed}), more than model.vocabSize {vocab}; use vocabSize: auto",
-            )
-    return ModelArgs.from_shape(shape, vocab, tokenizer_vocab=tok_vocab, special_ids=special), objective
-
-
-def resolve_init(spec: PretrainRunSpec) -> str | None:
-    """Local directory of the Hugging Face checkpoint to continue from, checked against spec.model."""
-    init = spec.model.init
-    if init is None:
-        return None
-    if spec.model.architecture.value != "decoder":
-        raise ConfigError("model.init", "continued pre-training supports architecture decoder (Llama family)")
-    if init.path is not None:
-        path = init.path.removeprefix("file://")
-    else:
-        from huggingface_hub import snapshot_download
-
-        token = read_secret(init.token, "model.init.token") if init.token is not None else None
-        try:
-            path = snapshot_download(
-                init.huggingface,
-                revision=init.revision,
-                token=token,
-                allow_patterns=["*.json", "*.safetensors"],
-            )
-        except Exception as exc:
-            raise ConfigError(
-                "model.init.huggingface", f"cannot download {init.huggingface}: {exc}"
-            ) from None
-    try:
-        theirs = exp.hf_shape(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError("model.init", f"{path}: not a Llama-family Hugging Face model: {exc}") from None
-    shape = spec.model
-    ours = {
-        "layers": shape.layers,
-        "hidden": shape.hidden,
-        "heads": shape.heads,
-        "kvHeads": shape.n_kv_heads,
-        "ffnHidden": shape.ffn_size,
-        # not shapes, but loading weights trained with another RoPE base, norm epsilon or a separate
-        # lm_head (dropped when ours is tied) would silently change the model
-        "ropeTheta": float(shape.rope_theta),
-        "normEps": float(shape.norm_eps),
-        "tieEmbeddings": bool(shape.tie_embeddings),
-    }
-    for key, value in ours.items():
-        if theirs[key] != value:
-            raise ConfigError(f"model.{key}", f"is {value} but the model.init checkpoint has {theirs[key]}")
-    return path
-
-
-# ------------------------------------------------------------------------------------------------ job
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) after each step."""
 
@@ -290,19 +139,6 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def run(resource: Resource[Any, Any], args: Any) -> int:
-    spec: PretrainRunSpec = resource.spec
-    if spec.data is None:
-        raise ConfigError("data", "data (tokens, tokenizer) must be given or resolved from corpus")
-    check_batch(spec, int(os.environ.get("WORLD_SIZE", "1")))  # before any rendezvous: fail fast
-    world = setup_world(spec)
-    try:
-        return _train(spec, world)
-    finally:
-        if world.distributed and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def check_batch(spec: PretrainRunSpec, processes: int) -> int:
     """Gradient-accumulation steps; a ConfigError when the processes cannot split the global batch."""
     per_pass = spec.model.seq_len * spec.batch.micro_batch_size * processes
@@ -315,333 +151,415 @@ def check_batch(spec: PretrainRunSpec, processes: int) -> int:
     return spec.batch.global_tokens // per_pass
 
 
-def _train(spec: PretrainRunSpec, world: World) -> int:
-    # spec.output is a local path or a URI (checkpoints and the export go there through fsspec); the
-    # progress files of the local runner exist only for a local output
-    remote = ckpt.is_remote(str(spec.output))
-    output = str(spec.output).rstrip("/")
-    local_output = None if remote else Path(output.removeprefix("file://"))
-    accum = check_batch(spec, world.size)
+# ------------------------------------------------------------------------------------------------ job
+def run(resource: Resource[Any, Any], args: Any) -> int:
+    spec: PretrainRunSpec = resource.spec
+    if spec.data is None:
+        raise ConfigError("data", "data (tokens, tokenizer) must be given or resolved from corpus")
+    check_batch(spec, int(os.environ.get("WORLD_SIZE", "1")))  # before any rendezvous: fail fast
+    world = setup_world(spec)
     try:
-        train_stream = TokenStream(spec.data.tokens)
-    except ShardError as exc:
-        raise ConfigError("data.tokens", str(exc)) from None
-    held_stream = None
-    if spec.data.held_out:
-        try:
-            held_stream = TokenStream(spec.data.held_out)
-        except ShardError as exc:
-            raise ConfigError("data.heldOut", str(exc)) from None
-    tokenizer, tok_file = load_tokenizer(spec.data.tokenizer)
-    margs, objective = model_args(spec, tokenizer, tok_file)
-    for field, stream in (("data.tokens", train_stream), ("data.heldOut", held_stream)):
-        if stream is not None and stream.max_token() >= objective.tokenizer_vocab:
-            raise ConfigError(
-                field,
-                f"token id {stream.max_token()} is outside the tokenizer's {objective.tokenizer_vocab} ids: "
-                "the shards were made with a different tokenizer than data.tokenizer",
-            )
-    init_path = resolve_init(spec)
-    if spec.export.push is not None:
-        read_secret(spec.export.push.token, "export.push.token")
-    mb = spec.batch.micro_batch_size
-    try:
-        batches = TokenBatches(train_stream, objective, mb, accum, world.rank, world.size, spec.seed)
-    except ValueError as exc:
-        raise ConfigError("data.tokens", str(exc)) from None
-    held = None
-    if held_stream is not None:
-        try:
-            held = TokenBatches(
-                held_stream, objective, mb, 1, world.rank, world.size, spec.seed, shuffle=False
-            )
-        except ValueError as exc:
-            raise ConfigError("data.heldOut", str(exc)) from None
+        return Trainer(spec, world).train()
+    finally:
+        if world.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
-    # ---- model: built for one device, then parallelism. FSDP builds the decoder on the meta device and
-    # initialises the shards in place (no rank ever holds the whole model); otherwise every rank
-    # initialises the full model identically from the seed.
-    torch.manual_seed(spec.seed)
-    bf16 = spec.precision.value == "bf16"
-    strategy = spec.parallelism.strategy.value
-    meta_init = (
-        strategy == "fsdp"
-        and world.size > 1
-        and margs.architecture == "decoder"
-        and init_path is None
-        and not margs.tie_embeddings  # to_empty would give the tied weight two storages
-    )
-    if meta_init:
-        with torch.device("meta"):
-            model = build_model(margs)
-    else:
-        model = build_model(margs)
-        model.init_weights(spec.seed)
-        if init_path is not None:
-            try:
-                exp.load_hf_into(model, margs, init_path)
-            except ValueError as exc:
-                raise ConfigError("model.init", str(exc)) from None
-        model.to(world.device)
-    parameters = count_parameters(model)
-    use_compile = spec.parallelism.compile and os.environ.get("LMFORGE_COMPILE", "1") != "0"
-    model = parallelize(
-        model,
-        strategy=strategy,
-        world=world.size,
-        device=world.device,
-        bf16=bf16,
-        compile=use_compile,
-        activation_checkpointing=spec.parallelism.activation_checkpointing,
-    )
-    if meta_init:
-        model.to_empty(device=world.device)
-        model.init_weights(spec.seed)
-    autocast = uses_autocast(strategy, world.size, bf16)
-    opt_spec = spec.optimizer
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt_spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opt_spec.lr,
-        betas=(opt_spec.beta1, opt_spec.beta2),
-        eps=opt_spec.eps,
-        fused=True,  # one kernel per step, no optimizer temporaries (CUDA and CPU)
-    )
-    total = total_steps(spec, parameters)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total, opt_spec))
-    guard = NonFiniteGuard(int(os.environ.get("LMFORGE_MAX_NONFINITE_STEPS", MAX_NONFINITE_STEPS)))
 
-    # ---- resume
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+@dataclass
+class TrainState:
+    """Where training is, saved in every checkpoint (as "train") beside model, optimizer and scheduler:
+    the optimizer steps taken (which is also the position in the data: batches are indexed by step), the
+    tokens trained on and the steps skipped by the non-finite guard."""
 
-    checkpoints = ckpt.Checkpointer(
-        f"{output}/checkpoints", spec.checkpoint.keep, world.rank, world.distributed
-    )
-    checkpoints.prepare(exp.tokenizer_files(spec.data.tokenizer))
-    meta = {
-        "modelArgs": margs.to_dict(),
-        "tokenizer": str(exp.tokenizer_json(spec.data.tokenizer).parent),
-        "precision": spec.precision.value,
-        "worldSize": world.size,
-    }
-    train_state: dict[str, Any] = {"step": 0, "tokens": 0, "skipped": 0}
-    found = ckpt.latest(str(checkpoints.root))
+    step: int = 0
+    tokens: int = 0
+    skipped: int = 0
 
-    def state() -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.step = int(saved["step"])
+        self.tokens = int(saved["tokens"])
+        self.skipped = int(saved.get("skipped", 0))
+
+
+@dataclass
+class StepResult:
+    mean_loss: float
+    """The step's loss, averaged over micro-batches and processes."""
+    grad_norm: float
+    stop_agreed: bool
+    """Some rank got SIGTERM/SIGINT: every rank saves this step and stops."""
+
+
+class Trainer:
+    """One PretrainRun on this process: the model, optimizer, LR schedule, data and checkpoints, built and
+    resumed by the constructor; ``train`` runs the remaining steps and the export."""
+
+    def __init__(self, spec: PretrainRunSpec, world: World):
+        self.spec, self.world = spec, world
+        # spec.output is a local path or a URI (checkpoints and the export go there through fsspec); the
+        # progress files of the local runner exist only for a local output
+        self.output = str(spec.output).rstrip("/")
+        self.remote_output = ckpt.is_remote(str(spec.output))
+        self.local_output = None if self.remote_output else Path(self.output.removeprefix("file://"))
+        self.accumulation = check_batch(spec, world.size)
+        inputs = build_inputs(spec, world.rank, world.size, self.accumulation)
+        self.model_args = inputs.model_args
+        self.train_batches, self.eval_batches = inputs.train_batches, inputs.held_out_batches
+
+        self.strategy = spec.parallelism.strategy.value
+        self.compile = spec.parallelism.compile and os.environ.get("LMFORGE_COMPILE", "1") != "0"
+        self.model, self.parameters = self.build_parallel_model(inputs)
+        self.autocast = uses_autocast(self.strategy, world.size, spec.precision.value == "bf16")
+        self.optimizer = build_optimizer(self.model, spec)
+        self.total_steps = total_steps(spec, self.parameters)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, self.total_steps, spec.optimizer)
+        )
+        self.guard = NonFiniteGuard(int(os.environ.get("LMFORGE_MAX_NONFINITE_STEPS", MAX_NONFINITE_STEPS)))
+        self.state = TrainState()
+
+        self.checkpoints = ckpt.Checkpointer(
+            f"{self.output}/checkpoints", spec.checkpoint.keep, world.rank, world.distributed
+        )
+        self.checkpoints.prepare(exp.tokenizer_files(spec.data.tokenizer))
+        self.checkpoint_meta = {
+            "modelArgs": self.model_args.to_dict(),
+            "tokenizer": str(exp.tokenizer_json(spec.data.tokenizer).parent),
+            "precision": spec.precision.value,
+            "worldSize": world.size,
+        }
+        self.resume()
+
+        self.telemetry = Telemetry(
+            KIND,
+            str(self.local_output) if world.rank == 0 and self.local_output else None,
+            enabled=world.local_rank == 0,
+            total_steps=self.total_steps,
+        )
+        self.gpu_stats = GpuStats(world.device)
+        self.flops_per_token = flops_per_token(self.model_args, self.parameters)
+        self.peak_flops = peak_flops(world.device)
+        self.log_every = max(1, int(os.environ.get("LMFORGE_LOG_EVERY", "1")))
+        self.last_loss: float | None = None
+        self.last_eval_loss: float | None = None
+        # the data-parallel wrapper's switch for gradient synchronisation (DDP: no_sync, FSDP2:
+        # set_requires_gradient_sync), used to synchronise only on the last micro-batch
+        self.no_sync = getattr(self.model, "no_sync", None)
+        self.set_gradient_sync = getattr(self.model, "set_requires_gradient_sync", None)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.announce()
+        self.throughput = ThroughputWindow(self.state.step, spec.batch.global_tokens)
+
+    # ---------------------------------------------------------------------------------------- the loop
+    def train(self) -> int:
+        """Train the remaining steps; exit code 0 also when stopped by a signal (checkpoint saved)."""
+        stopped = False
+        with StopFlag() as stop:
+            self.model.train()
+            while self.state.step < self.total_steps and not stopped:
+                result = self.train_step(stop_requested=stop.set)
+                self.report_metrics(result)
+                stopped = result.stop_agreed
+                if stopped or self.checkpoint_due():
+                    self.save_checkpoint()
+        if stopped:
+            self.report_stopped()
+            return 0
+        self.export_and_finish()
+        return 0
+
+    def train_step(self, stop_requested: bool) -> StepResult:
+        """One optimizer step over ``accumulation`` micro-batches; skipped when the loss or gradient norm is
+        not finite. One all-reduce agrees on the mean loss and on whether to stop."""
+        loss_sum = torch.zeros((), device=self.world.device, dtype=torch.float32)
+        for micro in range(self.accumulation):
+            loss_sum += self.forward_backward_step(micro)
+        grad_clip = self.spec.optimizer.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.trainable, grad_clip if grad_clip > 0 else float("inf")
+        )
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        report = torch.stack([loss_sum, torch.tensor(float(stop_requested), device=self.world.device)])
+        if self.world.distributed:
+            dist.all_reduce(report)
+        mean_loss, stop_votes = float(report[0]) / self.world.size, float(report[1])
+        if self.guard.check(mean_loss, float(grad_norm)):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.tokens += self.spec.batch.global_tokens
+        self.state.skipped = self.guard.skipped
+        self.last_loss = mean_loss
+        return StepResult(mean_loss, float(grad_norm), stop_votes > 0)
+
+    def forward_backward_step(self, micro: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch of the current step; gradients are synchronised across
+        ranks only on the last one. Returns its share of the step's loss."""
+        last = micro == self.accumulation - 1
+        if self.set_gradient_sync is not None:
+            self.set_gradient_sync(last)
+        skip_sync = self.no_sync() if self.no_sync is not None and not last else contextlib.nullcontext()
+        with skip_sync, self.autocast_context():
+            batch = self.to_device(self.train_batches.train(self.state.step, micro))
+            loss = self.model(**batch) / self.accumulation
+        loss.backward()
+        return loss.detach().float()
+
+    # ------------------------------------------------------------------------------ metrics and eval
+    def report_metrics(self, result: StepResult) -> None:
+        """Training metrics every $LMFORGE_LOG_EVERY steps and the held-out loss every eval.everySteps (both
+        at the last step), to telemetry and, on rank 0, as a ``step N/T name value …`` line."""
+        step = self.state.step
+        metrics: dict[str, float] = {}
+        if step % self.log_every == 0 or step == self.total_steps:
+            metrics = self.training_metrics(result)
+        if self.eval_batches is not None and (
+            step % self.spec.eval.every_steps == 0 or step == self.total_steps
+        ):
+            self.last_eval_loss = self.evaluate()
+            metrics.update(evalLoss=self.last_eval_loss, perplexity=perplexity(self.last_eval_loss))
+            self.throughput.restart(step)  # evaluation time is not training throughput
+        if metrics:
+            self.telemetry.update(step=step, tokens=self.state.tokens, metrics=metrics, stage="Training")
+            if self.world.rank == 0:
+                shown = " ".join(f"{name} {value:.4g}" for name, value in metrics.items())
+                print(f"step {step}/{self.total_steps} {shown}", flush=True)
+
+    def training_metrics(self, result: StepResult) -> dict[str, float]:
+        if self.world.device.type == "cuda":
+            torch.cuda.synchronize()
+        tokens_per_second = self.throughput.close(self.state.step)
+        metrics = {
+            "loss": result.mean_loss,
+            "gradNorm": result.grad_norm,
+            "learningRate": self.scheduler.get_last_lr()[0],
+            "tokensPerSecond": tokens_per_second,
+            "skippedSteps": self.guard.skipped,
+            **self.gpu_stats.read(),
+        }
+        if self.peak_flops:
+            metrics["mfu"] = self.flops_per_token * tokens_per_second / (self.peak_flops * self.world.size)
+        return metrics
+
+    def evaluate(self) -> float:
+        """Mean loss over eval.batches held-out batches on every rank (the same batches at every eval)."""
+        assert self.eval_batches is not None
+        self.model.eval()
+        batches = self.eval_batches.held_out_batches(self.spec.eval.batches)
+        loss_sum = torch.zeros((), device=self.world.device, dtype=torch.float64)
+        with torch.no_grad(), self.autocast_context():
+            for index in range(batches):
+                loss_sum += self.model(**self.to_device(self.eval_batches.held_out(index))).double()
+        self.model.train()
+        if self.world.distributed:
+            dist.all_reduce(loss_sum)
+        return float(loss_sum) / (batches * self.world.size)
+
+    # --------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_due(self) -> bool:
+        step = self.state.step
+        return step % self.spec.checkpoint.every_steps == 0 or step == self.total_steps
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         return {
-            "model": model_sd,
-            "optimizer": optim_sd,
-            "train": train_state,
-            "scheduler": scheduler.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "train": self.state.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
         }
 
-    if found is not None:
-        theirs = ckpt.read_meta(found[1]).get("modelArgs", {})
-        changed = [k for k, v in margs.to_dict().items() if k in theirs and theirs[k] != v]
+    def save_checkpoint(self) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            self.checkpoints.save(self.state.step, self.checkpoint_state(), self.checkpoint_meta)
+        self.throughput.restart(self.state.step)  # saving is not training time either
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint in spec.output, if any (a ConfigError when it holds another
+        model): weights, optimizer, LR schedule, step, tokens and skipped steps, and this rank's RNGs."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        found = ckpt.latest(str(self.checkpoints.root))
+        if found is None:
+            return
+        found_step, found_dir = found
+        theirs = ckpt.read_meta(found_dir).get("modelArgs", {})
+        ours = self.model_args.to_dict()
+        changed = [key for key, value in ours.items() if key in theirs and theirs[key] != value]
         if changed:
             raise ConfigError(
                 "output",
-                f"{output} holds checkpoints of a different model ({', '.join(changed)} differ, "
-                f"e.g. {changed[0]} {theirs[changed[0]]} there, {getattr(margs, changed[0])} now); "
+                f"{self.output} holds checkpoints of a different model ({', '.join(changed)} differ, "
+                f"e.g. {changed[0]} {theirs[changed[0]]} there, {getattr(self.model_args, changed[0])} now); "
                 "use a new output to start over",
             )
-        st = state()
-        checkpoints.load(found[1], st)
-        set_state_dict(model, optimizer, model_state_dict=st["model"], optim_state_dict=st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        train_state.update(st["train"])
-        guard.skipped = int(train_state.get("skipped", 0))
-        if world.rank == 0:
-            print(f"resumed from {found[1]} at step {found[0]}", flush=True)
-    start = int(train_state["step"])
-
-    tel = Telemetry(
-        KIND,
-        str(local_output) if world.rank == 0 and local_output else None,
-        enabled=world.local_rank == 0,
-        total_steps=total,
-    )
-    gpu = GpuStats(world.device)
-    per_token = flops_per_token(margs, parameters)
-    peak = peak_flops(world.device)
-    if world.rank == 0:
-        print(
-            f"{margs.architecture} model, {parameters:,} parameters, vocab {margs.vocab_size}; {total} steps × "
-            f"{spec.batch.global_tokens} tokens ({accum} accumulation × {world.size} processes); device "
-            f"{world.device.type}; {strategy}{' + compile' if use_compile else ''}",
-            flush=True,
+        saved = self.checkpoint_state()
+        self.checkpoints.load(found_dir, saved)
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"]
         )
-    tel.update(step=start, total_steps=total, tokens=int(train_state["tokens"]), stage="Training", force=True)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.state.load_state_dict(saved["train"])
+        self.guard.skipped = self.state.skipped
+        if self.world.rank == 0:
+            print(f"resumed from {found_dir} at step {found_step}", flush=True)
 
-    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(world.device, non_blocking=True) for k, v in batch.items()}
-
-    def amp() -> Any:
-        return (
-            torch.autocast(world.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        )
-
-    def evaluate() -> float | None:
-        if held is None:
-            return None
-        model.eval()
-        n = held.held_out_batches(spec.eval.batches)
-        total_loss = torch.zeros((), device=world.device, dtype=torch.float64)
-        with torch.no_grad(), amp():
-            for k in range(n):
-                total_loss += model(**to_device(held.held_out(k))).double()
-        model.train()
-        if world.distributed:
-            dist.all_reduce(total_loss)
-        return float(total_loss) / (n * world.size)
-
-    def save(step: int) -> None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            checkpoints.save(step, state(), meta)
-
-    no_sync = getattr(model, "no_sync", None)
-    set_sync = getattr(model, "set_requires_gradient_sync", None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    log_every = max(1, int(os.environ.get("LMFORGE_LOG_EVERY", "1")))
-    last_time, last_step = time.perf_counter(), start
-    step = start
-    stopped = False
-    eval_loss = None
-    mean_loss: float | None = None
-    with StopFlag() as stop:
-        model.train()
-        while step < total:
-            loss_sum = torch.zeros((), device=world.device, dtype=torch.float32)
-            for micro in range(accum):
-                last = micro == accum - 1
-                if set_sync is not None:
-                    set_sync(last)
-                ctx = no_sync() if no_sync is not None and not last else contextlib.nullcontext()
-                with ctx, amp():
-                    loss = model(**to_device(batches.train(step, micro))) / accum
-                loss.backward()
-                loss_sum += loss.detach().float()
-            norm = torch.nn.utils.clip_grad_norm_(
-                params, opt_spec.grad_clip if opt_spec.grad_clip > 0 else float("inf")
-            )
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
-            report = torch.stack([loss_sum, torch.tensor(float(stop.set), device=world.device)])
-            if world.distributed:
-                dist.all_reduce(report)
-            mean_loss, stop_votes = float(report[0]) / world.size, float(report[1])
-            if guard.check(mean_loss, float(norm)):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            train_state.update(
-                step=step, tokens=int(train_state["tokens"]) + spec.batch.global_tokens, skipped=guard.skipped
-            )
-
-            metrics: dict[str, float] = {}
-            if step % log_every == 0 or step == total:
-                if world.device.type == "cuda":
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                tps = (step - last_step) * spec.batch.global_tokens / max(now - last_time, 1e-9)
-                last_time, last_step = now, step
-                metrics = {
-                    "loss": mean_loss,
-                    "gradNorm": float(norm),
-                    "learningRate": scheduler.get_last_lr()[0],
-                    "tokensPerSecond": tps,
-                    "skippedSteps": guard.skipped,
-                    **gpu.read(),
-                }
-                if peak:
-                    metrics["mfu"] = per_token * tps / (peak * world.size)
-            if held is not None and (step % spec.eval.every_steps == 0 or step == total):
-                eval_loss = evaluate()
-                metrics.update(evalLoss=eval_loss, perplexity=math.exp(min(eval_loss, 80.0)))
-                # evaluation time is not training throughput: the next window starts after it
-                last_time, last_step = time.perf_counter(), step
-            if metrics:
-                tel.update(step=step, tokens=int(train_state["tokens"]), metrics=metrics, stage="Training")
-                if world.rank == 0:
-                    shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                    print(f"step {step}/{total} {shown}", flush=True)
-            stopping = stop_votes > 0
-            if step % spec.checkpoint.every_steps == 0 or step == total or stopping:
-                save(step)
-                last_time, last_step = time.perf_counter(), step
-            if stopping:
-                stopped = True
-                break
-
-    if stopped:
-        tel.update(step=step, stage="Stopped", force=True)
-        if world.rank == 0:
+    # -------------------------------------------------------------------------------- start and end
+    def announce(self) -> None:
+        if self.world.rank == 0:
+            args = self.model_args
             print(
-                f"stopped by signal after step {step}; checkpoint saved, resume by running again", flush=True
+                f"{args.architecture} model, {self.parameters:,} parameters, vocab {args.vocab_size}; "
+                f"{self.total_steps} steps × {self.spec.batch.global_tokens} tokens ({self.accumulation} "
+                f"accumulation × {self.world.size} processes); device {self.world.device.type}; "
+                f"{self.strategy}{' + compile' if self.compile else ''}",
+                flush=True,
             )
-        return 0
+        self.telemetry.update(
+            step=self.state.step,
+            total_steps=self.total_steps,
+            tokens=self.state.tokens,
+            stage="Training",
+            force=True,
+        )
 
-    # ---- export
-    outputs = expected_outputs(KIND, str(spec.output))
-    if spec.export.huggingface or spec.export.quantize != "none" or spec.export.push is not None:
-        tel.update(stage="Exporting", force=True)
+    def report_stopped(self) -> None:
+        self.telemetry.update(step=self.state.step, stage="Stopped", force=True)
+        if self.world.rank == 0:
+            print(
+                f"stopped by signal after step {self.state.step}; checkpoint saved, resume by running again",
+                flush=True,
+            )
+
+    def export_and_finish(self) -> None:
+        """Export (Hugging Face, int8, hub push) when the spec asks for it, then report the final metrics
+        and the outputs."""
+        outputs = expected_outputs(KIND, str(self.spec.output))
+        export = self.spec.export
+        if export.huggingface or export.quantize != "none" or export.push is not None:
+            self.telemetry.update(stage="Exporting", force=True)
+            self.export(outputs["model"])
+        else:
+            outputs.pop("model", None)
+            outputs.pop("tokenizer", None)
+        if self.world.distributed:
+            dist.barrier()
+        final = {"loss": self.last_loss} if self.last_loss is not None else {}
+        if self.last_eval_loss is not None:
+            final.update(evalLoss=self.last_eval_loss, perplexity=perplexity(self.last_eval_loss))
+        self.telemetry.update(
+            step=self.state.step, tokens=self.state.tokens, metrics=final, stage="Done", force=True
+        )
+        self.telemetry.finish(outputs)
+
+    def export(self, model_uri: str) -> None:
+        """Gather the full weights (every rank takes part) and write them on rank 0 as a Hugging Face model
+        in <output>/model (uploaded when the output is remote), its int8 copy beside it, and push it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if world.rank == 0:
-            import tempfile
-
-            staging = Path(tempfile.mkdtemp(prefix="lmforge-export-")) if remote else local_output
-            model_dir = staging / "model"
-            exp.write_hf(margs, full, spec.data.tokenizer, model_dir)
-            if spec.export.quantize == "int8":
-                # beside the model (status.outputs has no key for it): <spec.output>/model-int8
-                exp.write_int8(model_dir, staging / exp.INT8_DIR)
-            if remote:
-                exp.upload(model_dir, outputs["model"])
-                if spec.export.quantize == "int8":
-                    exp.upload(staging / exp.INT8_DIR, f"{output}/{exp.INT8_DIR}")
-            if spec.export.push is not None:
-                print(f"pushed: {exp.push_to_hub(model_dir, spec.export.push)}", flush=True)
-    else:
-        outputs.pop("model", None)
-        outputs.pop("tokenizer", None)
-    if world.distributed:
-        dist.barrier()
-    final = {"loss": mean_loss} if mean_loss is not None else {}
-    if eval_loss is not None:
-        final.update(evalLoss=eval_loss, perplexity=math.exp(min(eval_loss, 80.0)))
-    tel.update(step=step, tokens=int(train_state["tokens"]), metrics=final, stage="Done", force=True)
-    tel.finish(outputs)
-    return 0
-
-
-def flops_per_token(args: ModelArgs, parameters: int) -> float:
-    """Training FLOPs per token, attention included: the planner's formula for the decoder (6·N with the
-    lm_head but not the embedding lookup, + 12·L·h·T); 6·N + 12·L·h·T for the HF architectures."""
-    if args.architecture == "decoder":
-        from lmforge_jobs.plan import flops_per_token as plan_flops
-        from lmforge_jobs.pretrain.config import ModelShape
-
-        shape = ModelShape(
-            layers=args.layers,
-            hidden=args.hidden,
-            heads=args.heads,
-            kv_heads=args.kv_heads,
-            ffn_hidden=args.ffn_hidden,
-            seq_len=args.seq_len,
-            vocab_size=args.vocab_size,
-            tie_embeddings=args.tie_embeddings,
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        return plan_flops(shape)
-    layers = args.layers + (
-        args.decoder_layers or args.layers if args.architecture == "encoder-decoder" else 0
+        if self.world.rank != 0:
+            return
+        import tempfile
+
+        spec = self.spec
+        staging = (
+            Path(tempfile.mkdtemp(prefix="lmforge-export-")) if self.remote_output else self.local_output
+        )
+        assert staging is not None
+        model_dir = staging / "model"
+        exp.write_hf(self.model_args, full, spec.data.tokenizer, model_dir)
+        if spec.export.quantize == "int8":
+            # beside the model (status.outputs has no key for it): <spec.output>/model-int8
+            exp.write_int8(model_dir, staging / exp.INT8_DIR)
+        if self.remote_output:
+            exp.upload(model_dir, model_uri)
+            if spec.export.quantize == "int8":
+                exp.upload(staging / exp.INT8_DIR, f"{self.output}/{exp.INT8_DIR}")
+        if spec.export.push is not None:
+            print(f"pushed: {exp.push_to_hub(model_dir, spec.export.push)}", flush=True)
+
+    # ------------------------------------------------------------------------------------------ building
+    def build_parallel_model(self, inputs: Inputs) -> tuple[torch.nn.Module, int]:
+        """The model on this rank's device with its parallelism, and its parameter count. FSDP builds the
+        decoder on the meta device and initialises the shards in place (no rank ever holds the whole
+        model); otherwise every rank initialises the full model identically from the seed."""
+        spec, world, args = self.spec, self.world, inputs.model_args
+        torch.manual_seed(spec.seed)
+        meta_init = (
+            self.strategy == "fsdp"
+            and world.size > 1
+            and args.architecture == "decoder"
+            and inputs.init_path is None
+            and not args.tie_embeddings  # to_empty would give the tied weight two storages
+        )
+        if meta_init:
+            with torch.device("meta"):
+                model = build_model(args)
+        else:
+            model = build_model(args)
+            model.init_weights(spec.seed)
+            if inputs.init_path is not None:
+                try:
+                    exp.load_hf_into(model, args, inputs.init_path)
+                except ValueError as exc:
+                    raise ConfigError("model.init", str(exc)) from None
+            model.to(world.device)
+        parameters = count_parameters(model)
+        model = parallelize(
+            model,
+            strategy=self.strategy,
+            world=world.size,
+            device=world.device,
+            bf16=spec.precision.value == "bf16",
+            compile=self.compile,
+            activation_checkpointing=spec.parallelism.activation_checkpointing,
+        )
+        if meta_init:
+            model.to_empty(device=world.device)
+            model.init_weights(spec.seed)
+        return model, parameters
+
+    def autocast_context(self) -> Any:
+        if self.autocast:
+            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: tensor.to(self.world.device, non_blocking=True) for name, tensor in batch.items()}
+
+
+def build_optimizer(model: torch.nn.Module, spec: PretrainRunSpec) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only (not on norms and biases)."""
+    settings = spec.optimizer
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+        betas=(settings.beta1, settings.beta2),
+        eps=settings.eps,
+        fused=True,  # one kernel per step, no optimizer temporaries (CUDA and CPU)
     )
-    return 6.0 * parameters + 12.0 * layers * args.hidden * args.seq_len
 
 
-__all__ = ["MAX_NONFINITE_STEPS", "NonFiniteGuard", "flops_per_token", "lr_multiplier", "run", "total_steps"]
+__all__ = [
+    "MAX_NONFINITE_STEPS",
+    "NonFiniteGuard",
+    "TrainState",
+    "Trainer",
+    "check_batch",
+    "lr_multiplier",
+    "run",
+    "total_steps",
+]
