@@ -17,7 +17,7 @@ from lmforge_jobs.entry import ConfigError, load_job_resource
 from lmforge_jobs.manifest import load_resources, load_yaml_documents, parse_resource
 from lmforge_jobs.resolve import expected_outputs, resolve
 from lmforge_jobs.secrets import env_name, read_secret, secret_env_name
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR, SecretRef
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED, SecretRef
 from lmforge_operator import builders, rbac
 from lmforge_operator.builders import BuildError
 
@@ -360,6 +360,11 @@ def test_training_job_runs_torchrun_on_every_node() -> None:
     assert {
         "action": "FailJob",
         "onExitCodes": {"containerName": main["name"], "operator": "In", "values": [EXIT_CONFIG_ERROR]},
+    } in rules
+    # a rank stopped by a signal (preemption without a DisruptionTarget condition) is replaced, not counted
+    assert {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": main["name"], "operator": "In", "values": [EXIT_STOPPED]},
     } in rules
     assert pod["restartPolicy"] == "Never"
     assert spec["podReplacementPolicy"] == "Failed"

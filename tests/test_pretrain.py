@@ -29,7 +29,7 @@ from lmforge_jobs.pretrain.__main__ import main
 from lmforge_jobs.pretrain.model import ModelArgs, Transformer
 from lmforge_jobs.pretrain.testing import make_token_data
 from lmforge_jobs.secrets import read_secret
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -462,7 +462,8 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, data: dict[str, str]) -> 
     assert main(["--manifest", str(other)]) == EXIT_CONFIG_ERROR
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path: Path, data: dict[str, str]) -> None:
+def test_sigterm_saves_and_exits_stopped(tmp_path: Path, data: dict[str, str]) -> None:
+    """A stopped run is not a finished one: exit 143, so a Job never counts the pod as complete."""
     path = manifest(
         tmp_path, data, budget={"steps": 10000}, checkpoint={"everySteps": 5000}, eval={"everySteps": 5000}
     )
@@ -471,7 +472,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path: Path, data: dict[str, str]) -> N
     _wait_for(lambda: metrics.exists() and len(losses(tmp_path / "run")) >= 2, proc)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0, proc.stdout.read()
+    assert proc.wait(30) == EXIT_STOPPED, proc.stdout.read()
     assert time.monotonic() - sent < 10
     steps = [s for s, _ in ckpt.list_complete(str(tmp_path / "run" / "checkpoints"))]
     assert len(steps) == 1 and steps[0] == max(losses(tmp_path / "run"))  # at most the step in flight is lost

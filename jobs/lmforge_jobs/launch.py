@@ -14,6 +14,10 @@ The arguments are torchrun's own (``python -m torch.distributed.run``); the laun
   SIGTERM/SIGINT/SIGHUP to torchrun, which forwards it to the workers and waits ``--shutdown-timeout``
   seconds (the operator sets it from ``terminationGracePeriodSeconds``; torchrun's default is 30 s, too
   short for a large checkpoint) before SIGKILL. A first process without handlers would ignore SIGTERM.
+* **A stop is never success.** Workers stopped by a signal save a checkpoint and exit 143
+  (``EXIT_STOPPED``); torchrun itself ends with 1 or 0 whatever they did. The launcher exits 143 when it
+  forwarded a stop signal or a worker recorded one (and torchrun did not finish cleanly), so the Job's
+  podFailurePolicy replaces the pod without counting it and the run resumes from the checkpoint.
 
 Any other outcome is torchrun's exit code, unchanged.
 """
@@ -30,7 +34,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED
 
 EXIT_DIR_ENV = "LMFORGE_EXIT_DIR"
 POLL_SECONDS = 0.2
@@ -54,17 +58,33 @@ def record_exit(code: int) -> None:
         pass  # the exit code itself still tells torchrun the worker failed
 
 
-def recorded_config_error(folder: Path) -> str | None:
-    """The first rank that recorded a configuration error, if any."""
+def recorded_exits(folder: Path) -> dict[str, int]:
+    """Rank → exit code of every complete record in ``folder``."""
+    found = {}
     for path in sorted(folder.glob("rank-*")):
         if path.suffix == ".tmp":
             continue
         try:
-            if int(path.read_text(encoding="utf-8").strip()) == EXIT_CONFIG_ERROR:
-                return path.name.removeprefix("rank-")
+            found[path.name.removeprefix("rank-")] = int(path.read_text(encoding="utf-8").strip())
         except (OSError, ValueError):
             continue
-    return None
+    return found
+
+
+def recorded_config_error(folder: Path) -> str | None:
+    """The first rank that recorded a configuration error, if any."""
+    return next((rank for rank, code in recorded_exits(folder).items() if code == EXIT_CONFIG_ERROR), None)
+
+
+def final_code(torchrun_code: int, recorded: dict[str, int], signalled: bool) -> int:
+    """The pod's exit code once torchrun has ended."""
+    if EXIT_CONFIG_ERROR in recorded.values():
+        return EXIT_CONFIG_ERROR
+    if torchrun_code == 0:
+        return 0
+    if signalled or EXIT_STOPPED in recorded.values():
+        return EXIT_STOPPED
+    return 128 - torchrun_code if torchrun_code < 0 else torchrun_code  # killed by a signal: shell's code
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -85,7 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = {**os.environ, EXIT_DIR_ENV: str(folder)}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env)
 
+    signalled = False
+
     def forward(signum: int, frame: object) -> None:
+        nonlocal signalled
+        signalled = True
         if proc.poll() is None:
             proc.send_signal(signum)
 
@@ -103,10 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _stop(proc, STOP_SECONDS)
                 return EXIT_CONFIG_ERROR
             time.sleep(POLL_SECONDS)
-        if recorded_config_error(folder) is not None:
-            return EXIT_CONFIG_ERROR
-        code = proc.returncode
-        return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+        return final_code(proc.returncode, recorded_exits(folder), signalled)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -38,6 +38,11 @@ EXIT_CONFIG_ERROR = 64
 # Exit code for a service the job needs being unavailable (an endpoint down, overloaded, unreachable) after
 # the job's own retries: not the spec's fault, so the Job retries the pod (backoffLimit) instead of failing.
 EXIT_UNAVAILABLE = 69
+# Exit code of a job stopped by SIGTERM/SIGINT after saving a checkpoint (128 + SIGTERM, the shell's code
+# for it): the work is not finished, so it must never read as success (exit 0 made a preempted rank's
+# index "complete"). Kubernetes' podFailurePolicy ignores it: the pod is replaced, not counted against
+# backoffLimit, and the run resumes from that checkpoint.
+EXIT_STOPPED = 143
 
 
 class SpecError(ValueError):

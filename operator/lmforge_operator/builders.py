@@ -55,7 +55,7 @@ import yaml
 
 from lmforge_jobs.manifest import Resource, load_yaml_documents
 from lmforge_jobs.secrets import secret_env_name
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR, GROUP_VERSION
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED, GROUP_VERSION
 from lmforge_jobs.telemetry import DEFAULT_PORT, TERMINATION_LOG
 
 if TYPE_CHECKING:
@@ -577,6 +577,13 @@ def _pod_failure_policy() -> dict[str, Any]:
         "rules": [
             # preemption, eviction, node drain: not the job's fault, not counted against backoffLimit
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # a rank stopped by SIGTERM saved a checkpoint and exits 143 (not success): replace the pod, do
+            # not count it, and the run resumes — also when no DisruptionTarget condition was set (a node
+            # shut down, a pod deleted by hand)
+            {
+                "action": "Ignore",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_STOPPED]},
+            },
             # a configuration error fails the same way on every retry: fail the Job at once
             {
                 "action": "FailJob",

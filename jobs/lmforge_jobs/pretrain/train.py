@@ -5,7 +5,8 @@ metrics, evaluation and checkpoints between steps, then exports. See ``python -m
 
 Run with torchrun for several processes (``--nnodes=M --nproc-per-node=N``, c10d rendezvous) or as one
 plain process. On SIGTERM/SIGINT every rank finishes its current step, a checkpoint is saved and the job
-exits 0; the next start resumes from the newest complete checkpoint in spec.output.
+exits 143 (``EXIT_STOPPED``: not finished, never success); the next start resumes from the newest complete
+checkpoint in spec.output.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge_jobs.entry import ConfigError
+from lmforge_jobs.launch import record_exit
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.pretrain import checkpoint as ckpt
 from lmforge_jobs.pretrain import export as exp
@@ -32,6 +34,7 @@ from lmforge_jobs.pretrain.metrics import GpuStats, ThroughputWindow, flops_per_
 from lmforge_jobs.pretrain.model import build_model, count_parameters
 from lmforge_jobs.pretrain.parallelize import parallelize, uses_autocast
 from lmforge_jobs.resolve import expected_outputs
+from lmforge_jobs.spec import EXIT_STOPPED
 from lmforge_jobs.telemetry import Telemetry
 
 KIND = "PretrainRun"
@@ -255,7 +258,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- the loop
     def train(self) -> int:
-        """Train the remaining steps; exit code 0 also when stopped by a signal (checkpoint saved)."""
+        """Train the remaining steps: 0 when done, EXIT_STOPPED when stopped by a signal (checkpoint saved)."""
         stopped = False
         with StopFlag() as stop:
             self.model.train()
@@ -267,7 +270,8 @@ class Trainer:
                     self.save_checkpoint()
         if stopped:
             self.report_stopped()
-            return 0
+            record_exit(EXIT_STOPPED)  # under torchrun, the launcher keeps it as the pod's exit code
+            return EXIT_STOPPED
         self.export_and_finish()
         return 0
 
