@@ -13,18 +13,9 @@ import pytest
 import yaml
 
 from lmforge_jobs.manifest import load_resources
+from lmforge_operator import status as st
 from lmforge_operator.cli import main
-from lmforge_operator.local import (
-    LocalRunner,
-    RunError,
-    apply_progress,
-    command,
-    order,
-    set_condition,
-    spec_hash,
-    status_rows,
-    validated_status,
-)
+from lmforge_operator.local import LocalRunner, RunError, command, order, spec_hash, status_rows
 from lmforge_operator.report import build_report, funnel, series
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,8 +92,8 @@ def test_commands_are_argument_lists(tmp_path: Path) -> None:
 
 def test_status_follows_the_crd_schema() -> None:
     status: dict = {}
-    set_condition(status, "Running", True, "Started", "job started")
-    apply_progress(
+    st.set_state(status, "Running", st.JOB_RUNNING, "job started")
+    st.apply_progress(
         status,
         "AlignmentRun",
         {
@@ -113,16 +104,15 @@ def test_status_follows_the_crd_schema() -> None:
             "metrics": {"loss": 1.5, "rewardMargin": 0.2, "entropy": 3.0},
         },
     )
-    body = validated_status("AlignmentRun", status)
+    body = st.validated_status("AlignmentRun", status)
     assert body["phase"] == "Running"
     assert body["progress"]["step"] == 5 and body["progress"]["etaSeconds"] == 7
     assert body["metrics"] == {"loss": 1.5, "rewardMargin": 0.2, "methodMetrics": {"entropy": 3.0}}
-    set_condition(status, "Running", False, "Finished")
-    set_condition(status, "Succeeded", True, "JobSucceeded")
-    assert validated_status("AlignmentRun", status)["phase"] == "Succeeded"
-    apply_progress(status, "Corpus", {"stage": "Deduplicating", "metrics": {"documentsPerSecond": 12.0}})
+    st.set_state(status, "Succeeded", st.JOB_SUCCEEDED, "outputs complete")
+    assert st.validated_status("AlignmentRun", status)["phase"] == "Succeeded"
+    st.apply_progress(status, "Corpus", {"stage": "Deduplicating", "metrics": {"documentsPerSecond": 12.0}})
     assert status["stage"] == "Deduplicating"
-    apply_progress(status, "Corpus", {"stage": "minhash-buckets"})  # not a status.stage value: ignored
+    st.apply_progress(status, "Corpus", {"stage": "minhash-buckets"})  # not a status.stage value: ignored
     assert status["stage"] == "Deduplicating"
 
 
