@@ -10,8 +10,8 @@ Everything of ``<kind>/<name>`` lies in ``WORKDIR/<kind>/<name>/``: the resolved
 job's logs, its outputs (unless spec.output points elsewhere), ``progress.json``/``metrics.jsonl`` written by
 the job and ``status.json`` (the resource's status, in the CRD's status schema, with the cluster's condition
 reasons) written here. A rerun skips resources whose outputs are complete for the same resolved spec and
-resumes interrupted ones (the jobs resume from their checkpoints and completion markers). Ctrl-C stops the
-running job gracefully: it saves a checkpoint before exiting.
+resumes interrupted ones (the jobs resume from their checkpoints and completion markers). Ctrl-C or SIGTERM
+stops the running job gracefully — it saves a checkpoint before exiting — and every process it started.
 
 * :mod:`.launch` starts a job's processes and stops all of them;
 * :mod:`.runner` orders the resources, skips, resumes or runs each and writes its status;

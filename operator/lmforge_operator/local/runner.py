@@ -21,7 +21,13 @@ from lmforge_jobs.resolve import UnresolvedReference, default_output, dependenci
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR
 from lmforge_jobs.telemetry import read_progress, write_json_atomic
 from lmforge_operator import status as st
-from lmforge_operator.local.launch import Launch, command, local_gpus, processes_for
+from lmforge_operator.local.launch import (
+    STOP_GRACE_SECONDS,
+    Launch,
+    command,
+    local_gpus,
+    processes_for,
+)
 
 LOCAL_KEYS = ("specHash", "output")
 """The runner's own bookkeeping in status.json, beside the CRD's status fields."""
@@ -184,6 +190,7 @@ class LocalRunner:
     display: Any = None  # lmforge_operator.progress.Display or None
     metrics: Any = None  # lmforge_operator.progress.RunMetrics or None
     poll_seconds: float = 0.5
+    stop_grace_seconds: float = STOP_GRACE_SECONDS
     gpus: int = field(default_factory=local_gpus)
     interrupted: bool = False
     env: dict[str, str] = field(default_factory=dict)
@@ -282,7 +289,10 @@ class LocalRunner:
         launch = Launch(
             f"{kind.lower()}-{name}", command(job, manifest.resolve(), processes), env, run_dir / "logs"
         )
-        code = self._wait(resource, launch, status, output)
+        try:
+            code = self._wait(resource, launch, status, output)
+        finally:
+            launch.kill()  # whatever ended the wait (a second Ctrl-C included), nothing of the job is left
 
         if code == 0 and outputs_file.exists() and not self.interrupted:
             status["outputs"] = json.loads(outputs_file.read_text(encoding="utf-8"))
@@ -319,7 +329,7 @@ class LocalRunner:
                 stopped = True
                 if self.display:
                     self.display.note(resource, "interrupted: stopping the job (it saves its state)")
-                launch.stop()
+                launch.stop(self.stop_grace_seconds)
             code = launch.poll()
             self._progress(resource, status, output)
         self._progress(resource, status, output)
