@@ -6,25 +6,21 @@ The whole quickstart pipeline through the real jobs is tests/test_quickstart.py.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from lmforge_jobs.manifest import load_resources
+from lmforge_operator import status as st
 from lmforge_operator.cli import main
-from lmforge_operator.local import (
-    LocalRunner,
-    RunError,
-    apply_progress,
-    command,
-    order,
-    set_condition,
-    spec_hash,
-    status_rows,
-    validated_status,
-)
+from lmforge_operator.local import Launch, LocalRunner, RunError, command, order, spec_hash, status_rows
+from lmforge_operator.local import runner as local_runner
 from lmforge_operator.report import build_report, funnel, series
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,8 +97,8 @@ def test_commands_are_argument_lists(tmp_path: Path) -> None:
 
 def test_status_follows_the_crd_schema() -> None:
     status: dict = {}
-    set_condition(status, "Running", True, "Started", "job started")
-    apply_progress(
+    st.set_state(status, "Running", st.JOB_RUNNING, "job started")
+    st.apply_progress(
         status,
         "AlignmentRun",
         {
@@ -113,16 +109,15 @@ def test_status_follows_the_crd_schema() -> None:
             "metrics": {"loss": 1.5, "rewardMargin": 0.2, "entropy": 3.0},
         },
     )
-    body = validated_status("AlignmentRun", status)
+    body = st.validated_status("AlignmentRun", status)
     assert body["phase"] == "Running"
     assert body["progress"]["step"] == 5 and body["progress"]["etaSeconds"] == 7
     assert body["metrics"] == {"loss": 1.5, "rewardMargin": 0.2, "methodMetrics": {"entropy": 3.0}}
-    set_condition(status, "Running", False, "Finished")
-    set_condition(status, "Succeeded", True, "JobSucceeded")
-    assert validated_status("AlignmentRun", status)["phase"] == "Succeeded"
-    apply_progress(status, "Corpus", {"stage": "Deduplicating", "metrics": {"documentsPerSecond": 12.0}})
+    st.set_state(status, "Succeeded", st.JOB_SUCCEEDED, "outputs complete")
+    assert st.validated_status("AlignmentRun", status)["phase"] == "Succeeded"
+    st.apply_progress(status, "Corpus", {"stage": "Deduplicating", "metrics": {"documentsPerSecond": 12.0}})
     assert status["stage"] == "Deduplicating"
-    apply_progress(status, "Corpus", {"stage": "minhash-buckets"})  # not a status.stage value: ignored
+    st.apply_progress(status, "Corpus", {"stage": "minhash-buckets"})  # not a status.stage value: ignored
     assert status["stage"] == "Deduplicating"
 
 
@@ -249,3 +244,90 @@ def test_report_and_status_table(tmp_path: Path, capsys) -> None:
     ]
     assert main(["status", "--workdir", str(tmp_path)]) == 0
     assert "PretrainRun  gpt" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ stopping a job
+# A job process with two workers that ignore SIGTERM (like workers busy saving): only the SIGKILL after the
+# grace period ends them. One shares the job's process group, the other leads a session of its own, as
+# torchrun's workers do. Each worker writes "<job pid> <its pid>" to its file once it ignores SIGTERM.
+WORKER = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{os.getppid()} {os.getpid()}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(600)
+"""
+JOB = """
+import subprocess, sys, time
+pid_dir, worker = sys.argv[1:]
+subprocess.Popen([sys.executable, "-c", worker, pid_dir + "/same-group"])
+subprocess.Popen([sys.executable, "-c", worker, pid_dir + "/own-session"], start_new_session=True)
+time.sleep(600)
+"""
+
+
+def _tree_command(pid_dir: Path) -> list[str]:
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    return [sys.executable, "-c", JOB, str(pid_dir), WORKER]
+
+
+def _wait_for_tree(pid_dir: Path) -> list[int]:
+    """[job, worker in its group, worker in its own session], once both workers ignore SIGTERM."""
+    files = [pid_dir / "same-group", pid_dir / "own-session"]
+    deadline = time.monotonic() + 60
+    while not all(f.exists() for f in files):
+        assert time.monotonic() < deadline, "the job tree did not start"
+        time.sleep(0.05)
+    (job, first), (_, second) = ([int(pid) for pid in f.read_text().split()] for f in files)
+    return [job, first, second]
+
+
+def _running(pid: int) -> bool:
+    """Whether the process runs (a zombie is dead, only not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.parametrize("scheduler", ["torchx", "subprocess"])
+def test_stop_leaves_no_process_of_the_job(tmp_path: Path, monkeypatch, scheduler: str) -> None:
+    if scheduler == "subprocess":
+        monkeypatch.setitem(sys.modules, "torchx", None)  # as if torchx were not installed
+    launch = Launch("tree", _tree_command(tmp_path / "pids"), {}, tmp_path / "logs")
+    job, same_group, own_session = _wait_for_tree(tmp_path / "pids")
+    assert launch.job_processes() == [job]
+    assert os.getpgid(job) == job != os.getpgid(0)  # the job leads its own group, apart from ours
+    assert os.getpgid(same_group) == job and os.getpgid(own_session) == own_session
+    assert launch.process_groups() == {job, own_session}
+    started = time.monotonic()
+    launch.stop(grace=1.0)
+    assert [pid for pid in (job, same_group, own_session) if _running(pid)] == []
+    assert time.monotonic() - started < 15
+    assert launch.poll() not in (None, 0)
+
+
+def test_sigterm_stops_the_run_and_its_job_tree(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM to `lmforge run` (Ctrl-C alike) stops the running job with everything it started, and the
+    resource is left Failed/Interrupted, to be resumed by the next run."""
+    pid_dir = tmp_path / "pids"
+    monkeypatch.setattr(local_runner, "command", lambda job, manifest, processes: _tree_command(pid_dir))
+    corpus = next(r for r in _quickstart() if r.kind == "Corpus")
+    runner = LocalRunner(workdir=tmp_path / "runs", gpus=0, poll_seconds=0.05, stop_grace_seconds=1.0)
+    pids: list[int] = []
+
+    def terminate_once_started() -> None:
+        pids.extend(_wait_for_tree(pid_dir))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=terminate_once_started, daemon=True)
+    sender.start()
+    outcomes = runner.run([corpus])
+    sender.join(timeout=5)
+    assert runner.interrupted and [o.phase for o in outcomes] == ["Failed"]
+    assert len(pids) == 3 and [pid for pid in pids if _running(pid)] == []
+    status = json.loads((tmp_path / "runs" / "corpus" / corpus.name / "status.json").read_text())
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "Interrupted")

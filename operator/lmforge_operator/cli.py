@@ -149,14 +149,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lmforge_operator.local import EXIT_INTERRUPTED, LocalRunner, RunError, load_set
+    from lmforge_operator.local import EXIT_INTERRUPTED, LocalRunner, RunError, load_set, order
     from lmforge_operator.progress import Display, RunMetrics
 
     workdir = Path(args.workdir)
     try:
         resources = load_set(args.paths)
-        from lmforge_operator.local import order
-
         order(resources, workdir)  # a cycle or a dangling reference stops everything before it starts
     except RunError as exc:
         for problem in exc.problems:
@@ -190,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_rows(workdir: Path) -> None:
-    from lmforge_operator.local import status_rows
+    from lmforge_operator.local.view import status_rows
 
     rows = status_rows(workdir)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lmforge_operator.local import collect, status_rows
+from lmforge_operator.local.view import collect, status_rows
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

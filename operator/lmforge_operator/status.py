@@ -5,7 +5,11 @@
 * the state of a batch/v1 Job (:func:`job_state`);
 * a job pod's rank-0 Prometheus text (:func:`parse_prometheus`, :func:`progress_from_metrics`) and its
   termination message (:func:`termination_summary`), in the shape of the job's ``progress.json`` so that
-  :func:`lmforge_operator.local.apply_progress` mirrors both the same way ``lmforge run`` does.
+  :func:`apply_progress` mirrors both the same way ``lmforge run`` mirrors the job's file;
+* the status checked against the kind's status model (:func:`validated_status`).
+
+The cluster controller and the local runner (``lmforge run``) both write status through these helpers, with
+the same condition reasons for the same situations.
 
 No API calls, no kopf: unit-testable and shared by the reconciler.
 """
@@ -17,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from lmforge_jobs.data.config import CorpusStage
+from lmforge_jobs.manifest import KINDS
 from lmforge_jobs.spec import Condition, derive_phase
 
 # ------------------------------------------------------------------------------------ condition reasons
@@ -44,6 +50,8 @@ DEPENDENCIES_READY = "DependenciesReady"
 NOT_STARTED = "NotStarted"
 OUTPUTS_AVAILABLE = "OutputsAvailable"
 VALID = "Valid"
+INTERRUPTED = "Interrupted"
+"""``lmforge run`` was stopped (Ctrl-C, SIGTERM) while the job ran; running it again resumes the job."""
 
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Invalid", "Waiting")
 
@@ -87,24 +95,24 @@ def set_condition(
 
 def set_state(
     status: dict[str, Any],
-    true: str | None,
+    active: str | None,
     reason: str,
     message: str = "",
     generation: int | None = None,
     *,
     running: bool = False,
 ) -> str:
-    """Make ``true`` the one True condition among Running/Succeeded/Failed/Invalid/Waiting (``running``
+    """Make ``active`` the one True condition among Running/Succeeded/Failed/Invalid/Waiting (``running``
     keeps Running True beside Waiting, e.g. an Evaluation between checkpoints); Ready follows Succeeded.
     Returns the derived phase."""
     for ctype in ("Running", "Succeeded", "Failed", "Invalid", "Waiting"):
-        on = ctype == true or (ctype == "Running" and running)
+        on = ctype == active or (ctype == "Running" and running)
         existing = next((c for c in status.get("conditions", []) if c.get("type") == ctype), None)
         if on:
             set_condition(status, ctype, True, reason, message, generation)
         elif existing is not None or ctype in ("Running", "Succeeded", "Failed"):
             set_condition(status, ctype, False, reason, "", generation)
-    ready = true == "Succeeded"
+    ready = active == "Succeeded"
     set_condition(
         status,
         "Ready",
@@ -113,8 +121,8 @@ def set_state(
         "outputs are available" if ready else "",
         generation,
     )
-    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
-    status["conditions"].sort(key=lambda c: order.get(c["type"], 99))
+    position = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    status["conditions"].sort(key=lambda c: position.get(c["type"], 99))
     phase = derive_phase([Condition.model_validate(c) for c in status["conditions"]]).value
     status["phase"] = phase
     return phase
@@ -298,6 +306,39 @@ def evaluation_results(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+CORPUS_STAGES = {s.value for s in CorpusStage}
+PROGRESS_FIELDS = ("step", "totalSteps", "tokens", "percent", "etaSeconds")
+
+
+def apply_progress(status: dict[str, Any], kind: str, progress: dict[str, Any]) -> None:
+    """Mirror a job's progress (its progress.json, a scrape, a termination summary) into the status:
+    status.progress, status.metrics and a Corpus's status.stage."""
+    numbers = {k: progress[k] for k in PROGRESS_FIELDS if progress.get(k) is not None}
+    if numbers:
+        numbers["percent"] = min(100.0, max(0.0, float(numbers.get("percent", 0.0))))
+        numbers["updatedAt"] = progress.get("updatedAt") or now_iso()
+        status["progress"] = numbers
+    metrics = metrics_for_status(kind, progress.get("metrics") or {})
+    if metrics:
+        status["metrics"] = metrics
+    if kind == "Corpus" and progress.get("stage"):
+        # the data job reports the stage's phase (lmforge_jobs.data.stages.Stage.phase)
+        stage = str(progress["stage"])
+        if stage in CORPUS_STAGES:
+            status["stage"] = stage
+
+
+def status_model(kind: str) -> Any:
+    """The pydantic model of the kind's status (the CRD's status schema)."""
+    annotation = KINDS[kind].model_fields["status"].annotation
+    return next(a for a in getattr(annotation, "__args__", (annotation,)) if a is not type(None))
+
+
+def validated_status(kind: str, status: dict[str, Any]) -> dict[str, Any]:
+    """The status checked against the kind's status model (the CRD's status schema); raises on a bug."""
+    return status_model(kind).model_validate(status).model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
 def progress_from_metrics(kind: str, values: dict[str, float]) -> dict[str, Any]:
     """A scraped endpoint in the shape of progress.json: step, totalSteps, tokens, percent, etaSeconds,
     metrics {camelCase: value} (only the series the kind's status has)."""
@@ -327,6 +368,7 @@ def progress_from_metrics(kind: str, values: dict[str, float]) -> dict[str, Any]
 __all__ = [
     "METRIC_FIELDS",
     "JobState",
+    "apply_progress",
     "condition",
     "corpus_counts",
     "evaluation_results",
@@ -338,5 +380,7 @@ __all__ = [
     "rank0_pod",
     "set_condition",
     "set_state",
+    "status_model",
     "termination_summary",
+    "validated_status",
 ]

@@ -1,0 +1,64 @@
+"""``lmforge run``: the same manifests on one machine, without a cluster.
+
+``lmforge run PATH... [--workdir lmforge-runs]`` loads the manifests, orders them by their references (a
+cycle or a reference to nothing is an error before anything runs), and runs each resource through the
+same entry points a cluster uses: the Corpus job with its local workers, PretrainRun and AlignmentRun under
+torchrun, the Evaluation job — each launched by torchx's local scheduler. References resolve to the
+outputs of the resources run before (:mod:`lmforge_jobs.resolve`).
+
+Everything of ``<kind>/<name>`` lies in ``WORKDIR/<kind>/<name>/``: the resolved ``manifest.yaml``, the
+job's logs, its outputs (unless spec.output points elsewhere), ``progress.json``/``metrics.jsonl`` written by
+the job and ``status.json`` (the resource's status, in the CRD's status schema, with the cluster's condition
+reasons) written here. A rerun skips resources whose outputs are complete for the same resolved spec and
+resumes interrupted ones (the jobs resume from their checkpoints and completion markers). Ctrl-C or SIGTERM
+stops the running job gracefully — it saves a checkpoint before exiting — and every process it started.
+
+* :mod:`.launch` starts a job's processes and stops all of them;
+* :mod:`.runner` orders the resources, skips, resumes or runs each and writes its status;
+* :mod:`.view` reads the work directory back: the rows ``lmforge status`` prints.
+
+This package never imports torch: jobs run in their own processes.
+"""
+
+from lmforge_operator.local.launch import (
+    DISTRIBUTED,
+    EXIT_INTERRUPTED,
+    MODULES,
+    Launch,
+    command,
+    local_gpus,
+    processes_for,
+)
+from lmforge_operator.local.runner import (
+    LocalRunner,
+    Outcome,
+    RunError,
+    load_set,
+    order,
+    read_status,
+    resource_dir,
+    spec_hash,
+)
+from lmforge_operator.local.view import collect, status_rows
+from lmforge_operator.status import apply_progress  # the controller's import, until it uses status's
+
+__all__ = [
+    "DISTRIBUTED",
+    "EXIT_INTERRUPTED",
+    "MODULES",
+    "Launch",
+    "LocalRunner",
+    "Outcome",
+    "RunError",
+    "apply_progress",
+    "collect",
+    "command",
+    "load_set",
+    "local_gpus",
+    "order",
+    "processes_for",
+    "read_status",
+    "resource_dir",
+    "spec_hash",
+    "status_rows",
+]

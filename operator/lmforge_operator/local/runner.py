@@ -1,0 +1,407 @@
+"""The local runner: a manifest set in dependency order, each resource skipped, resumed or run, and its
+status written to ``WORKDIR/<kind>/<name>/status.json`` (see the package docstring)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge_jobs.manifest import Problem, Resource, load_resources
+from lmforge_jobs.resolve import UnresolvedReference, default_output, dependencies, resolve
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR
+from lmforge_jobs.telemetry import read_progress, write_json_atomic
+from lmforge_operator import status as st
+from lmforge_operator.local.launch import (
+    STOP_GRACE_SECONDS,
+    Launch,
+    command,
+    local_gpus,
+    processes_for,
+)
+
+LOCAL_KEYS = ("specHash", "output")
+"""The runner's own bookkeeping in status.json, beside the CRD's status fields."""
+
+
+class RunError(Exception):
+    """The manifest set cannot run (invalid, a cycle, a dangling reference); nothing was started."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# ----------------------------------------------------------------------------------------------- layout
+def resource_dir(workdir: Path, kind: str, name: str) -> Path:
+    return workdir / kind.lower() / name
+
+
+def read_status(workdir: Path, kind: str, name: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((resource_dir(workdir, kind, name) / "status.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+def load_set(paths: Iterable[str]) -> list[Resource[Any, Any]]:
+    resources, problems = load_resources(paths)
+    if problems:
+        raise RunError(problems)
+    if not resources:
+        raise RunError([Problem(" ".join(paths), "?", "(set)", "no lmforge resources found")])
+    return resources
+
+
+# ---------------------------------------------------------------------------------------------- ordering
+def order(resources: list[Resource[Any, Any]], workdir: Path) -> list[Resource[Any, Any]]:
+    """Resources in an order where each comes after everything it refers to.
+
+    A reference to a resource outside the set is fine when an earlier ``lmforge run`` in ``workdir``
+    finished it; otherwise it is dangling. Raises RunError for dangling references and cycles.
+    """
+    by_ref = {(r.kind, r.name): r for r in resources}
+    problems: list[Problem] = []
+    for resource in resources:
+        for field_path, ref, _ in dependencies(resource):
+            if ref in by_ref:
+                continue
+            finished = read_status(workdir, *ref)
+            if not (finished and finished.get("phase") == "Succeeded"):
+                problems.append(
+                    Problem(
+                        "(set)",
+                        resource.ref,
+                        f"spec.{field_path}",
+                        f"refers to {ref[0]}/{ref[1]}, which is neither in the manifests given nor finished "
+                        f"in {workdir}",
+                    )
+                )
+    if problems:
+        raise RunError(problems)
+
+    ordered: list[Resource[Any, Any]] = []
+    visit_state: dict[tuple[str, str], str] = {}  # visiting | done
+
+    def visit(ref: tuple[str, str], path: list[tuple[str, str]]) -> None:
+        if visit_state.get(ref) == "done":
+            return
+        if visit_state.get(ref) == "visiting":
+            cycle = [*path[path.index(ref) :], ref]
+            raise RunError(
+                [
+                    Problem(
+                        "(set)",
+                        f"{ref[0]}/{ref[1]}",
+                        "spec",
+                        "reference cycle: " + " → ".join(f"{kind}/{name}" for kind, name in cycle),
+                    )
+                ]
+            )
+        visit_state[ref] = "visiting"
+        for _, dependency, _ in dependencies(by_ref[ref]):
+            if dependency in by_ref:
+                visit(dependency, [*path, ref])
+        visit_state[ref] = "done"
+        ordered.append(by_ref[ref])
+
+    for resource in resources:
+        visit((resource.kind, resource.name), [])
+    return ordered
+
+
+# ------------------------------------------------------------------------------------------------ status
+def apply_results(status: dict[str, Any], resource: Resource[Any, Any], output: str) -> None:
+    """Kind-specific final numbers: Corpus counts from stats.json, Evaluation results from results.json."""
+    filename = {"Corpus": "stats.json", "Evaluation": "results.json"}.get(resource.kind)
+    if filename is None:
+        return
+    try:
+        data = json.loads((local_path(output) / filename).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if resource.kind == "Corpus":
+        status.update(st.corpus_counts(data))
+        status["stage"] = "Done"
+    else:
+        status.update(st.evaluation_results(data))
+
+
+def spec_hash(resource: Resource[Any, Any], inputs: Iterable[Any] = ()) -> str:
+    """Identity of a run: its resolved spec plus what identifies its inputs (see LocalRunner.input_ids)."""
+    text = json.dumps([resource.spec.to_yaml_dict(), list(inputs)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def last_error(log: str) -> str:
+    """The job's last ``error:`` line, else its last unindented line."""
+    for line in reversed(log.splitlines()):
+        line = line.strip()
+        if line.startswith("error:"):
+            return line.removeprefix("error:").strip()
+    for line in reversed(log.splitlines()):
+        if line.strip() and not line.startswith(" "):
+            return line.strip()[:500]
+    return ""
+
+
+def tokenizer_vocab(uri: str) -> int | None:
+    """Vocabulary size of a tokenizer.json (file or directory), for the plan; None when unknown."""
+    path = local_path(uri)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [token.get("id", 0) for token in data.get("added_tokens") or []]
+    return max(ids) + 1 if ids else None
+
+
+# ------------------------------------------------------------------------------------------------ runner
+@dataclass
+class Outcome:
+    resource: Resource[Any, Any]
+    phase: str
+    message: str = ""
+    skipped: bool = False
+
+
+@dataclass
+class LocalRunner:
+    """Runs a manifest set in dependency order; see the package docstring."""
+
+    workdir: Path
+    display: Any = None  # lmforge_operator.progress.Display or None
+    metrics: Any = None  # lmforge_operator.progress.RunMetrics or None
+    poll_seconds: float = 0.5
+    stop_grace_seconds: float = STOP_GRACE_SECONDS
+    gpus: int = field(default_factory=local_gpus)
+    interrupted: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+    def run(self, resources: list[Resource[Any, Any]]) -> list[Outcome]:
+        ordered = order(resources, self.workdir)
+        outcomes: list[Outcome] = []
+        failed: set[tuple[str, str]] = set()
+        previous_sigint = signal.signal(signal.SIGINT, self._on_signal)
+        previous_sigterm = signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            for resource in ordered:
+                if self.interrupted:
+                    break
+                blocked = [ref for _, ref, _ in dependencies(resource) if ref in failed]
+                if blocked:
+                    failed.add((resource.kind, resource.name))
+                    message = f"not run: {blocked[0][0]}/{blocked[0][1]} did not succeed"
+                    self._not_run(resource, st.DEPENDENCY_FAILED, message)
+                    outcomes.append(Outcome(resource, "Waiting", message))
+                    continue
+                outcome = self.run_one(resource)
+                outcomes.append(outcome)
+                if outcome.phase != "Succeeded":
+                    failed.add((resource.kind, resource.name))
+        finally:
+            signal.signal(signal.SIGINT, previous_sigint)
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        return outcomes
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.interrupted:  # second Ctrl-C: stop waiting for a graceful exit
+            raise KeyboardInterrupt
+        self.interrupted = True
+
+    # --------------------------------------------------------------------------------------- one resource
+    def outputs_of(self, kind: str, name: str) -> dict[str, Any]:
+        status = read_status(self.workdir, kind, name) or {}
+        return status.get("outputs") or {}
+
+    def resolved(self, resource: Resource[Any, Any]) -> Resource[Any, Any]:
+        outputs = {ref: self.outputs_of(*ref) for _, ref, _ in dependencies(resource)}
+        output = default_output(resource.kind, resource.name, str(self.workdir.resolve()))
+        return resolve(resource, outputs, output)
+
+    def run_one(self, resource: Resource[Any, Any]) -> Outcome:
+        kind, name = resource.kind, resource.name
+        run_dir = resource_dir(self.workdir, kind, name)
+        try:
+            job = self.resolved(resource)
+        except UnresolvedReference as exc:
+            self._not_run(resource, st.DEPENDENCY_NOT_READY, exc.message)
+            return Outcome(resource, "Waiting", exc.message)
+        output = str(job.spec.output)
+        outputs_file = local_path(output) / "outputs.json"
+        digest = spec_hash(job, self.input_ids(resource))
+        previous = read_status(self.workdir, kind, name) or {}
+        if (
+            previous.get("phase") == "Succeeded"
+            and previous.get("specHash") == digest
+            and outputs_file.exists()
+        ):
+            if self.display:
+                self.display.skipped(resource, "up to date")
+            return Outcome(resource, "Succeeded", "up to date", skipped=True)
+
+        if previous.get("specHash") not in (None, digest):
+            self._discard_stale(resource, output)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        manifest = run_dir / "manifest.yaml"
+        document = job.model_dump(by_alias=True, exclude_none=True, mode="json")
+        document.pop("status", None)
+        manifest.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+        status: dict[str, Any] = {
+            k: v for k, v in previous.items() if k in ("conditions", "startTime", "plan")
+        }
+        status["startTime"] = status.get("startTime") or st.now_iso()
+        status["specHash"] = digest
+        status["output"] = output
+        plan = self._plan(job)
+        if plan:
+            status["plan"] = plan
+        resumed = (run_dir / "logs").exists()
+        st.set_state(status, "Running", st.JOB_RUNNING, "job resumed" if resumed else "job started")
+        self._save(resource, status)
+
+        processes = processes_for(job, self.gpus)
+        env = {
+            "LMFORGE_METRICS_PORT": "off",
+            "PYTHONUNBUFFERED": "1",
+            "LMFORGE_WORKDIR": str(self.workdir.resolve()),
+            **self.env,
+        }
+        if self.display:
+            self.display.started(resource, processes, self.gpus)
+        launch = Launch(
+            f"{kind.lower()}-{name}", command(job, manifest.resolve(), processes), env, run_dir / "logs"
+        )
+        try:
+            code = self._wait(resource, launch, status, output)
+        finally:
+            launch.kill()  # whatever ended the wait (a second Ctrl-C included), nothing of the job is left
+
+        if code == 0 and outputs_file.exists() and not self.interrupted:
+            status["outputs"] = json.loads(outputs_file.read_text(encoding="utf-8"))
+            apply_results(status, resource, output)
+            status["completionTime"] = st.now_iso()
+            st.set_state(status, "Succeeded", st.JOB_SUCCEEDED, "outputs complete")
+            phase, message = "Succeeded", ""
+        elif self.interrupted:
+            message = "interrupted; run again to resume from the last checkpoint"
+            phase = st.set_state(status, "Failed", st.INTERRUPTED, message)
+        else:
+            log = launch.log_tail(20)
+            progress = read_progress(output) or {}
+            if code == EXIT_CONFIG_ERROR or progress.get("state") == "Invalid":
+                message = progress.get("message") or last_error(log) or "configuration error"
+                phase = st.set_state(status, "Invalid", st.CONFIG_ERROR, message)
+            else:
+                message = last_error(log) or f"job exited with code {code}"
+                phase = st.set_state(status, "Failed", st.JOB_FAILED, message)
+            if self.display:
+                self.display.log(resource, log)
+        self._save(resource, status)
+        if self.display:
+            self.display.finished(resource, phase, message)
+        return Outcome(resource, phase, message)
+
+    def _wait(self, resource: Resource[Any, Any], launch: Launch, status: dict[str, Any], output: str) -> int:
+        """Mirror the job's progress until it exits (stopping it once ``lmforge run`` is interrupted)."""
+        code: int | None = None
+        stopped = False
+        while code is None:
+            time.sleep(self.poll_seconds)
+            if self.interrupted and not stopped:
+                stopped = True
+                if self.display:
+                    self.display.note(resource, "interrupted: stopping the job (it saves its state)")
+                launch.stop(self.stop_grace_seconds)
+            code = launch.poll()
+            self._progress(resource, status, output)
+        self._progress(resource, status, output)
+        return code
+
+    def input_ids(self, resource: Resource[Any, Any]) -> list[list[str]]:
+        """(kind, name, run identity, completion time) of each dependency: a dependency that ran again
+        makes its dependents run again, although their resolved specs (paths) are unchanged."""
+        ids = []
+        for _, ref, _ in dependencies(resource):
+            dependency_status = read_status(self.workdir, *ref) or {}
+            ids.append(
+                [
+                    *ref,
+                    str(dependency_status.get("specHash", "")),
+                    str(dependency_status.get("completionTime", "")),
+                ]
+            )
+        return sorted(ids)
+
+    def _discard_stale(self, resource: Resource[Any, Any], output: str) -> None:
+        """The spec or an input changed since the last run: its completion marker no longer counts.
+
+        A Corpus in the work directory starts over (datatrove's per-rank completion markers do not know
+        the spec); the training jobs decide themselves what of their checkpoints they can keep."""
+        output_dir = local_path(output)
+        with contextlib.suppress(OSError):
+            (output_dir / "outputs.json").unlink()
+        inside = output_dir.resolve().is_relative_to(self.workdir.resolve())
+        if resource.kind == "Corpus" and inside and output_dir.is_dir():
+            if self.display:
+                self.display.note(resource, "spec changed: starting the corpus over")
+            for child in output_dir.iterdir():
+                if child.name != "status.json":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    def _plan(self, job: Resource[Any, Any]) -> dict[str, Any] | None:
+        """The compute plan of a PretrainRun, shown before it starts and kept in status.plan."""
+        if job.kind != "PretrainRun":
+            return None
+        from lmforge_jobs import plan as planner
+
+        vocab = tokenizer_vocab(job.spec.data.tokenizer) if job.spec.data is not None else None
+        try:
+            plan = planner.plan_pretrain(job.spec, vocab_size=vocab)
+        except ValueError:
+            return None
+        if self.display:
+            self.display.plan(job, planner.explain(plan))
+        return plan.to_status().to_yaml_dict()
+
+    def _progress(self, resource: Resource[Any, Any], status: dict[str, Any], output: str) -> None:
+        progress = read_progress(output)
+        if not progress:
+            return
+        st.apply_progress(status, resource.kind, progress)
+        self._save(resource, status)
+        if self.display:
+            self.display.progress(resource, progress)
+        if self.metrics:
+            self.metrics.observe(resource, progress)
+
+    def _save(self, resource: Resource[Any, Any], status: dict[str, Any]) -> None:
+        bookkeeping = {k: status[k] for k in LOCAL_KEYS if k in status}
+        body = st.validated_status(resource.kind, {k: v for k, v in status.items() if k not in LOCAL_KEYS})
+        body.update(bookkeeping)
+        write_json_atomic(resource_dir(self.workdir, resource.kind, resource.name) / "status.json", body)
+
+    def _not_run(self, resource: Resource[Any, Any], reason: str, message: str) -> None:
+        """A resource left Waiting: a dependency failed or has no outputs yet."""
+        status: dict[str, Any] = {}
+        st.set_state(status, "Waiting", reason, message)
+        self._save(resource, status)
+        if self.display:
+            self.display.finished(resource, "Waiting", message)
