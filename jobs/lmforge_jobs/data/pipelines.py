@@ -25,7 +25,6 @@ from datatrove.pipeline.dedup import (
 )
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactFindDedups
 from datatrove.pipeline.dedup.minhash import MinhashConfig
-from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.formatters import FTFYFormatter, PIIFormatter
 from datatrove.pipeline.writers import JsonlWriter
 
@@ -188,7 +187,7 @@ def source_reader(c: Context, index: int) -> PipelineStep | None:
 
 
 EXTRACTORS: dict[str, Callable[[CorpusSpec], PipelineStep]] = {
-    "trafilatura": lambda spec: Trafilatura(
+    "trafilatura": lambda spec: blocks.TrafilaturaExtractor(
         favour_precision=spec.extract.favour_precision, timeout=spec.extract.timeout_seconds
     ),
     "inscriptis": lambda spec: blocks.InscriptisExtractor(timeout=spec.extract.timeout_seconds),

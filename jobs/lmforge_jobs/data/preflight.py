@@ -103,6 +103,31 @@ def check_model_file(uri: str, field: str) -> None:
             raise ConfigError(field, f"{uri} is not a fastText model")
 
 
+# A page every extractor must get through: running it imports everything the extractor needs.
+TEST_PAGE = "<html><body><h1>Title</h1><p>A first paragraph of a test page.</p></body></html>"
+
+
+def check_extractor(spec: CorpusSpec) -> None:
+    """The configured HTML extractor runs here, in the job process, before any worker starts: a library
+    that cannot be imported (a missing optional dependency, say) is a ConfigError naming it, instead of
+    every document timing out in the extraction worker."""
+    from lmforge_jobs.data.pipelines import extractor
+
+    method = spec.extract.method.value
+    try:
+        extractor(spec).extract(TEST_PAGE)
+    except ImportError as exc:
+        raise ConfigError("extract.method", f"{method} could not be imported: {one_line(exc)}") from None
+    except Exception as exc:  # whatever it is, no document would get through either
+        raise ConfigError(
+            "extract.method", f"{method} failed on a test page: {type(exc).__name__}: {one_line(exc)}"
+        ) from None
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def preflight(spec: CorpusSpec, stage: str | None = None) -> None:
     """Every input check that needs no processing — sources exist, WARCs parse, model files exist, the
     vocabulary can hold the byte alphabet — for one stage (``None``: all). Raises ConfigError."""
@@ -125,6 +150,8 @@ def preflight(spec: CorpusSpec, stage: str | None = None) -> None:
         folder, files = expand_paths(source, i)
         if source.kind == "warc":
             check_warc(folder, files, f"sources[{i}].warc.paths")
+    if any(source.kind == "warc" for source in spec.sources):
+        check_extractor(spec)
     for i, flt in enumerate(spec.filters):
         if flt.language is not None:
             check_model_file(flt.language.model_path, f"filters[{i}].language.modelPath")
@@ -132,4 +159,4 @@ def preflight(spec: CorpusSpec, stage: str | None = None) -> None:
         check_model_file(spec.domains.classifier_path, "domains.classifierPath")
 
 
-__all__ = ["check_model_file", "check_warc", "expand_paths", "preflight"]
+__all__ = ["check_extractor", "check_model_file", "check_warc", "expand_paths", "preflight"]

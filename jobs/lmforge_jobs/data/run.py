@@ -106,6 +106,8 @@ def run_stage(
             raise ConfigError(
                 _field_of(spec, exc.path), f"{exc.path}: not a readable input: {exc.reason}"
             ) from None
+        except blocks.ExtractorBroken as exc:
+            raise ConfigError("extract.method", exc.reason) from None
     seconds = max(time.monotonic() - started, 1e-9)
     docs = _stage_documents(layout, stage)
     return {"documents": docs, "seconds": seconds, "documentsPerSecond": docs / seconds if docs else 0.0}

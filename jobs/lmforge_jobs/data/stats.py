@@ -75,6 +75,11 @@ def build_stats(spec: CorpusSpec) -> dict[str, Any]:
             "train": token_counts(layout.tokens_train),
             "heldOut": token_counts(layout.tokens_held_out),
         },
+        # of removedBy.extract: documents the extractor timed out on, and those it failed on
+        "extraction": {
+            key: sum(int(c.get("extraction", {}).get(key, 0)) for c in extract)
+            for key in ("timeouts", "failures")
+        },
         "consistent": read == kept + sum(removed.values()),
     }
     return stats
