@@ -11,7 +11,8 @@
 
 Exit codes: 0 done; 64 a configuration or input error (``error: spec.<field>: <message>`` on stderr:
 missing source, unreadable WARC, missing fastText model, vocabSize too small, nothing left after filtering);
-75 the previous stage has not completed every rank yet (retry later); anything else is a crash.
+75 the previous stage has not completed every rank yet (retry later); 143 stopped by SIGTERM; anything else
+is a crash. A stopped job shuts its worker processes down, and a killed one takes them with it.
 """
 
 from __future__ import annotations

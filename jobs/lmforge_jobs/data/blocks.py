@@ -17,15 +17,20 @@ doing one thing datatrove leaves open:
 * :class:`Counts` writes the per-rank document counts that ``stats.json`` adds up.
 * :class:`TrafilaturaExtractor` and :class:`InscriptisExtractor` (a :class:`GuardedExtractor`) count
   timeouts apart from failures, and end the stage when the extractor cannot run at all.
+* :func:`workers_die_with_parent`: every process the job starts dies with the one that started it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import os
 import platform
 import re
+import signal
+import sys
 import time
 import zlib
 from multiprocessing import Pipe, Process
@@ -453,8 +458,10 @@ __all__ = [
     "TrafilaturaExtractor",
     "UnreadableInput",
     "WarcSourceReader",
+    "die_with_parent",
     "stable_fraction",
     "warc_record_to_dict",
+    "workers_die_with_parent",
 ]
 
 
@@ -494,9 +501,11 @@ class ExtractorSandbox(_DatatroveSandbox):
     def __init__(self, timeout: float, library: str) -> None:
         super().__init__(timeout=timeout, warmup_text="")
         self.library = library
+        self.parent_pid = os.getpid()
 
     def _worker(self, conn: Any, extract_fn: Any) -> None:
         try:
+            die_with_parent(self.parent_pid)
             if platform.system() == "Linux":
                 self.set_oom_score_adj(1000)  # the first process the kernel kills when memory runs out
             extract_fn(self.warmup_text)  # imports the library
@@ -690,3 +699,51 @@ class RegexWordTokenizer(WordTokenizer):
 
 
 WORDS = RegexWordTokenizer()
+
+
+# ------------------------------------------------------------------------------------------- processes
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Linux: this process gets SIGKILL when the process that started it (``parent``, its pid) exits,
+    however it exits — a killed job leaves no worker behind. Called first thing in every process the
+    data job starts."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:  # it died before the call: no signal will come
+        os._exit(1)
+
+
+class _Anchor:
+    """What the after-fork hooks hang on (multiprocessing keeps them while it lives)."""
+
+
+_ANCHOR = _Anchor()
+_HOOKED: list[bool] = []
+
+
+def workers_die_with_parent() -> None:
+    """From now on every process forked with multiprocessing or multiprocess — datatrove's worker pool and
+    its Manager, the extraction sandbox, and their children — calls :func:`die_with_parent` first and
+    takes SIGTERM's default action (no handler inherited from its parent): a killed data job takes its
+    workers with it. Idempotent."""
+    if _HOOKED:
+        return
+    import multiprocessing.util
+
+    import multiprocess
+    import multiprocess.util
+
+    for mp in (multiprocessing, multiprocess):
+        mp.util.register_after_fork(_ANCHOR, functools.partial(_after_fork, mp))
+    _HOOKED.append(True)
+
+
+def _after_fork(mp: Any, _anchor: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = mp.parent_process()
+    die_with_parent(parent.pid if parent is not None else None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -73,6 +74,31 @@ def finish(spec: Any, tel: Telemetry) -> dict[str, Any]:
 
 
 def run(resource: Resource[Any, Any], args: argparse.Namespace) -> int:
+    with exit_on_sigterm():
+        return run_stages(resource, args)
+
+
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM (what Kubernetes sends a pod being stopped) unwinds the job as Ctrl-C does, so the worker
+    pool, its Manager and the extraction sandboxes are shut down on the way out; a worker that misses it
+    dies with its parent anyway (:func:`lmforge_jobs.data.blocks.die_with_parent`)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_stages(resource: Resource[Any, Any], args: argparse.Namespace) -> int:
+    """Every stage in order (``--stage all``), or one rank (or all ranks) of one stage."""
     from lmforge_jobs.data.layout import Layout
     from lmforge_jobs.data.preflight import preflight
     from lmforge_jobs.data.run import StageNotReady, check_previous_complete, run_stage

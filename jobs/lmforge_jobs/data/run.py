@@ -136,6 +136,7 @@ def _run_ranks(
     """Ranks differ only in their source limits; each gets its own executor when limits are set."""
     from datatrove.executor import LocalPipelineExecutor
 
+    blocks.workers_die_with_parent()
     limited = stage == "extract" and any(getattr(s, s.kind).limit for s in spec.sources)
     groups = [[r] for r in ranks] if limited else [ranks]
     for group in groups:
