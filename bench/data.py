@@ -69,7 +69,7 @@ def spec_dict(warc: Path, output: Path, limit: int | None) -> dict:
 
 def run_lmforge(spec_data: dict) -> tuple[float, int]:
     from lmforge_jobs.data.config import CorpusSpec
-    from lmforge_jobs.data.pipeline import run_stage
+    from lmforge_jobs.data.run import run_stage
 
     spec = CorpusSpec.model_validate(spec_data)
     started = cpu_seconds()

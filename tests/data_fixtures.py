@@ -163,3 +163,31 @@ def read_shards(folder: Path) -> list[list[int]]:
             start = int(end)
         assert start == len(tokens), f"{path}: index does not cover the file"
     return docs
+
+
+# -------------------------------------------------------------------------------------------- processes
+# The environment variable every process a test starts inherits (tests/conftest.py sets it to the pytest
+# process's pid); a process carrying it is found even after its parent died and init adopted it.
+SESSION_VARIABLE = "LMFORGE_TEST_SESSION"
+
+
+def tagged_processes(tag: str) -> dict[int, str]:
+    """pid → command line of every live process (but this one) whose environment has
+    ``LMFORGE_TEST_SESSION=tag`` (Linux ``/proc``; processes of other users are not readable and skipped)."""
+    needle = f"{SESSION_VARIABLE}={tag}".encode()
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                environ = fh.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                state = fh.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone, or not ours
+            continue
+        if needle in environ and state != b"Z":  # a zombie is dead, waiting for its parent to reap it
+            found[int(entry)] = cmdline
+    return found

@@ -138,6 +138,7 @@ def test_counts_add_up_and_outputs_are_complete(corpus: Path) -> None:
     assert stats["read"] == stats["kept"] + sum(stats["removedBy"].values())
     # every response with HTML, including those without a payload-type header; no css/request/metadata
     assert stats["read"] == _html_responses()
+    assert stats["extraction"] == {"timeouts": 0, "failures": 0}
     assert [f["name"] for f in stats["filters"]] == ["url", "regex", "language", "gopherRepetition"]
     assert [f["position"] for f in stats["filters"]] == [0, 1, 2, 3]
     for f in stats["filters"]:

@@ -257,7 +257,8 @@ def test_every_filter_kind_maps_to_its_datatrove_block(tmp_path: Path) -> None:
 
     from lmforge_jobs.data import blocks
     from lmforge_jobs.data.config import CorpusSpec
-    from lmforge_jobs.data.pipeline import Layout, build_pipeline, filter_keys
+    from lmforge_jobs.data.layout import Layout
+    from lmforge_jobs.data.pipelines import build_pipeline, filter_keys
 
     docs = tmp_path / "d.jsonl"
     docs.write_text('{"text": "x"}\n')
@@ -445,7 +446,8 @@ def test_missing_hub_token_secret_is_a_config_error(
 def test_a_limit_below_the_rank_count_leaves_ranks_empty_not_crashed(tmp_path: Path) -> None:
     """limit 1 with 2 ranks: rank 1's share of the only source is empty; it must still run (no reader)."""
     from lmforge_jobs.data.config import CorpusSpec
-    from lmforge_jobs.data.pipeline import Layout, read_counts, run_stage
+    from lmforge_jobs.data.layout import Layout, read_counts
+    from lmforge_jobs.data.run import run_stage
 
     src = tmp_path / "a.jsonl"
     src.write_text(

@@ -11,195 +11,20 @@
 
 Exit codes: 0 done; 64 a configuration or input error (``error: spec.<field>: <message>`` on stderr:
 missing source, unreadable WARC, missing fastText model, vocabSize too small, nothing left after filtering);
-75 the previous stage has not completed every rank yet (retry later); anything else is a crash.
+75 the previous stage has not completed every rank yet (retry later); 143 stopped by SIGTERM; anything else
+is a crash. A stopped job shuts its worker processes down, and a killed one takes them with it.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import os
 import sys
-import threading
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-from lmforge_jobs.data import stages as st
-from lmforge_jobs.entry import ConfigError, job_main
-from lmforge_jobs.manifest import Resource
-from lmforge_jobs.telemetry import Telemetry
-
-KIND = "Corpus"
-# A stage started before the previous one completed every rank: not a spec problem, retry later.
-EXIT_NOT_READY = 75
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stage", default="all", help="stage name (see lmforge_jobs.data.stages) or all")
-    parser.add_argument("--rank", default=None, help="rank to run (default: $JOB_COMPLETION_INDEX or 0); all")
-    parser.add_argument(
-        "--world", type=int, default=None, help="number of ranks (default: the stage's tasks)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="local processes (default: parallelism.workers)"
-    )
-
-
-def _stage_gauges(tel: Telemetry, stage: str, result: dict[str, Any]) -> None:
-    tel.gauge("lmforge_data_stage_documents", "Documents processed by a Corpus stage", ["stage"]).labels(
-        stage=stage
-    ).set(result["documents"])
-    tel.gauge(
-        "lmforge_data_stage_documents_per_second", "Documents per second of a Corpus stage", ["stage"]
-    ).labels(stage=stage).set(result["documentsPerSecond"])
-
-
-def finish(spec: Any, tel: Telemetry) -> dict[str, Any]:
-    """stats.json, the final progress and outputs.json (the completion marker)."""
-    from lmforge_jobs.data.pipeline import build_stats
-    from lmforge_jobs.resolve import expected_outputs
-
-    stats = build_stats(spec)
-    if stats["kept"] == 0:
-        # what reaches the tokenize stage is not empty (checked before it), so the weights dropped it all
-        field = "domains.weights" if stats["removedBy"].get("domains") else "filters"
-        raise ConfigError(field, "no documents left: the corpus would be empty")
-    # removedBy and filters stay in pipeline order (extract, filters by position, duplicates, …)
-    text = json.dumps(stats, indent=2) + "\n"
-    output = str(spec.output)
-    if "://" in output and not output.startswith("file://"):
-        from datatrove.io import get_datafolder
-
-        with get_datafolder(output).open("stats.json", "wt") as fh:
-            fh.write(text)
-    else:
-        path = Path(output.removeprefix("file://")) / "stats.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".stats.json.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    tokens = stats["tokens"]["train"]
-    tel.update(
-        tokens=tokens,
-        stage="Done",
-        metrics={
-            "documentsRead": stats["read"],
-            "documentsKept": stats["kept"],
-            "tokensHeldOut": stats["tokens"]["heldOut"],
-        },
-        force=True,
-    )
-    # status-shaped numbers for the operator, which reads them from the termination message
-    results = {
-        "documents": {"read": stats["read"], "kept": stats["kept"], "removedBy": stats["removedBy"]},
-        "tokens": {"train": stats["tokens"]["train"], "heldOut": stats["tokens"]["heldOut"]},
-    }
-    tel.finish(expected_outputs(KIND, spec.output), results=results)
-    return stats
-
-
-def run(resource: Resource[Any, Any], args: argparse.Namespace) -> int:
-    from lmforge_jobs.data.pipeline import (
-        Layout,
-        StageNotReady,
-        check_previous_complete,
-        preflight,
-        run_stage,
-    )
-
-    spec = resource.spec
-    names = st.stage_names(spec)
-    if args.stage != "all" and args.stage not in names:
-        print(
-            f"error: unknown stage {args.stage!r}; stages for this spec: {', '.join(names)}", file=sys.stderr
-        )
-        return 2
-    raw_rank = args.rank if args.rank is not None else os.environ.get("JOB_COMPLETION_INDEX", "0")
-    every = args.stage == "all" or raw_rank == "all"
-    if not every and not str(raw_rank).isdigit():
-        print(
-            f"error: --rank (or $JOB_COMPLETION_INDEX) must be a rank number or all: {raw_rank!r}",
-            file=sys.stderr,
-        )
-        return 2
-    rank = None if every else int(raw_rank)
-    workers = args.workers or spec.parallelism.workers
-    tel = Telemetry(KIND, spec.output, enabled=every or rank == 0)
-    preflight(spec, None if args.stage == "all" else args.stage)
-    todo = st.stages(spec) if args.stage == "all" else [st.get_stage(spec, args.stage)]
-    progress = RankProgress(tel, spec)
-    for stage in todo:
-        progress.report(stage.phase, force=True)
-        if stage.name == st.FINAL_STAGE:
-            if rank in (None, 0):
-                try:
-                    check_previous_complete(spec, Layout(spec.output), stage.name)
-                except StageNotReady as exc:
-                    print(f"error: {exc}", file=sys.stderr)
-                    return EXIT_NOT_READY
-                stats = finish(spec, tel)
-                print(
-                    f"corpus: read {stats['read']}, kept {stats['kept']}, "
-                    f"tokens train {stats['tokens']['train']} held-out {stats['tokens']['heldOut']}"
-                )
-            continue
-        try:
-            with progress.polling(stage.phase):
-                result = run_stage(spec, stage.name, rank=rank, world=args.world, workers=workers)
-        except StageNotReady as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_NOT_READY
-        metrics = {"documentsPerSecond": result["documentsPerSecond"]} if result["documents"] else {}
-        progress.report(stage.phase, metrics=metrics, force=True)
-        _stage_gauges(tel, stage.name, result)
-    return 0
-
-
-class RankProgress:
-    """Progress as completed ranks over all stages (step / totalSteps), read from datatrove's completion
-    markers — once per second while a stage runs, so the bar moves during a long stage."""
-
-    def __init__(self, tel: Telemetry, spec: Any) -> None:
-        from lmforge_jobs.data.pipeline import Layout
-
-        self.tel = tel
-        self.layout = Layout(spec.output)
-        self.stages = [s for s in st.stages(spec) if s.name != st.FINAL_STAGE]
-        self.total = sum(s.tasks for s in self.stages) + 1
-        self.lock = threading.Lock()
-
-    def report(self, phase: str, metrics: dict[str, float] | None = None, force: bool = False) -> None:
-        from lmforge_jobs.data.pipeline import completed_ranks
-
-        if not self.tel.enabled:
-            return
-        done = sum(min(completed_ranks(self.layout, s.name), s.tasks) for s in self.stages)
-        with self.lock:
-            self.tel.update(step=done, total_steps=self.total, stage=phase, metrics=metrics, force=force)
-
-    @contextlib.contextmanager
-    def polling(self, phase: str, every: float = 1.0) -> Iterator[None]:
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.wait(every):
-                with contextlib.suppress(Exception):  # reporting must never break the job
-                    self.report(phase)
-
-        thread = threading.Thread(target=loop, name="corpus-progress", daemon=True)
-        if self.tel.enabled:
-            thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            if thread.is_alive():
-                thread.join()
+from lmforge_jobs.entry import job_main
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lmforge_jobs.data.job import KIND, add_arguments, run
+
     return job_main(KIND, run, argv, add_arguments, description=__doc__.splitlines()[0] if __doc__ else None)
 
 

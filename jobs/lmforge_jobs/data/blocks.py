@@ -15,26 +15,40 @@ doing one thing datatrove leaves open:
 * :class:`DomainLabeller`, :class:`DomainWeights`, :class:`HeldOutSplit` label, sample/repeat and split.
 * :class:`RankReader` reads back exactly one rank's intermediate file.
 * :class:`Counts` writes the per-rank document counts that ``stats.json`` adds up.
+* :class:`TrafilaturaExtractor` and :class:`InscriptisExtractor` (a :class:`GuardedExtractor`) count
+  timeouts apart from failures, and end the stage when the extractor cannot run at all.
+* :func:`workers_die_with_parent`: every process the job starts dies with the one that started it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import os
+import platform
 import re
+import signal
+import sys
+import time
 import zlib
+from multiprocessing import Pipe, Process
 from typing import Any
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.extractors.base import BaseExtractor
+from datatrove.pipeline.extractors.base import ExtractorSandbox as _DatatroveSandbox
 from datatrove.pipeline.filters import LanguageFilter, URLFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader, ParquetReader, WarcReader
 from datatrove.utils.lid import FastTextLID
+from datatrove.utils.logging import logger
+from datatrove.utils.typeshelper import StatHints
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
@@ -380,6 +394,8 @@ class Counts(PipelineStep):
 
     ``roles`` maps a step object to a statistics key: ``("read", step)`` adds the reader's documents to
     ``in``; ``(key, step)`` adds the documents the step removed (total − forwarded) to ``removed[key]``.
+    The ``extract`` step's documents that timed out and those it failed on are also counted apart
+    (``extraction: {timeouts, failures}``).
     """
 
     name = "🧮 Counts"
@@ -414,6 +430,11 @@ class Counts(PipelineStep):
             total = stats["total"].total if "total" in stats.stats else 0
             forwarded = stats["forwarded"].total if "forwarded" in stats.stats else 0
             result["removed"][key] = result["removed"].get(key, 0) + int(total - forwarded)
+            if key == "extract":  # what the extractor removed for want of a result, not for being empty
+                result["extraction"] = {
+                    name: int(stats[stat].total) if stat in stats.stats else 0
+                    for name, stat in (("timeouts", "timeout"), ("failures", "failed"))
+                }
         if splits:
             result["splits"] = splits
         with get_datafolder(self.folder).open(f"{rank:05d}.json", "wt") as fh:
@@ -424,6 +445,7 @@ __all__ = [
     "Counts",
     "DomainLabeller",
     "DomainWeights",
+    "ExtractorBroken",
     "HeldOutSplit",
     "Hidden",
     "HubDatasetReader",
@@ -433,18 +455,158 @@ __all__ = [
     "ParquetSourceReader",
     "PathLanguageFilter",
     "RankReader",
+    "TrafilaturaExtractor",
     "UnreadableInput",
     "WarcSourceReader",
+    "die_with_parent",
     "stable_fraction",
     "warc_record_to_dict",
+    "workers_die_with_parent",
 ]
 
 
 # ------------------------------------------------------------------------------ extraction, normalising
-class InscriptisExtractor(BaseExtractor):
+class ExtractorBroken(Exception):
+    """The extractor cannot run at all (its library does not import, its worker dies while starting, or it
+    failed on every one of the first documents): a configuration error, not something to skip past."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)  # in args, so it survives pickling across worker processes
+        self.reason = reason
+
+
+class ExtractionFailed(Exception):
+    """The extractor raised on one document (the worker stays up)."""
+
+
+class Failure:
+    """What the sandbox worker sends back instead of a result: the exception, as one line of text."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.import_error = isinstance(exc, ImportError)
+        self.text = " ".join(str(exc).split()) or type(exc).__name__
+
+    def describe(self, library: str) -> str:
+        if self.import_error:
+            return f"{library} could not be imported: {self.text}"
+        return f"{library} failed: {self.text}"
+
+
+class ExtractorSandbox(_DatatroveSandbox):
+    """datatrove's extraction sandbox (one worker process, killed after ``timeout`` seconds on a document)
+    whose worker says why it failed instead of dying silently: a failure while starting (the warm-up
+    imports the library) raises :class:`ExtractorBroken` at once — rather than a warm-up timeout on every
+    document — and a document the extractor raised on raises :class:`ExtractionFailed`."""
+
+    def __init__(self, timeout: float, library: str) -> None:
+        super().__init__(timeout=timeout, warmup_text="")
+        self.library = library
+        self.parent_pid = os.getpid()
+
+    def _worker(self, conn: Any, extract_fn: Any) -> None:
+        try:
+            die_with_parent(self.parent_pid)
+            if platform.system() == "Linux":
+                self.set_oom_score_adj(1000)  # the first process the kernel kills when memory runs out
+            extract_fn(self.warmup_text)  # imports the library
+        except BaseException as exc:  # reported to the parent, whatever it is
+            conn.send(Failure(exc))
+            return
+        conn.send(None)  # ready
+        while True:
+            try:
+                text = conn.recv()
+            except EOFError:
+                break
+            try:
+                result = extract_fn(text)
+            except Exception as exc:  # one document's failure, reported to the parent
+                result = Failure(exc)
+            conn.send(result)
+
+    def _ensure_process(self, extract_fn: Any) -> None:
+        if self.process is not None and self.process.is_alive():
+            return
+        self._cleanup_process()
+        self.parent_conn, self.child_conn = Pipe()
+        self.process = Process(target=self._worker, args=(self.child_conn, extract_fn), daemon=True)
+        self.process.start()
+        self.all_processes.append(self.process)
+        deadline = time.monotonic() + self.timeout
+        while not self.parent_conn.poll(0.05):
+            if not self.process.is_alive() and not self.parent_conn.poll(0):
+                code = self.process.exitcode
+                self._cleanup_process()
+                raise ExtractorBroken(f"{self.library}: the extraction worker exited ({code}) while starting")
+            if time.monotonic() >= deadline:
+                self._cleanup_process()
+                raise TimeoutError(f"the extraction worker did not start within {self.timeout} seconds")
+        ready = self.parent_conn.recv()
+        if isinstance(ready, Failure):
+            self._cleanup_process()
+            raise ExtractorBroken(ready.describe(self.library))
+
+    def process_document(self, text: str, extract_fn: Any) -> str:
+        result = super().process_document(text, extract_fn)
+        if isinstance(result, Failure):
+            raise ExtractionFailed(result.text)
+        return result
+
+
+class GuardedExtractor(BaseExtractor):
+    """datatrove's extractor loop with failures told apart from timeouts (stats ``timeout`` and
+    ``failed``), and an extractor that cannot run stopped early: if the worker fails to start, or the
+    first ``GUARD`` documents (or all of them, when there are fewer) all failed, :class:`ExtractorBroken`
+    ends the stage instead of every document being dropped."""
+
+    library = "the extractor"
+    GUARD = 5
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        seen = failed = 0
+        first = ""
+        with ExtractorSandbox(self.timeout, self.library) as sandbox:
+            for doc in data:
+                self.stat_update(StatHints.total)
+                seen += 1
+                with self.track_time():
+                    try:
+                        doc.text = sandbox.process_document(doc.text, self.extract)
+                        self.stat_update("extracted")
+                    except TimeoutError:
+                        self.stat_update("timeout")
+                        logger.warning("⏰ Timeout while extracting a document's text. Skipping it.")
+                        continue
+                    except (ExtractionFailed, EOFError) as exc:  # EOFError: the worker died on it
+                        self.stat_update("failed")
+                        failed += 1
+                        first = first or (str(exc) or type(exc).__name__)
+                        if failed == seen == self.GUARD:
+                            raise ExtractorBroken(
+                                f"{self.library} failed on each of the first {seen} documents: {first}"
+                            ) from None
+                        continue
+                if doc.text:
+                    self.stat_update(StatHints.forwarded)
+                    self.update_doc_stats(doc)
+                    yield doc
+                else:
+                    self.stat_update(StatHints.dropped)
+        if failed and failed == seen:
+            raise ExtractorBroken(f"{self.library} failed on each of the {seen} documents: {first}")
+
+
+class TrafilaturaExtractor(GuardedExtractor, Trafilatura):
+    """datatrove's Trafilatura extractor, guarded (see :class:`GuardedExtractor`)."""
+
+    library = "trafilatura"
+
+
+class InscriptisExtractor(GuardedExtractor):
     """All visible text of an HTML page (inscriptis), for ``extract.method: inscriptis``."""
 
     name = "⛏ Inscriptis"
+    library = "inscriptis"
     _requires_dependencies = ["inscriptis"]
 
     def __init__(self, timeout: float = 1) -> None:
@@ -537,3 +699,51 @@ class RegexWordTokenizer(WordTokenizer):
 
 
 WORDS = RegexWordTokenizer()
+
+
+# ------------------------------------------------------------------------------------------- processes
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Linux: this process gets SIGKILL when the process that started it (``parent``, its pid) exits,
+    however it exits — a killed job leaves no worker behind. Called first thing in every process the
+    data job starts."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:  # it died before the call: no signal will come
+        os._exit(1)
+
+
+class _Anchor:
+    """What the after-fork hooks hang on (multiprocessing keeps them while it lives)."""
+
+
+_ANCHOR = _Anchor()
+_HOOKED: list[bool] = []
+
+
+def workers_die_with_parent() -> None:
+    """From now on every process forked with multiprocessing or multiprocess — datatrove's worker pool and
+    its Manager, the extraction sandbox, and their children — calls :func:`die_with_parent` first and
+    takes SIGTERM's default action (no handler inherited from its parent): a killed data job takes its
+    workers with it. Idempotent."""
+    if _HOOKED:
+        return
+    import multiprocessing.util
+
+    import multiprocess
+    import multiprocess.util
+
+    for mp in (multiprocessing, multiprocess):
+        mp.util.register_after_fork(_ANCHOR, functools.partial(_after_fork, mp))
+    _HOOKED.append(True)
+
+
+def _after_fork(mp: Any, _anchor: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = mp.parent_process()
+    die_with_parent(parent.pid if parent is not None else None)

@@ -1,7 +1,7 @@
 """The Corpus job's stages, in execution order: what the operator runs as one Indexed Job each.
 
 Pure on purpose (spec models and the standard library only; no datatrove): the operator imports it to
-build its Jobs, and the data job (:mod:`lmforge_jobs.data.pipeline`) maps each name to a datatrove
+build its Jobs, and the data job (:mod:`lmforge_jobs.data.pipelines`) maps each name to a datatrove
 pipeline. A stage starts only after every rank of the previous one completed; each rank leaves a datatrove
 completion marker (``OUT/logs/<stage>/completions/<rank>``), so a rerun skips the ranks already done::
 

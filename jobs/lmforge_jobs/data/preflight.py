@@ -1,0 +1,162 @@
+"""Every input check that needs no processing, run before any stage starts: sources exist, WARCs parse,
+model files exist, the vocabulary can hold the byte alphabet. Each failure is a ConfigError naming the
+spec field (exit 64)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from lmforge_jobs.data.config import CorpusSpec, Source
+from lmforge_jobs.data.layout import is_local, local
+from lmforge_jobs.entry import ConfigError
+from lmforge_jobs.secrets import read_secret
+
+GLOB_CHARS = re.compile(r"[*?\[]")
+EXTENSIONS = {
+    "warc": (".warc", ".warc.gz", ".arc", ".arc.gz"),
+    "jsonl": (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz"),
+    "parquet": (".parquet",),
+}
+
+
+def expand_paths(source: Source, index: int) -> tuple[str, list[str]]:
+    """(folder, files relative to it) of a file source; ConfigError naming the path when nothing matches."""
+    import fsspec
+
+    kind = source.kind
+    cfg = getattr(source, kind)
+    found: list[str] = []
+    fs = None
+    for j, path in enumerate(cfg.paths):
+        field = f"sources[{index}].{kind}.paths[{j}]"
+        fs, stripped = fsspec.core.url_to_fs(path)
+        try:
+            if GLOB_CHARS.search(stripped):
+                matches = sorted(fs.glob(stripped))
+            elif fs.isdir(stripped):
+                matches = sorted(p for p in fs.find(stripped) if p.endswith(EXTENSIONS[kind]))
+            elif fs.isfile(stripped):
+                matches = [stripped]
+            else:
+                matches = []
+        except (OSError, ValueError) as exc:
+            raise ConfigError(field, f"cannot list {path}: {exc}") from None
+        if not matches:
+            raise ConfigError(field, f"no such file or directory (or nothing matches): {path}")
+        found += [m for m in matches if m not in found]
+    assert fs is not None
+    common = (
+        os.path.commonpath([os.path.dirname(p) or "/" for p in found])
+        if len(found) > 1
+        else (os.path.dirname(found[0]))
+    )
+    rel = [os.path.relpath(p, common) if common else p for p in found]
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    folder = common if protocol in ("file", "local") else f"{protocol}://{common}"
+    return folder or "/", rel
+
+
+def check_warc(folder: str, files: list[str], field: str) -> None:
+    """The first record of each local WARC must parse: an unreadable file fails before anything runs."""
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.exceptions import ArchiveLoadFailed
+
+    if not is_local(folder):
+        return
+    for rel in files:
+        path = os.path.join(local(folder), rel)
+        try:
+            with open(path, "rb") as fh:
+                records = 0
+                for record in ArchiveIterator(fh):  # the first two records, payloads included
+                    record.content_stream().read()
+                    records += 1
+                    if records == 2:
+                        break
+            if records == 0:
+                raise ValueError("no WARC records")
+        except (ArchiveLoadFailed, OSError, EOFError, ValueError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            message = " ".join(lines[:2]) if lines else type(exc).__name__
+            raise ConfigError(field, f"{path} is not a readable WARC file: {message}") from None
+
+
+def check_model_file(uri: str, field: str) -> None:
+    if not is_local(uri):
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+            missing = not fs.exists(path)
+        except Exception:  # no credentials here, say: the stage that loads it will tell
+            return
+        if missing:
+            raise ConfigError(field, f"no such file: {uri} (models are never downloaded implicitly)")
+        return
+    if is_local(uri):
+        path = Path(local(uri))
+        if not path.is_file():
+            raise ConfigError(field, f"no such file: {uri} (models are never downloaded implicitly)")
+        if path.stat().st_size < 16:
+            raise ConfigError(field, f"{uri} is not a fastText model")
+
+
+# A page every extractor must get through: running it imports everything the extractor needs.
+TEST_PAGE = "<html><body><h1>Title</h1><p>A first paragraph of a test page.</p></body></html>"
+
+
+def check_extractor(spec: CorpusSpec) -> None:
+    """The configured HTML extractor runs here, in the job process, before any worker starts: a library
+    that cannot be imported (a missing optional dependency, say) is a ConfigError naming it, instead of
+    every document timing out in the extraction worker."""
+    from lmforge_jobs.data.pipelines import extractor
+
+    method = spec.extract.method.value
+    try:
+        extractor(spec).extract(TEST_PAGE)
+    except ImportError as exc:
+        raise ConfigError("extract.method", f"{method} could not be imported: {one_line(exc)}") from None
+    except Exception as exc:  # whatever it is, no document would get through either
+        raise ConfigError(
+            "extract.method", f"{method} failed on a test page: {type(exc).__name__}: {one_line(exc)}"
+        ) from None
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def preflight(spec: CorpusSpec, stage: str | None = None) -> None:
+    """Every input check that needs no processing — sources exist, WARCs parse, model files exist, the
+    vocabulary can hold the byte alphabet — for one stage (``None``: all). Raises ConfigError."""
+    from lmforge_jobs.data.tokenizer import check_pretrained, check_vocab_size
+
+    if stage in (None, "tokenizer"):
+        check_vocab_size(spec)
+        check_pretrained(spec)
+    if stage not in (None, "extract"):
+        return
+    for i, source in enumerate(spec.sources):
+        if source.kind == "huggingface":
+            hf = source.huggingface
+            assert hf is not None
+            if hf.dataset.startswith((".", "/", "file://")) and not Path(local(hf.dataset)).exists():
+                raise ConfigError(f"sources[{i}].huggingface.dataset", f"no such directory: {hf.dataset}")
+            if hf.token is not None:
+                read_secret(hf.token, f"sources[{i}].huggingface.token")
+            continue
+        folder, files = expand_paths(source, i)
+        if source.kind == "warc":
+            check_warc(folder, files, f"sources[{i}].warc.paths")
+    if any(source.kind == "warc" for source in spec.sources):
+        check_extractor(spec)
+    for i, flt in enumerate(spec.filters):
+        if flt.language is not None:
+            check_model_file(flt.language.model_path, f"filters[{i}].language.modelPath")
+    if spec.domains is not None:
+        check_model_file(spec.domains.classifier_path, "domains.classifierPath")
+
+
+__all__ = ["check_extractor", "check_model_file", "check_warc", "expand_paths", "preflight"]
