@@ -458,12 +458,12 @@ def test_cluster_rbac_matches_rbac_py(helm: str) -> None:
     role = next(
         r for r in by_kind(objects, "ClusterRole") if r["metadata"]["name"] == binding["roleRef"]["name"]
     )
-    assert _triples(role["rules"]) == _triples(rbac.RULES + rbac.CLUSTER_RULES)
+    assert _triples(role["rules"]) == _triples(rbac.RULES)
     assert by_kind(objects, "Role") == [] and by_kind(objects, "RoleBinding") == []
     for obj in by_kind(objects, "ClusterRole"):
         _assert_no_wildcards_or_secret_reads(obj["rules"], obj["metadata"]["name"])
     # Every call rbac.allows() permits cluster-wide is granted by the rendered ClusterRole.
-    for group, resource, verb in _triples(rbac.RULES + rbac.CLUSTER_RULES):
+    for group, resource, verb in _triples(rbac.RULES):
         assert rbac.allows(group, resource, verb, namespaced=False)
 
 
