@@ -159,6 +159,8 @@ def test_rbac_allows_what_the_operator_does_and_nothing_more() -> None:
         for verb in ("create", "patch", "update", "delete"):  # users write them; kopf adds no finalizer
             assert not rbac.allows("lmforge.io", plural, verb)
         assert not rbac.allows("lmforge.io", f"{plural}/status", "update")
+        # blockOwnerDeletion on the children needs it under OwnerReferencesPermissionEnforcement
+        assert rbac.allows("lmforge.io", f"{plural}/finalizers", "update")
     for group, plural in (("batch", "jobs"), ("", "configmaps"), ("", "services")):
         assert rbac.allows(group, plural, "create")
         assert not rbac.allows(group, plural, "patch") and not rbac.allows(group, plural, "update")
@@ -220,6 +222,13 @@ def test_owner_reference() -> None:
     }
     with pytest.raises(ValueError, match="uid"):
         builders.owner_reference({**body, "metadata": {"name": "gpt"}})
+    # Setting blockOwnerDeletion is refused by OwnerReferencesPermissionEnforcement unless the operator may
+    # update the owner's finalizers: granted for every kind that owns children.
+    for kind, plural in zip(
+        ("Corpus", "PretrainRun", "AlignmentRun", "Evaluation"), rbac.PLURALS, strict=True
+    ):
+        ref = builders.owner_reference({**body, "kind": kind})
+        assert ref["blockOwnerDeletion"] and rbac.allows("lmforge.io", f"{plural}/finalizers", "update")
 
 
 # --------------------------------------------------------------------------------- every kind validates

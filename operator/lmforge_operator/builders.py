@@ -221,7 +221,10 @@ def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
     """The ownerReference that makes a child go away with ``body`` (kopf's body, or any object dict).
 
     ``controller: true`` marks the operator's object as the managing controller; ``blockOwnerDeletion``
-    makes foreground deletion wait for the children.
+    makes foreground deletion (``kubectl delete --cascade=foreground``) wait until the children, Jobs and
+    their pods included, are gone, so a re-created resource of the same name never meets its predecessor's
+    pods. Under the OwnerReferencesPermissionEnforcement admission plugin setting the flag needs ``update``
+    on the owner's ``<plural>/finalizers``, which :mod:`lmforge_operator.rbac` grants (and nothing else).
     """
     meta = body.get("metadata") or {}
     missing = [k for k in ("name", "uid") if not meta.get(k)] + [

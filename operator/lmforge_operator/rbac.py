@@ -28,6 +28,10 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [API_GROUP], "resources": list(PLURALS), "verbs": READ},
     # Their status: merge-patched by the operator, never read through the subresource.
     {"apiGroups": [API_GROUP], "resources": [f"{p}/status" for p in PLURALS], "verbs": ["patch"]},
+    # Children carry an ownerReference with blockOwnerDeletion: true (foreground deletion of a resource
+    # waits for its Jobs). Setting that flag needs `update` on the owner's finalizers subresource when the
+    # API server runs the OwnerReferencesPermissionEnforcement admission plugin; nothing else uses it.
+    {"apiGroups": [API_GROUP], "resources": [f"{p}/finalizers" for p in PLURALS], "verbs": ["update"]},
     # Children are created if absent under deterministic names (409 means it exists: nothing is read back
     # but Jobs). Jobs are watched and read by name after a restart; the Jobs and spec ConfigMaps of
     # superseded Evaluation rounds (checkpoints: every) are deleted; everything else goes away through
