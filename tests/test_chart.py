@@ -942,3 +942,29 @@ def test_install_notes(helm: str) -> None:
 def test_kube_version_is_the_projects_minimum() -> None:
     """Chart.yaml's kubeVersion is the oldest Kubernetes the operator's objects are validated against."""
     assert K8S_VERSIONS[0] == k8s_validate.MIN_VERSION
+
+
+def test_per_run_network_policies_select_this_operator(helm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's per-run NetworkPolicies admit the chart's operator pods (by their labels, in the
+    release namespace) to the training pods' metrics port; perRun=false turns them off."""
+    from lmforge_operator.controller import Config
+
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    objects = render(helm, {"networkPolicy": {"jobMetricsFrom": [peer]}})
+    pod = one(objects, "Deployment")["spec"]["template"]
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    for name in ("LMFORGE_NETWORK_POLICY", "LMFORGE_OPERATOR_LABELS", "LMFORGE_JOB_METRICS_FROM"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)  # the fieldRef the kubelet resolves
+    isolation = Config().isolation()
+    assert isolation is not None
+    operator = isolation.operator_peer()
+    assert operator["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+    assert operator["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert operator["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert list(isolation.metrics_from) == [peer]
+
+    off = one(render(helm, {"networkPolicy": {"perRun": False}}), "Deployment")
+    env = {e["name"]: e.get("value") for e in off["spec"]["template"]["spec"]["containers"][0]["env"]}
+    monkeypatch.setenv("LMFORGE_NETWORK_POLICY", env["LMFORGE_NETWORK_POLICY"])
+    assert Config().isolation() is None

@@ -27,6 +27,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "Job": ("batch/v1", "jobs"),
     "ConfigMap": ("v1", "configmaps"),
     "Service": ("v1", "services"),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "Pod": ("v1", "pods"),
     "Event": ("v1", "events"),
 }

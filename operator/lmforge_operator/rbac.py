@@ -39,6 +39,9 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*READ, "create", "delete"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "delete"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": ["create"]},
+    # The NetworkPolicy isolating a training resource's pods (created before its Job; off with
+    # $LMFORGE_NETWORK_POLICY=false, the chart's networkPolicy.perRun).
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create"]},
     # Job pods: rank 0's IP for its Prometheus endpoint, termination messages and restart counts.
     {"apiGroups": [""], "resources": ["pods"], "verbs": READ},
     # Kubernetes Events on transitions (the operator's and kopf's own, both POSTed as core/v1 Events).
