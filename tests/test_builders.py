@@ -120,7 +120,7 @@ def evaluation_doc(**spec: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------- RBAC
 def test_rbac_rules_are_explicit_and_never_touch_secrets() -> None:
-    for rule in rbac.RULES:
+    for rule in rbac.RULES + rbac.LEADER_RULES:
         assert set(rule) == {"apiGroups", "resources", "verbs"}
         for key in ("apiGroups", "resources", "verbs"):
             assert rule[key], rule

@@ -49,6 +49,13 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
+LEADER_RULES: list[dict[str, Any]] = [
+    # Leader election among operator replicas (lmforge_operator.leader): the Lease in the operator's own
+    # namespace only (the chart binds these with a Role there, whatever the watched namespaces).
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]},
+]
+
+
 def _matches(rule: dict[str, Any], group: str, resource: str, verb: str) -> bool:
     return group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
 
@@ -59,10 +66,11 @@ def allows(group: str, resource: str, verb: str, *, namespaced: bool = True) -> 
 
     A namespaced request is allowed by a Role in each watched namespace; a cluster-wide one (watching a
     kind across all namespaces) by the same rules in a ClusterRole, which the chart binds with a
-    ClusterRoleBinding in --all-namespaces mode. ``namespaced`` is accepted for both and changes nothing.
+    ClusterRoleBinding in --all-namespaces mode; the Lease of leader election (LEADER_RULES) by a Role in
+    the operator's own namespace. ``namespaced`` is accepted and changes nothing.
     """
     del namespaced
-    return any(_matches(rule, group, resource, verb) for rule in RULES)
+    return any(_matches(rule, group, resource, verb) for rule in RULES + LEADER_RULES)
 
 
 def verb_for(method: str, *, named: bool, watch: bool = False) -> str:
@@ -77,4 +85,4 @@ def verb_for(method: str, *, named: bool, watch: bool = False) -> str:
     return {"POST": "create", "PUT": "update", "PATCH": "patch"}[method]
 
 
-__all__ = ["PLURALS", "RULES", "allows", "verb_for"]
+__all__ = ["LEADER_RULES", "PLURALS", "RULES", "allows", "verb_for"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,26 @@ class Config:
         default_factory=lambda: json.loads(os.environ.get("LMFORGE_JOB_METRICS_FROM") or "[]")
     )
     """Further NetworkPolicyPeers that may scrape job pods' metrics ($LMFORGE_JOB_METRICS_FROM, JSON)."""
+
+    leader_election: bool = field(default_factory=lambda: _flag("LMFORGE_LEADER_ELECTION", True))
+    """Reconcile only while holding the Lease, so replicas never reconcile at once
+    ($LMFORGE_LEADER_ELECTION; it also needs lease_namespace)."""
+    lease_namespace: str | None = field(
+        default_factory=lambda: (
+            os.environ.get("LMFORGE_LEASE_NAMESPACE") or os.environ.get("POD_NAMESPACE") or None
+        )
+    )
+    """Namespace of the leader-election Lease ($LMFORGE_LEASE_NAMESPACE, else $POD_NAMESPACE; unset: no
+    leader election, one replica)."""
+    lease_name: str = field(default_factory=lambda: os.environ.get("LMFORGE_LEASE_NAME", "lmforge-operator"))
+    """Name of the Lease ($LMFORGE_LEASE_NAME; the chart: its full name)."""
+    lease_seconds: float = field(default_factory=lambda: float(os.environ.get("LMFORGE_LEASE_SECONDS", "15")))
+    """How long a Lease not renewed stays the holder's ($LMFORGE_LEASE_SECONDS): the longest a standby
+    replica waits to take over from a leader that died."""
+    identity: str = field(
+        default_factory=lambda: os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    )
+    """This replica in the Lease ($POD_NAME, else host and process id)."""
 
     def isolation(self) -> Any:
         """The builders' :class:`~lmforge_operator.builders.Isolation`, or None for no NetworkPolicy."""
