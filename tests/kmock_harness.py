@@ -44,6 +44,8 @@ RESOURCES = {
     "batch/v1/jobs": ("Job", {"status"}),
     "v1/configmaps": ("ConfigMap", set()),
     "v1/services": ("Service", set()),
+    "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", set()),
+    "coordination.k8s.io/v1/leases": ("Lease", set()),
     "v1/pods": ("Pod", {"status"}),
     "v1/events": ("Event", set()),
     "events.k8s.io/v1/events": ("Event", set()),

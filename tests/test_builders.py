@@ -120,7 +120,7 @@ def evaluation_doc(**spec: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------- RBAC
 def test_rbac_rules_are_explicit_and_never_touch_secrets() -> None:
-    for rule in rbac.RULES + rbac.CLUSTER_RULES:
+    for rule in rbac.RULES + rbac.LEADER_RULES:
         assert set(rule) == {"apiGroups", "resources", "verbs"}
         for key in ("apiGroups", "resources", "verbs"):
             assert rule[key], rule
@@ -140,12 +140,12 @@ def test_rbac_rules_are_explicit_and_never_touch_secrets() -> None:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
         "metadata": {"name": "lmforge-operator"},
-        "rules": rbac.RULES + rbac.CLUSTER_RULES,
+        "rules": rbac.RULES,
     }
     assert_valid(role)
     assert_valid(cluster_role)
-    # cluster-only rules are only for cluster-scoped things
-    assert {r for rule in rbac.CLUSTER_RULES for r in rule["resources"]} <= {
+    # nothing cluster-scoped: kopf's scanning is off, so neither CRDs nor namespaces are read
+    assert not {r for rule in rbac.RULES for r in rule["resources"]} & {
         "customresourcedefinitions",
         "namespaces",
     }
@@ -153,21 +153,27 @@ def test_rbac_rules_are_explicit_and_never_touch_secrets() -> None:
 
 def test_rbac_allows_what_the_operator_does_and_nothing_more() -> None:
     for plural in rbac.PLURALS:
-        for verb in ("get", "list", "watch", "patch"):
+        for verb in ("get", "list", "watch"):
             assert rbac.allows("lmforge.io", plural, verb)
         assert rbac.allows("lmforge.io", f"{plural}/status", "patch")
-        assert not rbac.allows("lmforge.io", plural, "create")  # users create them, not the operator
+        for verb in ("create", "patch", "update", "delete"):  # users write them; kopf adds no finalizer
+            assert not rbac.allows("lmforge.io", plural, verb)
+        assert not rbac.allows("lmforge.io", f"{plural}/status", "update")
+        # blockOwnerDeletion on the children needs it under OwnerReferencesPermissionEnforcement
+        assert rbac.allows("lmforge.io", f"{plural}/finalizers", "update")
     for group, plural in (("batch", "jobs"), ("", "configmaps"), ("", "services")):
         assert rbac.allows(group, plural, "create")
-        assert rbac.allows(group, plural, "get")
+        assert not rbac.allows(group, plural, "patch") and not rbac.allows(group, plural, "update")
+    assert rbac.allows("batch", "jobs", "get") and rbac.allows("batch", "jobs", "watch")
+    assert not rbac.allows("", "services", "delete")
     assert rbac.allows("", "events", "create")
+    assert not rbac.allows("", "events", "patch") and not rbac.allows("events.k8s.io", "events", "create")
     assert rbac.allows("", "pods", "list")
     assert not rbac.allows("", "pods", "create")
     assert not rbac.allows("", "secrets", "get")
     assert not rbac.allows("", "secrets", "list", namespaced=False)
-    assert not rbac.allows("apiextensions.k8s.io", "customresourcedefinitions", "list")  # namespaced Role
-    assert rbac.allows("apiextensions.k8s.io", "customresourcedefinitions", "watch", namespaced=False)
-    assert not rbac.allows("apiextensions.k8s.io", "customresourcedefinitions", "create", namespaced=False)
+    assert not rbac.allows("apiextensions.k8s.io", "customresourcedefinitions", "list", namespaced=False)
+    assert not rbac.allows("", "namespaces", "list", namespaced=False)
     assert rbac.verb_for("GET", named=False) == "list"
     assert rbac.verb_for("GET", named=False, watch=True) == "watch"
     assert rbac.verb_for("GET", named=True) == "get"
@@ -216,6 +222,60 @@ def test_owner_reference() -> None:
     }
     with pytest.raises(ValueError, match="uid"):
         builders.owner_reference({**body, "metadata": {"name": "gpt"}})
+    # Setting blockOwnerDeletion is refused by OwnerReferencesPermissionEnforcement unless the operator may
+    # update the owner's finalizers: granted for every kind that owns children.
+    for kind, plural in zip(
+        ("Corpus", "PretrainRun", "AlignmentRun", "Evaluation"), rbac.PLURALS, strict=True
+    ):
+        ref = builders.owner_reference({**body, "kind": kind})
+        assert ref["blockOwnerDeletion"] and rbac.allows("lmforge.io", f"{plural}/finalizers", "update")
+
+
+# ----------------------------------------------------------------------------------------- isolation
+def test_network_policy_admits_only_the_resources_own_pods_and_the_operator() -> None:
+    res = resource(pretrain_doc())
+    owner = owner_of(res)
+    objs = builders.children(res, pretrain_doc(), owner, image=IMAGE)
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]  # before the Job
+    policy = objs[2]
+    assert policy["metadata"]["ownerReferences"] == [owner]
+    assert_valid(policy)
+    pods = objs[3]["spec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    selected = spec["podSelector"]["matchLabels"]
+    assert selected.items() <= pods.items() and spec["policyTypes"] == ["Ingress"]
+    own, metrics = spec["ingress"]
+    # the resource's own pods: every port (rendezvous 29400 and the ranks' NCCL/Gloo connections)
+    assert own == {"from": [{"podSelector": {"matchLabels": selected}}]}
+    # the operator's pods, in any namespace by default: the metrics port only
+    assert metrics["ports"] == [{"port": builders.METRICS_PORT, "protocol": "TCP"}]
+    assert metrics["from"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": builders.OPERATOR_LABELS}}
+    ]
+    # another resource's pods are not selected by the "own" peer
+    other = resource({**pretrain_doc(), "metadata": {"name": "other"}})
+    assert not builders.selector(other).items() <= selected.items()
+
+    scoped = builders.Isolation(
+        operator_namespace="lmforge-system",
+        operator_labels={"app.kubernetes.io/instance": "lmf", "app.kubernetes.io/component": "operator"},
+        metrics_from=({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},),
+    )
+    policy = builders.build_network_policy(res, owner, scoped)
+    assert_valid(policy)
+    peers = policy["spec"]["ingress"][1]["from"]
+    assert peers[0]["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "lmforge-system"}}
+    assert peers[0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "lmf"
+    assert peers[1] == dict(scoped.metrics_from[0])
+
+    # Off (no NetworkPolicy support), and never for kinds without torchrun.
+    kinds = [o["kind"] for o in builders.children(res, pretrain_doc(), owner, image=IMAGE, isolation=None)]
+    assert kinds == ["ConfigMap", "Service", "Job"]
+    single = resource(evaluation_doc())
+    assert "NetworkPolicy" not in [
+        o["kind"] for o in builders.children(single, evaluation_doc(), None, image=IMAGE)
+    ]
+    assert rbac.allows("networking.k8s.io", "networkpolicies", "create")
 
 
 # --------------------------------------------------------------------------------- every kind validates
@@ -238,7 +298,7 @@ def test_every_kind_and_corpus_stage_renders_valid_objects() -> None:
     rendered = _all_children()
     kinds = {ref.split("/")[0] for ref, _ in rendered}
     assert kinds == {"Corpus", "PretrainRun", "AlignmentRun", "Evaluation"}
-    assert {obj["kind"] for _, obj in rendered} == {"ConfigMap", "Service", "Job"}
+    assert {obj["kind"] for _, obj in rendered} == {"ConfigMap", "Service", "NetworkPolicy", "Job"}
     assert any(ref.endswith(":minhash-buckets") for ref, _ in rendered)
     for ref, obj in rendered:
         found = problems(obj)
@@ -298,8 +358,8 @@ def test_training_job_runs_torchrun_on_every_node() -> None:
     res = resource(pretrain_doc(queue="team-a", resources={"cpu": "16", "memory": "64Gi"}))
     owner = owner_of(res)
     objs = builders.children(res, resolved(res), owner, image=IMAGE)
-    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]
-    cm, svc, job = objs
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]
+    cm, svc, _, job = objs
     name, service = job["metadata"]["name"], svc["metadata"]["name"]
     assert name == "gpt-pretrain"
     spec = job["spec"]
@@ -431,7 +491,7 @@ def test_evaluation_single_process_vs_multi_gpu() -> None:
 
     multi = resource(evaluation_doc(parallelism={"nodes": 1, "gpusPerNode": 4}))
     objs = builders.children(multi, resolved(multi), owner_of(multi), image=IMAGE)
-    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]
     assert argv(objs[-1])[:5] == ["python", "-m", "lmforge_jobs.launch", "--nnodes=1", "--nproc-per-node=4"]
     assert objs[-1]["spec"]["template"]["spec"]["subdomain"] == objs[1]["metadata"]["name"]
     for obj in objs:
@@ -611,7 +671,7 @@ def test_resolved_references_become_mounts_and_the_job_accepts_the_configmap(tmp
     pretrain = resource(pretrain_manifest)
     outputs = {("Corpus", "web"): expected_outputs("Corpus", corpus.spec.output)}
     doc = resolved(pretrain, outputs)
-    cm, _, job = builders.children(pretrain, doc, owner_of(pretrain), image=IMAGE)
+    cm, _, _, job = builders.children(pretrain, doc, owner_of(pretrain), image=IMAGE)
     claims = [
         v["persistentVolumeClaim"]["claimName"]
         for v in job["spec"]["template"]["spec"]["volumes"]

@@ -458,12 +458,14 @@ def test_cluster_rbac_matches_rbac_py(helm: str) -> None:
     role = next(
         r for r in by_kind(objects, "ClusterRole") if r["metadata"]["name"] == binding["roleRef"]["name"]
     )
-    assert _triples(role["rules"]) == _triples(rbac.RULES + rbac.CLUSTER_RULES)
-    assert by_kind(objects, "Role") == [] and by_kind(objects, "RoleBinding") == []
+    assert _triples(role["rules"]) == _triples(rbac.RULES)
+    # the only Role: the leader-election Lease's, in the release namespace
+    assert [r["metadata"]["name"] for r in by_kind(objects, "Role")] == [f"{RELEASE}-leader"]
+    assert [b["metadata"]["name"] for b in by_kind(objects, "RoleBinding")] == [f"{RELEASE}-leader"]
     for obj in by_kind(objects, "ClusterRole"):
         _assert_no_wildcards_or_secret_reads(obj["rules"], obj["metadata"]["name"])
     # Every call rbac.allows() permits cluster-wide is granted by the rendered ClusterRole.
-    for group, resource, verb in _triples(rbac.RULES + rbac.CLUSTER_RULES):
+    for group, resource, verb in _triples(rbac.RULES):
         assert rbac.allows(group, resource, verb, namespaced=False)
 
 
@@ -484,7 +486,9 @@ def test_namespaced_rbac_renders_only_roles(helm: str) -> None:
 
     objects = render(helm, SCENARIOS["namespaced"])
     assert by_kind(objects, "ClusterRole") == [] and by_kind(objects, "ClusterRoleBinding") == []
-    roles, bindings = by_kind(objects, "Role"), by_kind(objects, "RoleBinding")
+    leader = f"{RELEASE}-leader"
+    roles = [r for r in by_kind(objects, "Role") if r["metadata"]["name"] != leader]
+    bindings = [b for b in by_kind(objects, "RoleBinding") if b["metadata"]["name"] != leader]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for role in roles:
@@ -497,7 +501,9 @@ def test_namespaced_rbac_renders_only_roles(helm: str) -> None:
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
     # No namespaces given: the release namespace only.
     alone = render(helm, {"rbac": {"namespaced": True}})
-    assert [r["metadata"]["namespace"] for r in by_kind(alone, "Role")] == [NAMESPACE]
+    assert [
+        r["metadata"]["namespace"] for r in by_kind(alone, "Role") if r["metadata"]["name"] != leader
+    ] == [NAMESPACE]
     assert by_kind(render(helm, {"rbac": {"create": False}}), "ClusterRole") == []
 
 
@@ -942,3 +948,61 @@ def test_install_notes(helm: str) -> None:
 def test_kube_version_is_the_projects_minimum() -> None:
     """Chart.yaml's kubeVersion is the oldest Kubernetes the operator's objects are validated against."""
     assert K8S_VERSIONS[0] == k8s_validate.MIN_VERSION
+
+
+def test_per_run_network_policies_select_this_operator(helm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's per-run NetworkPolicies admit the chart's operator pods (by their labels, in the
+    release namespace) to the training pods' metrics port; perRun=false turns them off."""
+    from lmforge_operator.controller import Config
+
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    objects = render(helm, {"networkPolicy": {"jobMetricsFrom": [peer]}})
+    pod = one(objects, "Deployment")["spec"]["template"]
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    for name in ("LMFORGE_NETWORK_POLICY", "LMFORGE_OPERATOR_LABELS", "LMFORGE_JOB_METRICS_FROM"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)  # the fieldRef the kubelet resolves
+    isolation = Config().isolation()
+    assert isolation is not None
+    operator = isolation.operator_peer()
+    assert operator["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+    assert operator["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert operator["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert list(isolation.metrics_from) == [peer]
+
+    off = one(render(helm, {"networkPolicy": {"perRun": False}}), "Deployment")
+    env = {e["name"]: e.get("value") for e in off["spec"]["template"]["spec"]["containers"][0]["env"]}
+    monkeypatch.setenv("LMFORGE_NETWORK_POLICY", env["LMFORGE_NETWORK_POLICY"])
+    assert Config().isolation() is None
+
+
+def test_replicas_elect_a_leader_over_a_lease_in_the_release_namespace(helm: str) -> None:
+    from lmforge_operator import rbac
+
+    for values in ({}, SCENARIOS["namespaced"]):
+        objects = render(helm, values)
+        (role,) = [r for r in by_kind(objects, "Role") if r["metadata"]["name"] == f"{RELEASE}-leader"]
+        assert role["metadata"]["namespace"] == NAMESPACE
+        assert _triples(role["rules"]) == _triples(rbac.LEADER_RULES)
+        _assert_no_wildcards_or_secret_reads(role["rules"], "leader")
+        (binding,) = [
+            b for b in by_kind(objects, "RoleBinding") if b["metadata"]["name"] == f"{RELEASE}-leader"
+        ]
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        }
+        sa = one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+        env = {e["name"]: e for e in _operator_container(objects)["env"]}
+        # the operator's Config: the Lease <fullname> in POD_NAMESPACE, held under POD_NAME
+        assert env["LMFORGE_LEASE_NAME"]["value"] == RELEASE
+        assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    two = one(render(helm, {"replicaCount": 2, "operator": {"leaseSeconds": 10}}), "Deployment")
+    assert two["spec"]["replicas"] == 2
+    assert two["spec"]["strategy"]["type"] == "RollingUpdate"
+    env = {e["name"]: e.get("value") for e in two["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LMFORGE_LEASE_SECONDS"] == "10"
+    assert by_kind(render(helm, {"rbac": {"create": False}}), "Role") == []

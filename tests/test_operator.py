@@ -270,7 +270,12 @@ def test_reconcile_waits_then_creates_children_once() -> None:
     body["status"] = status
     status = _run(controller, body)
     created = [(k, n) for op, k, n in api.calls if op == "create"]
-    assert created == [("ConfigMap", "sft-align-spec"), ("Service", "sft-align"), ("Job", "sft-align")]
+    assert created == [
+        ("ConfigMap", "sft-align-spec"),
+        ("Service", "sft-align"),
+        ("NetworkPolicy", "sft-align"),
+        ("Job", "sft-align"),
+    ]
     job = api.objects[("Job", "ns", "sft-align")]
     recorded = json.loads(job["metadata"]["annotations"]["lmforge.io/spec"])  # the spec it was built from
     assert recorded["base"] == ALIGN["base"] and recorded["dataset"]["path"] == "s3://d"

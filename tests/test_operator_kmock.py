@@ -500,7 +500,7 @@ def test_invalid_resources_get_invalid_condition_and_no_children(cluster: Cluste
             assert invalid["observedGeneration"] == 1
         assert cluster.status("PretrainRun", "too-big", ns)["plan"]["fits"] is False
         time.sleep(1.0)  # a few resyncs: still nothing
-    for kind in ("Job", "ConfigMap", "Service"):
+    for kind in ("Job", "ConfigMap", "Service", "NetworkPolicy"):
         assert cluster.list(kind, ns) == [], kind
     warnings = [e for e in cluster.list("Event", ns) if e["type"] == "Warning"]
     assert len({e["involvedObject"]["name"] for e in warnings}) == len(cases)

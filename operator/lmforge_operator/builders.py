@@ -16,6 +16,10 @@ What a resource becomes:
 * a headless **Service** ``<name>-<component>`` (training kinds, and Evaluations over more than one
   process): stable DNS names ``<job>-<index>.<service>`` for the pods (``subdomain``), the torchrun
   rendezvous endpoint.
+* a **NetworkPolicy** ``<name>-<component>`` (the same kinds as the Service): ingress to the resource's
+  pods only from its own pods (any port: the rendezvous port 29400, whose c10d store unpickles what it
+  reads, and the NCCL/Gloo connections torch opens between ranks on ports of its choosing) and from the
+  operator's pods to the metrics port 9400 (:class:`Isolation` says which pods those are).
 * one Indexed **Job** per step. PretrainRun / AlignmentRun / multi-process Evaluation: ``<name>-<component>``,
   completions = parallelism = nodes, each pod running torchrun through ``python -m lmforge_jobs.launch
   --nnodes=N --nproc-per-node=G --rdzv-backend=c10d --rdzv-endpoint=<job>-0.<service>:29400 ...
@@ -48,7 +52,9 @@ import functools
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as _field
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -75,6 +81,11 @@ CONTAINER = "main"
 METRICS_PORT = DEFAULT_PORT  # 9400: the chart's PodMonitor scrapes the port named "metrics"
 RDZV_PORT = 29400
 RUN_AS = 10001
+
+# The operator pod's labels (the chart's selector labels, less the release-specific instance label): the
+# peer allowed to scrape a training resource's pods when its NetworkPolicy does not name another.
+OPERATOR_LABELS = {"app.kubernetes.io/name": "lmforge", "app.kubernetes.io/component": "operator"}
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by the API server (1.21+)
 
 GPU_RESOURCE = "nvidia.com/gpu"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -221,7 +232,10 @@ def owner_reference(body: Mapping[str, Any]) -> dict[str, Any]:
     """The ownerReference that makes a child go away with ``body`` (kopf's body, or any object dict).
 
     ``controller: true`` marks the operator's object as the managing controller; ``blockOwnerDeletion``
-    makes foreground deletion wait for the children.
+    makes foreground deletion (``kubectl delete --cascade=foreground``) wait until the children, Jobs and
+    their pods included, are gone, so a re-created resource of the same name never meets its predecessor's
+    pods. Under the OwnerReferencesPermissionEnforcement admission plugin setting the flag needs ``update``
+    on the owner's ``<plural>/finalizers``, which :mod:`lmforge_operator.rbac` grants (and nothing else).
     """
     meta = body.get("metadata") or {}
     missing = [k for k in ("name", "uid") if not meta.get(k)] + [
@@ -445,6 +459,59 @@ def build_service(resource: Resource[Any, Any], owner: dict[str, Any] | None) ->
             "ports": [
                 {"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"},
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """Who may reach a training resource's pods besides the pods themselves (:func:`build_network_policy`).
+
+    ``operator_namespace``: the operator's namespace (None: the operator's pods in any namespace);
+    ``operator_labels``: labels selecting the operator's pods; ``metrics_from``: further NetworkPolicyPeers
+    allowed to scrape the metrics port (e.g. Prometheus, when the chart's PodMonitor scrapes job pods).
+    """
+
+    operator_namespace: str | None = None
+    operator_labels: Mapping[str, str] = _field(default_factory=lambda: dict(OPERATOR_LABELS))
+    metrics_from: Sequence[Mapping[str, Any]] = ()
+
+    def operator_peer(self) -> dict[str, Any]:
+        namespaces = (
+            {"matchLabels": {NAMESPACE_NAME_LABEL: self.operator_namespace}}
+            if self.operator_namespace
+            else {}
+        )
+        return {"namespaceSelector": namespaces, "podSelector": {"matchLabels": dict(self.operator_labels)}}
+
+
+DEFAULT_ISOLATION = Isolation()
+
+
+def build_network_policy(
+    resource: Resource[Any, Any], owner: dict[str, Any] | None, isolation: Isolation | None = None
+) -> dict[str, Any]:
+    """NetworkPolicy ``<name>-<component>`` isolating the pods of a torchrun resource: ingress only from
+    the resource's own pods (every port: rendezvous on 29400, where torch's c10d store unpickles what it
+    reads, and the ranks' NCCL/Gloo connections on ports torch picks) and from the operator's pods (and
+    ``isolation.metrics_from``) to the metrics port. Egress is left alone (storage, hubs, DNS)."""
+    isolation = isolation or Isolation()
+    own = {"podSelector": {"matchLabels": selector(resource)}}
+    metrics_port = {"port": METRICS_PORT, "protocol": "TCP"}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(resource, service_name(resource), owner),
+        "spec": {
+            "podSelector": {"matchLabels": selector(resource)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [own]},
+                {
+                    "from": [isolation.operator_peer(), *(dict(p) for p in isolation.metrics_from)],
+                    "ports": [metrics_port],
+                },
             ],
         },
     }
@@ -740,12 +807,17 @@ def children(
     generation: int = 0,
     env: Mapping[str, str] | None = None,
     service_account: str | None = None,
+    isolation: Isolation | None = DEFAULT_ISOLATION,
 ) -> list[dict[str, Any]]:
-    """Everything to create for the current step, in creation order: ConfigMap, Service (torchrun only),
-    Job. A Corpus needs ``stage`` (the stage to run now). Keyword arguments as in :func:`build_job`."""
+    """Everything to create for the current step, in creation order: ConfigMap, then for torchrun kinds
+    the Service and the NetworkPolicy (``isolation=None``: no NetworkPolicy, for clusters without
+    NetworkPolicy support), then the Job, so its pods never run unprotected. A Corpus needs ``stage`` (the
+    stage to run now). Other keyword arguments as in :func:`build_job`."""
     objects = [build_configmap(resource, resolved_doc, owner, generation)]
     if needs_service(resource):
         objects.append(build_service(resource, owner))
+        if isolation is not None:
+            objects.append(build_network_policy(resource, owner, isolation))
     objects.append(
         build_job(
             resource,
@@ -762,9 +834,13 @@ def children(
 
 
 __all__ = [
+    "DEFAULT_ISOLATION",
+    "OPERATOR_LABELS",
     "BuildError",
+    "Isolation",
     "build_configmap",
     "build_job",
+    "build_network_policy",
     "build_service",
     "child_name",
     "children",

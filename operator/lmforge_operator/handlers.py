@@ -11,7 +11,9 @@ operator simply sees every resource again and reconciles it by level (see :mod:`
 
 Environment: ``LMFORGE_JOBS_IMAGE`` (default jobs image), ``LMFORGE_STORAGE`` (root of spec.output when
 unset), ``LMFORGE_RESYNC_SECONDS`` (15), ``LMFORGE_WORKERS`` (16), ``LMFORGE_GPU`` (h100, for the compute
-plan), ``LMFORGE_OPERATOR_METRICS_PORT`` (8080; ``off`` for none).
+plan), ``LMFORGE_OPERATOR_METRICS_PORT`` (8080; ``off`` for none); the rest in
+:class:`~lmforge_operator.controller.Config` (leader election: with ``POD_NAMESPACE`` set, as the chart does,
+only the holder of the Lease reconciles, see :mod:`lmforge_operator.leader`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import kopf
 from lmforge_jobs.spec import API_GROUP, API_VERSION
 from lmforge_operator.controller import Config, Controller
 from lmforge_operator.kube import Kube
+from lmforge_operator.leader import LeaderElection
 from lmforge_operator.metrics import OperatorMetrics
 
 log = logging.getLogger("lmforge.operator")
@@ -57,7 +60,7 @@ def _metrics_port() -> int | None:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
-    settings.peering.standalone = True  # one replica; Jobs are created under deterministic names anyway
+    settings.peering.standalone = True  # no kopf peering: replicas elect a leader over a Lease (leader.py)
     settings.scanning.disabled = True  # the CRDs are installed by the chart before the operator starts
     settings.posting.level = logging.WARNING  # kopf's own Events only for problems; ours mark transitions
     settings.watching.server_timeout = 300
@@ -74,7 +77,29 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     info = getattr(memo, "lmforge_login", None)
     if info is not None:
         controller.set_api(Kube(info))
-    await controller.start()
+    election = _election(controller.config)
+    if election is None:
+        await controller.start()
+        return
+    # Every replica watches (a warm cache); only the Lease holder runs the controller's workers.
+    memo.lmforge_election = election
+    if info is not None:
+        election.set_api(Kube(info))
+
+    async def lead() -> None:
+        await controller.start()
+        for key in list(controller.cache):  # what was watched while standing by
+            controller.enqueue(key)
+
+    election.start(lead, controller.stop)
+
+
+def _election(config: Config) -> LeaderElection | None:
+    if not config.leader_election or not config.lease_namespace:
+        return None
+    return LeaderElection(
+        config.lease_namespace, config.lease_name, config.identity, lease_seconds=config.lease_seconds
+    )
 
 
 @kopf.on.login()
@@ -86,11 +111,17 @@ async def login(memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
         controller = getattr(memo, "lmforge", None)
         if controller is not None:
             controller.set_api(Kube(info))
+        election = getattr(memo, "lmforge_election", None)
+        if election is not None and election.api is None:
+            election.set_api(Kube(info))
     return info
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
+    election = getattr(memo, "lmforge_election", None)
+    if election is not None:  # stop campaigning, and hand the Lease over at once
+        await election.stop()
     controller = getattr(memo, "lmforge", None)
     if controller is not None:
         await controller.stop()

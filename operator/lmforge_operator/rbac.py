@@ -5,7 +5,9 @@ them, and the operator's integration tests check that every API call the operato
 (:func:`allows`). Change the operator's API usage and this file together.
 
 ``RULES`` are needed in every namespace the operator watches (a Role per namespace, or a ClusterRole bound
-cluster-wide with ``--all-namespaces``); ``CLUSTER_RULES`` only ever cluster-wide. No wildcards, and no
+cluster-wide with ``--all-namespaces``). Nothing cluster-scoped is needed: kopf's scanning is off (the chart
+installs the CRDs first), so it lists neither CRDs nor namespaces, and API discovery (``/apis/<group>/
+<version>``) is open to every authenticated user. No wildcards, and no
 access to Secrets at all: Secrets reach job pods as ``secretKeyRef`` env vars or mounted volumes that the
 kubelet resolves, never through the operator.
 """
@@ -21,32 +23,36 @@ PLURALS = ("corpora", "pretrainruns", "alignmentruns", "evaluations")
 READ = ["get", "list", "watch"]
 
 RULES: list[dict[str, Any]] = [
-    # The four custom resources: watched; kopf patches annotations (handler progress, last-handled
-    # configuration) and finalizers on the object itself, and the operator writes status.
-    {"apiGroups": [API_GROUP], "resources": list(PLURALS), "verbs": [*READ, "patch", "update"]},
-    {
-        "apiGroups": [API_GROUP],
-        "resources": [f"{p}/status" for p in PLURALS],
-        "verbs": ["get", "patch", "update"],
-    },
-    # Children: created if absent under deterministic names, read back after a restart, watched for
-    # progress. The Jobs and spec ConfigMaps of superseded Evaluation rounds (checkpoints: every) are
-    # deleted; everything else goes away through ownerReferences (the garbage collector deletes it).
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*READ, "create", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": [*READ, "create", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": [*READ, "create"]},
+    # The four custom resources: watched (kopf lists and watches them). The operator registers only watch-
+    # event handlers, so kopf never patches them (no finalizer, no progress or last-handled annotations).
+    {"apiGroups": [API_GROUP], "resources": list(PLURALS), "verbs": READ},
+    # Their status: merge-patched by the operator, never read through the subresource.
+    {"apiGroups": [API_GROUP], "resources": [f"{p}/status" for p in PLURALS], "verbs": ["patch"]},
+    # Children carry an ownerReference with blockOwnerDeletion: true (foreground deletion of a resource
+    # waits for its Jobs). Setting that flag needs `update` on the owner's finalizers subresource when the
+    # API server runs the OwnerReferencesPermissionEnforcement admission plugin; nothing else uses it.
+    {"apiGroups": [API_GROUP], "resources": [f"{p}/finalizers" for p in PLURALS], "verbs": ["update"]},
+    # Children are created if absent under deterministic names (409 means it exists: nothing is read back
+    # but Jobs). Jobs are watched and read by name after a restart; the Jobs and spec ConfigMaps of
+    # superseded Evaluation rounds (checkpoints: every) are deleted; everything else goes away through
+    # ownerReferences (the garbage collector deletes it).
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*READ, "create", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "delete"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["create"]},
+    # The NetworkPolicy isolating a training resource's pods (created before its Job; off with
+    # $LMFORGE_NETWORK_POLICY=false, the chart's networkPolicy.perRun).
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create"]},
     # Job pods: rank 0's IP for its Prometheus endpoint, termination messages and restart counts.
     {"apiGroups": [""], "resources": ["pods"], "verbs": READ},
-    # Kubernetes Events on transitions (kopf posts core/v1 Events).
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
-    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # Kubernetes Events on transitions (the operator's and kopf's own, both POSTed as core/v1 Events).
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 
-CLUSTER_RULES: list[dict[str, Any]] = [
-    # kopf scans CRDs to learn when the lmforge resources appear or go away...
-    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": READ},
-    # ...and namespaces, when it watches several (--all-namespaces or glob patterns).
-    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+
+LEADER_RULES: list[dict[str, Any]] = [
+    # Leader election among operator replicas (lmforge_operator.leader): the Lease in the operator's own
+    # namespace only (the chart binds these with a Role there, whatever the watched namespaces).
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]},
 ]
 
 
@@ -58,12 +64,13 @@ def allows(group: str, resource: str, verb: str, *, namespaced: bool = True) -> 
     """Whether the operator's rules permit ``verb`` on ``group``/``resource`` (core group is ``""``;
     ``resource`` may carry a subresource, ``pretrainruns/status``).
 
-    A namespaced request must be allowed by RULES alone (a Role in each watched namespace is enough);
-    a cluster-wide request (listing CRDs, or watching a kind across all namespaces) by RULES +
-    CLUSTER_RULES, which the chart binds with a ClusterRoleBinding in --all-namespaces mode.
+    A namespaced request is allowed by a Role in each watched namespace; a cluster-wide one (watching a
+    kind across all namespaces) by the same rules in a ClusterRole, which the chart binds with a
+    ClusterRoleBinding in --all-namespaces mode; the Lease of leader election (LEADER_RULES) by a Role in
+    the operator's own namespace. ``namespaced`` is accepted and changes nothing.
     """
-    rules = RULES if namespaced else RULES + CLUSTER_RULES
-    return any(_matches(rule, group, resource, verb) for rule in rules)
+    del namespaced
+    return any(_matches(rule, group, resource, verb) for rule in RULES + LEADER_RULES)
 
 
 def verb_for(method: str, *, named: bool, watch: bool = False) -> str:
@@ -78,4 +85,4 @@ def verb_for(method: str, *, named: bool, watch: bool = False) -> str:
     return {"POST": "create", "PUT": "update", "PATCH": "patch"}[method]
 
 
-__all__ = ["CLUSTER_RULES", "PLURALS", "RULES", "allows", "verb_for"]
+__all__ = ["LEADER_RULES", "PLURALS", "RULES", "allows", "verb_for"]

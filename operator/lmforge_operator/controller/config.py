@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from dataclasses import dataclass, field
+from typing import Any
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    return default if not raw else raw not in ("0", "false", "no", "off")
+
+
+def _labels(raw: str | None) -> dict[str, str] | None:
+    """``k=v,k=v`` as a dict (None when unset or empty)."""
+    pairs = [p.strip() for p in (raw or "").split(",") if p.strip()]
+    return dict(p.split("=", 1) for p in pairs) or None
 
 
 def default_image() -> str:
@@ -29,6 +43,52 @@ class Config:
     """Resources reconciled concurrently ($LMFORGE_WORKERS)."""
     gpu: str = field(default_factory=lambda: os.environ.get("LMFORGE_GPU", "h100"))
     """GPU type the compute plan assumes ($LMFORGE_GPU: h100, h200, a100, l40s)."""
+    network_policy: bool = field(default_factory=lambda: _flag("LMFORGE_NETWORK_POLICY", True))
+    """A NetworkPolicy per torchrun resource ($LMFORGE_NETWORK_POLICY; false on clusters without
+    NetworkPolicy support)."""
+    operator_namespace: str | None = field(default_factory=lambda: os.environ.get("POD_NAMESPACE") or None)
+    """The operator's namespace, whose operator pods may scrape job pods ($POD_NAMESPACE; unset: any)."""
+    operator_labels: dict[str, str] | None = field(
+        default_factory=lambda: _labels(os.environ.get("LMFORGE_OPERATOR_LABELS"))
+    )
+    """Labels of the operator's pods ($LMFORGE_OPERATOR_LABELS, ``k=v,k=v``; default
+    app.kubernetes.io/name=lmforge,app.kubernetes.io/component=operator)."""
+    metrics_from: list[dict[str, Any]] = field(
+        default_factory=lambda: json.loads(os.environ.get("LMFORGE_JOB_METRICS_FROM") or "[]")
+    )
+    """Further NetworkPolicyPeers that may scrape job pods' metrics ($LMFORGE_JOB_METRICS_FROM, JSON)."""
+
+    leader_election: bool = field(default_factory=lambda: _flag("LMFORGE_LEADER_ELECTION", True))
+    """Reconcile only while holding the Lease, so replicas never reconcile at once
+    ($LMFORGE_LEADER_ELECTION; it also needs lease_namespace)."""
+    lease_namespace: str | None = field(
+        default_factory=lambda: (
+            os.environ.get("LMFORGE_LEASE_NAMESPACE") or os.environ.get("POD_NAMESPACE") or None
+        )
+    )
+    """Namespace of the leader-election Lease ($LMFORGE_LEASE_NAMESPACE, else $POD_NAMESPACE; unset: no
+    leader election, one replica)."""
+    lease_name: str = field(default_factory=lambda: os.environ.get("LMFORGE_LEASE_NAME", "lmforge-operator"))
+    """Name of the Lease ($LMFORGE_LEASE_NAME; the chart: its full name)."""
+    lease_seconds: float = field(default_factory=lambda: float(os.environ.get("LMFORGE_LEASE_SECONDS", "15")))
+    """How long a Lease not renewed stays the holder's ($LMFORGE_LEASE_SECONDS): the longest a standby
+    replica waits to take over from a leader that died."""
+    identity: str = field(
+        default_factory=lambda: os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    )
+    """This replica in the Lease ($POD_NAME, else host and process id)."""
+
+    def isolation(self) -> Any:
+        """The builders' :class:`~lmforge_operator.builders.Isolation`, or None for no NetworkPolicy."""
+        from lmforge_operator import builders
+
+        if not self.network_policy:
+            return None
+        return builders.Isolation(
+            operator_namespace=self.operator_namespace,
+            operator_labels=self.operator_labels or dict(builders.OPERATOR_LABELS),
+            metrics_from=tuple(self.metrics_from),
+        )
 
 
 __all__ = ["Config", "default_image"]

@@ -87,6 +87,7 @@ class Controller(WorkQueue):
         super().__init__(config, metrics)
         self._parsed: dict[Key, tuple[str, Resource[Any, Any] | None, list[Any]]] = {}
         self._locks: dict[Key, asyncio.Lock] = {}
+        self.isolation = self.config.isolation()
 
     def forget(self, key: Key) -> None:
         super().forget(key)
@@ -359,7 +360,9 @@ class Controller(WorkQueue):
         doc = self._resolved_doc(resource, outputs, ns)
         image = getattr(resource.spec, "image", None) or self.config.image
         try:
-            objs = builders.children(resource, doc, owner, image=image, stage=stage, generation=round)
+            objs = builders.children(
+                resource, doc, owner, image=image, stage=stage, generation=round, isolation=self.isolation
+            )
         except builders.BuildError as exc:
             where = exc.field if exc.field.startswith("spec") else f"spec.{exc.field}"
             raise Invalid(status_helpers.SPEC_INVALID, exc.message, where) from None
