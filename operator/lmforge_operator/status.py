@@ -219,6 +219,19 @@ def termination_summary(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def termination_state(pod: dict[str, Any]) -> tuple[int | None, str]:
+    """(exit code, termination message as written) of the pod's last terminated container: ``state``, else
+    ``lastState`` (a restarted container). The message may be the job's JSON summary, or, under
+    ``terminationMessagePolicy: FallbackToLogsOnError``, the tail of its log."""
+    for where in ("state", "lastState"):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get(where) or {}).get("terminated")
+            if term:
+                code = term.get("exitCode")
+                return (int(code) if isinstance(code, int) else None), str(term.get("message") or "").strip()
+    return None, ""
+
+
 def parse_prometheus(text: str) -> dict[str, float]:
     """Sample name -> value (labelled series of one name summed: rank-0 endpoints have few labels)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -338,5 +351,6 @@ __all__ = [
     "rank0_pod",
     "set_condition",
     "set_state",
+    "termination_state",
     "termination_summary",
 ]

@@ -13,6 +13,7 @@ from lmforge_operator.controller.mirror import (
     job_pods,
     outputs_of,
     read_summary,
+    read_termination,
     scrape_progress,
     verdict_kept,
 )
@@ -87,8 +88,8 @@ async def reconcile_corpus(
     if js.state == "Failed":
         status.setdefault("completionTime", js.completion_time or status_helpers.now_iso())
         if status.get("phase") in ("Failed", "Invalid"):
-            raise verdict_kept(status, status["phase"])
-        raise job_failed(js, await read_summary(api, ns, js.name))
+            raise verdict_kept(status)
+        raise job_failed(js, *await read_termination(api, ns, js.name))
     if js.state == "Pending":
         return Pending(
             status_helpers.JOB_CREATED, f"stage {stage.name}: Job {js.name} created, waiting for its pods"

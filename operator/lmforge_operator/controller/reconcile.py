@@ -112,6 +112,9 @@ class Controller(WorkQueue):
                 outcome = await self._steps(key, body, status)
             except Outcome as raised:
                 outcome = raised
+            if not outcome.message and outcome.condition in ("Failed", "Invalid", "Waiting"):
+                # never a condition without a word: say where to look
+                outcome.message = f"{outcome.reason}: see kubectl describe {kind.lower()}/{name} and its Jobs"
             phase = status_helpers.set_state(
                 status, outcome.condition, outcome.reason, outcome.message, generation
             )

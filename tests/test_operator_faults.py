@@ -1,0 +1,143 @@
+"""What the operator does when the cluster misbehaves, replayed against the kmock API server: a job's
+configuration error whatever shape the Job controller and kubelet leave it in, children left over from an
+earlier resource of the same name, a finished resource whose Job goes away, children the API server
+refuses, pods that never start, spec changes after success, an Evaluation whose model run ends, and
+lists in status that must stay bounded.
+
+kmock has no Job controller, kubelet or garbage collector: the tests play them (Job conditions in the shape
+the Job controller writes, pod statuses in the shape the kubelet writes, children left behind on delete).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from kmock_harness import Cluster, Operator
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+RUN = {
+    "data": {"tokens": "s3://b/t", "tokenizer": "s3://b/tok"},
+    "model": {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "seqLen": 64},
+    "budget": {"steps": 200},
+    "batch": {"globalTokens": 4096, "microBatchSize": 8},
+    "parallelism": {"nodes": 1, "gpusPerNode": 1},
+    "checkpoint": {"everySteps": 50},
+    "output": "s3://bucket/runs/gpt",
+}
+CORPUS = {
+    "sources": [{"jsonl": {"paths": ["s3://bucket/raw/*.jsonl"]}}],
+    "dedup": {"exact": False, "minhash": {"enabled": False}},
+    "tokenizer": {"train": {"vocabSize": 4096}},
+    "output": "s3://bucket/corpora/web",
+    "parallelism": {"tasks": 4, "workers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Any:
+    with Cluster() as c:
+        yield c
+
+
+def doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "lmforge.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+def true_condition(status: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == status["phase"] and c["status"] == "True")
+
+
+def events(cluster: Cluster, ns: str, name: str, reason: str | None = None) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in cluster.list("Event", ns)
+        if e["involvedObject"]["name"] == name and (reason is None or e["reason"] == reason)
+    ]
+
+
+def wait_job(cluster: Cluster, ns: str, name: str, timeout: float = 20) -> dict[str, Any]:
+    return cluster.wait(lambda: cluster.get("Job", name, ns), timeout, f"Job {name}")
+
+
+def wait_reason(cluster: Cluster, kind: str, name: str, ns: str, reason: str) -> dict[str, Any]:
+    def check() -> Any:
+        s = cluster.status(kind, name, ns)
+        return (
+            s
+            if s.get("conditions")
+            and any(c["status"] == "True" and c["reason"] == reason for c in s["conditions"])
+            else None
+        )
+
+    return cluster.wait(check, 20, f"{kind}/{name} reason {reason}")
+
+
+def poke_job(cluster: Cluster, ns: str, job: str) -> None:
+    """A change of the Job (as its controller makes many): a watch event that reconciles its owner."""
+    cluster.patch("Job", job, {"metadata": {"annotations": {"poke": str(time.monotonic())}}}, ns)
+
+
+def pod_terminated(exit_code: int, message: str, where: str = "state") -> dict[str, Any]:
+    term = {"terminated": {"exitCode": exit_code, "reason": "Error", "message": message}}
+    state = {"waiting": {"reason": "CrashLoopBackOff"}} if where == "lastState" else term
+    cs: dict[str, Any] = {"name": "main", "state": state}
+    if where == "lastState":
+        cs["lastState"] = term
+    return {"phase": "Failed" if where == "state" else "Running", "containerStatuses": [cs]}
+
+
+# --------------------------------------------------------------------- a configuration error keeps its message
+POLICY_64 = (
+    "Container main for pod {ns}/{job}-0-abcde failed with exit code 64 matching FailJob rule at index 1"
+)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["json", "json-in-lastState", "log-tail", "pod-gone", "nothing"],
+)
+def test_configuration_error_keeps_a_message_on_every_reconcile(cluster: Cluster, case: str) -> None:
+    """Whatever the Job controller and kubelet leave (a JSON summary in state or lastState, a log tail under
+    FallbackToLogsOnError, no pod at all, a Job condition without a message), the Invalid condition and its
+    Event say why, and later reconciles (Job updates, resyncs) never blank it."""
+    ns = f"cfg-{case}".lower()
+    with Operator(cluster, ns):
+        cluster.create(doc("PretrainRun", "run", RUN), ns)
+        job = "run-pretrain"
+        wait_job(cluster, ns, job)
+        summary = json.dumps({"state": "Invalid", "message": "no tokenizer.json", "field": "data.tokenizer"})
+        if case == "json":
+            cluster.add_pod(job, namespace=ns, pod_status=pod_terminated(64, summary))
+        elif case == "json-in-lastState":
+            cluster.add_pod(job, namespace=ns, pod_status=pod_terminated(64, summary, "lastState"))
+        elif case == "log-tail":
+            tail = "Traceback ...\nValueError: tokenizer s3://b/tok has no tokenizer.json"
+            cluster.add_pod(job, namespace=ns, pod_status=pod_terminated(64, tail))
+        policy = POLICY_64.format(ns=ns, job=job) if case != "nothing" else ""
+        if case == "nothing":  # a pod that exited 64 without a word, under a Job condition without one
+            cluster.add_pod(job, namespace=ns, pod_status=pod_terminated(64, ""))
+        cluster.fail_job_by_policy(job, policy, ns)
+        status = cluster.wait_phase("PretrainRun", "run", "Invalid", ns)
+        expected = {
+            "json": "spec.data.tokenizer: no tokenizer.json",
+            "json-in-lastState": "spec.data.tokenizer: no tokenizer.json",
+            "log-tail": "ValueError: tokenizer s3://b/tok has no tokenizer.json",
+            "pod-gone": "failed with exit code 64",
+            "nothing": f"exit code 64 (configuration error): see kubectl logs job/{job}",
+        }[case]
+        invalid = true_condition(status)
+        assert invalid["reason"] == "ConfigError" and expected in invalid["message"], invalid
+        assert any(expected in e["message"] for e in events(cluster, ns, "run", "ConfigError"))
+        # Later reconciles: the Job changes (and its pods go), and resyncs pass; the message stays.
+        for pod in cluster.list("Pod", ns):
+            cluster.request("DELETE", f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}")
+        for _ in range(3):
+            poke_job(cluster, ns, job)
+            time.sleep(0.4)
+        status = cluster.status("PretrainRun", "run", ns)
+        assert status["phase"] == "Invalid" and expected in true_condition(status)["message"], status
+        assert all(c["message"] for c in status["conditions"] if c["status"] == "True")
