@@ -141,3 +141,40 @@ def test_configuration_error_keeps_a_message_on_every_reconcile(cluster: Cluster
         status = cluster.status("PretrainRun", "run", ns)
         assert status["phase"] == "Invalid" and expected in true_condition(status)["message"], status
         assert all(c["message"] for c in status["conditions"] if c["status"] == "True")
+
+
+# ----------------------------------------------------------------------------- terminal means terminal
+def test_a_finished_resource_whose_job_is_deleted_is_not_run_again(cluster: Cluster) -> None:
+    """Succeeded, Failed and Invalid resources stay as they were when a TTL controller, a cleanup policy or
+    a user deletes their Job; only a new spec (generation) runs the resource again."""
+    ns = "terminal"
+    with Operator(cluster, ns):
+        for name in ("ok", "crash", "bad"):
+            cluster.create(doc("PretrainRun", name, RUN), ns)
+            wait_job(cluster, ns, f"{name}-pretrain")
+        cluster.add_pod("ok-pretrain", namespace=ns, termination={"state": "Succeeded", "step": 200})
+        cluster.finish_job("ok-pretrain", ns)
+        cluster.finish_job("crash-pretrain", ns, failed=True, message="BackoffLimitExceeded")
+        cluster.fail_job_by_policy("bad-pretrain", POLICY_64.format(ns=ns, job="bad-pretrain"), ns)
+        before = {
+            "ok": cluster.wait_phase("PretrainRun", "ok", "Succeeded", ns),
+            "crash": cluster.wait_phase("PretrainRun", "crash", "Failed", ns),
+            "bad": cluster.wait_phase("PretrainRun", "bad", "Invalid", ns),
+        }
+        posted = len([c for c in cluster.calls if c.method == "POST" and c.path.endswith("/jobs")])
+        for name in before:
+            cluster.request("DELETE", f"/apis/batch/v1/namespaces/{ns}/jobs/{name}-pretrain")
+        time.sleep(2.0)  # the Job watch's DELETED events and a few resyncs
+        assert cluster.job_names(ns) == []
+        assert len([c for c in cluster.calls if c.method == "POST" and c.path.endswith("/jobs")]) == posted
+        for name, was in before.items():
+            now = cluster.status("PretrainRun", name, ns)
+            assert now["phase"] == was["phase"] and true_condition(now) == true_condition(was), now
+        assert cluster.status("PretrainRun", "ok", ns)["outputs"] == before["ok"]["outputs"]
+        # A new spec is a new run.
+        cluster.patch(
+            "PretrainRun", "ok", {"metadata": {"generation": 2}, "spec": {"budget": {"steps": 300}}}, ns
+        )
+        job = wait_job(cluster, ns, "ok-pretrain")
+        assert json.loads(job["metadata"]["annotations"]["lmforge.io/spec"])["budget"]["steps"] == 300
+        cluster.wait_phase("PretrainRun", "ok", "Pending", ns)

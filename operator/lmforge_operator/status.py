@@ -45,6 +45,12 @@ NOT_STARTED = "NotStarted"
 OUTPUTS_AVAILABLE = "OutputsAvailable"
 VALID = "Valid"
 
+# -------------------------------------------------------------- faults of the cluster (docs/cluster.md)
+FINAL_SUCCESS_REASONS = (JOB_SUCCEEDED,)
+"""Reasons of a Succeeded verdict: kept when the Jobs are deleted later (only a new spec runs it again)."""
+FINAL_FAILURE_REASONS = (JOB_FAILED,)
+"""Reasons of a Failed verdict, kept the same way."""
+
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Invalid", "Waiting")
 
 

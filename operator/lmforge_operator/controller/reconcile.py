@@ -38,7 +38,7 @@ from lmforge_operator.controller.config import Config
 from lmforge_operator.controller.corpus_stages import reconcile_corpus
 from lmforge_operator.controller.eval_rounds import reconcile_rounds
 from lmforge_operator.controller.events import post_event
-from lmforge_operator.controller.mirror import mirror_job, status_model
+from lmforge_operator.controller.mirror import mirror_job, status_model, verdict_kept
 from lmforge_operator.controller.outcomes import Invalid, Outcome, Pending, Waiting
 from lmforge_operator.controller.workqueue import Key, WorkQueue
 
@@ -46,6 +46,12 @@ log = logging.getLogger("lmforge.operator")
 
 SPEC_ANNOTATION = "lmforge.io/spec"
 SPEC_HASH_ANNOTATION = "lmforge.io/spec-digest"
+# The phases (and the reasons for them) that are a resource's verdict: kept without looking at its Jobs.
+FINAL_REASONS = {
+    "Succeeded": status_helpers.FINAL_SUCCESS_REASONS,
+    "Failed": status_helpers.FINAL_FAILURE_REASONS,
+    "Invalid": (status_helpers.CONFIG_ERROR,),
+}
 
 
 def spec_hash(spec: Any) -> str:
@@ -148,6 +154,10 @@ class Controller(WorkQueue):
         """Admission, then the children: returns the outcome, or raises it (Waiting, Invalid, Failed)."""
         kind, ns, name = key
         resource = self.admit(key, body, status)
+        if self.finished(body, status):
+            # Terminal means terminal: its Jobs may be gone (a TTL, a cleanup policy, a user); only a new
+            # spec (generation) runs it again.
+            return verdict_kept(status)
         from lmforge_operator import builders
 
         owner = builders.owner_reference(body)
@@ -170,6 +180,15 @@ class Controller(WorkQueue):
         if changed:
             raise Invalid(status_helpers.SPEC_CHANGED, changed)
         return await mirror_job(self.api, resource, ns, status, job, output)
+
+    @staticmethod
+    def finished(body: dict[str, Any], status: dict[str, Any]) -> bool:
+        """Whether the resource has its Jobs' verdict for its current generation (Succeeded, Failed, or
+        Invalid because the job refused its configuration)."""
+        generation = (body.get("metadata") or {}).get("generation")
+        if status.get("observedGeneration") != generation:
+            return False
+        return _reason_for_phase(status) in FINAL_REASONS.get(str(status.get("phase")), ())
 
     # ------------------------------------------------------------------------------------ admission
     def admit(self, key: Key, body: dict[str, Any], status: dict[str, Any]) -> Resource[Any, Any]:
