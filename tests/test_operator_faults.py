@@ -178,3 +178,41 @@ def test_a_finished_resource_whose_job_is_deleted_is_not_run_again(cluster: Clus
         job = wait_job(cluster, ns, "ok-pretrain")
         assert json.loads(job["metadata"]["annotations"]["lmforge.io/spec"])["budget"]["steps"] == 300
         cluster.wait_phase("PretrainRun", "ok", "Pending", ns)
+
+
+# ------------------------------------------------------------------------ children belong to one resource
+def test_a_recreated_resource_does_not_adopt_the_children_of_the_deleted_one(cluster: Cluster) -> None:
+    """Deleted and re-created under the same name while its children are still there (the garbage collector
+    has not got to them, or they were orphaned): the new resource waits with reason OldChildrenPresent,
+    the old children are deleted, and it gets children of its own."""
+    ns = "reborn"
+    path = f"/apis/lmforge.io/v1alpha1/namespaces/{ns}/pretrainruns/run"
+    with Operator(cluster, ns):
+        first = cluster.create(doc("PretrainRun", "run", RUN), ns)
+        wait_job(cluster, ns, "run-pretrain")
+        cluster.add_pod("run-pretrain", namespace=ns, termination={"state": "Succeeded", "step": 200})
+        cluster.finish_job("run-pretrain", ns)
+        cluster.wait_phase("PretrainRun", "run", "Succeeded", ns)
+        for orphaned in (False, True):
+            old_uid = cluster.get("PretrainRun", "run", ns)["metadata"]["uid"]
+            if orphaned:  # `kubectl delete --cascade=orphan`: the children lose their ownerReferences
+                for kind in ("Job", "ConfigMap"):
+                    name = "run-pretrain" if kind == "Job" else "run-pretrain-spec"
+                    cluster.patch(kind, name, {"metadata": {"ownerReferences": None}}, ns)
+            cluster.request("DELETE", path)  # kmock has no garbage collector: the children stay
+            cluster.wait(lambda: cluster.get("PretrainRun", "run", ns) is None, 10, "deleted")
+            new = cluster.create(doc("PretrainRun", "run", RUN), ns)
+            uid = new["metadata"]["uid"]
+            assert uid != old_uid and first["metadata"]["uid"]
+
+            def owned(kind: str, name: str, uid: str = uid) -> bool:
+                obj = cluster.get(kind, name, ns) or {}
+                return [o["uid"] for o in obj.get("metadata", {}).get("ownerReferences") or []] == [uid]
+
+            cluster.wait(lambda: owned("Job", "run-pretrain"), 20, "a Job of the new resource")
+            cluster.wait(lambda: owned("ConfigMap", "run-pretrain-spec"), 20, "a ConfigMap of its own")
+            status = cluster.wait_phase("PretrainRun", "run", "Pending", ns)
+            assert "outputs" not in status  # not the old run's verdict
+            said = [e["message"] for e in events(cluster, ns, "run", "OldChildrenPresent")]
+            whose = "no owner: orphaned" if orphaned else f"owner uid {old_uid}"
+            assert any(whose in m and "Job run-pretrain" in m for m in said), said

@@ -50,6 +50,9 @@ FINAL_SUCCESS_REASONS = (JOB_SUCCEEDED,)
 """Reasons of a Succeeded verdict: kept when the Jobs are deleted later (only a new spec runs it again)."""
 FINAL_FAILURE_REASONS = (JOB_FAILED,)
 """Reasons of a Failed verdict, kept the same way."""
+OLD_CHILDREN = "OldChildrenPresent"
+"""A child under the resource's name belongs to an earlier resource of the same name (deleted, its children
+not yet collected or orphaned): deleted first, never adopted."""
 
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Invalid", "Waiting")
 

@@ -40,7 +40,7 @@ async def reconcile_corpus(
     current: tuple[Any, dict[str, Any] | None] | None = None
     last_job: dict[str, Any] = {}
     for stage in plan:
-        job = await ctl.find_job(ns, builders.job_name(resource, stage), status)
+        job = await ctl.find_job(ns, builders.job_name(resource, stage), status, owner)
         if job is not None and status_helpers.job_state(job).state == "Succeeded":
             done.append(stage.name)
             last_job = job
@@ -62,7 +62,7 @@ async def reconcile_corpus(
     stage, job = current
     if job is None:
         job = await ctl.create_children(key, resource, owner, {}, stage=stage)
-        job = job or await ctl.find_job(ns, builders.job_name(resource, stage), None)
+        job = job or await ctl.find_job(ns, builders.job_name(resource, stage), None, owner)
         if job is None:
             return Pending(status_helpers.JOB_CREATED, f"stage {stage.name} created")
     changed = ctl.spec_changed(job, resource)

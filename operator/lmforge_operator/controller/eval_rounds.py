@@ -43,7 +43,7 @@ def checkpoint_marker(
 
 
 async def _latest_round(
-    ctl: Controller, resource: Resource[Any, Any], ns: str, status: dict[str, Any]
+    ctl: Controller, resource: Resource[Any, Any], ns: str, status: dict[str, Any], owner: dict[str, Any]
 ) -> tuple[tuple[int, dict[str, Any]] | None, list[int]]:
     """(the newest round's number and Job, when there is one; the rounds whose Jobs were found)."""
     from lmforge_operator import builders
@@ -59,7 +59,7 @@ async def _latest_round(
     latest: tuple[int, dict[str, Any]] | None = None
     for first in dict.fromkeys((max(recorded, default=0), 0)):
         for number in range(first, MAX_ROUNDS):
-            job = await ctl.find_job(ns, builders.job_name(resource, None, number), status)
+            job = await ctl.find_job(ns, builders.job_name(resource, None, number), status, owner)
             if job is None:
                 break
             seen.append(number)
@@ -82,7 +82,7 @@ async def reconcile_rounds(
     ns = key[1]
     api = ctl.api
     assert api is not None
-    latest, seen = await _latest_round(ctl, resource, ns, status)
+    latest, seen = await _latest_round(ctl, resource, ns, status, owner)
     marker = checkpoint_marker(ctl.cache, resource, ns)
     if latest is None:
         outputs = ctl.check_dependencies(resource, ns)

@@ -169,11 +169,11 @@ class Controller(WorkQueue):
 
         job_name = builders.job_name(resource)
         assert self.api is not None
-        job = await self.find_job(ns, job_name, status)
+        job = await self.find_job(ns, job_name, status, owner)
         if job is None:
             outputs = self.check_dependencies(resource, ns)
             job = await self.create_children(key, resource, owner, outputs, stage=None)
-            job = job or await self.find_job(ns, job_name, None)
+            job = job or await self.find_job(ns, job_name, None, owner)
             if job is None:
                 return Pending(status_helpers.JOB_CREATED, f"Job {job_name} created")
         changed = self.spec_changed(job, resource)
@@ -327,21 +327,68 @@ class Controller(WorkQueue):
         return outputs
 
     # -------------------------------------------------------------------------------------- children
-    async def find_job(self, ns: str, name: str, status: dict[str, Any] | None) -> dict[str, Any] | None:
+    async def find_job(
+        self, ns: str, name: str, status: dict[str, Any] | None, owner: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
         """The Job from the watch cache. On a miss it is read from the API server only when the resource
         may have Jobs already (``status`` says it got past Waiting, or ``status`` is None: just created);
-        a new resource's Job is created if absent anyway (409 tolerated), so no read is needed for it."""
+        a new resource's Job is created if absent anyway (409 tolerated), so no read is needed for it.
+        With ``owner`` (the resource's ownerReference), a Job of an earlier resource of the same name is
+        never returned: see :meth:`claim`."""
         job = self.jobs.get((ns, name))
-        if job is not None:
-            return job
-        phase = (status or {}).get("phase") if status is not None else "?"
-        if phase in (None, "Waiting"):
-            return None
-        assert self.api is not None
-        job = await self.api.get("Job", ns, name)
-        if job is not None:
+        if job is None:
+            phase = (status or {}).get("phase") if status is not None else "?"
+            if phase in (None, "Waiting"):
+                return None
+            assert self.api is not None
+            job = await self.api.get("Job", ns, name)
+            if job is None:
+                return None
             self.jobs.setdefault((ns, name), job)
+        if owner is not None:
+            await self.claim(owner, ns, job)
         return job
+
+    async def claim(self, owner: dict[str, Any], ns: str, child: dict[str, Any]) -> None:
+        """Return when ``child`` is the resource's own (its controller ownerReference has the resource's
+        uid); else raise Waiting (OldChildrenPresent): a child of an earlier resource of the same name
+        (deleted, its children not yet collected, or orphaned) is deleted first, never adopted."""
+        from lmforge_operator import builders
+
+        meta = child.get("metadata") or {}
+        refs = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+        if not owner.get("uid") or any(r.get("uid") == owner["uid"] for r in refs):
+            return
+        what = f"{child.get('kind')} {meta.get('name')}"
+        label = f"{owner.get('kind')}/{owner.get('name')}"
+        whose = f"owner uid {refs[0].get('uid')}" if refs else "no owner: orphaned"
+        labels = meta.get("labels") or {}
+        ours = (labels.get(builders.LABEL_KIND), labels.get(builders.LABEL_NAME)) == (
+            owner.get("kind"),
+            owner.get("name"),
+        )
+        if not ours:
+            raise Waiting(
+                status_helpers.OLD_CHILDREN,
+                f"{what} exists and is not this {label}'s ({whose}); delete or rename it",
+            )
+        if not meta.get("deletionTimestamp"):
+            assert self.api is not None
+            await self.api.delete(str(child.get("kind")), ns, str(meta.get("name")))
+            log.info(
+                "%s/%s/%s: deleted %s of an earlier resource (%s)",
+                owner.get("kind"),
+                ns,
+                owner.get("name"),
+                what,
+                whose,
+            )
+        if child.get("kind") == "Job":
+            self.jobs.pop((ns, str(meta.get("name"))), None)
+        raise Waiting(
+            status_helpers.OLD_CHILDREN,
+            f"{what} belongs to an earlier {label} ({whose}): deleting it before creating this one's",
+        )
 
     def _resolved_doc(
         self, resource: Resource[Any, Any], outputs: dict[tuple[str, str], dict[str, Any]], ns: str
@@ -392,6 +439,10 @@ class Controller(WorkQueue):
                 self._annotate(obj, resource, extra or {})
             obj.setdefault("metadata", {})["namespace"] = ns
             made, fresh = await self.api.create(obj, ns)
+            if not fresh and obj.get("kind") != "Job":  # the Job is looked up (and claimed) by the caller
+                there = await self.api.get(str(obj["kind"]), ns, obj["metadata"]["name"])
+                if there is not None:
+                    await self.claim(owner, ns, there)
             if fresh and self.metrics is not None:
                 self.metrics.children.labels(kind, str(obj.get("kind"))).inc()
             if obj.get("kind") == "Job" and fresh:
