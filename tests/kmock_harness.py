@@ -79,8 +79,9 @@ class RecordingEmulator(kmock.KubernetesEmulator):
     calls: list[Call] = attrs.field(factory=list)
     inflight: list[Any] = attrs.field(factory=list)
     indexed: bool = True  # False: kmock's stock lookup (a scan of every stored object per request)
-    # (method, path suffix, status, reason, message): requests the API server refuses (quota, admission)
-    refusals: list[tuple[str, str, int, str, str]] = attrs.field(factory=list)
+    # (method, path suffix, object name or "", status, reason, message): requests the API server refuses
+    # (a quota, an admission webhook)
+    refusals: list[tuple[str, str, str, int, str, str]] = attrs.field(factory=list)
 
     def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:
         """kmock finds an object by scanning every stored object per request (quadratic over a run): look a
@@ -132,8 +133,10 @@ class RecordingEmulator(kmock.KubernetesEmulator):
         import aiohttp.web
 
         method = str(request.method.value).upper()
-        for m, suffix, code, reason, message in self.refusals:
-            if m == method and request.url.path.endswith(suffix):
+        data = request.data if isinstance(request.data, dict) else {}
+        name = str((data.get("metadata") or {}).get("name") or "")
+        for m, suffix, only, code, reason, message in self.refusals:
+            if m == method and request.url.path.endswith(suffix) and only in ("", name):
                 body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason}
                 return aiohttp.web.json_response({**body, "message": message, "code": code}, status=code)
         return None
@@ -384,11 +387,14 @@ class Cluster:
         }
         return self.create(pod, namespace)
 
-    def refuse(self, method: str, path_suffix: str, code: int, reason: str, message: str) -> None:
-        """From now on, answer ``method`` requests whose path ends with ``path_suffix`` with ``code`` and a
-        Status of ``reason`` and ``message`` (a quota, an admission webhook; thread mode only)."""
+    def refuse(
+        self, method: str, path_suffix: str, code: int, reason: str, message: str, name: str = ""
+    ) -> None:
+        """From now on, answer ``method`` requests whose path ends with ``path_suffix`` (and whose body names
+        ``name``, when given) with ``code`` and a Status of ``reason`` and ``message`` (a quota, an admission
+        webhook; thread mode only). ``refusals.clear()`` on the emulator ends them."""
         assert self.emulator is not None
-        self.emulator.refusals.append((method.upper(), path_suffix, code, reason, message))
+        self.emulator.refusals.append((method.upper(), path_suffix, name, code, reason, message))
 
     def fail_job_by_policy(self, name: str, message: str, namespace: str = NAMESPACE) -> None:
         """Fail a Job as the Job controller does when a podFailurePolicy FailJob rule matches: a

@@ -216,3 +216,112 @@ def test_a_recreated_resource_does_not_adopt_the_children_of_the_deleted_one(clu
             said = [e["message"] for e in events(cluster, ns, "run", "OldChildrenPresent")]
             whose = "no owner: orphaned" if orphaned else f"owner uid {old_uid}"
             assert any(whose in m and "Job run-pretrain" in m for m in said), said
+
+
+# ------------------------------------------------------------------------- failures to start are visible
+def test_children_the_api_server_refuses_fail_the_resource_with_its_message(cluster: Cluster) -> None:
+    """A 4xx on creating a child (403 quota, 422 invalid, 413 too large) is the resource's Failed or Invalid
+    condition with the server's message, not a silent retry; a 5xx or 429 is retried until it passes."""
+    ns = "refused"
+    quota = (
+        'jobs "quota-pretrain" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, '
+        "used: requests.nvidia.com/gpu=8, limited: requests.nvidia.com/gpu=8"
+    )
+    invalid = 'ConfigMap "huge-pretrain-spec" is invalid: []: Too long: must have at most 1048576 bytes'
+    jobs, cms = f"/namespaces/{ns}/jobs", f"/namespaces/{ns}/configmaps"
+    cluster.refuse("POST", jobs, 403, "Forbidden", quota, name="quota-pretrain")
+    cluster.refuse("POST", cms, 422, "Invalid", invalid, name="huge-pretrain-spec")
+    cluster.refuse("POST", jobs, 500, "InternalError", "etcdserver: request timed out", name="flaky-pretrain")
+    with Operator(cluster, ns):
+        for name in ("quota", "huge", "flaky"):
+            cluster.create(doc("PretrainRun", name, RUN), ns)
+        status = cluster.wait_phase("PretrainRun", "quota", "Failed", ns)
+        failed = true_condition(status)
+        assert failed["reason"] == "ChildRejected" and "exceeded quota: gpus" in failed["message"], failed
+        assert "403" in failed["message"] and "Job quota-pretrain" in failed["message"]
+        status = cluster.wait_phase("PretrainRun", "huge", "Invalid", ns)
+        assert "Too long: must have at most 1048576 bytes" in true_condition(status)["message"]
+        assert events(cluster, ns, "quota", "ChildRejected") and events(cluster, ns, "huge", "ChildRejected")
+        time.sleep(1.0)  # a server error is retried: no verdict
+        assert cluster.status("PretrainRun", "flaky", ns).get("phase") in (None, "Pending")
+        assert cluster.emulator is not None
+        cluster.emulator.refusals.clear()
+        wait_job(cluster, ns, "flaky-pretrain")
+
+
+def running_pod(ready: bool = True) -> dict[str, Any]:
+    return {"phase": "Running", "podIP": "127.0.0.1", "containerStatuses": [{"name": "main", "ready": ready}]}
+
+
+def pending_pod(waiting: tuple[str, str] | None = None, unschedulable: str = "") -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": "Pending"}
+    if waiting:
+        status["containerStatuses"] = [
+            {
+                "name": "main",
+                "ready": False,
+                "state": {"waiting": {"reason": waiting[0], "message": waiting[1]}},
+            }
+        ]
+    if unschedulable:
+        status["conditions"] = [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable}
+        ]
+    return status
+
+
+@pytest.mark.parametrize(
+    "stuck",
+    [
+        ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/lmforge:nope"'),
+        ("CreateContainerConfigError", 'secret "hf-token" not found'),
+        ("Unschedulable", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+    ],
+)
+def test_pods_that_do_not_start_are_a_condition_and_an_event(
+    cluster: Cluster, stuck: tuple[str, str]
+) -> None:
+    """Pods stuck before their container runs: Waiting with reason PodsNotStarting and the pod's reason and
+    message, an Event, and Running False; a Job whose pods are all still Pending is not Running."""
+    reason, message = stuck
+    ns = f"stuck-{reason.lower()}"
+    with Operator(cluster, ns):
+        cluster.create(doc("PretrainRun", "run", RUN), ns)
+        wait_job(cluster, ns, "run-pretrain")
+        cluster.start_job("run-pretrain", ns)  # the Job controller counts Pending pods as active
+        pod = cluster.add_pod("run-pretrain", namespace=ns, pod_status=pending_pod())
+        time.sleep(1.0)
+        assert cluster.status("PretrainRun", "run", ns)["phase"] == "Pending"  # created, not running yet
+        name = pod["metadata"]["name"]
+        if reason == "Unschedulable":
+            stuck_status = pending_pod(unschedulable=message)
+        else:
+            stuck_status = pending_pod((reason, message))
+        cluster.patch("Pod", name, {"status": stuck_status}, ns, "status")
+        poke_job(cluster, ns, "run-pretrain")
+        status = wait_reason(cluster, "PretrainRun", "run", ns, "PodsNotStarting")
+        waiting = true_condition(status)
+        assert status["phase"] == "Waiting" and reason in waiting["message"] and message in waiting["message"]
+        assert name in waiting["message"]
+        running = next(c for c in status["conditions"] if c["type"] == "Running")
+        assert running["status"] == "False"
+        said = events(cluster, ns, "run", "PodsNotStarting")
+        assert len(said) == 1 and message in said[0]["message"]
+        # The pod starts after all (an image pushed, a Secret created, a node added).
+        cluster.patch("Pod", name, {"status": running_pod()}, ns, "status")
+        poke_job(cluster, ns, "run-pretrain")
+        cluster.wait_phase("PretrainRun", "run", "Running", ns)
+
+
+def test_one_event_per_transition(cluster: Cluster) -> None:
+    """A Corpus stage's JobCreated Event is posted once, however often its Job changes meanwhile."""
+    ns = "one-event"
+    with Operator(cluster, ns):
+        cluster.create(doc("Corpus", "web", CORPUS), ns)
+        job = cluster.wait(lambda: cluster.job_names(ns), 20, "the first stage's Job")[0]
+        cluster.wait(lambda: events(cluster, ns, "web", "JobCreated"), 20, "JobCreated")
+        for _ in range(3):
+            poke_job(cluster, ns, job)
+            time.sleep(0.4)
+        said = events(cluster, ns, "web", "JobCreated")
+        assert len(said) == 1, [e["message"] for e in said]

@@ -50,6 +50,12 @@ FINAL_SUCCESS_REASONS = (JOB_SUCCEEDED,)
 """Reasons of a Succeeded verdict: kept when the Jobs are deleted later (only a new spec runs it again)."""
 FINAL_FAILURE_REASONS = (JOB_FAILED,)
 """Reasons of a Failed verdict, kept the same way."""
+CHILD_REJECTED = "ChildRejected"
+"""The API server refused a child with a 4xx (a quota: Failed; an invalid or oversized object: Invalid);
+the message is the server's."""
+PODS_NOT_STARTING = "PodsNotStarting"
+"""A pod of the Job cannot start (image pull, a missing Secret or ConfigMap, unschedulable): the message
+is the pod's reason and message."""
 OLD_CHILDREN = "OldChildrenPresent"
 """A child under the resource's name belongs to an earlier resource of the same name (deleted, its children
 not yet collected or orphaned): deleted first, never adopted."""
@@ -241,6 +247,42 @@ def termination_state(pod: dict[str, Any]) -> tuple[int | None, str]:
     return None, ""
 
 
+# What keeps a pod from starting: a waiting container's reason, or PodScheduled False (Unschedulable).
+NOT_STARTING = (
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+)
+
+
+def pod_not_starting(pod: dict[str, Any]) -> str | None:
+    """``pod NAME: Reason: message`` when a Pending pod cannot start (see :data:`NOT_STARTING`), else None."""
+    st = pod.get("status") or {}
+    if st.get("phase") not in (None, "Pending"):
+        return None
+    name = (pod.get("metadata") or {}).get("name")
+    for c in st.get("conditions") or []:
+        if (
+            c.get("type") == "PodScheduled"
+            and c.get("status") == "False"
+            and c.get("reason") == "Unschedulable"
+        ):
+            return f"pod {name}: Unschedulable: {c.get('message') or ''}".rstrip(": ")
+    for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in NOT_STARTING:
+            return f"pod {name}: {waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+    return None
+
+
+def pods_started(pods: list[dict[str, Any]]) -> bool:
+    """Whether the Job has a pod past Pending (or no pods seen at all: the Job's own counts decide)."""
+    return not pods or any((p.get("status") or {}).get("phase") not in (None, "Pending") for p in pods)
+
+
 def parse_prometheus(text: str) -> dict[str, float]:
     """Sample name -> value (labelled series of one name summed: rank-0 endpoints have few labels)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -356,6 +398,8 @@ __all__ = [
     "metrics_for_status",
     "metrics_url",
     "parse_prometheus",
+    "pod_not_starting",
+    "pods_started",
     "progress_from_metrics",
     "rank0_pod",
     "set_condition",

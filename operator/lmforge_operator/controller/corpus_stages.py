@@ -9,6 +9,7 @@ from lmforge_jobs.resolve import default_output
 from lmforge_operator import status as status_helpers
 from lmforge_operator.controller.mirror import (
     apply_summary,
+    check_pods_started,
     job_failed,
     job_pods,
     outputs_of,
@@ -95,7 +96,11 @@ async def reconcile_corpus(
             status_helpers.JOB_CREATED, f"stage {stage.name}: Job {js.name} created, waiting for its pods"
         )
     if js.state == "Running":
-        scraped = await scrape_progress(api, kind, await job_pods(api, ns, js.name))
+        pods = await job_pods(api, ns, js.name)
+        not_yet = check_pods_started(js.name, pods, f"stage {stage.name}: ")
+        if not_yet is not None:
+            return not_yet
+        scraped = await scrape_progress(api, kind, pods)
         metrics = status_helpers.metrics_for_status(kind, (scraped or {}).get("metrics") or {})
         if metrics:
             status["metrics"] = metrics

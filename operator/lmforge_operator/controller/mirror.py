@@ -60,6 +60,18 @@ async def read_termination(
     return best, raw, code
 
 
+def check_pods_started(job_name: str, pods: list[dict[str, Any]], where: str = "") -> Outcome | None:
+    """Raise Waiting (PodsNotStarting) when a pod of the Job cannot start; Pending while every pod is still
+    Pending (the Job controller counts them as active); None once one runs."""
+    stuck = [m for p in pods if (m := status_helpers.pod_not_starting(p))]
+    if stuck:
+        more = f" (and {len(stuck) - 1} more)" if len(stuck) > 1 else ""
+        raise Waiting(status_helpers.PODS_NOT_STARTING, f"{where}Job {job_name}: {stuck[0]}{more}")
+    if not status_helpers.pods_started(pods):
+        return Pending(status_helpers.JOB_CREATED, f"{where}Job {job_name} created, waiting for its pods")
+    return None
+
+
 async def scrape_progress(api: Kube, kind: str, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Progress and metrics from the rank-0 pod's Prometheus endpoint."""
     pod = status_helpers.rank0_pod(pods)
@@ -212,7 +224,11 @@ async def mirror_job(
     if js.state == "Running":
         if kind == "PretrainRun":
             status["outputs"] = {"checkpoint": expected_outputs(kind, output)["checkpoint"]}
-        progress = await scrape_progress(api, kind, await job_pods(api, ns, js.name))
+        pods = await job_pods(api, ns, js.name)
+        not_yet = check_pods_started(js.name, pods)
+        if not_yet is not None:
+            return not_yet
+        progress = await scrape_progress(api, kind, pods)
         if progress:
             apply_progress(status, kind, progress)
         return Running(status_helpers.JOB_RUNNING, f"Job {js.name} is running")
@@ -247,6 +263,7 @@ async def mirror_job(
 __all__ = [
     "apply_progress",
     "apply_summary",
+    "check_pods_started",
     "job_failed",
     "job_pods",
     "left_out",

@@ -39,8 +39,9 @@ from lmforge_operator.controller.corpus_stages import reconcile_corpus
 from lmforge_operator.controller.eval_rounds import reconcile_rounds
 from lmforge_operator.controller.events import post_event
 from lmforge_operator.controller.mirror import mirror_job, status_model, verdict_kept
-from lmforge_operator.controller.outcomes import Invalid, Outcome, Pending, Waiting
+from lmforge_operator.controller.outcomes import Failed, Invalid, Outcome, Pending, Waiting
 from lmforge_operator.controller.workqueue import Key, WorkQueue
+from lmforge_operator.kube import ApiError
 
 log = logging.getLogger("lmforge.operator")
 
@@ -83,7 +84,8 @@ def _reason_for_phase(status: dict[str, Any]) -> str | None:
     for c in status.get("conditions") or []:
         if c.get("type") == phase and c.get("status") == "True":
             return c.get("reason")
-    return None
+    # Pending has no condition of its own: the others carry its reason (set_state)
+    return (status_helpers.condition(status, "Ready") or {}).get("reason")
 
 
 class Controller(WorkQueue):
@@ -438,7 +440,18 @@ class Controller(WorkQueue):
             if obj.get("kind") == "Job":
                 self._annotate(obj, resource, extra or {})
             obj.setdefault("metadata", {})["namespace"] = ns
-            made, fresh = await self.api.create(obj, ns)
+            try:
+                made, fresh = await self.api.create(obj, ns)
+            except ApiError as exc:
+                if exc.status >= 500 or exc.status in (404, 408, 409, 429):
+                    raise  # the server's trouble, or a conflict: retried with backoff
+                # refused for good (403 a quota or policy, 400/413/422 an invalid or oversized object)
+                cls = Failed if exc.status == 403 else Invalid
+                raise cls(
+                    status_helpers.CHILD_REJECTED,
+                    f"the API server refused {obj.get('kind')} {obj['metadata'].get('name')}: "
+                    f"{exc.status} {exc.reason}: {exc.message}",
+                ) from None
             if not fresh and obj.get("kind") != "Job":  # the Job is looked up (and claimed) by the caller
                 there = await self.api.get(str(obj["kind"]), ns, obj["metadata"]["name"])
                 if there is not None:
