@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from kmock_harness import Cluster, Operator
 
+from lmforge_operator import status as status_helpers
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 RUN = {
@@ -325,3 +327,102 @@ def test_one_event_per_transition(cluster: Cluster) -> None:
             time.sleep(0.4)
         said = events(cluster, ns, "web", "JobCreated")
         assert len(said) == 1, [e["message"] for e in said]
+
+
+# -------------------------------------------------------------------- spec changes, ended runs, bounded lists
+def test_a_corpus_spec_change_after_success_is_refused_naming_the_field(cluster: Cluster) -> None:
+    ns = "corpus-change"
+    with Operator(cluster, ns):
+        cluster.create(doc("Corpus", "web", CORPUS), ns)
+        done: set[str] = set()
+
+        def advance() -> bool:
+            for job in cluster.job_names(ns):
+                if job not in done:
+                    done.add(job)
+                    cluster.add_pod(job, namespace=ns, termination={"state": "Succeeded"})
+                    cluster.finish_job(job, ns)
+            return cluster.status("Corpus", "web", ns).get("phase") == "Succeeded"
+
+        cluster.wait(advance, 40, "every stage succeeded")
+        cluster.patch(
+            "Corpus",
+            "web",
+            {"metadata": {"generation": 2}, "spec": {"tokenizer": {"train": {"vocabSize": 8192}}}},
+            ns,
+        )
+        status = cluster.wait_phase("Corpus", "web", "Invalid", ns)
+        invalid = true_condition(status)
+        assert invalid["reason"] == "SpecChanged" and "spec.tokenizer.train.vocabSize" in invalid["message"]
+        # Restored: Succeeded again, nothing re-run.
+        jobs = cluster.job_names(ns)
+        cluster.patch(
+            "Corpus",
+            "web",
+            {"metadata": {"generation": 3}, "spec": {"tokenizer": {"train": {"vocabSize": 4096}}}},
+            ns,
+        )
+        cluster.wait_phase("Corpus", "web", "Succeeded", ns)
+        assert cluster.job_names(ns) == jobs
+
+
+@pytest.mark.parametrize("end", ["fails", "deleted", "fails-before-any-round"])
+def test_an_evaluation_following_checkpoints_ends_when_its_run_ends(cluster: Cluster, end: str) -> None:
+    """With checkpoints: every, a PretrainRun that fails or is deleted ends the Evaluation: Succeeded with
+    the rounds it has (reason ModelRunEnded), or Failed when it has none."""
+    ns = f"ends-{end}"
+    ev = {
+        "model": {"pretrainRun": "gpt"},
+        "checkpoints": "every",
+        "benchmarks": [{"task": "hellaswag"}],
+        "output": "s3://b/evals/gpt",
+    }
+    with Operator(cluster, ns):
+        cluster.create(doc("PretrainRun", "gpt", RUN), ns)
+        cluster.create(doc("Evaluation", "ev", ev), ns)
+        wait_job(cluster, ns, "gpt-pretrain")
+        cluster.start_job("gpt-pretrain", ns)
+        cluster.wait_phase("PretrainRun", "gpt", "Running", ns)
+        if end != "fails-before-any-round":
+            cluster.patch("PretrainRun", "gpt", {"status": {"progress": {"step": 60}}}, ns, "status")
+            wait_job(cluster, ns, "ev-evaluate")
+            cluster.add_pod(
+                "ev-evaluate",
+                namespace=ns,
+                termination={"state": "Succeeded", "results": {"perplexity": 30.0}},
+            )
+            cluster.finish_job("ev-evaluate", ns)
+            cluster.wait(lambda: cluster.status("Evaluation", "ev", ns).get("history"), 20, "round 0")
+        if end == "deleted":
+            cluster.request("DELETE", f"/apis/lmforge.io/v1alpha1/namespaces/{ns}/pretrainruns/gpt")
+        else:
+            cluster.finish_job("gpt-pretrain", ns, failed=True, message="BackoffLimitExceeded")
+            cluster.wait_phase("PretrainRun", "gpt", "Failed", ns)
+        if end == "fails-before-any-round":
+            status = cluster.wait_phase("Evaluation", "ev", "Failed", ns)
+        else:
+            status = cluster.wait_phase("Evaluation", "ev", "Succeeded", ns)
+            assert [h["perplexity"] for h in status["history"]] == [30.0]
+        verdict = true_condition(status)
+        assert verdict["reason"] == "ModelRunEnded" and "PretrainRun/gpt" in verdict["message"], verdict
+        rounds = [j for j in cluster.job_names(ns) if j.startswith("ev-")]
+        assert rounds == ([] if end == "fails-before-any-round" else ["ev-evaluate"])
+
+
+def test_status_history_is_bounded_well_under_the_etcd_object_limit() -> None:
+    from lmforge_jobs.evaluate.config import EvaluationStatus, Results
+
+    entry = {"perplexity": 1.0, "checkpoint": "round 0: 1"}
+    assert len(status_helpers.evaluation_results({"history": [entry] * 500})["history"]) == 100
+    field = EvaluationStatus.model_fields["history"]
+    assert any(getattr(m, "max_length", None) == 100 for m in field.metadata), field.metadata
+    from pathlib import Path
+
+    import yaml
+
+    for crds in ("crds", "charts/lmforge/files/crds"):  # the CRDs say the same
+        crd = yaml.safe_load((Path(__file__).parents[1] / crds / "evaluations.lmforge.io.yaml").read_text())
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        assert schema["properties"]["status"]["properties"]["history"]["maxItems"] == 100
+    # 100 rounds of a full Results entry stay far below etcd's 1.5 MiB limit for the whole object
+    assert len(json.dumps([Results().model_dump(mode="json") | entry] * 100)) < 256 * 1024

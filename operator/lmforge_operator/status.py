@@ -46,9 +46,14 @@ OUTPUTS_AVAILABLE = "OutputsAvailable"
 VALID = "Valid"
 
 # -------------------------------------------------------------- faults of the cluster (docs/cluster.md)
-FINAL_SUCCESS_REASONS = (JOB_SUCCEEDED,)
+MODEL_RUN_ENDED = "ModelRunEnded"
+"""An Evaluation following checkpoints ended because its PretrainRun failed or was deleted: Succeeded with
+the rounds it has, or Failed when it has none."""
+HISTORY_LIMIT = 100
+"""status.history (Evaluation rounds) keeps the newest entries: an object stays far below etcd's 1.5 MiB."""
+FINAL_SUCCESS_REASONS = (JOB_SUCCEEDED, MODEL_RUN_ENDED)
 """Reasons of a Succeeded verdict: kept when the Jobs are deleted later (only a new spec runs it again)."""
-FINAL_FAILURE_REASONS = (JOB_FAILED,)
+FINAL_FAILURE_REASONS = (JOB_FAILED, MODEL_RUN_ENDED)
 """Reasons of a Failed verdict, kept the same way."""
 CHILD_REJECTED = "ChildRejected"
 """The API server refused a child with a 4xx (a quota: Failed; an invalid or oversized object: Invalid);
@@ -358,7 +363,7 @@ def evaluation_results(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"results": {k: v for k, v in results.items() if k in fields}}
     history = results.get("history")
     if isinstance(history, list):
-        out["history"] = [{k: v for k, v in h.items() if k in fields} for h in history][-1000:]
+        out["history"] = [{k: v for k, v in h.items() if k in fields} for h in history][-HISTORY_LIMIT:]
     return out
 
 

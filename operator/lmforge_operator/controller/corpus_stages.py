@@ -42,6 +42,10 @@ async def reconcile_corpus(
     last_job: dict[str, Any] = {}
     for stage in plan:
         job = await ctl.find_job(ns, builders.job_name(resource, stage), status, owner)
+        if job is not None:  # a change of the spec is refused whichever stage's Job it finds
+            changed = ctl.spec_changed(job, resource)
+            if changed:
+                raise Invalid(status_helpers.SPEC_CHANGED, changed)
         if job is not None and status_helpers.job_state(job).state == "Succeeded":
             done.append(stage.name)
             last_job = job
