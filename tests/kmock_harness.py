@@ -10,7 +10,9 @@ Used by tests/test_operator*.py and bench/operator.py::
 kmock's gaps, handled here: it assigns no uid/resourceVersion/generation (``create`` adds a uid and
 generation 1), replays existing objects as ADDED when a watch connects, ignores label selectors (the
 operator filters again), has no garbage collector and no Job controller (``start_job``/``finish_job``
-patch a Job's status the way the Job controller would, and ``add_pod`` creates its pods).
+patch a Job's status the way the Job controller would, ``fail_job_by_policy`` the way it does when a
+podFailurePolicy rule matches, and ``add_pod`` creates its pods, with any ``pod_status`` the kubelet could
+write). ``refuse`` makes the API server answer chosen requests with an error Status (a quota, admission).
 """
 
 from __future__ import annotations
