@@ -10,7 +10,9 @@ Used by tests/test_operator*.py and bench/operator.py::
 kmock's gaps, handled here: it assigns no uid/resourceVersion/generation (``create`` adds a uid and
 generation 1), replays existing objects as ADDED when a watch connects, ignores label selectors (the
 operator filters again), has no garbage collector and no Job controller (``start_job``/``finish_job``
-patch a Job's status the way the Job controller would, and ``add_pod`` creates its pods).
+patch a Job's status the way the Job controller would, ``fail_job_by_policy`` the way it does when a
+podFailurePolicy rule matches, and ``add_pod`` creates its pods, with any ``pod_status`` the kubelet could
+write). ``refuse`` makes the API server answer chosen requests with an error Status (a quota, admission).
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ class RecordingEmulator(kmock.KubernetesEmulator):
     calls: list[Call] = attrs.field(factory=list)
     inflight: list[Any] = attrs.field(factory=list)
     indexed: bool = True  # False: kmock's stock lookup (a scan of every stored object per request)
+    # (method, path suffix, object name or "", status, reason, message): requests the API server refuses
+    # (a quota, an admission webhook)
+    refusals: list[tuple[str, str, str, int, str, str]] = attrs.field(factory=list)
 
     def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:
         """kmock finds an object by scanning every stored object per request (quadratic over a run): look a
@@ -104,7 +109,8 @@ class RecordingEmulator(kmock.KubernetesEmulator):
         self.inflight.append(request)
         self._requests[:] = self.inflight
         try:
-            response = await super()._handle(request)
+            refused = self._refusal(request)
+            response = refused if refused is not None else await super()._handle(request)
             code = int(getattr(response, "status", 200))
             return response
         except Exception as exc:
@@ -125,6 +131,19 @@ class RecordingEmulator(kmock.KubernetesEmulator):
                     name=str((data.get("metadata") or {}).get("name") or ""),
                 )
             )
+
+    def _refusal(self, request: Any) -> Any:
+        """The refusal of ``request`` the test asked for (a Status body, as the API server sends), or None."""
+        import aiohttp.web
+
+        method = str(request.method.value).upper()
+        data = request.data if isinstance(request.data, dict) else {}
+        name = str((data.get("metadata") or {}).get("name") or "")
+        for m, suffix, only, code, reason, message in self.refusals:
+            if m == method and request.url.path.endswith(suffix) and only in ("", name):
+                body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason}
+                return aiohttp.web.json_response({**body, "message": message, "code": code}, status=code)
+        return None
 
 
 def _serve_in_process(conn: Any, indexed: bool = True) -> None:
@@ -335,8 +354,10 @@ class Cluster:
         termination: dict[str, Any] | None = None,
         exit_code: int = 0,
         namespace: str = NAMESPACE,
+        pod_status: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """A pod of the Job: running with ``ip`` (its metrics port overridden), or terminated with a message."""
+        """A pod of the Job: running with ``ip`` (its metrics port overridden), terminated with a message, or
+        with the status ``pod_status`` given as is (e.g. Pending in ImagePullBackOff)."""
         job = self.get("Job", job_name, namespace)
         assert job is not None, job_name
         template = json.loads(json.dumps(job["spec"]["template"]))
@@ -359,6 +380,8 @@ class Cluster:
                     }
                 ],
             }
+        if pod_status is not None:
+            status = pod_status
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -367,6 +390,27 @@ class Cluster:
             "status": status,
         }
         return self.create(pod, namespace)
+
+    def refuse(
+        self, method: str, path_suffix: str, code: int, reason: str, message: str, name: str = ""
+    ) -> None:
+        """From now on, answer ``method`` requests whose path ends with ``path_suffix`` (and whose body names
+        ``name``, when given) with ``code`` and a Status of ``reason`` and ``message`` (a quota, an admission
+        webhook; thread mode only). ``refusals.clear()`` on the emulator ends them."""
+        assert self.emulator is not None
+        self.emulator.refusals.append((method.upper(), path_suffix, name, code, reason, message))
+
+    def fail_job_by_policy(self, name: str, message: str, namespace: str = NAMESPACE) -> None:
+        """Fail a Job as the Job controller does when a podFailurePolicy FailJob rule matches: a
+        FailureTarget condition, then Failed, both with reason PodFailurePolicy and ``message``."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        conds = [
+            {"type": t, "status": "True", "reason": "PodFailurePolicy", "message": message}
+            | {"lastTransitionTime": now}
+            for t in ("FailureTarget", "Failed")
+        ]
+        status = {"active": 0, "ready": 0, "failed": 1, "conditions": conds, "startTime": now}
+        self.patch("Job", name, {"status": status}, namespace, "status")
 
     # ------------------------------------------------------------------------------------- helpers
     @property

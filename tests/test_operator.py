@@ -140,6 +140,53 @@ def test_termination_summary() -> None:
     assert status_helpers.termination_summary(logs) is None  # FallbackToLogsOnError gave log text, not JSON
 
 
+def test_a_failed_jobs_message_falls_back_but_is_never_empty() -> None:
+    from lmforge_operator.controller.mirror import job_failed
+
+    policy = (
+        "PodFailurePolicy: Container main for pod ns/x-0-a failed with exit code 64 matching FailJob rule"
+    )
+    job = status_helpers.JobState(name="x", state="Failed", message=policy)
+    said = {"state": "Invalid", "message": "no tokenizer.json", "field": "data.tokenizer"}
+    cases = [
+        (said, "", None, "spec.data.tokenizer: no tokenizer.json (Job x)"),
+        (None, "ValueError: bad\n", 64, "ValueError: bad (Job x)"),
+        (None, "", None, f"{policy} (Job x)"),
+    ]
+    for summary, raw, code, message in cases:
+        outcome = job_failed(job, summary, raw, code)
+        assert (outcome.condition, outcome.reason, outcome.message) == ("Invalid", "ConfigError", message)
+    bare = status_helpers.JobState(name="x", state="Failed", message="PodFailurePolicy")
+    outcome = job_failed(bare, None, "", 64)
+    assert outcome.message == "exit code 64 (configuration error): see kubectl logs job/x (Job x)"
+    crash = job_failed(status_helpers.JobState(name="x", state="Failed"), None, "", 1)
+    assert crash.condition == "Failed" and crash.message == "Job x: see kubectl describe job/x"
+
+
+def test_pods_that_cannot_start() -> None:
+    def pod(status: dict[str, Any]) -> dict[str, Any]:
+        return {"metadata": {"name": "p"}, "status": status}
+
+    waiting = {"waiting": {"reason": "ErrImagePull", "message": "not found"}}
+    assert status_helpers.pod_not_starting(
+        pod({"phase": "Pending", "containerStatuses": [{"state": waiting}]})
+    ) == ("pod p: ErrImagePull: not found")
+    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no"}
+    assert status_helpers.pod_not_starting(pod({"phase": "Pending", "conditions": [unschedulable]})) == (
+        "pod p: Unschedulable: no"
+    )
+    creating = {"waiting": {"reason": "ContainerCreating"}}
+    assert (
+        status_helpers.pod_not_starting(pod({"phase": "Pending", "containerStatuses": [{"state": creating}]}))
+        is None
+    )
+    assert status_helpers.pod_not_starting(pod({"phase": "Running"})) is None
+    assert not status_helpers.pods_started([pod({"phase": "Pending"})])
+    assert status_helpers.pods_started([]) and status_helpers.pods_started([pod({"phase": "Running"})])
+    term = {"terminated": {"exitCode": 64, "message": " tail "}}
+    assert status_helpers.termination_state(pod({"containerStatuses": [{"lastState": term}]})) == (64, "tail")
+
+
 def test_progress_from_prometheus_text_uses_the_jobs_names() -> None:
     names = progress_names("PretrainRun")
     text = "\n".join(

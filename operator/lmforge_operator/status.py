@@ -53,6 +53,26 @@ VALID = "Valid"
 INTERRUPTED = "Interrupted"
 """``lmforge run`` was stopped (Ctrl-C, SIGTERM) while the job ran; running it again resumes the job."""
 
+# -------------------------------------------------------------- faults of the cluster (docs/cluster.md)
+MODEL_RUN_ENDED = "ModelRunEnded"
+"""An Evaluation following checkpoints ended because its PretrainRun failed or was deleted: Succeeded with
+the rounds it has, or Failed when it has none."""
+HISTORY_LIMIT = 100
+"""status.history (Evaluation rounds) keeps the newest entries: an object stays far below etcd's 1.5 MiB."""
+FINAL_SUCCESS_REASONS = (JOB_SUCCEEDED, MODEL_RUN_ENDED)
+"""Reasons of a Succeeded verdict: kept when the Jobs are deleted later (only a new spec runs it again)."""
+FINAL_FAILURE_REASONS = (JOB_FAILED, MODEL_RUN_ENDED)
+"""Reasons of a Failed verdict, kept the same way."""
+CHILD_REJECTED = "ChildRejected"
+"""The API server refused a child with a 4xx (a quota: Failed; an invalid or oversized object: Invalid);
+the message is the server's."""
+PODS_NOT_STARTING = "PodsNotStarting"
+"""A pod of the Job cannot start (image pull, a missing Secret or ConfigMap, unschedulable): the message
+is the pod's reason and message."""
+OLD_CHILDREN = "OldChildrenPresent"
+"""A child under the resource's name belongs to an earlier resource of the same name (deleted, its children
+not yet collected or orphaned): deleted first, never adopted."""
+
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Invalid", "Waiting")
 
 
@@ -227,6 +247,55 @@ def termination_summary(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def termination_state(pod: dict[str, Any]) -> tuple[int | None, str]:
+    """(exit code, termination message as written) of the pod's last terminated container: ``state``, else
+    ``lastState`` (a restarted container). The message may be the job's JSON summary, or, under
+    ``terminationMessagePolicy: FallbackToLogsOnError``, the tail of its log."""
+    for where in ("state", "lastState"):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get(where) or {}).get("terminated")
+            if term:
+                code = term.get("exitCode")
+                return (int(code) if isinstance(code, int) else None), str(term.get("message") or "").strip()
+    return None, ""
+
+
+# What keeps a pod from starting: a waiting container's reason, or PodScheduled False (Unschedulable).
+NOT_STARTING = (
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+)
+
+
+def pod_not_starting(pod: dict[str, Any]) -> str | None:
+    """``pod NAME: Reason: message`` when a Pending pod cannot start (see :data:`NOT_STARTING`), else None."""
+    st = pod.get("status") or {}
+    if st.get("phase") not in (None, "Pending"):
+        return None
+    name = (pod.get("metadata") or {}).get("name")
+    for c in st.get("conditions") or []:
+        if (
+            c.get("type") == "PodScheduled"
+            and c.get("status") == "False"
+            and c.get("reason") == "Unschedulable"
+        ):
+            return f"pod {name}: Unschedulable: {c.get('message') or ''}".rstrip(": ")
+    for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in NOT_STARTING:
+            return f"pod {name}: {waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+    return None
+
+
+def pods_started(pods: list[dict[str, Any]]) -> bool:
+    """Whether the Job has a pod past Pending (or no pods seen at all: the Job's own counts decide)."""
+    return not pods or any((p.get("status") or {}).get("phase") not in (None, "Pending") for p in pods)
+
+
 def parse_prometheus(text: str) -> dict[str, float]:
     """Sample name -> value (labelled series of one name summed: rank-0 endpoints have few labels)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -302,7 +371,7 @@ def evaluation_results(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"results": {k: v for k, v in results.items() if k in fields}}
     history = results.get("history")
     if isinstance(history, list):
-        out["history"] = [{k: v for k, v in h.items() if k in fields} for h in history][-1000:]
+        out["history"] = [{k: v for k, v in h.items() if k in fields} for h in history][-HISTORY_LIMIT:]
     return out
 
 
@@ -376,11 +445,14 @@ __all__ = [
     "metrics_for_status",
     "metrics_url",
     "parse_prometheus",
+    "pod_not_starting",
+    "pods_started",
     "progress_from_metrics",
     "rank0_pod",
     "set_condition",
     "set_state",
     "status_model",
+    "termination_state",
     "termination_summary",
     "validated_status",
 ]

@@ -291,7 +291,7 @@ class EvaluationStatus(StatusBase):
 
     results: Results | None = None
     """Latest results."""
-    history: Annotated[list[Results], Field(max_length=1000)] = []
+    history: Annotated[list[Results], Field(max_length=100)] = []  # the newest rounds (etcd's 1.5 MiB)
     """Results per evaluated checkpoint (checkpoints: every)."""
     outputs: EvaluationOutputs | None = None
     """Results files."""

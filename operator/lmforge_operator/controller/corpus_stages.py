@@ -9,10 +9,12 @@ from lmforge_jobs.resolve import default_output
 from lmforge_operator import status as status_helpers
 from lmforge_operator.controller.mirror import (
     apply_summary,
+    check_pods_started,
     job_failed,
     job_pods,
     outputs_of,
     read_summary,
+    read_termination,
     scrape_progress,
     verdict_kept,
 )
@@ -39,7 +41,11 @@ async def reconcile_corpus(
     current: tuple[Any, dict[str, Any] | None] | None = None
     last_job: dict[str, Any] = {}
     for stage in plan:
-        job = await ctl.find_job(ns, builders.job_name(resource, stage), status)
+        job = await ctl.find_job(ns, builders.job_name(resource, stage), status, owner)
+        if job is not None:  # a change of the spec is refused whichever stage's Job it finds
+            changed = ctl.spec_changed(job, resource)
+            if changed:
+                raise Invalid(status_helpers.SPEC_CHANGED, changed)
         if job is not None and status_helpers.job_state(job).state == "Succeeded":
             done.append(stage.name)
             last_job = job
@@ -61,7 +67,7 @@ async def reconcile_corpus(
     stage, job = current
     if job is None:
         job = await ctl.create_children(key, resource, owner, {}, stage=stage)
-        job = job or await ctl.find_job(ns, builders.job_name(resource, stage), None)
+        job = job or await ctl.find_job(ns, builders.job_name(resource, stage), None, owner)
         if job is None:
             return Pending(status_helpers.JOB_CREATED, f"stage {stage.name} created")
     changed = ctl.spec_changed(job, resource)
@@ -87,14 +93,18 @@ async def reconcile_corpus(
     if js.state == "Failed":
         status.setdefault("completionTime", js.completion_time or status_helpers.now_iso())
         if status.get("phase") in ("Failed", "Invalid"):
-            raise verdict_kept(status, status["phase"])
-        raise job_failed(js, await read_summary(api, ns, js.name))
+            raise verdict_kept(status)
+        raise job_failed(js, *await read_termination(api, ns, js.name))
     if js.state == "Pending":
         return Pending(
             status_helpers.JOB_CREATED, f"stage {stage.name}: Job {js.name} created, waiting for its pods"
         )
     if js.state == "Running":
-        scraped = await scrape_progress(api, kind, await job_pods(api, ns, js.name))
+        pods = await job_pods(api, ns, js.name)
+        not_yet = check_pods_started(js.name, pods, f"stage {stage.name}: ")
+        if not_yet is not None:
+            return not_yet
+        scraped = await scrape_progress(api, kind, pods)
         metrics = status_helpers.metrics_for_status(kind, (scraped or {}).get("metrics") or {})
         if metrics:
             status["metrics"] = metrics

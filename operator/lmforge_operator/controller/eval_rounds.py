@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 from lmforge_jobs.manifest import Resource
 from lmforge_operator import status as status_helpers
 from lmforge_operator.controller.mirror import mirror_job, outputs_of, read_summary
-from lmforge_operator.controller.outcomes import Invalid, Outcome, Pending, Running, Succeeded, Waiting
+from lmforge_operator.controller.outcomes import (
+    Failed,
+    Invalid,
+    Outcome,
+    Pending,
+    Running,
+    Succeeded,
+    Waiting,
+)
 from lmforge_operator.kube import ApiError
 
 if TYPE_CHECKING:
@@ -42,8 +50,23 @@ def checkpoint_marker(
     return str(step // int(every)), False
 
 
+def run_ended(
+    cache: dict[Key, dict[str, Any]], resource: Resource[Any, Any], ns: str, *, has_rounds: bool
+) -> str | None:
+    """Why the followed PretrainRun will land no more checkpoints (it failed, or was deleted after a round
+    was evaluated), else None."""
+    ref = resource.spec.model.reference()
+    if ref is None:
+        return None
+    target = cache.get((ref[0], ns, ref[1]))
+    if target is None:
+        return f"{ref[0]}/{ref[1]} was deleted" if has_rounds else None
+    phase = (target.get("status") or {}).get("phase")
+    return f"{ref[0]}/{ref[1]} is {phase}" if phase in ("Failed", "Invalid") else None
+
+
 async def _latest_round(
-    ctl: Controller, resource: Resource[Any, Any], ns: str, status: dict[str, Any]
+    ctl: Controller, resource: Resource[Any, Any], ns: str, status: dict[str, Any], owner: dict[str, Any]
 ) -> tuple[tuple[int, dict[str, Any]] | None, list[int]]:
     """(the newest round's number and Job, when there is one; the rounds whose Jobs were found)."""
     from lmforge_operator import builders
@@ -59,7 +82,7 @@ async def _latest_round(
     latest: tuple[int, dict[str, Any]] | None = None
     for first in dict.fromkeys((max(recorded, default=0), 0)):
         for number in range(first, MAX_ROUNDS):
-            job = await ctl.find_job(ns, builders.job_name(resource, None, number), status)
+            job = await ctl.find_job(ns, builders.job_name(resource, None, number), status, owner)
             if job is None:
                 break
             seen.append(number)
@@ -82,9 +105,14 @@ async def reconcile_rounds(
     ns = key[1]
     api = ctl.api
     assert api is not None
-    latest, seen = await _latest_round(ctl, resource, ns, status)
+    latest, seen = await _latest_round(ctl, resource, ns, status, owner)
     marker = checkpoint_marker(ctl.cache, resource, ns)
+    ended = run_ended(ctl.cache, resource, ns, has_rounds=latest is not None)
     if latest is None:
+        if ended:
+            raise Failed(
+                status_helpers.MODEL_RUN_ENDED, f"{ended} before any checkpoint landed: nothing evaluated"
+            )
         outputs = ctl.check_dependencies(resource, ns)
         if marker is None or marker[0] == "0":
             raise Waiting(status_helpers.WAITING_FOR_CHECKPOINT, "no checkpoint of the model has landed yet")
@@ -112,9 +140,15 @@ async def reconcile_rounds(
             entry = {k: v for k, v in results.items() if k in fields}
             entry["checkpoint"] = f"round {number}: {evaluated}"
             history.append(entry)
-            status["history"] = history[-1000:]
+            status["history"] = history[-status_helpers.HISTORY_LIMIT :]
             status["results"] = {k: v for k, v in entry.items()}
         status["outputs"] = outputs_of(resource, output, summary)
+    if ended:  # its run will land no more checkpoints: done with what it has
+        status.setdefault("completionTime", js.completion_time or status_helpers.now_iso())
+        return Succeeded(
+            status_helpers.MODEL_RUN_ENDED,
+            f"{ended}: {number + 1} rounds evaluated, up to its checkpoints {evaluated}",
+        )
     if marker is not None and marker[0] != evaluated:
         try:
             outputs = ctl.check_dependencies(resource, ns)

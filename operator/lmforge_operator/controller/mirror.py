@@ -39,13 +39,37 @@ async def job_pods(api: Kube, ns: str, job_name: str) -> list[dict[str, Any]]:
 
 async def read_summary(api: Kube, ns: str, job_name: str) -> dict[str, Any] | None:
     """The job's summary from a termination message: rank 0's, else any pod's."""
+    return (await read_termination(api, ns, job_name))[0]
+
+
+async def read_termination(
+    api: Kube, ns: str, job_name: str
+) -> tuple[dict[str, Any] | None, str, int | None]:
+    """(the job's JSON summary, when a pod left one: rank 0's, else any pod's; the raw termination text of
+    a pod that left no JSON (a log tail); the exit code of a pod that failed, 64 first)."""
     pods = await job_pods(api, ns, job_name)
     summaries = [s for p in pods if (s := status_helpers.termination_summary(p))]
     pod = status_helpers.rank0_pod(pods)
     best = status_helpers.termination_summary(pod) if pod is not None else None
     if best is None and summaries:
         best = summaries[-1]
-    return best
+    ends = [status_helpers.termination_state(p) for p in pods]
+    codes = [c for c, _ in ends if c]
+    code = EXIT_CONFIG_ERROR if EXIT_CONFIG_ERROR in codes else (codes[-1] if codes else None)
+    raw = next((text for c, text in ends if c and text), "")
+    return best, raw, code
+
+
+def check_pods_started(job_name: str, pods: list[dict[str, Any]], where: str = "") -> Outcome | None:
+    """Raise Waiting (PodsNotStarting) when a pod of the Job cannot start; Pending while every pod is still
+    Pending (the Job controller counts them as active); None once one runs."""
+    stuck = [m for p in pods if (m := status_helpers.pod_not_starting(p))]
+    if stuck:
+        more = f" (and {len(stuck) - 1} more)" if len(stuck) > 1 else ""
+        raise Waiting(status_helpers.PODS_NOT_STARTING, f"{where}Job {job_name}: {stuck[0]}{more}")
+    if not status_helpers.pods_started(pods):
+        return Pending(status_helpers.JOB_CREATED, f"{where}Job {job_name} created, waiting for its pods")
+    return None
 
 
 async def scrape_progress(api: Kube, kind: str, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -130,31 +154,51 @@ def left_out(summary: dict[str, Any] | None, outputs: dict[str, Any]) -> str:
     return f"; status lacks {what} (the 4 KiB termination message could not hold them): see {where}"
 
 
-def job_failed(job: status_helpers.JobState, summary: dict[str, Any] | None) -> Outcome:
-    """Invalid when the job refused its configuration (exit 64), else Failed; to raise."""
+def job_failed(
+    job: status_helpers.JobState,
+    summary: dict[str, Any] | None,
+    raw: str = "",
+    exit_code: int | None = None,
+) -> Outcome:
+    """Invalid when the job refused its configuration (exit 64), else Failed; to raise. The message is the
+    first of: the summary's (``spec.<field>: why``), the raw termination text (a log tail), the Job
+    condition's message, a pointer to the logs; never empty."""
     summary = summary or {}
-    message = str(summary.get("message") or job.message or "the job failed")
     config_error = (
         summary.get("state") == "Invalid"
         or summary.get("exitCode") == EXIT_CONFIG_ERROR
+        or exit_code == EXIT_CONFIG_ERROR
         # no pod left to ask: the Job's own condition names the podFailurePolicy rule that matched
         or (job.message.startswith("PodFailurePolicy") and f"exit code {EXIT_CONFIG_ERROR}" in job.message)
     )
+    said = str(summary.get("message") or "").strip()
+    tail = raw.strip()[-1000:]
     if config_error:
         field = summary.get("field")
-        where = f"spec.{field}: " if field and not message.startswith("spec.") else ""
-        return Invalid(status_helpers.CONFIG_ERROR, f"{where}{message} (Job {job.name})")
+        if said and field and not said.startswith("spec."):
+            said = f"spec.{field}: {said}"
+        detail = job.message if ": " in job.message else ""  # "reason: message", not the reason alone
+        message = (
+            said
+            or tail
+            or detail
+            or f"exit code {EXIT_CONFIG_ERROR} (configuration error): see kubectl logs job/{job.name}"
+        )
+        return Invalid(status_helpers.CONFIG_ERROR, f"{message} (Job {job.name})")
+    message = said or tail or job.message or f"see kubectl describe job/{job.name}"
     return Failed(status_helpers.JOB_FAILED, f"Job {job.name}: {message}")
 
 
-def verdict_kept(status: dict[str, Any], default_condition: str) -> Outcome:
-    """The Failed or Invalid outcome the status already records (the failed pods, and their termination
-    messages, may be gone: a finished resource keeps its verdict); to raise."""
-    invalid = status_helpers.condition(status, "Invalid") or {}
-    cls = Invalid if invalid.get("status") == "True" else Failed
-    recorded = status_helpers.condition(status, default_condition) or invalid
+def verdict_kept(status: dict[str, Any]) -> Outcome:
+    """The verdict the status already records (Succeeded, Failed or Invalid: the pods, their termination
+    messages, even the Job may be gone; a finished resource keeps what it was told), with its reason and
+    message; to return or raise."""
+    phase = status.get("phase")
+    cls = {"Succeeded": Succeeded, "Invalid": Invalid, "Failed": Failed}.get(str(phase), Failed)
+    recorded = status_helpers.condition(status, str(phase)) or {}
     reason = recorded.get("reason") or status_helpers.JOB_FAILED
-    return cls(reason, recorded.get("message") or "")
+    message = recorded.get("message") or f"{phase}"
+    return Succeeded(reason, message) if cls is Succeeded else cls(reason, message)
 
 
 async def mirror_job(
@@ -180,7 +224,11 @@ async def mirror_job(
     if js.state == "Running":
         if kind == "PretrainRun":
             status["outputs"] = {"checkpoint": expected_outputs(kind, output)["checkpoint"]}
-        progress = await scrape_progress(api, kind, await job_pods(api, ns, js.name))
+        pods = await job_pods(api, ns, js.name)
+        not_yet = check_pods_started(js.name, pods)
+        if not_yet is not None:
+            return not_yet
+        progress = await scrape_progress(api, kind, pods)
         if progress:
             apply_progress(status, kind, progress)
         return Running(status_helpers.JOB_RUNNING, f"Job {js.name} is running")
@@ -208,19 +256,22 @@ async def mirror_job(
     # Failed
     status.setdefault("completionTime", js.completion_time or status_helpers.now_iso())
     if already:
-        raise verdict_kept(status, "Failed")
-    raise job_failed(js, await read_summary(api, ns, js.name))
+        raise verdict_kept(status)
+    raise job_failed(js, *await read_termination(api, ns, js.name))
 
 
 __all__ = [
     "apply_progress",
     "apply_summary",
+    "check_pods_started",
     "job_failed",
     "job_pods",
     "left_out",
     "mirror_job",
     "outputs_of",
     "read_summary",
+    "read_termination",
     "scrape_progress",
     "status_model",
+    "verdict_kept",
 ]

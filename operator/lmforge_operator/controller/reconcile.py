@@ -38,14 +38,21 @@ from lmforge_operator.controller.config import Config
 from lmforge_operator.controller.corpus_stages import reconcile_corpus
 from lmforge_operator.controller.eval_rounds import reconcile_rounds
 from lmforge_operator.controller.events import post_event
-from lmforge_operator.controller.mirror import mirror_job, status_model
-from lmforge_operator.controller.outcomes import Invalid, Outcome, Pending, Waiting
+from lmforge_operator.controller.mirror import mirror_job, status_model, verdict_kept
+from lmforge_operator.controller.outcomes import Failed, Invalid, Outcome, Pending, Waiting
 from lmforge_operator.controller.workqueue import Key, WorkQueue
+from lmforge_operator.kube import ApiError
 
 log = logging.getLogger("lmforge.operator")
 
 SPEC_ANNOTATION = "lmforge.io/spec"
 SPEC_HASH_ANNOTATION = "lmforge.io/spec-digest"
+# The phases (and the reasons for them) that are a resource's verdict: kept without looking at its Jobs.
+FINAL_REASONS = {
+    "Succeeded": status_helpers.FINAL_SUCCESS_REASONS,
+    "Failed": status_helpers.FINAL_FAILURE_REASONS,
+    "Invalid": (status_helpers.CONFIG_ERROR,),
+}
 
 
 def spec_hash(spec: Any) -> str:
@@ -77,7 +84,8 @@ def _reason_for_phase(status: dict[str, Any]) -> str | None:
     for c in status.get("conditions") or []:
         if c.get("type") == phase and c.get("status") == "True":
             return c.get("reason")
-    return None
+    # Pending has no condition of its own: the others carry its reason (set_state)
+    return (status_helpers.condition(status, "Ready") or {}).get("reason")
 
 
 class Controller(WorkQueue):
@@ -113,6 +121,9 @@ class Controller(WorkQueue):
                 outcome = await self._steps(key, body, status)
             except Outcome as raised:
                 outcome = raised
+            if not outcome.message and outcome.condition in ("Failed", "Invalid", "Waiting"):
+                # never a condition without a word: say where to look
+                outcome.message = f"{outcome.reason}: see kubectl describe {kind.lower()}/{name} and its Jobs"
             phase = status_helpers.set_state(
                 status, outcome.condition, outcome.reason, outcome.message, generation
             )
@@ -146,6 +157,10 @@ class Controller(WorkQueue):
         """Admission, then the children: returns the outcome, or raises it (Waiting, Invalid, Failed)."""
         kind, ns, name = key
         resource = self.admit(key, body, status)
+        if self.finished(body, status):
+            # Terminal means terminal: its Jobs may be gone (a TTL, a cleanup policy, a user); only a new
+            # spec (generation) runs it again.
+            return verdict_kept(status)
         from lmforge_operator import builders
 
         owner = builders.owner_reference(body)
@@ -157,17 +172,26 @@ class Controller(WorkQueue):
 
         job_name = builders.job_name(resource)
         assert self.api is not None
-        job = await self.find_job(ns, job_name, status)
+        job = await self.find_job(ns, job_name, status, owner)
         if job is None:
             outputs = self.check_dependencies(resource, ns)
             job = await self.create_children(key, resource, owner, outputs, stage=None)
-            job = job or await self.find_job(ns, job_name, None)
+            job = job or await self.find_job(ns, job_name, None, owner)
             if job is None:
                 return Pending(status_helpers.JOB_CREATED, f"Job {job_name} created")
         changed = self.spec_changed(job, resource)
         if changed:
             raise Invalid(status_helpers.SPEC_CHANGED, changed)
         return await mirror_job(self.api, resource, ns, status, job, output)
+
+    @staticmethod
+    def finished(body: dict[str, Any], status: dict[str, Any]) -> bool:
+        """Whether the resource has its Jobs' verdict for its current generation (Succeeded, Failed, or
+        Invalid because the job refused its configuration)."""
+        generation = (body.get("metadata") or {}).get("generation")
+        if status.get("observedGeneration") != generation:
+            return False
+        return _reason_for_phase(status) in FINAL_REASONS.get(str(status.get("phase")), ())
 
     # ------------------------------------------------------------------------------------ admission
     def admit(self, key: Key, body: dict[str, Any], status: dict[str, Any]) -> Resource[Any, Any]:
@@ -306,21 +330,68 @@ class Controller(WorkQueue):
         return outputs
 
     # -------------------------------------------------------------------------------------- children
-    async def find_job(self, ns: str, name: str, status: dict[str, Any] | None) -> dict[str, Any] | None:
+    async def find_job(
+        self, ns: str, name: str, status: dict[str, Any] | None, owner: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
         """The Job from the watch cache. On a miss it is read from the API server only when the resource
         may have Jobs already (``status`` says it got past Waiting, or ``status`` is None: just created);
-        a new resource's Job is created if absent anyway (409 tolerated), so no read is needed for it."""
+        a new resource's Job is created if absent anyway (409 tolerated), so no read is needed for it.
+        With ``owner`` (the resource's ownerReference), a Job of an earlier resource of the same name is
+        never returned: see :meth:`claim`."""
         job = self.jobs.get((ns, name))
-        if job is not None:
-            return job
-        phase = (status or {}).get("phase") if status is not None else "?"
-        if phase in (None, "Waiting"):
-            return None
-        assert self.api is not None
-        job = await self.api.get("Job", ns, name)
-        if job is not None:
+        if job is None:
+            phase = (status or {}).get("phase") if status is not None else "?"
+            if phase in (None, "Waiting"):
+                return None
+            assert self.api is not None
+            job = await self.api.get("Job", ns, name)
+            if job is None:
+                return None
             self.jobs.setdefault((ns, name), job)
+        if owner is not None:
+            await self.claim(owner, ns, job)
         return job
+
+    async def claim(self, owner: dict[str, Any], ns: str, child: dict[str, Any]) -> None:
+        """Return when ``child`` is the resource's own (its controller ownerReference has the resource's
+        uid); else raise Waiting (OldChildrenPresent): a child of an earlier resource of the same name
+        (deleted, its children not yet collected, or orphaned) is deleted first, never adopted."""
+        from lmforge_operator import builders
+
+        meta = child.get("metadata") or {}
+        refs = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+        if not owner.get("uid") or any(r.get("uid") == owner["uid"] for r in refs):
+            return
+        what = f"{child.get('kind')} {meta.get('name')}"
+        label = f"{owner.get('kind')}/{owner.get('name')}"
+        whose = f"owner uid {refs[0].get('uid')}" if refs else "no owner: orphaned"
+        labels = meta.get("labels") or {}
+        ours = (labels.get(builders.LABEL_KIND), labels.get(builders.LABEL_NAME)) == (
+            owner.get("kind"),
+            owner.get("name"),
+        )
+        if not ours:
+            raise Waiting(
+                status_helpers.OLD_CHILDREN,
+                f"{what} exists and is not this {label}'s ({whose}); delete or rename it",
+            )
+        if not meta.get("deletionTimestamp"):
+            assert self.api is not None
+            await self.api.delete(str(child.get("kind")), ns, str(meta.get("name")))
+            log.info(
+                "%s/%s/%s: deleted %s of an earlier resource (%s)",
+                owner.get("kind"),
+                ns,
+                owner.get("name"),
+                what,
+                whose,
+            )
+        if child.get("kind") == "Job":
+            self.jobs.pop((ns, str(meta.get("name"))), None)
+        raise Waiting(
+            status_helpers.OLD_CHILDREN,
+            f"{what} belongs to an earlier {label} ({whose}): deleting it before creating this one's",
+        )
 
     def _resolved_doc(
         self, resource: Resource[Any, Any], outputs: dict[tuple[str, str], dict[str, Any]], ns: str
@@ -372,7 +443,22 @@ class Controller(WorkQueue):
             if obj.get("kind") == "Job":
                 self._annotate(obj, resource, extra or {})
             obj.setdefault("metadata", {})["namespace"] = ns
-            made, fresh = await self.api.create(obj, ns)
+            try:
+                made, fresh = await self.api.create(obj, ns)
+            except ApiError as exc:
+                if exc.status >= 500 or exc.status in (404, 408, 409, 429):
+                    raise  # the server's trouble, or a conflict: retried with backoff
+                # refused for good (403 a quota or policy, 400/413/422 an invalid or oversized object)
+                cls = Failed if exc.status == 403 else Invalid
+                raise cls(
+                    status_helpers.CHILD_REJECTED,
+                    f"the API server refused {obj.get('kind')} {obj['metadata'].get('name')}: "
+                    f"{exc.status} {exc.reason}: {exc.message}",
+                ) from None
+            if not fresh and obj.get("kind") != "Job":  # the Job is looked up (and claimed) by the caller
+                there = await self.api.get(str(obj["kind"]), ns, obj["metadata"]["name"])
+                if there is not None:
+                    await self.claim(owner, ns, there)
             if fresh and self.metrics is not None:
                 self.metrics.children.labels(kind, str(obj.get("kind"))).inc()
             if obj.get("kind") == "Job" and fresh:
