@@ -32,16 +32,21 @@ RULES: list[dict[str, Any]] = [
     # waits for its Jobs). Setting that flag needs `update` on the owner's finalizers subresource when the
     # API server runs the OwnerReferencesPermissionEnforcement admission plugin; nothing else uses it.
     {"apiGroups": [API_GROUP], "resources": [f"{p}/finalizers" for p in PLURALS], "verbs": ["update"]},
-    # Children are created if absent under deterministic names (409 means it exists: nothing is read back
-    # but Jobs). Jobs are watched and read by name after a restart; the Jobs and spec ConfigMaps of
-    # superseded Evaluation rounds (checkpoints: every) are deleted; everything else goes away through
-    # ownerReferences (the garbage collector deletes it).
+    # Children are created if absent under deterministic names. On 409 the existing child is read by name
+    # and kept only if its controller ownerReference has this resource's uid; a child of an earlier
+    # resource of the same name is deleted first, never adopted. Jobs are also watched; the Jobs and spec
+    # ConfigMaps of superseded Evaluation rounds (checkpoints: every) are deleted; everything else goes
+    # away through ownerReferences (the garbage collector deletes it).
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*READ, "create", "delete"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "delete"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create", "delete"]},
     # The NetworkPolicy isolating a training resource's pods (created before its Job; off with
     # $LMFORGE_NETWORK_POLICY=false, the chart's networkPolicy.perRun).
-    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create"]},
+    {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["networkpolicies"],
+        "verbs": ["get", "create", "delete"],
+    },
     # Job pods: rank 0's IP for its Prometheus endpoint, termination messages and restart counts.
     {"apiGroups": [""], "resources": ["pods"], "verbs": READ},
     # Kubernetes Events on transitions (the operator's and kopf's own, both POSTed as core/v1 Events).
