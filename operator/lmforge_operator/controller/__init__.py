@@ -24,7 +24,7 @@ from lmforge_operator.controller.outcomes import (
     Succeeded,
     Waiting,
 )
-from lmforge_operator.controller.reconcile import Controller, changed_fields, spec_hash, validated_status
+from lmforge_operator.controller.reconcile import Controller, changed_fields, spec_hash
 from lmforge_operator.controller.workqueue import Key
 
 __all__ = [
@@ -41,5 +41,4 @@ __all__ = [
     "changed_fields",
     "default_image",
     "spec_hash",
-    "validated_status",
 ]

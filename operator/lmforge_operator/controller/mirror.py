@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from lmforge_jobs.data.config import CorpusStage
-from lmforge_jobs.manifest import KINDS as RESOURCE_KINDS
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.resolve import expected_outputs
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR
@@ -26,11 +25,6 @@ from lmforge_operator.controller.outcomes import (
 from lmforge_operator.kube import Kube
 
 CORPUS_PHASES = {s.value for s in CorpusStage}
-
-
-def status_model(kind: str) -> Any:
-    model = RESOURCE_KINDS[kind].model_fields["status"].annotation
-    return next(a for a in getattr(model, "__args__", (model,)) if a is not type(None))
 
 
 async def job_pods(api: Kube, ns: str, job_name: str) -> list[dict[str, Any]]:
@@ -84,34 +78,17 @@ async def scrape_progress(api: Kube, kind: str, pods: list[dict[str, Any]]) -> d
     return status_helpers.progress_from_metrics(kind, status_helpers.parse_prometheus(text))
 
 
-def _progress_into_status(status: dict[str, Any], kind: str, progress: dict[str, Any]) -> None:
-    """Progress, metrics and the Corpus stage of a job's progress report into the status (a copy of the
-    local runner's, which the controller does not import)."""
-    numbers = {
-        k: progress[k]
-        for k in ("step", "totalSteps", "tokens", "percent", "etaSeconds")
-        if progress.get(k) is not None
-    }
-    if numbers:
-        numbers["percent"] = min(100.0, max(0.0, float(numbers.get("percent", 0.0))))
-        status["progress"] = numbers
-    metrics = status_helpers.metrics_for_status(kind, progress.get("metrics") or {})
-    if metrics:
-        status["metrics"] = metrics
-    if kind == "Corpus" and progress.get("stage"):
-        stage = str(progress["stage"])  # the data job reports the stage's phase (Stage.phase)
-        if stage in CORPUS_PHASES:
-            status["stage"] = stage
-
-
 def apply_progress(status: dict[str, Any], kind: str, progress: dict[str, Any]) -> None:
-    before = {k: v for k, v in (status.get("progress") or {}).items() if k != "updatedAt"}
-    _progress_into_status(status, kind, progress)
+    """status.apply_progress, keeping ``progress.updatedAt`` while the numbers stay the same (so an
+    unchanged job writes no status)."""
+    previous = dict(status.get("progress") or {})
+    status_helpers.apply_progress(status, kind, {k: v for k, v in progress.items() if k != "updatedAt"})
     after = status.get("progress") or {}
-    if before == {k: v for k, v in after.items() if k != "updatedAt"} and "updatedAt" in before:
-        after["updatedAt"] = before["updatedAt"]  # unchanged numbers: no status write
-    elif after:
-        after["updatedAt"] = status_helpers.now_iso()
+    unchanged = {k: v for k, v in previous.items() if k != "updatedAt"} == {
+        k: v for k, v in after.items() if k != "updatedAt"
+    }
+    if after and unchanged and "updatedAt" in previous:
+        after["updatedAt"] = previous["updatedAt"]
     if kind == "Corpus":
         status.pop("stage", None)  # the Corpus stage comes from its Jobs, not the job's names
 
@@ -138,7 +115,7 @@ def outputs_of(resource: Resource[Any, Any], output: str, summary: dict[str, Any
     reported = (summary or {}).get("outputs")
     if isinstance(reported, dict):
         outputs.update({k: str(v) for k, v in reported.items() if isinstance(v, str | int | float)})
-    fields = status_model(resource.kind).model_fields["outputs"].annotation
+    fields = status_helpers.status_model(resource.kind).model_fields["outputs"].annotation
     model = next(a for a in getattr(fields, "__args__", (fields,)) if a is not type(None))
     allowed = {f.alias or n for n, f in model.model_fields.items()}
     return {k: v for k, v in outputs.items() if k in allowed}
@@ -272,6 +249,5 @@ __all__ = [
     "read_summary",
     "read_termination",
     "scrape_progress",
-    "status_model",
     "verdict_kept",
 ]

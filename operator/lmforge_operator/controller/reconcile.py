@@ -38,7 +38,7 @@ from lmforge_operator.controller.config import Config
 from lmforge_operator.controller.corpus_stages import reconcile_corpus
 from lmforge_operator.controller.eval_rounds import reconcile_rounds
 from lmforge_operator.controller.events import post_event
-from lmforge_operator.controller.mirror import mirror_job, status_model, verdict_kept
+from lmforge_operator.controller.mirror import mirror_job, verdict_kept
 from lmforge_operator.controller.outcomes import Failed, Invalid, Outcome, Pending, Waiting
 from lmforge_operator.controller.workqueue import Key, WorkQueue
 from lmforge_operator.kube import ApiError
@@ -70,12 +70,7 @@ def changed_fields(old: Any, new: Any, prefix: str = "spec") -> list[str]:
 
 
 def _status_fields(kind: str) -> set[str]:
-    return {f.alias or n for n, f in status_model(kind).model_fields.items()}
-
-
-def validated_status(kind: str, status: dict[str, Any]) -> dict[str, Any]:
-    """The status checked against the kind's status model (the CRD's status schema); raises on a bug."""
-    return status_model(kind).model_validate(status).model_dump(by_alias=True, exclude_none=True, mode="json")
+    return {f.alias or n for n, f in status_helpers.status_model(kind).model_fields.items()}
 
 
 def _reason_for_phase(status: dict[str, Any]) -> str | None:
@@ -130,7 +125,7 @@ class Controller(WorkQueue):
             if generation is not None:
                 status["observedGeneration"] = generation
             try:
-                new = validated_status(kind, status)
+                new = status_helpers.validated_status(kind, status)
             except Exception as exc:  # a bug of ours: say so in the log, never write a broken status
                 log.error("status of %s/%s/%s does not validate: %s", *key, exc)
                 raise
@@ -484,4 +479,4 @@ class Controller(WorkQueue):
         )
 
 
-__all__ = ["Controller", "changed_fields", "spec_hash", "validated_status"]
+__all__ = ["Controller", "changed_fields", "spec_hash"]

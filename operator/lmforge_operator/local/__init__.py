@@ -40,7 +40,6 @@ from lmforge_operator.local.runner import (
     spec_hash,
 )
 from lmforge_operator.local.view import collect, status_rows
-from lmforge_operator.status import apply_progress  # the controller's import, until it uses status's
 
 __all__ = [
     "DISTRIBUTED",
@@ -50,7 +49,6 @@ __all__ = [
     "LocalRunner",
     "Outcome",
     "RunError",
-    "apply_progress",
     "collect",
     "command",
     "load_set",
