@@ -108,24 +108,46 @@ def test_remote_stream_is_cached_bounded_and_prefetched(
     data: dict[str, str], s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     uri = upload(data["tokens"], f"{s3.uri}/corpus/train")
-    monkeypatch.setenv("LMFORGE_CACHE_BLOCK_BYTES", "1000")
-    monkeypatch.setenv("LMFORGE_CACHE_BYTES", "4000")
     local = shards.TokenStream(data["tokens"])
-    remote = shards.TokenStream(uri, cache=str(tmp_path / "cache"))
-    assert remote.remote and not local.remote and len(remote) == len(local)
-    assert remote.max_token() == local.max_token()
+    corpus = sum(s.tokens * s.token_size for s in local.shards)
     rng = np.random.default_rng(0)
     starts = [0, len(local) - 700, *rng.integers(0, len(local) - 700, size=40).tolist()]
-    for start in starts:  # windows across block and shard boundaries, with evictions between them
-        np.testing.assert_array_equal(remote.window(start, 700), local.window(start, 700))
-    cache = remote._cache
-    assert cache is not None
-    on_disk = sum(f.stat().st_size for f in cache.dir.iterdir())
-    assert on_disk <= 4000 and len(cache._blocks) <= 4
-    assert remote.downloaded > on_disk  # evicted blocks were read again when needed
-    remote.prefetch([(0, 10)])
-    cache._pending.get((0, 0)) and cache._pending[(0, 0)].result()
-    assert (0, 0) in cache._blocks
+    monkeypatch.setenv("LMFORGE_CACHE_BLOCK_BYTES", "1000")
+
+    # a corpus within the budget: cached blocks, each downloaded once
+    monkeypatch.setenv("LMFORGE_CACHE_BYTES", str(corpus))
+    blocks = shards.TokenStream(uri, cache=str(tmp_path / "cache"))
+    assert blocks.remote and not local.remote and len(blocks) == len(local)
+    assert blocks.max_token() == local.max_token()
+    for start in starts:  # windows across block and shard boundaries
+        np.testing.assert_array_equal(blocks.window(start, 700), local.window(start, 700))
+    assert blocks.downloaded <= corpus
+    cache = blocks._cache
+    assert cache is not None and cache.dir.parent == tmp_path / "cache"
+    assert sum(f.stat().st_size for f in cache.dir.iterdir()) == blocks.downloaded
+
+    # a larger corpus: exact ranges, prefetched ahead and consumed by the read, nothing on disk
+    monkeypatch.setenv("LMFORGE_CACHE_BYTES", str(corpus // 4))
+    ranges = shards.TokenStream(uri, cache=str(tmp_path / "cache"))
+    before = ranges.downloaded
+    ranges.prefetch([(5, 10)])
+    assert ranges._cache is not None and len(ranges._cache._ranges) == 1
+    for start in [5, *starts]:
+        np.testing.assert_array_equal(ranges.window(start, 10), local.window(start, 10))
+    assert not ranges._cache._ranges  # the prefetched range was the one read
+    assert ranges.downloaded - before == 10 * 2 * (len(starts) + 1)  # nothing beyond the windows
+    assert not list(ranges._cache.dir.iterdir())
+
+    # the block cache itself stays within its budget, least recently used out first
+    lru = shards.BlockCache(blocks.shards[:1], 1000, 3000, str(tmp_path / "cache"))
+    for b in (0, 1, 2, 0, 3):  # 0 was used again after 1 and 2: 1 is evicted first
+        lru.get(0, b)
+    assert sorted(lru._blocks) == [(0, 0), (0, 2), (0, 3)]
+    assert sum(f.stat().st_size for f in lru.dir.iterdir()) <= 3000
+    fetched = lru.downloaded
+    lru.get(0, 1)
+    assert lru.downloaded == fetched + 1000
+
     # a missing corpus is a ShardError naming the URI, as for local paths
     with pytest.raises(shards.ShardError, match=rf"{s3.uri}/nothing does not exist"):
         shards.TokenStream(f"{s3.uri}/nothing")

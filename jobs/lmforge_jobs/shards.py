@@ -15,10 +15,11 @@ storage URI (``s3://``, ``gs://`` … through :mod:`lmforge_jobs.storage`).
 Remote shards are not copied whole before training: :class:`TokenStream` reads them in blocks
 (``LMFORGE_CACHE_BLOCK_BYTES``, default 4 MiB) kept in a bounded local cache (a directory under
 ``LMFORGE_CACHE``, default the system temp directory; at most ``LMFORGE_CACHE_BYTES``, default 16 GiB, the
-least recently used blocks evicted first). The training loader knows which windows the next steps read
-(the order is a function of the step), so it asks :meth:`TokenStream.prefetch` for them and a background
-thread downloads those blocks while the current step computes. A corpus that fits the budget is downloaded
-at most once; a larger one is re-read block by block as the shuffled order needs it.
+least recently used blocks evicted first): a corpus that fits the budget is downloaded at most once. A
+larger one is read window by window instead (exact byte ranges, nothing kept on disk: the shuffled order
+would otherwise read a whole block for every window). Either way the training loader knows which windows
+the next steps read (the order is a function of the step), so it hands them to :meth:`TokenStream.prefetch`
+and background threads download them while the current step computes.
 
 Problems with the data raise :class:`ShardError` with a hint; jobs turn it into a ``ConfigError`` naming
 the spec field that pointed here (``data.tokens``, ``data.heldOut``, ``perplexity.data``).
@@ -204,6 +205,10 @@ def _env_bytes(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+MAX_PREFETCHED = 4096
+"""Byte ranges held ahead of their use at most (a few steps' windows)."""
+
+
 class BlockCache:
     """Blocks of remote shards in a local directory, at most ``budget`` bytes, least recently used evicted.
 
@@ -225,6 +230,7 @@ class BlockCache:
         self._lock = threading.Lock()
         self._blocks: OrderedDict[tuple[int, int], int] = OrderedDict()  # key → bytes on disk
         self._pending: dict[tuple[int, int], Future[Path]] = {}
+        self._ranges: dict[tuple[int, int, int], Future[bytes]] = {}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lmforge-prefetch")
         self._finalizer_pool = weakref.finalize(self, self._pool.shutdown, False, cancel_futures=True)
         self.downloaded = 0
@@ -293,6 +299,32 @@ class BlockCache:
         for key in keys:
             self._future(key)
 
+    # exact byte ranges: for a corpus larger than the budget, where a block would be read for one window
+    def _fetch_range(self, key: tuple[int, int, int]) -> bytes:
+        fs, path = self._fs[key[0]]
+        data = fs.cat_file(path, start=key[1], end=key[2])
+        if len(data) != key[2] - key[1]:
+            raise OSError(f"{self.shards[key[0]].path}: read {len(data)} bytes at {key[1]}, expected more")
+        with self._lock:
+            self.downloaded += len(data)
+        return data
+
+    def read_range(self, shard: int, start: int, end: int) -> np.ndarray:
+        """Bytes ``[start, end)`` of a shard as tokens: from a prefetch of that range, or fetched now."""
+        key = (shard, start, end)
+        with self._lock:
+            future = self._ranges.pop(key, None)
+        data = future.result() if future is not None else self._fetch_range(key)
+        return np.frombuffer(data, dtype=self.shards[shard].dtype)
+
+    def prefetch_ranges(self, keys: Iterable[tuple[int, int, int]]) -> None:
+        with self._lock:
+            for key in keys:
+                if key not in self._ranges:
+                    self._ranges[key] = self._pool.submit(self._fetch_range, key)
+            while len(self._ranges) > MAX_PREFETCHED:  # ranges prefetched but never read (the run ended)
+                self._ranges.pop(next(iter(self._ranges))).cancel()
+
 
 class TokenStream:
     """All shards under ``uri`` as one token sequence with random access: memory-mapped local files, or
@@ -305,11 +337,15 @@ class TokenStream:
             raise ShardError(f"the token shards in {self.uri.removeprefix('file://')} are empty; {_HINT}")
         self.remote = self.shards[0].remote
         self._cache: BlockCache | None = None
+        self._whole_blocks = False
+        """Remote shards that fit the cache budget are read in cached blocks; larger ones window by window."""
         self._maps: list[Any] = []
         if self.remote:
             block = _env_bytes("LMFORGE_CACHE_BLOCK_BYTES", 4 << 20)
             block -= block % 4  # whole tokens of either size
-            self._cache = BlockCache(self.shards, block, _env_bytes("LMFORGE_CACHE_BYTES", 16 << 30), cache)
+            budget = _env_bytes("LMFORGE_CACHE_BYTES", 16 << 30)
+            self._cache = BlockCache(self.shards, block, budget, cache)
+            self._whole_blocks = sum(s.tokens * s.token_size for s in self.shards) <= budget
         else:
             self._maps = [s.memmap() for s in self.shards]
         self._starts = np.cumsum([0] + [s.tokens for s in self.shards])
@@ -352,6 +388,9 @@ class TokenStream:
     def _read(self, i: int, local: int, take: int) -> np.ndarray:
         if self._cache is None:
             return self._maps[i][local : local + take]
+        size = self.shards[i].token_size
+        if not self._whole_blocks:
+            return self._cache.read_range(i, local * size, (local + take) * size)
         per = self._cache.block_bytes // self.shards[i].token_size
         parts = []
         for b in self._blocks(i, local, take):
@@ -365,6 +404,13 @@ class TokenStream:
         """Start downloading what windows ``(start, length)`` will read (remote shards only; returns at
         once)."""
         if self._cache is None:
+            return
+        if not self._whole_blocks:
+            self._cache.prefetch_ranges(
+                (i, local * self.shards[i].token_size, (local + take) * self.shards[i].token_size)
+                for start, length in windows
+                for i, local, take, _ in self._pieces(start, length)
+            )
             return
         keys = []
         for start, length in windows:
