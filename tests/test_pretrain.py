@@ -797,8 +797,25 @@ def test_s3_run_checkpoints_exports_and_resumes_after_sigkill(
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # bit-identical after the resume
 
+    # continued pre-training from the model in the bucket starts where the run ended
+    cont = manifest(
+        tmp_path,
+        data,
+        name="cont",
+        model={"init": {"path": f"{out}/model"}},
+        budget={"steps": 1},
+        optimizer={"lr": 1e-9, "warmupSteps": 0},
+        checkpoint={"everySteps": 1, "keep": 1},
+        eval={"everySteps": 1, "batches": 2},
+    )
+    assert main(["--manifest", str(cont)]) == 0
+    end = losses(tmp_path / "straight", "evalLoss")[8]
+    assert losses(tmp_path / "cont", "evalLoss")[1] == pytest.approx(end, abs=1e-5)
 
-@pytest.mark.parametrize("problem", ["missing-object", "missing-bucket", "wrong-credentials"])
+
+@pytest.mark.parametrize(
+    "problem", ["missing-object", "missing-bucket", "wrong-credentials", "missing-model"]
+)
 def test_s3_problems_are_one_line_exit_64(
     tmp_path: Path, data: dict[str, str], s3, capsys, monkeypatch: pytest.MonkeyPatch, problem: str
 ) -> None:  # type: ignore[no-untyped-def]
@@ -807,6 +824,9 @@ def test_s3_problems_are_one_line_exit_64(
     if problem == "missing-object":
         remote["heldOut"] = f"{s3.uri}/corpus/no-such-split"
         field, message = "spec.data.heldOut", f"{s3.uri}/corpus/no-such-split does not exist"
+    elif problem == "missing-model":
+        spec["model"] = {"init": {"path": f"{s3.uri}/models/none"}}
+        field, message = "spec.model.init.path", f"{s3.uri}/models/none does not exist"
     elif problem == "missing-bucket":
         spec["output"] = "s3://no-such-bucket/run"
         field, message = "spec.output", "bucket s3://no-such-bucket does not exist"
