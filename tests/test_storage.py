@@ -151,3 +151,14 @@ def test_remote_stream_is_cached_bounded_and_prefetched(
     # a missing corpus is a ShardError naming the URI, as for local paths
     with pytest.raises(shards.ShardError, match=rf"{s3.uri}/nothing does not exist"):
         shards.TokenStream(f"{s3.uri}/nothing")
+
+
+def test_a_checkpoint_without_its_marker_in_s3_is_not_one(s3) -> None:  # type: ignore[no-untyped-def]
+    """A save cut short mid-upload (objects of step 8 but no COMPLETE) leaves step 4 the latest."""
+    from lmforge_jobs.pretrain import checkpoint as ckpt
+
+    for key in ("step-00000004/__0_0.distcp", "step-00000004/COMPLETE", "step-00000008/__0_0.distcp"):
+        s3.client.put_object(Bucket=s3.bucket, Key=f"run/checkpoints/{key}", Body=b"x")
+    root = f"{s3.uri}/run/checkpoints"
+    assert ckpt.list_complete(root) == [(4, f"{root}/step-00000004")]
+    assert ckpt.latest(f"{s3.uri}/run/nothing-yet") is None
