@@ -45,3 +45,7 @@ def _no_processes_left_behind(request: pytest.FixtureRequest):  # type: ignore[n
             + "; ".join(f"{pid} {cmd[:120]}" for pid, cmd in sorted(left.items())),
             pytrace=False,
         )
+
+
+# ------------------------------------------------------------------ a loopback S3 server (s3_fixtures)
+from s3_fixtures import s3, s3_server  # noqa: E402,F401

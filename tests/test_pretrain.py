@@ -729,3 +729,116 @@ def test_bad_input_is_one_line_exit_64(
     assert len(err) == 1 and err[0].startswith(f"error: {field}"), err
     progress = json.loads((tmp_path / "run" / "progress.json").read_text())
     assert progress["state"] == "Invalid" and progress["field"] == field.rstrip(": ")
+
+
+# ------------------------------------------------------------------------------------ object storage (S3)
+def _to_s3(data: dict[str, str], s3) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The same corpus uploaded to the loopback S3 server: spec.data with s3:// URIs."""
+    from lmforge_jobs import storage
+
+    fs, _ = storage.filesystem(s3.uri)
+    out = {}
+    for key, local in data.items():
+        uri = f"{s3.uri}/corpus/{key}"
+        fs.put(f"{local}/", f"{s3.bucket}/corpus/{key}/", recursive=True)
+        out[key] = uri
+    return out
+
+
+S3_SPEC = {"budget": {"steps": 8}, "checkpoint": {"everySteps": 4, "keep": 3}, "eval": {"everySteps": 4}}
+
+
+def test_s3_corpus_trains_to_the_same_losses(
+    tmp_path: Path, data: dict[str, str], s3, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Shards read from S3 through a cache far smaller than the corpus (blocks evicted and read again,
+    windows across blocks) give the bit-identical losses, training and held-out, of the local shards."""
+    remote = _to_s3(data, s3)
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMFORGE_CACHE_BLOCK_BYTES", "4096")
+    monkeypatch.setenv("LMFORGE_CACHE_BYTES", "16384")
+    assert main(["--manifest", str(manifest(tmp_path, data, name="local", **S3_SPEC))]) == 0
+    assert main(["--manifest", str(manifest(tmp_path, remote, name="s3", **S3_SPEC))]) == 0
+    for key in ("loss", "evalLoss"):
+        local, from_s3 = losses(tmp_path / "local", key), losses(tmp_path / "s3", key)
+        assert local and from_s3 == local, key
+    corpus = sum(f.stat().st_size for f in Path(data["tokens"]).glob("*.ds"))
+    assert corpus > 16384  # the cache was bounded below the corpus size
+
+
+def test_s3_run_checkpoints_exports_and_resumes_after_sigkill(
+    tmp_path: Path, data: dict[str, str], s3
+) -> None:  # type: ignore[no-untyped-def]
+    """Data and output on S3: DCP checkpoints with their marker and the Hugging Face export land in the
+    bucket; a run killed after its first checkpoint resumes from S3 and ends with the weights of an
+    uninterrupted local run."""
+    from safetensors.torch import load_file
+
+    from lmforge_jobs import storage
+
+    assert main(["--manifest", str(manifest(tmp_path, data, name="straight", **S3_SPEC))]) == 0
+    out = f"{s3.uri}/runs/killed"
+    path = manifest(tmp_path, _to_s3(data, s3), name="killed", output=out, **S3_SPEC)
+    proc = _run(path)
+    _wait_for(lambda: "runs/killed/checkpoints/step-00000004/COMPLETE" in s3.keys("runs/"), proc, 120)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert ckpt.latest(f"{out}/checkpoints")[0] == 4
+    assert not any(k.startswith("runs/killed/model/") for k in s3.keys("runs/"))
+    assert main(["--manifest", str(path)]) == 0
+    keys = s3.keys("runs/killed/")
+    assert "runs/killed/model/model.safetensors" in keys and "runs/killed/model/tokenizer.json" in keys
+    assert [s for s, _ in ckpt.list_complete(f"{out}/checkpoints")] == [4, 8]
+    assert not [k for k in keys if k.endswith(".tmp")]
+    fs, model = storage.filesystem(f"{out}/model/model.safetensors")
+    fs.get_file(model, str(tmp_path / "from-s3.safetensors"))
+    straight = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "from-s3.safetensors"))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # bit-identical after the resume
+
+    # continued pre-training from the model in the bucket starts where the run ended
+    cont = manifest(
+        tmp_path,
+        data,
+        name="cont",
+        model={"init": {"path": f"{out}/model"}},
+        budget={"steps": 1},
+        optimizer={"lr": 1e-9, "warmupSteps": 0},
+        checkpoint={"everySteps": 1, "keep": 1},
+        eval={"everySteps": 1, "batches": 2},
+    )
+    assert main(["--manifest", str(cont)]) == 0
+    end = losses(tmp_path / "straight", "evalLoss")[8]
+    assert losses(tmp_path / "cont", "evalLoss")[1] == pytest.approx(end, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "problem", ["missing-object", "missing-bucket", "wrong-credentials", "missing-model"]
+)
+def test_s3_problems_are_one_line_exit_64(
+    tmp_path: Path, data: dict[str, str], s3, capsys, monkeypatch: pytest.MonkeyPatch, problem: str
+) -> None:  # type: ignore[no-untyped-def]
+    remote = _to_s3(data, s3)
+    spec: dict[str, object] = {}
+    if problem == "missing-object":
+        remote["heldOut"] = f"{s3.uri}/corpus/no-such-split"
+        field, message = "spec.data.heldOut", f"{s3.uri}/corpus/no-such-split does not exist"
+    elif problem == "missing-model":
+        spec["model"] = {"init": {"path": f"{s3.uri}/models/none"}}
+        field, message = "spec.model.init.path", f"{s3.uri}/models/none does not exist"
+    elif problem == "missing-bucket":
+        spec["output"] = "s3://no-such-bucket/run"
+        field, message = "spec.output", "bucket s3://no-such-bucket does not exist"
+    else:
+        s3.enforce_auth()
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "zq9-secret-value")
+        field, message = "spec.data.tokens", f"access denied to {s3.uri}/corpus/tokens"
+    assert main(["--manifest", str(manifest(tmp_path, remote, **spec))]) == EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {field}: {message}"), err
+    assert "AKIAWRONG" not in err[0] and "zq9-secret" not in err[0]
+    if problem != "missing-bucket":
+        progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+        assert progress["state"] == "Invalid" and progress["field"] == field

@@ -9,8 +9,8 @@ Layout under ``<spec.output>/checkpoints``::
         lmforge.json                model args and architecture: enough to rebuild and export the model
         COMPLETE                    completion marker, written last by rank 0 after every rank finished
 
-``checkpoints`` may be a local path or an fsspec URI (s3://, gs:// — with s3fs / gcsfs installed): DCP
-writes through fsspec and the marker is written last either way. A directory without ``COMPLETE`` is not a
+``checkpoints`` may be a local path or a URI (s3://, gs://, through :mod:`lmforge_jobs.storage`, whose
+endpoint override and credentials DCP's fsspec writer uses too): the marker is written last either way. A directory without ``COMPLETE`` is not a
 checkpoint (a save cut short by preemption): ``list_complete``
 ignores it and the next save removes it. Only the newest ``keep`` complete checkpoints are kept.
 Sharded (FSDP) and replicated (DDP) state save the same logical tensors, so a run may resume with a
@@ -27,39 +27,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
+
 MARKER = "COMPLETE"
 META = "lmforge.json"
 TOKENIZER_DIR = "tokenizer"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _local(uri: str | os.PathLike[str]) -> Path:
-    return Path(str(uri).removeprefix("file://"))
-
-
-def is_remote(uri: str | os.PathLike[str]) -> bool:
-    text = str(uri)
-    return "://" in text and not text.startswith("file://")
-
-
-def _fs(uri: str | os.PathLike[str]) -> tuple[Any, str]:
-    """(fsspec filesystem, path) of a local path or a URI (s3://, gs://, memory:// …)."""
-    import fsspec
-
-    text = str(uri) if is_remote(uri) else os.path.abspath(_local(uri))
-    fs, path = fsspec.core.url_to_fs(text)
-    return fs, path.rstrip("/")
-
-
-def _uri(fs: Any, path: str) -> str:
-    """A path as callers see it: a plain path locally, protocol://path elsewhere."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
-    return path if "file" in protocols or "local" in protocols else fs.unstrip_protocol(path)
+is_remote = storage.is_remote  # the jobs' one definition, re-exported
 
 
 def step_dir(root: str | os.PathLike[str], step: int) -> Path:
     """The directory of ``step`` under a local ``root``."""
-    return _local(root) / f"step-{step:08d}"
+    return storage.local_path(root) / f"step-{step:08d}"
 
 
 def _step_dirs(fs: Any, root: str) -> list[tuple[int, str]]:
@@ -76,8 +57,8 @@ def _step_dirs(fs: Any, root: str) -> list[tuple[int, str]]:
 
 def list_complete(root: str) -> list[tuple[int, str]]:
     """(step, directory) of every complete checkpoint under ``root``, oldest first (a local path or URI)."""
-    fs, path = _fs(root)
-    return [(s, _uri(fs, p)) for s, p in _step_dirs(fs, path) if fs.isfile(f"{p}/{MARKER}")]
+    fs, path = storage.filesystem(root)
+    return [(s, storage.to_uri(fs, p)) for s, p in _step_dirs(fs, path) if fs.isfile(f"{p}/{MARKER}")]
 
 
 def latest(root: str) -> tuple[int, str] | None:
@@ -86,7 +67,7 @@ def latest(root: str) -> tuple[int, str] | None:
 
 
 def read_meta(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    fs, path = _fs(checkpoint_dir)
+    fs, path = storage.filesystem(checkpoint_dir)
     with fs.open(f"{path}/{META}", "r", encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -97,12 +78,12 @@ def tokenizer_dir(checkpoint_dir: str | os.PathLike[str]) -> Path:
     if is_remote(checkpoint_dir):
         import tempfile
 
-        fs, path = _fs(checkpoint_dir)
+        fs, path = storage.filesystem(checkpoint_dir)
         local = Path(tempfile.mkdtemp(prefix="lmforge-tokenizer-"))
         for f in fs.ls(f"{path.rsplit('/', 1)[0]}/{TOKENIZER_DIR}", detail=False):
             fs.get_file(f, str(local / f.rsplit("/", 1)[-1]))
         return local
-    path = _local(checkpoint_dir)
+    path = storage.local_path(checkpoint_dir)
     beside = path.parent / TOKENIZER_DIR
     if beside.is_dir():
         return beside
@@ -138,7 +119,7 @@ class Checkpointer:
 
     def __init__(self, root: str, keep: int, rank: int = 0, distributed: bool = False):
         self.root = str(root)
-        self.fs, self.path = _fs(root)
+        self.fs, self.path = storage.filesystem(root)
         self.keep = keep
         self.rank = rank
         self.distributed = distributed
@@ -159,8 +140,7 @@ class Checkpointer:
         self._barrier()
 
     def _write(self, path: str, text: str) -> None:
-        with self.fs.open(path, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        storage.write_text_atomic(storage.to_uri(self.fs, path), text)
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
         import torch
@@ -172,18 +152,17 @@ class Checkpointer:
         self._barrier()
         with warnings.catch_warnings():  # one process without a process group is intended
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save(state, checkpoint_id=_uri(self.fs, path))
+            dcp.save(state, checkpoint_id=storage.to_uri(self.fs, path))
         with self.fs.open(f"{path}/rng-{self.rank}.pt", "wb") as fh:
             torch.save(rng_state(), fh)
         self._barrier()
         if self.rank == 0:
             self._write(f"{path}/{META}", json.dumps({**meta, "step": step}, indent=2))
-            # written beside, then renamed: the marker appears whole (a single PUT on object stores)
-            self._write(f"{path}/.{MARKER}.tmp", json.dumps({"step": step}))
-            self.fs.mv(f"{path}/.{MARKER}.tmp", f"{path}/{MARKER}")
+            # written beside, then moved: the marker appears whole (a single PUT on object stores)
+            self._write(f"{path}/{MARKER}", json.dumps({"step": step}))
             self.prune()
         self._barrier()
-        return _uri(self.fs, path)
+        return storage.to_uri(self.fs, path)
 
     def prune(self) -> None:
         """Keep the newest ``keep`` complete checkpoints; remove incomplete ones older than the newest."""
@@ -205,7 +184,7 @@ class Checkpointer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(state, checkpoint_id=path)
-        fs, p = _fs(path)
+        fs, p = storage.filesystem(path)
         rng = f"{p}/rng-{self.rank}.pt"
         if fs.exists(rng):
             with fs.open(rng, "rb") as fh:

@@ -6,6 +6,8 @@ visits them in a permutation seeded by (seed, epoch). Global sequence ``g`` of t
 ``s·G + m·world·mb + r·mb + j`` (G sequences per step). So the loader's whole state is the step: a resumed
 run reads exactly what the uninterrupted one would have, and the global batch does not depend on how the
 processes are arranged. Masking for the encoder objectives draws from a generator seeded by (seed, g).
+Remote shards are prefetched: at the start of each step the windows of the next ``LMFORGE_PREFETCH_STEPS``
+(default 2) steps go to the stream's background downloads.
 
 Objectives:
 
@@ -19,6 +21,8 @@ Objectives:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +31,8 @@ import torch
 from lmforge_jobs.shards import TokenStream
 
 IGNORE = -100
+PREFETCH_STEPS = int(os.environ.get("LMFORGE_PREFETCH_STEPS", "2"))
+"""Steps whose windows are downloaded ahead when the shards are remote."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class TokenBatches:
         self.stream, self.obj = stream, objective
         self.mb, self.accum, self.rank, self.world = micro_batch, accumulation, rank, world
         self.seed, self.shuffle = seed, shuffle
+        self.prefetching = bool(getattr(stream, "remote", False))
+        """The stream reads remote shards: hand it the windows of the next steps ahead of time."""
         self.windows = (
             (len(stream) - 1) // objective.seq_len
             if objective.architecture == "decoder"
@@ -111,13 +119,27 @@ class TokenBatches:
         return [base + j for j in range(self.mb)]
 
     def train(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        if micro == 0 and self.prefetching:
+            # the order is a function of the step: fetch what the next steps read while this one computes
+            ahead = range(step, step + PREFETCH_STEPS + 1)
+            self._prefetch(g for s in ahead for m in range(self.accum) for g in self.sequence_ids(s, m))
         return self._batch(self.sequence_ids(step, micro))
+
+    def _prefetch(self, ids: Iterable[int]) -> None:
+        o = self.obj
+        self.stream.prefetch((self._window_of(g) * o.seq_len, o.window) for g in ids)
 
     def held_out_batches(self, wanted: int) -> int:
         """How many held-out micro-batches per process evaluate each window at most once (at least 1)."""
         return max(1, min(wanted, self.windows // (self.world * self.mb)))
 
     def held_out(self, k: int) -> dict[str, torch.Tensor]:
+        if self.prefetching:
+            self._prefetch(
+                (((k + n) * self.world + self.rank) * self.mb + j) % self.windows
+                for n in range(PREFETCH_STEPS + 1)
+                for j in range(self.mb)
+            )
         base = (k * self.world + self.rank) * self.mb
         return self._batch([(base + j) % self.windows for j in range(self.mb)])
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge_jobs import storage
 from lmforge_jobs.pretrain.model import ModelArgs, build_model, hf_config
 from lmforge_jobs.secrets import read_secret
 
@@ -39,21 +40,48 @@ TOKENIZER_FILES = (
 INT8_DIR = "model-int8"
 
 
-def _local(uri: str | os.PathLike[str]) -> Path:
-    return Path(str(uri).removeprefix("file://"))
+def local_source(uri: str | os.PathLike[str]) -> Path:
+    """A local directory for ``uri``: the path itself, or a download of a remote file or directory."""
+    if not storage.is_remote(uri):
+        return storage.local_path(uri)
+    return _download(str(uri).rstrip("/"))
+
+
+_downloads: dict[str, Path] = {}
+
+
+def _download(uri: str) -> Path:
+    """A remote tokenizer or model (a file, or a directory's files) copied once into a temporary directory;
+    storage errors (access denied, missing bucket or object) propagate as OSError."""
+    if uri in _downloads and _downloads[uri].exists():
+        return _downloads[uri]
+    import tempfile
+
+    fs, path = storage.filesystem(uri)
+    dest = Path(tempfile.mkdtemp(prefix="lmforge-download-"))
+    if fs.isfile(path):
+        local = dest / path.rsplit("/", 1)[-1]
+        fs.get_file(path, str(local))
+    else:
+        if not fs.isdir(path):
+            raise FileNotFoundError(uri)
+        fs.get(f"{path}/", f"{dest}/", recursive=True)
+        local = dest
+    _downloads[uri] = local
+    return local
 
 
 # -------------------------------------------------------------------------------------------- tokenizer
 def tokenizer_files(source: str | os.PathLike[str]) -> list[Path]:
     """The tokenizer files of a tokenizer.json file or a tokenizer directory."""
-    path = _local(source)
+    path = local_source(source)
     if path.is_file():
         return [path]
     return [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
 
 
 def tokenizer_json(source: str | os.PathLike[str]) -> Path | None:
-    path = _local(source)
+    path = local_source(source)
     if path.is_file():
         return path
     return path / "tokenizer.json" if (path / "tokenizer.json").is_file() else None
@@ -174,7 +202,7 @@ def write_hf(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """config.json + model.safetensors + tokenizer files in ``out_dir`` (written beside, then renamed)."""
-    out = _local(out_dir)
+    out = storage.local_path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -218,9 +246,9 @@ def load_checkpoint_state(
     group."""
     import torch.distributed.checkpoint as dcp
 
-    from lmforge_jobs.pretrain.checkpoint import MARKER, _fs, _uri, read_meta
+    from lmforge_jobs.pretrain.checkpoint import MARKER, read_meta
 
-    fs, path = _fs(checkpoint_dir)
+    fs, path = storage.filesystem(checkpoint_dir)
     if not fs.isfile(f"{path}/{MARKER}"):
         raise FileNotFoundError(f"{checkpoint_dir} is not a complete checkpoint (no {MARKER} marker)")
     args = ModelArgs.from_dict(read_meta(checkpoint_dir)["modelArgs"])
@@ -229,7 +257,7 @@ def load_checkpoint_state(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load({"model": state}, checkpoint_id=_uri(fs, path))
+            dcp.load({"model": state}, checkpoint_id=storage.to_uri(fs, path))
     except Exception as exc:
         if not fs.isfile(f"{path}/{MARKER}"):  # pruned by the run's retention while being read
             raise FileNotFoundError(f"{checkpoint_dir} was removed while it was read") from exc
@@ -249,9 +277,7 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str) -> None:
 
 def upload(local_dir: str | os.PathLike[str], uri: str) -> None:
     """Copy a local directory to a storage URI (fsspec), replacing what is there."""
-    from lmforge_jobs.pretrain.checkpoint import _fs
-
-    fs, path = _fs(uri)
+    fs, path = storage.filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
     fs.makedirs(path, exist_ok=True)
@@ -292,7 +318,7 @@ def write_int8(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
     """An int8 weight-only copy of an exported model: quantised safetensors + config + tokenizer."""
     from safetensors.torch import load_file, save_file
 
-    src, out = _local(model_dir), _local(out_dir)
+    src, out = local_source(model_dir), storage.local_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = load_file(str(src / "model.safetensors"))
     save_file(quantize_int8(state), str(out / "model.int8.safetensors"), metadata={"format": "lmforge-int8"})
@@ -310,7 +336,7 @@ def load_int8(model_dir: str | os.PathLike[str]) -> nn.Module:
     import transformers
     from safetensors.torch import load_file
 
-    path = _local(model_dir)
+    path = storage.local_path(model_dir)
     config = transformers.AutoConfig.from_pretrained(str(path))
     auto = (
         transformers.AutoModelForCausalLM
@@ -338,7 +364,7 @@ def push_to_hub(model_dir: str | os.PathLike[str], push: Any, api: Any = None) -
         api.create_branch(repo_id=push.repo, branch=push.revision, exist_ok=True, token=token)
     info = api.upload_folder(
         repo_id=push.repo,
-        folder_path=str(_local(model_dir)),
+        folder_path=str(storage.local_path(model_dir)),
         revision=push.revision,
         commit_message="lmforge: pretrained model export",
         token=token,
@@ -352,7 +378,7 @@ def load_hf_into(model: nn.Module, args: ModelArgs, path: str | os.PathLike[str]
     native decoder; shapes must match ``args``."""
     from safetensors.torch import load_file
 
-    src = _local(path)
+    src = local_source(path)
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {src}")
@@ -383,7 +409,7 @@ def load_hf_into(model: nn.Module, args: ModelArgs, path: str | os.PathLike[str]
 
 def hf_shape(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The model shape a Hugging Face Llama config.json describes, in spec.model's camelCase terms."""
-    config = json.loads((_local(path) / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((local_source(path) / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") not in ("llama", "mistral", "qwen2", None):
         raise ValueError(f"model_type {config.get('model_type')!r} is not a Llama-family decoder")
     heads = config["num_attention_heads"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.entry import ConfigError
 from lmforge_jobs.pretrain import export as exp
 from lmforge_jobs.pretrain.config import PretrainRunSpec
@@ -31,6 +32,7 @@ def build_inputs(spec: PretrainRunSpec, rank: int, world_size: int, accumulation
     """Open and check everything the run reads, in the order a user would fix it: shards, tokenizer, model
     shape, token ids against the tokenizer, model.init, the hub-push secret, then this rank's batches."""
     assert spec.data is not None
+    storage.check_bucket(str(spec.output), "output")  # before training, not at the first checkpoint
     train_stream = open_stream(spec.data.tokens, "data.tokens")
     held_out_stream = open_stream(spec.data.held_out, "data.heldOut") if spec.data.held_out else None
     tokenizer, tokenizer_file = load_tokenizer(spec.data.tokenizer)
@@ -73,7 +75,10 @@ def open_stream(uri: str, field: str) -> TokenStream:
 def load_tokenizer(uri: str) -> Any:
     from tokenizers import Tokenizer
 
-    path = exp.tokenizer_json(uri)
+    try:
+        path = exp.tokenizer_json(uri)
+    except OSError as exc:
+        raise storage.config_error("data.tokenizer", exc, uri) from None
     if path is None:
         raise ConfigError("data.tokenizer", f"{uri}: no tokenizer.json file or directory containing one")
     try:
@@ -138,7 +143,10 @@ def resolve_init(spec: PretrainRunSpec) -> str | None:
     if spec.model.architecture.value != "decoder":
         raise ConfigError("model.init", "continued pre-training supports architecture decoder (Llama family)")
     if init.path is not None:
-        path = init.path.removeprefix("file://")
+        try:  # a model in object storage is downloaded once (weights and config)
+            path = str(exp.local_source(init.path))
+        except OSError as exc:
+            raise storage.config_error("model.init.path", exc, init.path) from None
     else:
         from huggingface_hub import snapshot_download
 
