@@ -41,6 +41,8 @@ IMPORTS: dict[str, dict[str, str]] = {
         "tldextract": "tldextract",
         "fasttext": "fasttext-numpy2-wheel",
         "fsspec": "fsspec",
+        "s3fs": "s3fs",  # fsspec's s3:// (loaded by protocol name, not imported by the code)
+        "multiprocess": "multiprocess",  # datatrove's process pool (its workers die with the job)
         "spacy": "spacy",
         "tokenizers": "tokenizers",
         "prometheus_client": "prometheus-client",
@@ -50,6 +52,7 @@ IMPORTS: dict[str, dict[str, str]] = {
         "numpy": "numpy",
         "tokenizers": "tokenizers",
         "fsspec": "fsspec",
+        "s3fs": "s3fs",
         "torchx": "torchx-nightly",
         "transformers": "transformers",
         "safetensors": "safetensors",

@@ -298,6 +298,7 @@ def test_budget_rules() -> None:
                 "budget": budget,
                 "batch": {"globalTokens": 8192, "microBatchSize": 8},
                 "model": {"seqLen": 1024},
+                "optimizer": {"warmupSteps": 2},
             }
         )
 
