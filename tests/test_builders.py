@@ -165,7 +165,10 @@ def test_rbac_allows_what_the_operator_does_and_nothing_more() -> None:
         assert rbac.allows(group, plural, "create")
         assert not rbac.allows(group, plural, "patch") and not rbac.allows(group, plural, "update")
     assert rbac.allows("batch", "jobs", "get") and rbac.allows("batch", "jobs", "watch")
-    assert not rbac.allows("", "services", "delete")
+    # a child found under its name is read and, when an earlier resource of the same name owns it, deleted
+    for group, plural in (("", "configmaps"), ("", "services"), ("networking.k8s.io", "networkpolicies")):
+        assert rbac.allows(group, plural, "get") and rbac.allows(group, plural, "delete")
+        assert not rbac.allows(group, plural, "list") and not rbac.allows(group, plural, "watch")
     assert rbac.allows("", "events", "create")
     assert not rbac.allows("", "events", "patch") and not rbac.allows("events.k8s.io", "events", "create")
     assert rbac.allows("", "pods", "list")
