@@ -139,6 +139,7 @@ def test_bad_input_names_the_field(tmp_path: Path, base: str, capsys: pytest.Cap
 
 
 # ------------------------------------------------------------------------------------------------- sft
+@pytest.mark.slow
 def test_sft_lowers_answer_loss_and_adds_chat_template(tmp_path: Path, base: str) -> None:
     from lmforge_jobs.resolve import expected_outputs
 
@@ -166,6 +167,7 @@ def test_sft_lowers_answer_loss_and_adds_chat_template(tmp_path: Path, base: str
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_sft_resumes_after_interruption(tmp_path: Path, base: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import lmforge_jobs.align.trainers as trainers
 
@@ -224,6 +226,7 @@ def test_sft_resumes_after_interruption(tmp_path: Path, base: str, monkeypatch: 
     assert (out / "model" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_sft_packing_and_prompt_tuning(tmp_path: Path, base: str) -> None:
     import torch
     from peft import PeftModel
@@ -289,6 +292,7 @@ def reward_run(tmp_path_factory: pytest.TempPathFactory, base: str) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_reward_model_held_out_accuracy(reward_run: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -300,6 +304,7 @@ def test_reward_model_held_out_accuracy(reward_run: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- dpo
+@pytest.mark.slow
 def test_dpo_lora_raises_margin_and_merges(tmp_path: Path, base: str) -> None:
     import torch
     from peft import PeftModel
@@ -349,6 +354,7 @@ def test_dpo_lora_raises_margin_and_merges(tmp_path: Path, base: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- ppo
+@pytest.mark.slow
 def test_ppo_raises_reward_with_bounded_kl(tmp_path: Path, base: str, reward_run: Path) -> None:
     spec = {
         "base": {"path": base},

@@ -266,6 +266,7 @@ def test_held_out_split_ignores_order_and_rank() -> None:
 
 
 # ------------------------------------------------------------------------------------- kill and resume
+@pytest.mark.slow
 def test_killed_rank_resumes_to_the_same_output(corpus: Path, lid: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     manifest = write_manifest(tmp_path / "corpus.yaml", out, _spec(lid))
@@ -382,6 +383,7 @@ def test_bad_input_is_one_clear_error(case: str, tmp_path: Path) -> None:
         assert json.loads((out / "progress.json").read_text())["state"] == "Invalid"
 
 
+@pytest.mark.slow
 def test_a_stage_waits_for_every_rank_of_the_previous_one(tmp_path: Path) -> None:
     docs = _jsonl(tmp_path / "docs.jsonl.gz", ["A plain sentence about the weather in spring."] * 4)
     spec = {"sources": [{"jsonl": {"paths": [str(docs)]}}], "parallelism": {"tasks": 2, "workers": 1}}

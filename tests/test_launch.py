@@ -71,6 +71,7 @@ COUNTING_JOB = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_config_error_under_torchrun_exits_64_without_restarts(tmp_path: Path) -> None:
     manifest = _bad_pretrain(tmp_path)
     script = tmp_path / "job.py"
@@ -176,6 +177,7 @@ def _terminate_during_save(tmp: Path, save_seconds: float, shutdown_timeout: int
     return code, (out / "saved-0").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_reaches_the_workers_and_waits_the_shutdown_timeout(tmp_path: Path) -> None:
     code, saved = _terminate_during_save(tmp_path, save_seconds=3, shutdown_timeout=15)
     assert saved, "the worker was killed before its save finished"
@@ -204,6 +206,7 @@ def test_final_code_never_reports_a_stop_as_success() -> None:
     assert final_code(-9, {}, signalled=False) == 137
 
 
+@pytest.mark.slow
 def test_pretrain_stopped_under_the_launcher_exits_143_and_resumes(tmp_path: Path) -> None:
     """The preemption path end to end on one node: SIGTERM to the launcher → every rank saves and stops →
     the pod's code is 143 (the Job replaces the pod) → a new launcher resumes from that checkpoint."""

@@ -302,6 +302,7 @@ print(status("VmHWM") - base)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape",
     [

@@ -67,6 +67,7 @@ def _torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "lmforge_jobs.pretrain", "--manifest"]
 
 
+@pytest.mark.slow
 def test_two_nodes_ddp_and_fsdp_match_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_token_data(tmp_path / "data", vocab_size=320, documents=200, held_out=30)
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"corpus": "tiny-web", "pretrainrun": "tiny-gpt", "evaluation": "tiny-eval"}
 
@@ -57,6 +59,7 @@ def _untrained_perplexity(model_dir: Path, held_out: str) -> float:
     return perplexity_of_model(model, model_dir, held_out, seq_len=64, batch_size=8)
 
 
+@pytest.mark.slow
 def test_quickstart_interrupt_resume_complete(tmp_path: Path) -> None:
     workdir = tmp_path / "runs"
     cmd = [_lmforge(), "run", "examples/quickstart", "--workdir", str(workdir), "--plain"]
