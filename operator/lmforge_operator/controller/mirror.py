@@ -33,13 +33,19 @@ def status_model(kind: str) -> Any:
     return next(a for a in getattr(model, "__args__", (model,)) if a is not type(None))
 
 
-async def job_pods(api: Kube, ns: str, job_name: str) -> list[dict[str, Any]]:
+async def job_pods(api: Kube, ns: str, job_name: str, fresh: bool = False) -> list[dict[str, Any]]:
+    """The Job's pods: from the pod watch's index when the client has one (a running Job is reconciled
+    every resync; a LIST each time is what that index saves), else, or when ``fresh``, a LIST (the pod
+    watch and the Job watch are separate streams: a Job's end may arrive before its pods' last change)."""
+    index = getattr(api, "pod_index", None)
+    if index is not None and not fresh:
+        return index(ns, job_name)
     return await api.list("Pod", ns, {"job-name": job_name})
 
 
 async def read_summary(api: Kube, ns: str, job_name: str) -> dict[str, Any] | None:
     """The job's summary from a termination message: rank 0's, else any pod's."""
-    pods = await job_pods(api, ns, job_name)
+    pods = await job_pods(api, ns, job_name, fresh=True)
     summaries = [s for p in pods if (s := status_helpers.termination_summary(p))]
     pod = status_helpers.rank0_pod(pods)
     best = status_helpers.termination_summary(pod) if pod is not None else None
