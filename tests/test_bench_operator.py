@@ -19,16 +19,21 @@ BENCH = ROOT / "bench" / "operator.py"
 
 @pytest.mark.parametrize("kind", ["Evaluation", "PretrainRun"])
 def test_bench_operator_creates_a_job_per_resource(kind: str) -> None:
-    args = ["--kind", kind, "--resources", "4", "--latency-resources", "2", "--timeout", "30", "--json"]
+    args = ["--kind", kind, "--resources", "4", "--latency-resources", "4", "--timeout", "30", "--json"]
+    args += ["--latency-rate", "4", "--resync-seconds", "0.3"]  # the late ones span several resyncs
     proc = subprocess.run(
         [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=180, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["kind"] == kind
-    assert result["jobsCreated"] == 4 and result["latencyResources"] == 2
+    assert result["jobsCreated"] == 4 and result["latencyResources"] == 4
     assert result["serverErrors"] == 0
     assert result["createToJob"]["p99"] is not None
+    # the running Jobs were resynced meanwhile, their pods read from the pod watch, nothing written
+    assert result["steady"]["reconciles"] >= 4
+    assert result["steady"]["podLists"] == 0 and result["steady"]["backlogStatusPatches"] == 0
+    assert 0 < result["rssMiB"]["peak"] < 1024
     assert result["inMemory"]["resources"] == 4
 
 

@@ -5,6 +5,10 @@ lmforge_operator.handlers`` works too). Importing this module registers the hand
 registry; ``lmforge_operator/__init__.py`` imports it only when the process is ``kopf run``, so the rest of
 the CLI stays light.
 
+The operator's pods (its labels) are indexed by (namespace, job name) with ``kopf.index``: the reconcile
+reads a Job's pods from that index instead of LISTing them, and kopf starts the resource handlers only once
+the index has listed every pod.
+
 Only watch-event handlers are used (no ``on.create``/``on.update``/timers): they need no finalizer and no
 progress annotations, so deleting a resource is never blocked while the operator is down, and a restarted
 operator simply sees every resource again and reconciles it by level (see :mod:`lmforge_operator.controller`).
@@ -127,10 +131,46 @@ async def cleanup(memo: Any, **_: Any) -> None:
         await controller.stop()
 
 
+POD_INDEX = "lmforge_pods"
+
+
+@kopf.index("", "v1", "pods", labels=MANAGED, id=POD_INDEX)
+def index_pod(body: Any, namespace: str | None, labels: Any, **_: Any) -> dict[Any, Any] | None:
+    """A pod of one of the operator's Jobs under (namespace, job name): what the status reads of it."""
+    job = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+    if not job:
+        return None
+    return {(namespace or "", str(job)): slim_pod(body)}
+
+
+def slim_pod(body: Any) -> dict[str, Any]:
+    """The fields of a pod that its Job's status needs (rank, IP and metrics port, termination messages);
+    the rest of a pod (env, volumes, managed fields) is not kept in memory."""
+    meta = body.get("metadata") or {}
+    containers = (body.get("spec") or {}).get("containers") or []
+    return {
+        "metadata": {
+            k: meta[k]
+            for k in ("name", "namespace", "labels", "annotations", "creationTimestamp")
+            if k in meta
+        },
+        "spec": {"containers": [{"name": c.get("name"), "ports": c.get("ports") or []} for c in containers]},
+        "status": dict(body.get("status") or {}),
+    }
+
+
+def _controller(memo: Any, kwargs: dict[str, Any]) -> Controller | None:
+    controller: Controller | None = getattr(memo, "lmforge", None)
+    pods = kwargs.get(POD_INDEX)
+    if controller is not None and pods is not None:
+        controller.set_pod_index(pods)
+    return controller
+
+
 def _register(kind: str, plural: str) -> None:
     @kopf.on.event(API_GROUP, API_VERSION, plural, id=f"observe-{plural}")
-    async def observe(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
-        controller = getattr(memo, "lmforge", None)
+    async def observe(event: dict[str, Any], body: Any, memo: Any, **kwargs: Any) -> None:
+        controller = _controller(memo, kwargs)
         if controller is not None:
             raw = dict(body)
             raw.setdefault("kind", kind)
@@ -143,10 +183,10 @@ for _kind, _plural in PLURALS.items():
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="observe-jobs")
-async def observe_job(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
-    controller = getattr(memo, "lmforge", None)
+async def observe_job(event: dict[str, Any], body: Any, memo: Any, **kwargs: Any) -> None:
+    controller = _controller(memo, kwargs)
     if controller is not None:
         controller.observe_job(dict(body), event.get("type"))
 
 
-__all__ = ["METRICS", "Options", "cleanup", "login", "observe_job", "startup"]
+__all__ = ["METRICS", "Options", "cleanup", "index_pod", "login", "observe_job", "slim_pod", "startup"]

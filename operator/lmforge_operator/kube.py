@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -100,6 +100,9 @@ class Kube:
         self.info = info
         self.server = str(getattr(info, "server", info)).rstrip("/")
         self.session: Any = None
+        self.pod_index: Callable[[str, str], list[dict[str, Any]]] | None = None
+        """The pods of a Job by (namespace, job name) from a pod watch, when the operator has one
+        (mirror.job_pods reads it instead of LISTing)."""
 
     async def start(self) -> None:
         import aiohttp

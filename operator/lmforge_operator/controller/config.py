@@ -38,7 +38,11 @@ class Config:
     resync_seconds: float = field(
         default_factory=lambda: float(os.environ.get("LMFORGE_RESYNC_SECONDS", "15"))
     )
-    """How often unfinished resources are reconciled without an event ($LMFORGE_RESYNC_SECONDS)."""
+    """How often unfinished resources are reconciled without an event ($LMFORGE_RESYNC_SECONDS), counted
+    from each one's last reconcile."""
+    resync_jitter: float = 0.2
+    """Each resync comes a random fraction up to this earlier or later than ``resync_seconds`` after the
+    last reconcile, so resources reconciled together are not resynced together for ever."""
     workers: int = field(default_factory=lambda: int(os.environ.get("LMFORGE_WORKERS", "16")))
     """Resources reconciled concurrently ($LMFORGE_WORKERS)."""
     gpu: str = field(default_factory=lambda: os.environ.get("LMFORGE_GPU", "h100"))

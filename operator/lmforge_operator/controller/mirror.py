@@ -27,7 +27,13 @@ from lmforge_operator.kube import Kube
 CORPUS_PHASES = {s.value for s in CorpusStage}
 
 
-async def job_pods(api: Kube, ns: str, job_name: str) -> list[dict[str, Any]]:
+async def job_pods(api: Kube, ns: str, job_name: str, fresh: bool = False) -> list[dict[str, Any]]:
+    """The Job's pods: from the pod watch's index when the client has one (a running Job is reconciled
+    every resync; a LIST each time is what that index saves), else, or when ``fresh``, a LIST (the pod
+    watch and the Job watch are separate streams: a Job's end may arrive before its pods' last change)."""
+    index = getattr(api, "pod_index", None)
+    if index is not None and not fresh:
+        return index(ns, job_name)
     return await api.list("Pod", ns, {"job-name": job_name})
 
 
@@ -41,7 +47,7 @@ async def read_termination(
 ) -> tuple[dict[str, Any] | None, str, int | None]:
     """(the job's JSON summary, when a pod left one: rank 0's, else any pod's; the raw termination text of
     a pod that left no JSON (a log tail); the exit code of a pod that failed, 64 first)."""
-    pods = await job_pods(api, ns, job_name)
+    pods = await job_pods(api, ns, job_name, fresh=True)  # the pod watch may lag behind the Job watch
     summaries = [s for p in pods if (s := status_helpers.termination_summary(p))]
     pod = status_helpers.rank0_pod(pods)
     best = status_helpers.termination_summary(pod) if pod is not None else None
