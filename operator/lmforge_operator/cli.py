@@ -6,6 +6,7 @@ lmforge crds --check [DIR]    exit 1 when DIR differs from what would be generat
 lmforge plan FILE...          compute plan of each PretrainRun (parameters, FLOPs, memory, GPU-hours)
 lmforge plan --gpu-hours H    compute-optimal parameters and tokens for a budget (Chinchilla)
 lmforge run PATH...           run a manifest set on this machine, in dependency order (no cluster)
+    [--s3-endpoint URL]       an S3-compatible store for s3:// URIs (MinIO, Ceph, R2)
 lmforge status [--workdir]    the resources of a local run, like `kubectl get lmforge`
 lmforge report [--workdir]    (re)write the HTML report of a local run
 lmforge operator [--namespace NS ...|--all-namespaces]   run the Kubernetes operator (kopf)
