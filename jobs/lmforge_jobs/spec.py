@@ -262,6 +262,71 @@ class SecretRef(Spec):
     """The Secret key holding the value (mounted as an environment variable or file, never logged)."""
 
 
+# -------------------------------------------------------------------------------------------- storage
+# An S3 endpoint: http(s), a host (name, IPv4 or [IPv6]), an optional port and path; no user:password@ (a
+# credential belongs in a Secret), no query or fragment. RE2-compatible, matched in the CRD as a pattern;
+# check_endpoint is its Python twin with messages that say what is wrong.
+ENDPOINT_PATTERN = (
+    r"^https?://([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^\s?#@]*)?$"
+)
+
+
+def check_endpoint(value: str) -> str:
+    """Refuse an endpoint that is not an http(s) URL of a host, or that carries credentials."""
+    scheme = _SCHEME.match(value)
+    if scheme and "@" in scheme.group(2):
+        raise ValueError(
+            "endpoint with credentials before the host: give them by Secret (storage.credentials), never "
+            "in a spec"
+        )
+    if not re.match(ENDPOINT_PATTERN, value):
+        raise ValueError(
+            f"{value!r} is not an http(s) URL of an S3-compatible store, such as "
+            "http://minio.storage.svc:9000 (no query, fragment or credentials)"
+        )
+    return value
+
+
+Endpoint = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=2048),
+    AfterValidator(check_endpoint),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 2048, "pattern": ENDPOINT_PATTERN}),
+]
+"""The URL of an S3-compatible object store (MinIO, Ceph, R2)."""
+
+REGION_PATTERN = r"^[A-Za-z0-9]([-_A-Za-z0-9]*[A-Za-z0-9])?$"
+
+
+class SecretName(Spec):
+    """A whole Kubernetes Secret in the resource's namespace, by name."""
+
+    secret_name: Name
+    """Name of the Secret."""
+
+
+class Storage(Spec):
+    """Object storage settings of the job's pods (s3:// and gs:// URIs). Unset: the operator's defaults (the
+    chart's storage values); ``lmforge run`` takes the endpoint and region from here, the credentials from
+    the environment it runs in."""
+
+    endpoint: Endpoint | None = None
+    """URL of an S3-compatible store (MinIO, Ceph, R2), e.g. http://minio.storage.svc:9000; unset for AWS S3.
+    The pods get it as LMFORGE_S3_ENDPOINT."""
+    region: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=REGION_PATTERN)] | None = (
+        None
+    )
+    """Region of the store (AWS_REGION and AWS_DEFAULT_REGION of the pods), e.g. us-east-1."""
+    credentials: SecretName | None = None
+    """A Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN), all of
+    whose keys become the pods' environment variables. Unset: the pod's own identity (an IAM role for
+    service accounts, workload identity) or the operator's default Secret."""
+    gcs_credentials: SecretRef | None = None
+    """A Secret key holding a Google service-account key file for gs:// URIs, mounted read-only and named
+    by GOOGLE_APPLICATION_CREDENTIALS. Unset: workload identity."""
+
+
 class ResourceRef(Spec):
     """Reference to another lmforge resource by name; resolved to its status.outputs."""
 

@@ -32,7 +32,10 @@ Every pod: restricted Pod Security (non-root uid 10001, no privilege escalation,
 RuntimeDefault seccomp), no service account token, /dev/shm as a memory-backed emptyDir, a writable /tmp
 (HOME), Prometheus port ``metrics`` 9400, the job's JSON summary as termination message, and every Secret
 the spec references as a ``secretKeyRef`` environment variable named by
-:func:`lmforge_jobs.secrets.secret_env_name` (``LMFORGE_SECRET_<NAME>_<KEY>``).
+:func:`lmforge_jobs.secrets.secret_env_name` (``LMFORGE_SECRET_<NAME>_<KEY>``), and the object-storage
+settings of ``spec.storage`` (else the operator's defaults, the chart's ``storage`` values) as
+:func:`storage_env` describes: the endpoint and region as variables, the credentials Secret as ``envFrom``,
+a service-account key for gs:// as a read-only Secret volume.
 
 Jobs fail fast on exit code 64 (a configuration error, ``lmforge_jobs.spec.EXIT_CONFIG_ERROR``), ignore
 disruptions (preemption, node drain) in their retry budget, replace a pod only once it has fully terminated
@@ -61,7 +64,7 @@ import yaml
 
 from lmforge_jobs.manifest import Resource, load_yaml_documents
 from lmforge_jobs.secrets import secret_env_name
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED, GROUP_VERSION
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED, GROUP_VERSION, Storage
 from lmforge_jobs.telemetry import DEFAULT_PORT, TERMINATION_LOG
 
 if TYPE_CHECKING:
@@ -88,6 +91,14 @@ OPERATOR_LABELS = {"app.kubernetes.io/name": "lmforge", "app.kubernetes.io/compo
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by the API server (1.21+)
 
 GPU_RESOURCE = "nvidia.com/gpu"
+# Object storage (lmforge_jobs.storage reads LMFORGE_S3_ENDPOINT first; botocore reads AWS_*; google-auth
+# reads GOOGLE_APPLICATION_CREDENTIALS).
+S3_ENDPOINT_ENV = "LMFORGE_S3_ENDPOINT"
+REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
+GCS_CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
+GCS_VOLUME = "gcs-credentials"
+GCS_DIR = "/var/run/secrets/lmforge-storage/gcs"
+GCS_FILE = "credentials.json"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
@@ -367,6 +378,8 @@ def secret_env(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = []
     owners: dict[str, tuple[str, str, str]] = {}
     for field, name, key in secret_refs(doc):
+        if field == "spec.storage" or field.startswith("spec.storage."):
+            continue  # mounted as a file by storage_env, not an environment variable
         var = secret_env_name(name, key)
         if var in owners:
             if owners[var][1:] != (name, key):
@@ -379,6 +392,55 @@ def secret_env(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         owners[var] = (field, name, key)
         env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}})
     return env
+
+
+@dataclass(frozen=True)
+class StorageEnv:
+    """What a pod gets for object storage: ``env`` entries, ``envFrom`` sources, volumes and mounts."""
+
+    env: list[dict[str, Any]] = _field(default_factory=list)
+    env_from: list[dict[str, Any]] = _field(default_factory=list)
+    volumes: list[dict[str, Any]] = _field(default_factory=list)
+    mounts: list[dict[str, Any]] = _field(default_factory=list)
+
+
+def effective_storage(resource: Resource[Any, Any], default: Storage | None = None) -> Storage | None:
+    """``spec.storage`` when the resource has one, else ``default`` (the operator's): a spec's section
+    replaces the defaults as a whole, so a resource can also leave an endpoint the defaults set (AWS S3)."""
+    return getattr(resource.spec, "storage", None) or default
+
+
+def storage_env(storage: Storage | None) -> StorageEnv:
+    """The pod side of a storage section. ``endpoint``: ``LMFORGE_S3_ENDPOINT`` (read by the jobs' storage
+    layer before ``AWS_ENDPOINT_URL*``); ``region``: ``AWS_REGION`` and ``AWS_DEFAULT_REGION``;
+    ``credentials``: the Secret as ``envFrom`` (its keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY[,
+    AWS_SESSION_TOKEN] become variables; the kubelet resolves it, the operator never reads Secrets);
+    ``gcsCredentials``: the Secret key as a file in a read-only volume, ``GOOGLE_APPLICATION_CREDENTIALS``
+    naming it. Nothing at all for no storage section (the pod's own identity: IRSA, workload identity)."""
+    out = StorageEnv()
+    if storage is None:
+        return out
+    if storage.endpoint:
+        out.env.append({"name": S3_ENDPOINT_ENV, "value": literal(storage.endpoint)})
+    if storage.region:
+        out.env.extend({"name": name, "value": literal(storage.region)} for name in REGION_ENV)
+    if storage.credentials is not None:
+        out.env_from.append({"secretRef": {"name": storage.credentials.secret_name}})
+    if storage.gcs_credentials is not None:
+        ref = storage.gcs_credentials.secret_key_ref
+        out.volumes.append(
+            {
+                "name": GCS_VOLUME,
+                "secret": {
+                    "secretName": ref.name,
+                    "items": [{"key": ref.key, "path": GCS_FILE}],
+                    "defaultMode": 0o440,  # the pod's fsGroup reads it, nobody writes it
+                },
+            }
+        )
+        out.mounts.append({"name": GCS_VOLUME, "mountPath": GCS_DIR, "readOnly": True})
+        out.env.append({"name": GCS_CREDENTIALS_ENV, "value": f"{GCS_DIR}/{GCS_FILE}"})
+    return out
 
 
 class _SpecDumper(yaml.SafeDumper):
@@ -495,7 +557,9 @@ def build_network_policy(
     """NetworkPolicy ``<name>-<component>`` isolating the pods of a torchrun resource: ingress only from
     the resource's own pods (every port: rendezvous on 29400, where torch's c10d store unpickles what it
     reads, and the ranks' NCCL/Gloo connections on ports torch picks) and from the operator's pods (and
-    ``isolation.metrics_from``) to the metrics port. Egress is left alone (storage, hubs, DNS)."""
+    ``isolation.metrics_from``) to the metrics port. Egress is left alone (policyTypes is Ingress only):
+    the pods reach the object store (``spec.storage.endpoint``, AWS S3, GCS), hubs and DNS as the
+    namespace's other policies allow."""
     isolation = isolation or Isolation()
     own = {"podSelector": {"matchLabels": selector(resource)}}
     metrics_port = {"port": METRICS_PORT, "protocol": "TCP"}
@@ -691,6 +755,7 @@ def build_job(
     resolved_doc: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     service_account: str | None = None,
+    storage: Storage | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job running ``resource`` (a Corpus: its ``stage``).
 
@@ -700,6 +765,8 @@ def build_job(
     resource's own spec is used when it is not given. ``env`` adds literal environment variables (their
     ``$`` escaped, so Kubernetes never expands ``$(VAR)`` in them); ``service_account`` runs the pods under
     that ServiceAccount (e.g. for workload identity to object storage; its token is still not mounted).
+    ``storage`` is the operator's default storage section, used when the spec has none
+    (:func:`effective_storage`, :func:`storage_env`).
     """
     if resource.kind == "Corpus" and stage is None:
         raise ValueError("a Corpus Job is built per stage: pass stage=")
@@ -709,6 +776,7 @@ def build_job(
         else resource.model_dump(by_alias=True, exclude_none=True, mode="json")
     )
     _, pvc_volumes, pvc_mounts = localize(doc)
+    object_storage = storage_env(effective_storage(resource, storage))
     name = job_name(resource, stage, generation, suffix)
     torchrun = uses_torchrun(resource)
     completions = _completions(resource, stage)
@@ -730,6 +798,7 @@ def build_job(
         "args": argv[1:],
         "env": [
             *_env(resource, doc, stage),
+            *object_storage.env,
             *({"name": k, "value": literal(v)} for k, v in (env or {}).items()),
         ],
         "ports": ports,
@@ -738,11 +807,14 @@ def build_job(
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": TMP_DIR},
             *pvc_mounts,
+            *object_storage.mounts,
         ],
         "securityContext": container_security,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if object_storage.env_from:
+        container["envFrom"] = object_storage.env_from
     requirements = _resources(resource)
     if requirements:
         container["resources"] = requirements
@@ -762,6 +834,7 @@ def build_job(
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             {"name": "tmp", "emptyDir": {}},
             *pvc_volumes,
+            *object_storage.volumes,
         ],
     }
     if service_account:
@@ -808,6 +881,7 @@ def children(
     env: Mapping[str, str] | None = None,
     service_account: str | None = None,
     isolation: Isolation | None = DEFAULT_ISOLATION,
+    storage: Storage | None = None,
 ) -> list[dict[str, Any]]:
     """Everything to create for the current step, in creation order: ConfigMap, then for torchrun kinds
     the Service and the NetworkPolicy (``isolation=None``: no NetworkPolicy, for clusters without
@@ -828,6 +902,7 @@ def children(
             resolved_doc=resolved_doc,
             env=env,
             service_account=service_account,
+            storage=storage,
         )
     )
     return objects
@@ -838,6 +913,7 @@ __all__ = [
     "OPERATOR_LABELS",
     "BuildError",
     "Isolation",
+    "StorageEnv",
     "build_configmap",
     "build_job",
     "build_network_policy",
@@ -848,6 +924,7 @@ __all__ = [
     "configmap_name",
     "default_image",
     "dump_spec",
+    "effective_storage",
     "image_for",
     "job_manifest",
     "job_name",
@@ -860,5 +937,6 @@ __all__ = [
     "secret_refs",
     "selector",
     "service_name",
+    "storage_env",
     "uses_torchrun",
 ]

@@ -6,6 +6,7 @@ lmforge crds --check [DIR]    exit 1 when DIR differs from what would be generat
 lmforge plan FILE...          compute plan of each PretrainRun (parameters, FLOPs, memory, GPU-hours)
 lmforge plan --gpu-hours H    compute-optimal parameters and tokens for a budget (Chinchilla)
 lmforge run PATH...           run a manifest set on this machine, in dependency order (no cluster)
+    [--s3-endpoint URL]       an S3-compatible store for s3:// URIs (MinIO, Ceph, R2)
 lmforge status [--workdir]    the resources of a local run, like `kubectl get lmforge`
 lmforge report [--workdir]    (re)write the HTML report of a local run
 lmforge operator [--namespace NS ...|--all-namespaces]   run the Kubernetes operator (kopf)
@@ -153,6 +154,14 @@ def _run(args: argparse.Namespace) -> int:
     from lmforge_operator.progress import Display, RunMetrics
 
     workdir = Path(args.workdir)
+    if args.s3_endpoint is not None:
+        from lmforge_jobs.spec import check_endpoint
+
+        try:
+            check_endpoint(args.s3_endpoint)
+        except ValueError as exc:
+            print(f"--s3-endpoint: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         resources = load_set(args.paths)
         order(resources, workdir)  # a cycle or a dangling reference stops everything before it starts
@@ -169,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
             display.print(f"metrics: http://127.0.0.1:{metrics.port}/metrics")
         except OSError as exc:
             display.print(f"metrics endpoint not started: {exc}")
-    runner = LocalRunner(workdir=workdir, display=display, metrics=metrics)
+    runner = LocalRunner(workdir=workdir, display=display, metrics=metrics, s3_endpoint=args.s3_endpoint)
     try:
         outcomes = runner.run(resources)
     finally:
@@ -299,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plain", action="store_true", help="plain progress lines instead of progress bars")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report")
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        default=None,
+        help="S3-compatible store (MinIO, Ceph, R2) for every s3:// URI, before spec.storage.endpoint and "
+        "$LMFORGE_S3_ENDPOINT/$AWS_ENDPOINT_URL; credentials come from the environment (AWS_*, AWS_PROFILE)",
+    )
     p.set_defaults(func=_run)
 
     p = sub.add_parser("status", help="show the resources of a local run (like kubectl get lmforge)")

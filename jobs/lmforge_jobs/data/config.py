@@ -22,6 +22,7 @@ from lmforge_jobs.spec import (
     Spec,
     SpecError,
     StatusBase,
+    Storage,
     Uri,
     cel_exactly_one,
     exactly_one,
@@ -488,6 +489,8 @@ class CorpusSpec(Spec):
     """Resources of each worker pod."""
     image: Image | None = None
     """Container image of the jobs; defaults to the operator's configured jobs image."""
+    storage: Storage | None = None
+    """Object storage endpoint, region and credentials (Secrets by name); unset: the operator's defaults."""
 
 
 # ------------------------------------------------------------------------------------------------ status

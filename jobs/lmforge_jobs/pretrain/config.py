@@ -23,6 +23,7 @@ from lmforge_jobs.spec import (
     Spec,
     SpecError,
     StatusBase,
+    Storage,
     Uri,
     check_gpus,
     exactly_one,
@@ -354,6 +355,8 @@ class PretrainRunSpec(Spec):
     """Kueue LocalQueue to submit to."""
     image: Image | None = None
     """Container image of the jobs; defaults to the operator's configured jobs image."""
+    storage: Storage | None = None
+    """Object storage endpoint, region and credentials (Secrets by name); unset: the operator's defaults."""
     resources: Resources = Resources()
     """Resources of each node's pod."""
 

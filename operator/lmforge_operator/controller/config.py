@@ -35,6 +35,19 @@ class Config:
     """Jobs image when spec.image is unset ($LMFORGE_JOBS_IMAGE)."""
     storage: str = field(default_factory=lambda: os.environ.get("LMFORGE_STORAGE", "pvc://lmforge-storage"))
     """Root of spec.output when it is unset: <storage>/<namespace>/<kind>/<name> ($LMFORGE_STORAGE)."""
+    storage_endpoint: str | None = field(
+        default_factory=lambda: os.environ.get("LMFORGE_STORAGE_ENDPOINT") or None
+    )
+    """S3-compatible endpoint of job pods whose spec has no storage section ($LMFORGE_STORAGE_ENDPOINT)."""
+    storage_region: str | None = field(
+        default_factory=lambda: os.environ.get("LMFORGE_STORAGE_REGION") or None
+    )
+    """Object-store region of those pods ($LMFORGE_STORAGE_REGION)."""
+    storage_credentials_secret: str | None = field(
+        default_factory=lambda: os.environ.get("LMFORGE_STORAGE_CREDENTIALS_SECRET") or None
+    )
+    """Secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) whose keys those pods get as environment variables,
+    in the resource's namespace ($LMFORGE_STORAGE_CREDENTIALS_SECRET)."""
     resync_seconds: float = field(
         default_factory=lambda: float(os.environ.get("LMFORGE_RESYNC_SECONDS", "15"))
     )
@@ -81,6 +94,28 @@ class Config:
         default_factory=lambda: os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     )
     """This replica in the Lease ($POD_NAME, else host and process id)."""
+
+    def storage_defaults(self) -> Any:
+        """The default storage section (:class:`lmforge_jobs.spec.Storage`) for resources without one, or
+        None when nothing is configured; a bad value raises ValueError naming the variable."""
+        from pydantic import ValidationError
+
+        from lmforge_jobs.spec import Storage
+
+        values = {
+            "endpoint": self.storage_endpoint,
+            "region": self.storage_region,
+            "credentials": {"secretName": self.storage_credentials_secret}
+            if self.storage_credentials_secret
+            else None,
+        }
+        if not any(values.values()):
+            return None
+        try:
+            return Storage.model_validate({k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+            raise ValueError(f"operator storage default {where}: {exc.errors()[0]['msg']}") from None
 
     def isolation(self) -> Any:
         """The builders' :class:`~lmforge_operator.builders.Isolation`, or None for no NetworkPolicy."""

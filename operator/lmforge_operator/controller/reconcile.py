@@ -91,6 +91,7 @@ class Controller(WorkQueue):
         self._parsed: dict[Key, tuple[str, Resource[Any, Any] | None, list[Any]]] = {}
         self._locks: dict[Key, asyncio.Lock] = {}
         self.isolation = self.config.isolation()
+        self.storage = self.config.storage_defaults()
 
     def forget(self, key: Key) -> None:
         super().forget(key)
@@ -427,7 +428,14 @@ class Controller(WorkQueue):
         image = getattr(resource.spec, "image", None) or self.config.image
         try:
             objs = builders.children(
-                resource, doc, owner, image=image, stage=stage, generation=round, isolation=self.isolation
+                resource,
+                doc,
+                owner,
+                image=image,
+                stage=stage,
+                generation=round,
+                isolation=self.isolation,
+                storage=self.storage,
             )
         except builders.BuildError as exc:
             where = exc.field if exc.field.startswith("spec") else f"spec.{exc.field}"

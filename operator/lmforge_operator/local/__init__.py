@@ -13,8 +13,14 @@ reasons) written here. A rerun skips resources whose outputs are complete for th
 resumes interrupted ones (the jobs resume from their checkpoints and completion markers). Ctrl-C or SIGTERM
 stops the running job gracefully — it saves a checkpoint before exiting — and every process it started.
 
+Object storage: ``--s3-endpoint`` and ``spec.storage`` reach the jobs' environment, the credentials are
+the user's (:mod:`.storage`). A job whose output is remote (s3://, gs://) writes no progress.json or
+outputs.json here; its summary (state, outputs, results) lands in ``WORKDIR/<kind>/<name>/summary.json``
+and completes it instead.
+
 * :mod:`.launch` starts a job's processes and stops all of them;
 * :mod:`.runner` orders the resources, skips, resumes or runs each and writes its status;
+* :mod:`.storage` says what of object storage a job's environment gets;
 * :mod:`.view` reads the work directory back: the rows ``lmforge status`` prints.
 
 This package never imports torch: jobs run in their own processes.

@@ -19,7 +19,7 @@ import yaml
 from lmforge_jobs.manifest import Problem, Resource, load_resources
 from lmforge_jobs.resolve import UnresolvedReference, default_output, dependencies, resolve
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR
-from lmforge_jobs.telemetry import read_progress, write_json_atomic
+from lmforge_jobs.telemetry import local_dir, read_progress, write_json_atomic
 from lmforge_operator import status as st
 from lmforge_operator.local.launch import (
     STOP_GRACE_SECONDS,
@@ -28,9 +28,14 @@ from lmforge_operator.local.launch import (
     local_gpus,
     processes_for,
 )
+from lmforge_operator.local.storage import storage_env
 
 LOCAL_KEYS = ("specHash", "output")
 """The runner's own bookkeeping in status.json, beside the CRD's status fields."""
+SUMMARY_FILE = "summary.json"
+"""Where a job whose output is remote (s3://, gs://) leaves its summary (its termination message: state,
+outputs, results), in the resource's directory: its progress.json and outputs.json exist only beside local
+outputs."""
 
 
 class RunError(Exception):
@@ -124,20 +129,38 @@ def order(resources: list[Resource[Any, Any]], workdir: Path) -> list[Resource[A
 
 
 # ------------------------------------------------------------------------------------------------ status
-def apply_results(status: dict[str, Any], resource: Resource[Any, Any], output: str) -> None:
-    """Kind-specific final numbers: Corpus counts from stats.json, Evaluation results from results.json."""
+def apply_results(
+    status: dict[str, Any], resource: Resource[Any, Any], output: str, summary: dict[str, Any] | None = None
+) -> None:
+    """Kind-specific final numbers: Corpus counts from stats.json, Evaluation results from results.json
+    (for a remote output: from the job's ``summary``)."""
     filename = {"Corpus": "stats.json", "Evaluation": "results.json"}.get(resource.kind)
     if filename is None:
         return
-    try:
-        data = json.loads((local_path(output) / filename).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
+    if local_dir(output) is None:
+        summary = summary or {}
+        data = summary.get("results") if resource.kind == "Evaluation" else summary
+        if not isinstance(data, dict) or not data:
+            return
+    else:
+        try:
+            data = json.loads((local_path(output) / filename).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
     if resource.kind == "Corpus":
         status.update(st.corpus_counts(data))
         status["stage"] = "Done"
     else:
         status.update(st.evaluation_results(data))
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary a job with a remote output left in ``run_dir`` (see SUMMARY_FILE), or None."""
+    try:
+        data = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def spec_hash(resource: Resource[Any, Any], inputs: Iterable[Any] = ()) -> str:
@@ -194,6 +217,8 @@ class LocalRunner:
     gpus: int = field(default_factory=local_gpus)
     interrupted: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    s3_endpoint: str | None = None
+    """``--s3-endpoint``: the S3 endpoint of every job, before spec.storage.endpoint (local.storage)."""
 
     def run(self, resources: list[Resource[Any, Any]]) -> list[Outcome]:
         ordered = order(resources, self.workdir)
@@ -245,13 +270,12 @@ class LocalRunner:
             self._not_run(resource, st.DEPENDENCY_NOT_READY, exc.message)
             return Outcome(resource, "Waiting", exc.message)
         output = str(job.spec.output)
-        outputs_file = local_path(output) / "outputs.json"
         digest = spec_hash(job, self.input_ids(resource))
         previous = read_status(self.workdir, kind, name) or {}
         if (
             previous.get("phase") == "Succeeded"
             and previous.get("specHash") == digest
-            and outputs_file.exists()
+            and self.finished_outputs(run_dir, output) is not None
         ):
             if self.display:
                 self.display.skipped(resource, "up to date")
@@ -260,6 +284,8 @@ class LocalRunner:
         if previous.get("specHash") not in (None, digest):
             self._discard_stale(resource, output)
         run_dir.mkdir(parents=True, exist_ok=True)
+        summary_file = run_dir / SUMMARY_FILE
+        summary_file.unlink(missing_ok=True)  # this run's summary only
         manifest = run_dir / "manifest.yaml"
         document = job.model_dump(by_alias=True, exclude_none=True, mode="json")
         document.pop("status", None)
@@ -282,8 +308,11 @@ class LocalRunner:
             "LMFORGE_METRICS_PORT": "off",
             "PYTHONUNBUFFERED": "1",
             "LMFORGE_WORKDIR": str(self.workdir.resolve()),
+            **storage_env(job, self.s3_endpoint),
             **self.env,
         }
+        if local_dir(output) is None:  # a remote output: the job's summary tells how it ended
+            env["LMFORGE_TERMINATION_LOG"] = str(summary_file.resolve())
         if self.display:
             self.display.started(resource, processes, self.gpus)
         launch = Launch(
@@ -294,9 +323,10 @@ class LocalRunner:
         finally:
             launch.kill()  # whatever ended the wait (a second Ctrl-C included), nothing of the job is left
 
-        if code == 0 and outputs_file.exists() and not self.interrupted:
-            status["outputs"] = json.loads(outputs_file.read_text(encoding="utf-8"))
-            apply_results(status, resource, output)
+        outputs = self.finished_outputs(run_dir, output) if code == 0 else None
+        if outputs is not None and not self.interrupted:
+            status["outputs"] = outputs
+            apply_results(status, resource, output, read_summary(run_dir))
             status["completionTime"] = st.now_iso()
             st.set_state(status, "Succeeded", st.JOB_SUCCEEDED, "outputs complete")
             phase, message = "Succeeded", ""
@@ -305,7 +335,7 @@ class LocalRunner:
             phase = st.set_state(status, "Failed", st.INTERRUPTED, message)
         else:
             log = launch.log_tail(20)
-            progress = read_progress(output) or {}
+            progress = read_progress(output) or read_summary(run_dir) or {}
             if code == EXIT_CONFIG_ERROR or progress.get("state") == "Invalid":
                 message = progress.get("message") or last_error(log) or "configuration error"
                 phase = st.set_state(status, "Invalid", st.CONFIG_ERROR, message)
@@ -335,6 +365,19 @@ class LocalRunner:
         self._progress(resource, status, output)
         return code
 
+    @staticmethod
+    def finished_outputs(run_dir: Path, output: str) -> dict[str, Any] | None:
+        """The outputs of a finished job (its completion marker): ``outputs.json`` beside a local output, the
+        outputs of a Succeeded summary for a remote one; None while it has not finished."""
+        if local_dir(output) is None:
+            summary = read_summary(run_dir) or {}
+            outputs = summary.get("outputs")
+            return outputs if summary.get("state") == "Succeeded" and isinstance(outputs, dict) else None
+        try:
+            return json.loads((local_path(output) / "outputs.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
     def input_ids(self, resource: Resource[Any, Any]) -> list[list[str]]:
         """(kind, name, run identity, completion time) of each dependency: a dependency that ran again
         makes its dependents run again, although their resolved specs (paths) are unchanged."""
@@ -356,6 +399,10 @@ class LocalRunner:
         A Corpus in the work directory starts over (datatrove's per-rank completion markers do not know
         the spec); the training jobs decide themselves what of their checkpoints they can keep."""
         output_dir = local_path(output)
+        with contextlib.suppress(OSError):
+            (resource_dir(self.workdir, resource.kind, resource.name) / SUMMARY_FILE).unlink()
+        if local_dir(output) is None:
+            return  # the jobs decide what of a remote output they can keep
         with contextlib.suppress(OSError):
             (output_dir / "outputs.json").unlink()
         inside = output_dir.resolve().is_relative_to(self.workdir.resolve())
