@@ -19,7 +19,8 @@ import yaml
 from lmforge_jobs.manifest import Problem, Resource, load_resources
 from lmforge_jobs.resolve import UnresolvedReference, default_output, dependencies, resolve
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR
-from lmforge_jobs.telemetry import read_progress, write_json_atomic
+from lmforge_jobs.storage import is_remote, local_path, read_json
+from lmforge_jobs.telemetry import RUN_DIR_ENV, read_progress, write_json_atomic
 from lmforge_operator import status as st
 from lmforge_operator.local.launch import (
     STOP_GRACE_SECONDS,
@@ -51,10 +52,6 @@ def read_status(workdir: Path, kind: str, name: str) -> dict[str, Any] | None:
         return json.loads((resource_dir(workdir, kind, name) / "status.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def local_path(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
 
 
 def load_set(paths: Iterable[str]) -> list[Resource[Any, Any]]:
@@ -129,9 +126,8 @@ def apply_results(status: dict[str, Any], resource: Resource[Any, Any], output: 
     filename = {"Corpus": "stats.json", "Evaluation": "results.json"}.get(resource.kind)
     if filename is None:
         return
-    try:
-        data = json.loads((local_path(output) / filename).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    data = read_json(f"{output.rstrip('/')}/{filename}")
+    if not isinstance(data, dict):
         return
     if resource.kind == "Corpus":
         status.update(st.corpus_counts(data))
@@ -160,12 +156,9 @@ def last_error(log: str) -> str:
 
 def tokenizer_vocab(uri: str) -> int | None:
     """Vocabulary size of a tokenizer.json (file or directory), for the plan; None when unknown."""
-    path = local_path(uri)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    text = str(uri).rstrip("/")
+    data = read_json(text if text.endswith(".json") else f"{text}/tokenizer.json")
+    if not isinstance(data, dict):
         return None
     vocab = (data.get("model") or {}).get("vocab") or {}
     ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
@@ -245,7 +238,8 @@ class LocalRunner:
             self._not_run(resource, st.DEPENDENCY_NOT_READY, exc.message)
             return Outcome(resource, "Waiting", exc.message)
         output = str(job.spec.output)
-        outputs_file = local_path(output) / "outputs.json"
+        # the job reports into the run directory (LMFORGE_RUN_DIR), wherever its output is
+        outputs_file = run_dir / "outputs.json"
         digest = spec_hash(job, self.input_ids(resource))
         previous = read_status(self.workdir, kind, name) or {}
         if (
@@ -282,6 +276,7 @@ class LocalRunner:
             "LMFORGE_METRICS_PORT": "off",
             "PYTHONUNBUFFERED": "1",
             "LMFORGE_WORKDIR": str(self.workdir.resolve()),
+            RUN_DIR_ENV: str(run_dir.resolve()),
             **self.env,
         }
         if self.display:
@@ -290,7 +285,7 @@ class LocalRunner:
             f"{kind.lower()}-{name}", command(job, manifest.resolve(), processes), env, run_dir / "logs"
         )
         try:
-            code = self._wait(resource, launch, status, output)
+            code = self._wait(resource, launch, status, run_dir)
         finally:
             launch.kill()  # whatever ended the wait (a second Ctrl-C included), nothing of the job is left
 
@@ -305,7 +300,7 @@ class LocalRunner:
             phase = st.set_state(status, "Failed", st.INTERRUPTED, message)
         else:
             log = launch.log_tail(20)
-            progress = read_progress(output) or {}
+            progress = read_progress(run_dir) or {}
             if code == EXIT_CONFIG_ERROR or progress.get("state") == "Invalid":
                 message = progress.get("message") or last_error(log) or "configuration error"
                 phase = st.set_state(status, "Invalid", st.CONFIG_ERROR, message)
@@ -319,7 +314,9 @@ class LocalRunner:
             self.display.finished(resource, phase, message)
         return Outcome(resource, phase, message)
 
-    def _wait(self, resource: Resource[Any, Any], launch: Launch, status: dict[str, Any], output: str) -> int:
+    def _wait(
+        self, resource: Resource[Any, Any], launch: Launch, status: dict[str, Any], run_dir: Path
+    ) -> int:
         """Mirror the job's progress until it exits (stopping it once ``lmforge run`` is interrupted)."""
         code: int | None = None
         stopped = False
@@ -331,8 +328,8 @@ class LocalRunner:
                     self.display.note(resource, "interrupted: stopping the job (it saves its state)")
                 launch.stop(self.stop_grace_seconds)
             code = launch.poll()
-            self._progress(resource, status, output)
-        self._progress(resource, status, output)
+            self._progress(resource, status, run_dir)
+        self._progress(resource, status, run_dir)
         return code
 
     def input_ids(self, resource: Resource[Any, Any]) -> list[list[str]]:
@@ -355,9 +352,16 @@ class LocalRunner:
 
         A Corpus in the work directory starts over (datatrove's per-rank completion markers do not know
         the spec); the training jobs decide themselves what of their checkpoints they can keep."""
-        output_dir = local_path(output)
         with contextlib.suppress(OSError):
-            (output_dir / "outputs.json").unlink()
+            (resource_dir(self.workdir, resource.kind, resource.name) / "outputs.json").unlink()
+        if is_remote(output):
+            if resource.kind == "Corpus" and self.display:
+                self.display.note(
+                    resource,
+                    f"spec changed: stages already complete in {output} are kept (delete it to start over)",
+                )
+            return
+        output_dir = local_path(output)
         inside = output_dir.resolve().is_relative_to(self.workdir.resolve())
         if resource.kind == "Corpus" and inside and output_dir.is_dir():
             if self.display:
@@ -381,8 +385,8 @@ class LocalRunner:
             self.display.plan(job, planner.explain(plan))
         return plan.to_status().to_yaml_dict()
 
-    def _progress(self, resource: Resource[Any, Any], status: dict[str, Any], output: str) -> None:
-        progress = read_progress(output)
+    def _progress(self, resource: Resource[Any, Any], status: dict[str, Any], run_dir: Path) -> None:
+        progress = read_progress(run_dir)
         if not progress:
             return
         st.apply_progress(status, resource.kind, progress)
