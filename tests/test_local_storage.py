@@ -174,8 +174,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def test_lmforge_run_with_the_output_on_s3_succeeds_and_skips_on_rerun(
     tmp_path: Path, data: dict[str, str], s3, quiet_env: None
 ) -> None:  # type: ignore[no-untyped-def]
-    """Nothing of a remote output lies in the work directory: the job's summary there says it finished
-    and with which outputs, and a rerun of the same spec is up to date."""
+    """Nothing of a remote output lies in the work directory: the job reports its progress and outputs into
+    the run directory (as for a local output), and a rerun of the same spec is up to date."""
     out = f"{s3.uri}/runs/remote"
     doc = pretrain_doc("remote", data, out, budget={"steps": 4}, checkpoint={"everySteps": 4, "keep": 1})
     assert _run(tmp_path, doc, "--s3-endpoint", s3.endpoint) == 0
@@ -184,8 +184,11 @@ def test_lmforge_run_with_the_output_on_s3_succeeds_and_skips_on_rerun(
     assert status["outputs"]["model"] == f"{out}/model" and "runs/remote/model/model.safetensors" in s3.keys(
         "runs/"
     )
-    summary = json.loads((tmp_path / "w" / "pretrainrun" / "remote" / "summary.json").read_text())
-    assert summary["state"] == "Succeeded" and summary["outputs"] == status["outputs"]
+    run_dir = tmp_path / "w" / "pretrainrun" / "remote"
+    assert json.loads((run_dir / "outputs.json").read_text()) == status["outputs"]
+    assert json.loads((run_dir / "progress.json").read_text())["state"] == "Succeeded"
+    assert status["progress"]["step"] == 4  # live progress was mirrored from the run directory
+    assert not (run_dir / "model").exists() and not (run_dir / "checkpoints").exists()
     assert _run(tmp_path, doc, "--s3-endpoint", s3.endpoint) == 0
     assert read_status(tmp_path / "w", "PretrainRun", "remote")["completionTime"] == status["completionTime"]
 

@@ -131,6 +131,20 @@ def write_text_atomic(uri: str | os.PathLike[str], text: str) -> None:
             fs.rm(tmp)
 
 
+def read_json(uri: str | os.PathLike[str]) -> Any:
+    """The JSON document at ``uri`` (a local path or URI), or None when it is absent, unreadable or not
+    JSON (a half-written file). For bookkeeping reads that must not fail a run; jobs reading their inputs
+    use :func:`filesystem` and :func:`config_error` to name the field instead."""
+    import json
+
+    try:
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as fh:
+            return json.loads(fh.read().decode("utf-8"))
+    except Exception:  # any failure to read (botocore's connection errors are not OSErrors) is "absent"
+        return None
+
+
 def bucket_of(uri: str | os.PathLike[str]) -> str | None:
     """``s3://bucket`` (the protocol and bucket) of an object-store URI, None for other URIs."""
     text = str(uri)
@@ -189,6 +203,7 @@ __all__ = [
     "is_remote",
     "join",
     "local_path",
+    "read_json",
     "s3_endpoint",
     "s3_options",
     "to_uri",

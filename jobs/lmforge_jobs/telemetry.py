@@ -12,11 +12,13 @@ Three readers, one set of numbers:
 * **Prometheus** scrapes ``:PORT/metrics`` (port argument, else ``$LMFORGE_METRICS_PORT``, else 9400;
   ``0`` picks a free port, ``off`` serves nothing). Series are named ``lmforge_<p>_<metric>`` with
   ``p`` = data | train | align | eval (see :data:`PREFIX` and :func:`metric_name`).
-* **The local runner** reads ``OUT/progress.json``: ``{kind, state, stage, step, totalSteps, tokens,
+* **The local runner** reads ``DIR/progress.json``: ``{kind, state, stage, step, totalSteps, tokens,
   percent, etaSeconds, updatedAt, metrics: {camelCase: value}, message, field}``, rewritten atomically at
-  most once a second, and ``OUT/metrics.jsonl``, one line per update (``{time, step, tokens, stage,
-  <metric>: value}``) — the curves of the run report. ``OUT/outputs.json`` (the resource's status.outputs) appears only on success: it is
-  the resource's completion marker.
+  most once a second, and ``DIR/metrics.jsonl``, one line per update (``{time, step, tokens, stage,
+  <metric>: value}``) — the curves of the run report. ``DIR/outputs.json`` (the resource's status.outputs)
+  appears only on success: it is the resource's completion marker. ``DIR`` is ``$LMFORGE_RUN_DIR``, which
+  the local runner sets to the resource's run directory (so a job whose output is ``s3://…`` is followed
+  the same way), else the output itself when it is a local path (see :func:`report_dir`).
 * **The operator** scrapes the pod's endpoint while it runs and reads the container's termination message
   (``$LMFORGE_TERMINATION_LOG``, else ``/dev/termination-log`` when writable; at most 4096 bytes of JSON)
   when it ends.
@@ -41,6 +43,7 @@ PREFIX = {"Corpus": "data", "PretrainRun": "train", "AlignmentRun": "align", "Ev
 DEFAULT_PORT = 9400
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_MAX_BYTES = 4096
+RUN_DIR_ENV = "LMFORGE_RUN_DIR"
 
 # Series whose name does not follow lmforge_<prefix>_<snake_case(key)>.
 _SPECIAL = {
@@ -109,6 +112,15 @@ def local_dir(output: str | os.PathLike[str] | None) -> Path | None:
     return Path(text)
 
 
+def report_dir(output: str | os.PathLike[str] | None) -> Path | None:
+    """Where progress.json, metrics.jsonl and outputs.json go: ``$LMFORGE_RUN_DIR`` when the local runner
+    sets it (it follows every job there, whatever its output), else beside a local output. A remote output
+    (s3://, gs://…) without a run directory is followed through the Prometheus endpoint and the
+    termination message instead."""
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    return Path(run_dir) if run_dir else local_dir(output)
+
+
 class _Registry:
     """One process-wide metrics server and gauge table (tests create many Telemetry objects)."""
 
@@ -158,9 +170,7 @@ class Telemetry:
             raise ValueError(f"unknown kind {kind!r}")
         self.kind = kind
         self.enabled = enabled
-        # progress.json and metrics.jsonl go beside local outputs only; a remote output (s3://, gs://…) is
-        # followed through the Prometheus endpoint and the termination message instead
-        self.dir = local_dir(output)
+        self.dir = report_dir(output)
         self.started = time.monotonic()
         self.state: dict[str, Any] = {"kind": kind, "state": "Running", "metrics": {}}
         if total_steps is not None:
@@ -406,11 +416,13 @@ def read_progress(output: str | os.PathLike[str]) -> dict[str, Any] | None:
 __all__ = [
     "DEFAULT_PORT",
     "PREFIX",
+    "RUN_DIR_ENV",
     "Telemetry",
     "fit_termination_message",
     "metric_name",
     "progress_names",
     "read_progress",
+    "report_dir",
     "write_json_atomic",
     "write_termination_message",
 ]

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs.storage import read_json
 from lmforge_operator.local.view import collect, status_rows
 
 
@@ -85,11 +86,6 @@ class _Plots:
         self.files.append((title, path))
 
 
-def _output_dir(workdir: Path, kind: str, name: str, status: dict[str, Any]) -> Path:
-    out = status.get("output")
-    return Path(str(out).removeprefix("file://")) if out else workdir / kind.lower() / name
-
-
 def build_report(workdir: Path, out: Path | None = None) -> Path:
     """Write ``report.html`` and ``report/*.png`` into ``workdir`` (or ``out``); return the HTML path."""
     workdir = Path(workdir)
@@ -100,12 +96,12 @@ def build_report(workdir: Path, out: Path | None = None) -> Path:
     evaluations: list[tuple[str, dict[str, Any]]] = []
 
     for kind, name, status in resources:
-        odir = _output_dir(workdir, kind, name, status)
-        rows = _read_jsonl(odir / "metrics.jsonl")
+        # metrics.jsonl is in the run directory; stats.json beside the outputs (local or object storage)
+        rows = _read_jsonl(workdir / kind.lower() / name / "metrics.jsonl")
         if kind == "Corpus":
-            try:
-                stats = json.loads((odir / "stats.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+            output = status.get("output") or str(workdir / kind.lower() / name)
+            stats = read_json(f"{str(output).rstrip('/')}/stats.json")
+            if not isinstance(stats, dict):
                 stats = status.get("documents") or {}
             steps = funnel(stats)
             if len(steps) > 1:

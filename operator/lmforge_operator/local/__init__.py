@@ -14,9 +14,8 @@ resumes interrupted ones (the jobs resume from their checkpoints and completion 
 stops the running job gracefully — it saves a checkpoint before exiting — and every process it started.
 
 Object storage: ``--s3-endpoint`` and ``spec.storage`` reach the jobs' environment, the credentials are
-the user's (:mod:`.storage`). A job whose output is remote (s3://, gs://) writes no progress.json or
-outputs.json here; its summary (state, outputs, results) lands in ``WORKDIR/<kind>/<name>/summary.json``
-and completes it instead.
+the user's (:mod:`.storage`). Whatever its output (a local path, s3://, gs://), a job writes its
+progress.json, metrics.jsonl and outputs.json into ``WORKDIR/<kind>/<name>/`` (``$LMFORGE_RUN_DIR``).
 
 * :mod:`.launch` starts a job's processes and stops all of them;
 * :mod:`.runner` orders the resources, skips, resumes or runs each and writes its status;

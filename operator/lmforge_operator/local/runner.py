@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import yaml
 from lmforge_jobs.manifest import Problem, Resource, load_resources
 from lmforge_jobs.resolve import UnresolvedReference, default_output, dependencies, resolve
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR
-from lmforge_jobs.telemetry import local_dir, read_progress, write_json_atomic
+from lmforge_jobs.storage import is_remote, local_path, read_json
+from lmforge_jobs.telemetry import RUN_DIR_ENV, read_progress, write_json_atomic
 from lmforge_operator import status as st
 from lmforge_operator.local.launch import (
     STOP_GRACE_SECONDS,
@@ -32,10 +34,6 @@ from lmforge_operator.local.storage import storage_env
 
 LOCAL_KEYS = ("specHash", "output")
 """The runner's own bookkeeping in status.json, beside the CRD's status fields."""
-SUMMARY_FILE = "summary.json"
-"""Where a job whose output is remote (s3://, gs://) leaves its summary (its termination message: state,
-outputs, results), in the resource's directory: its progress.json and outputs.json exist only beside local
-outputs."""
 
 
 class RunError(Exception):
@@ -56,10 +54,6 @@ def read_status(workdir: Path, kind: str, name: str) -> dict[str, Any] | None:
         return json.loads((resource_dir(workdir, kind, name) / "status.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def local_path(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
 
 
 def load_set(paths: Iterable[str]) -> list[Resource[Any, Any]]:
@@ -129,38 +123,36 @@ def order(resources: list[Resource[Any, Any]], workdir: Path) -> list[Resource[A
 
 
 # ------------------------------------------------------------------------------------------------ status
-def apply_results(
-    status: dict[str, Any], resource: Resource[Any, Any], output: str, summary: dict[str, Any] | None = None
-) -> None:
+@contextlib.contextmanager
+def job_environment(env: dict[str, str]) -> Iterator[None]:
+    """This process's environment with a job's storage variables on top, for the runner's own reads of
+    the job's inputs and results (the same store the job reaches)."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def apply_results(status: dict[str, Any], resource: Resource[Any, Any], output: str) -> None:
     """Kind-specific final numbers: Corpus counts from stats.json, Evaluation results from results.json
-    (for a remote output: from the job's ``summary``)."""
+    (read where the output is: a local directory or object storage)."""
     filename = {"Corpus": "stats.json", "Evaluation": "results.json"}.get(resource.kind)
     if filename is None:
         return
-    if local_dir(output) is None:
-        summary = summary or {}
-        data = summary.get("results") if resource.kind == "Evaluation" else summary
-        if not isinstance(data, dict) or not data:
-            return
-    else:
-        try:
-            data = json.loads((local_path(output) / filename).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return
+    data = read_json(f"{output.rstrip('/')}/{filename}")
+    if not isinstance(data, dict):
+        return
     if resource.kind == "Corpus":
         status.update(st.corpus_counts(data))
         status["stage"] = "Done"
     else:
         status.update(st.evaluation_results(data))
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The summary a job with a remote output left in ``run_dir`` (see SUMMARY_FILE), or None."""
-    try:
-        data = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def spec_hash(resource: Resource[Any, Any], inputs: Iterable[Any] = ()) -> str:
@@ -183,12 +175,9 @@ def last_error(log: str) -> str:
 
 def tokenizer_vocab(uri: str) -> int | None:
     """Vocabulary size of a tokenizer.json (file or directory), for the plan; None when unknown."""
-    path = local_path(uri)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    text = str(uri).rstrip("/")
+    data = read_json(text if text.endswith(".json") else f"{text}/tokenizer.json")
+    if not isinstance(data, dict):
         return None
     vocab = (data.get("model") or {}).get("vocab") or {}
     ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
@@ -270,12 +259,14 @@ class LocalRunner:
             self._not_run(resource, st.DEPENDENCY_NOT_READY, exc.message)
             return Outcome(resource, "Waiting", exc.message)
         output = str(job.spec.output)
+        # the job reports into the run directory (LMFORGE_RUN_DIR), wherever its output is
+        outputs_file = run_dir / "outputs.json"
         digest = spec_hash(job, self.input_ids(resource))
         previous = read_status(self.workdir, kind, name) or {}
         if (
             previous.get("phase") == "Succeeded"
             and previous.get("specHash") == digest
-            and self.finished_outputs(run_dir, output) is not None
+            and outputs_file.exists()
         ):
             if self.display:
                 self.display.skipped(resource, "up to date")
@@ -284,8 +275,6 @@ class LocalRunner:
         if previous.get("specHash") not in (None, digest):
             self._discard_stale(resource, output)
         run_dir.mkdir(parents=True, exist_ok=True)
-        summary_file = run_dir / SUMMARY_FILE
-        summary_file.unlink(missing_ok=True)  # this run's summary only
         manifest = run_dir / "manifest.yaml"
         document = job.model_dump(by_alias=True, exclude_none=True, mode="json")
         document.pop("status", None)
@@ -296,7 +285,8 @@ class LocalRunner:
         status["startTime"] = status.get("startTime") or st.now_iso()
         status["specHash"] = digest
         status["output"] = output
-        plan = self._plan(job)
+        with job_environment(storage_env(job, self.s3_endpoint)):  # the tokenizer may be on object storage
+            plan = self._plan(job)
         if plan:
             status["plan"] = plan
         resumed = (run_dir / "logs").exists()
@@ -309,24 +299,23 @@ class LocalRunner:
             "PYTHONUNBUFFERED": "1",
             "LMFORGE_WORKDIR": str(self.workdir.resolve()),
             **storage_env(job, self.s3_endpoint),
+            RUN_DIR_ENV: str(run_dir.resolve()),
             **self.env,
         }
-        if local_dir(output) is None:  # a remote output: the job's summary tells how it ended
-            env["LMFORGE_TERMINATION_LOG"] = str(summary_file.resolve())
         if self.display:
             self.display.started(resource, processes, self.gpus)
         launch = Launch(
             f"{kind.lower()}-{name}", command(job, manifest.resolve(), processes), env, run_dir / "logs"
         )
         try:
-            code = self._wait(resource, launch, status, output)
+            code = self._wait(resource, launch, status, run_dir)
         finally:
             launch.kill()  # whatever ended the wait (a second Ctrl-C included), nothing of the job is left
 
-        outputs = self.finished_outputs(run_dir, output) if code == 0 else None
-        if outputs is not None and not self.interrupted:
-            status["outputs"] = outputs
-            apply_results(status, resource, output, read_summary(run_dir))
+        if code == 0 and outputs_file.exists() and not self.interrupted:
+            status["outputs"] = json.loads(outputs_file.read_text(encoding="utf-8"))
+            with job_environment(storage_env(job, self.s3_endpoint)):
+                apply_results(status, resource, output)
             status["completionTime"] = st.now_iso()
             st.set_state(status, "Succeeded", st.JOB_SUCCEEDED, "outputs complete")
             phase, message = "Succeeded", ""
@@ -335,7 +324,7 @@ class LocalRunner:
             phase = st.set_state(status, "Failed", st.INTERRUPTED, message)
         else:
             log = launch.log_tail(20)
-            progress = read_progress(output) or read_summary(run_dir) or {}
+            progress = read_progress(run_dir) or {}
             if code == EXIT_CONFIG_ERROR or progress.get("state") == "Invalid":
                 message = progress.get("message") or last_error(log) or "configuration error"
                 phase = st.set_state(status, "Invalid", st.CONFIG_ERROR, message)
@@ -349,7 +338,9 @@ class LocalRunner:
             self.display.finished(resource, phase, message)
         return Outcome(resource, phase, message)
 
-    def _wait(self, resource: Resource[Any, Any], launch: Launch, status: dict[str, Any], output: str) -> int:
+    def _wait(
+        self, resource: Resource[Any, Any], launch: Launch, status: dict[str, Any], run_dir: Path
+    ) -> int:
         """Mirror the job's progress until it exits (stopping it once ``lmforge run`` is interrupted)."""
         code: int | None = None
         stopped = False
@@ -361,22 +352,9 @@ class LocalRunner:
                     self.display.note(resource, "interrupted: stopping the job (it saves its state)")
                 launch.stop(self.stop_grace_seconds)
             code = launch.poll()
-            self._progress(resource, status, output)
-        self._progress(resource, status, output)
+            self._progress(resource, status, run_dir)
+        self._progress(resource, status, run_dir)
         return code
-
-    @staticmethod
-    def finished_outputs(run_dir: Path, output: str) -> dict[str, Any] | None:
-        """The outputs of a finished job (its completion marker): ``outputs.json`` beside a local output, the
-        outputs of a Succeeded summary for a remote one; None while it has not finished."""
-        if local_dir(output) is None:
-            summary = read_summary(run_dir) or {}
-            outputs = summary.get("outputs")
-            return outputs if summary.get("state") == "Succeeded" and isinstance(outputs, dict) else None
-        try:
-            return json.loads((local_path(output) / "outputs.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
 
     def input_ids(self, resource: Resource[Any, Any]) -> list[list[str]]:
         """(kind, name, run identity, completion time) of each dependency: a dependency that ran again
@@ -398,13 +376,16 @@ class LocalRunner:
 
         A Corpus in the work directory starts over (datatrove's per-rank completion markers do not know
         the spec); the training jobs decide themselves what of their checkpoints they can keep."""
+        with contextlib.suppress(OSError):
+            (resource_dir(self.workdir, resource.kind, resource.name) / "outputs.json").unlink()
+        if is_remote(output):
+            if resource.kind == "Corpus" and self.display:
+                self.display.note(
+                    resource,
+                    f"spec changed: stages already complete in {output} are kept (delete it to start over)",
+                )
+            return
         output_dir = local_path(output)
-        with contextlib.suppress(OSError):
-            (resource_dir(self.workdir, resource.kind, resource.name) / SUMMARY_FILE).unlink()
-        if local_dir(output) is None:
-            return  # the jobs decide what of a remote output they can keep
-        with contextlib.suppress(OSError):
-            (output_dir / "outputs.json").unlink()
         inside = output_dir.resolve().is_relative_to(self.workdir.resolve())
         if resource.kind == "Corpus" and inside and output_dir.is_dir():
             if self.display:
@@ -428,8 +409,8 @@ class LocalRunner:
             self.display.plan(job, planner.explain(plan))
         return plan.to_status().to_yaml_dict()
 
-    def _progress(self, resource: Resource[Any, Any], status: dict[str, Any], output: str) -> None:
-        progress = read_progress(output)
+    def _progress(self, resource: Resource[Any, Any], status: dict[str, Any], run_dir: Path) -> None:
+        progress = read_progress(run_dir)
         if not progress:
             return
         st.apply_progress(status, resource.kind, progress)
