@@ -182,6 +182,51 @@ def test_a_failed_part_keeps_the_results_so_far_without_the_marker(
     assert json.loads(storage.read_text(f"{s3.uri}/eval/results.json"))["perplexity"] > 1
 
 
+def test_text_held_out_on_s3_scores_like_the_local_files(s3, local: dict[str, str], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import gzip
+
+    from transformers import AutoModelForCausalLM
+
+    from lmforge_jobs.evaluate.perplexity import evaluate_perplexity, text_files
+
+    texts = tmp_path / "texts"
+    (texts / "sub").mkdir(parents=True)
+    (texts / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:3]))
+    (texts / "sub" / "b.txt").write_text(TEXTS[3])
+    (texts / "c.jsonl.gz").write_bytes(gzip.compress(json.dumps({"text": TEXTS[4]}).encode()))
+    (texts / "notes.csv").write_text("not data")
+    uri = upload(texts, f"{s3.uri}/texts")
+    assert not is_token_shards(uri)
+    assert [f.removeprefix(uri) for f in text_files(uri)] == ["/a.jsonl", "/c.jsonl.gz", "/sub/b.txt"]
+    assert text_files(f"{uri}/*.jsonl") == [f"{uri}/a.jsonl"]
+    model = AutoModelForCausalLM.from_pretrained(local["model"]).eval()
+    tok = AutoTokenizer.from_pretrained(local["model"])
+    here = evaluate_perplexity(model, tok, str(texts), seq_len=32)
+    there = evaluate_perplexity(model, tok, uri, seq_len=32)
+    assert (there.perplexity, there.tokens, there.documents) == (here.perplexity, here.tokens, 5)
+
+
+def test_storage_copies_and_requirements(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from lmforge_jobs.entry import ConfigError
+
+    s3.client.put_object(Bucket=s3.bucket, Key="d/x.txt", Body=b"x")
+    s3.client.put_object(Bucket=s3.bucket, Key="d/sub/y.txt", Body="ÿ".encode())
+    assert storage.read_text(f"{s3.uri}/d/sub/y.txt") == "ÿ"
+    copy = storage.local_copy(f"{s3.uri}/d", tmp_path / "copy")
+    assert copy == tmp_path / "copy" and (copy / "sub" / "y.txt").read_text() == "ÿ"
+    assert storage.local_copy(f"{s3.uri}/d/x.txt", tmp_path / "one") == tmp_path / "one" / "x.txt"
+    assert storage.local_copy(str(tmp_path / "one")) == tmp_path / "one"  # local: the path itself
+    with pytest.raises(FileNotFoundError):
+        storage.local_copy(f"{s3.uri}/nothing")
+    storage.require(f"{s3.uri}/d", "model.path")  # a prefix holding objects exists
+    with pytest.raises(ConfigError, match=rf"^spec\.x: {s3.uri}/nothing does not exist$"):
+        storage.require(f"{s3.uri}/nothing", "x")
+    with pytest.raises(ConfigError, match=r"^spec\.x: bucket s3://no-such-bucket does not exist"):
+        storage.require("s3://no-such-bucket/k", "x")
+    with pytest.raises(ConfigError, match=rf"^spec\.x: {tmp_path}/none does not exist$"):
+        storage.require(tmp_path / "none", "x")
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_missing_objects_buckets_and_credentials_name_the_field(
     s3,
