@@ -9,6 +9,8 @@ and one ``error: spec.<field>:`` line that names no secret.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -302,9 +304,11 @@ def test_missing_objects_buckets_and_credentials_name_the_field(
 
 # ------------------------------------------------------------------------------------- checkpoints: every
 @pytest.mark.slow
-def test_checkpoints_of_a_run_in_s3_are_each_evaluated_once(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A finished PretrainRun whose output is in the bucket: every complete checkpoint is evaluated (the
-    same numbers as from a local copy), the history is in results.json there, and a rerun resumes."""
+def test_follows_a_run_in_s3_until_it_finishes(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A PretrainRun whose output is in the bucket: each complete checkpoint is evaluated as it lands (the
+    same numbers as from a local copy), until the run's outputs.json appears; the history is in
+    results.json there, and a rerun resumes. The run's objects are written by another client (another
+    process, in a cluster): the job must not rely on listings it cached."""
     from lmforge_jobs.pretrain.__main__ import main as pretrain_main
     from lmforge_jobs.pretrain.testing import make_token_data
 
@@ -324,8 +328,16 @@ def test_checkpoints_of_a_run_in_s3_are_each_evaluated_once(s3, tmp_path: Path) 
     doc = {"apiVersion": "lmforge.io/v1alpha1", "kind": "PretrainRun", "metadata": {"name": "run"}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({**doc, "spec": spec}))
     assert pretrain_main(["--manifest", str(tmp_path / "run.yaml")]) == 0
-    run = upload(tmp_path / "run", f"{s3.uri}/runs/run")
     held_out = upload(data["heldOut"], f"{s3.uri}/corpus/held-out")
+    run = f"{s3.uri}/runs/run"
+
+    def put(*names: str) -> None:  # as the PretrainRun's pod would: another S3 client
+        for name in names:
+            source = tmp_path / "run" / name
+            for f in sorted([source] if source.is_file() else source.rglob("*")):
+                if f.is_file():
+                    key = f"runs/run/{f.relative_to(tmp_path / 'run').as_posix()}"
+                    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=f.read_bytes())
 
     def every(checkpoint_dir: str, held: str, output: str) -> dict:
         return {
@@ -342,8 +354,28 @@ def test_checkpoints_of_a_run_in_s3_are_each_evaluated_once(s3, tmp_path: Path) 
     local = every(str(tmp_path / "run" / "checkpoints"), data["heldOut"], str(tmp_path / "a" / "out"))
     assert main(["--manifest", str(write_manifest(tmp_path / "a", local))]) == 0
     expected = json.loads((tmp_path / "a" / "out" / "results.json").read_text())
+
+    put("checkpoints/tokenizer", "checkpoints/step-00000002")
     path = write_manifest(tmp_path / "b", every(f"{run}/checkpoints", held_out, f"{s3.uri}/eval"))
-    assert main(["--manifest", str(path)]) == 0
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(main(["--manifest", str(path)])))
+    thread.start()
+
+    def history() -> list[dict]:
+        try:
+            return json.loads(storage.read_text(f"{s3.uri}/eval/results.json")).get("history", [])
+        except FileNotFoundError:
+            return []
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not history():
+        time.sleep(0.2)
+    assert [h["step"] for h in history()] == [2]
+    time.sleep(1.5)  # a poll or two: the run has not finished, the job waits
+    assert thread.is_alive() and s3.keys("eval/") == ["eval/results.json"]
+    put("checkpoints/step-00000004", "outputs.json")
+    thread.join(timeout=120)
+    assert codes == [0]
     got = json.loads(storage.read_text(f"{s3.uri}/eval/results.json"))
     assert [h["checkpoint"] for h in got["history"]] == ["step-00000002", "step-00000004"]
     assert [h["perplexity"] for h in got["history"]] == [h["perplexity"] for h in expected["history"]]

@@ -2,8 +2,8 @@
 
 Every input and output a job names may be a local path, ``file://…``, ``s3://bucket/key``, ``gs://…``,
 ``hf://…`` or ``memory://…`` (tests). ``filesystem(uri)`` gives the fsspec filesystem and the path on it;
-``is_remote``, ``join``, ``exists``, ``read_text``, ``local_copy`` and ``write_text_atomic`` cover what jobs do
-with them.
+``is_remote``, ``join``, ``exists``, ``read_text``, ``local_copy``, ``refresh`` (before polling) and
+``write_text_atomic`` cover what jobs do with them.
 
 Credentials come only from the environment, never from a spec: ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` (a Secret mounted as env), ``AWS_PROFILE``, the pod's IAM
@@ -155,6 +155,18 @@ def require(uri: str | os.PathLike[str], field: str) -> None:
     raise config_error(field, FileNotFoundError(2, "No such file or directory"), uri)
 
 
+def refresh(uri: str | os.PathLike[str]) -> None:
+    """Forget the directory listings this process cached for ``uri``, the directories above it and below it
+    (s3fs and gcsfs keep them per filesystem instance, without expiry), so that a poll sees the objects
+    another process wrote since. Local paths have no cache."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    cache = getattr(fs, "dircache", None)
+    if cache:
+        for key in [k for k in list(cache) if k.startswith(f"{path}/")]:
+            cache.pop(key, None)
+
+
 def write_text_atomic(uri: str | os.PathLike[str], text: str) -> None:
     """Write a small text object so that it is read either whole or not at all: a temporary key beside it,
     then a move (a single PUT of the final key on object stores, ``os.replace`` on a local disk)."""
@@ -234,6 +246,7 @@ __all__ = [
     "local_copy",
     "local_path",
     "read_text",
+    "refresh",
     "require",
     "s3_endpoint",
     "s3_options",

@@ -425,6 +425,8 @@ def follow_checkpoints(spec: EvaluationSpec, evaluator: Evaluator, file: Results
     per_model = parts_per_model(spec)
     last_new = time.monotonic()
     while True:
+        storage.refresh(root)  # what the run wrote since the last poll, not a listing cached then
+        storage.refresh(run_outputs)
         finished = storage.exists(run_outputs)  # looked at before listing: see the stop rule
         todo = [(s, d) for s, d in list_complete(root) if s not in done]
         evaluator.total = per_model * (len(done) + len(todo))
