@@ -20,11 +20,13 @@ and credentials from the environment). Results files are written whole or not at
 missing bucket or a missing object is a ConfigError naming the spec field.
 
 Inputs that can be checked without a model (model directories, task files, the prompts file, secrets,
-local data) are checked first, so a typo fails in a second with ``error: spec.<field>: …`` and exit 64.
+the perplexity data, the output's bucket) are checked first, so a typo fails in a second with
+``error: spec.<field>: …`` and exit 64.
 
-``checkpoints: every`` follows ``spec.checkpointDir`` (the PretrainRun's ``checkpoints/``): each complete
-checkpoint (``lmforge_jobs.pretrain.checkpoint.list_complete``) not evaluated yet is exported to a scratch
-Hugging Face directory and evaluated, oldest first. **Stop rule**: the job ends successfully once the
+``checkpoints: every`` follows ``spec.checkpointDir`` (the PretrainRun's ``checkpoints/``, on a volume or in
+object storage, where each poll lists afresh): each complete checkpoint
+(``lmforge_jobs.pretrain.checkpoint.list_complete``) not evaluated yet is exported to a scratch Hugging
+Face directory and evaluated, oldest first. **Stop rule**: the job ends successfully once the
 PretrainRun's ``outputs.json`` (in the checkpoint directory's parent, the run's spec.output) existed
 *before* a listing that found no checkpoint left to evaluate — so every checkpoint written before the run
 finished is evaluated. It fails (exit 64, field ``checkpoints``) when the run does not finish and no new
