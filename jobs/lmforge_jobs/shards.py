@@ -177,6 +177,15 @@ def find_shards(uri: str | os.PathLike[str], token_size: int | None = None) -> l
     return shards
 
 
+def has_shards(uri: str | os.PathLike[str]) -> bool:
+    """True when ``uri`` is a ``.ds`` file or a directory (prefix) holding some, local or on object
+    storage; False for anything else, a missing path included. Storage errors propagate as OSError."""
+    fs, path = storage.filesystem(uri)
+    if fs.isfile(path):
+        return path.endswith(SUFFIX)
+    return fs.isdir(path) and any(p.endswith(SUFFIX) for p in fs.find(path))
+
+
 def token_count(uri: str | os.PathLike[str]) -> int:
     """Total tokens in the shards under ``uri``."""
     return sum(s.tokens for s in find_shards(uri))
@@ -428,4 +437,13 @@ class TokenStream:
         return max(int(self._read(i, 0, min(sample, s.tokens)).max()) for i, s in enumerate(self.shards))
 
 
-__all__ = ["BlockCache", "Shard", "ShardError", "TokenStream", "find_shards", "read_documents", "token_count"]
+__all__ = [
+    "BlockCache",
+    "Shard",
+    "ShardError",
+    "TokenStream",
+    "find_shards",
+    "has_shards",
+    "read_documents",
+    "token_count",
+]

@@ -2,7 +2,8 @@
 
 Every input and output a job names may be a local path, ``file://…``, ``s3://bucket/key``, ``gs://…``,
 ``hf://…`` or ``memory://…`` (tests). ``filesystem(uri)`` gives the fsspec filesystem and the path on it;
-``is_remote``, ``join``, ``exists`` and ``write_text_atomic`` cover what jobs do with them.
+``is_remote``, ``join``, ``exists``, ``read_text``, ``local_copy``, ``refresh`` (before polling) and
+``write_text_atomic`` cover what jobs do with them.
 
 Credentials come only from the environment, never from a spec: ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` (a Secret mounted as env), ``AWS_PROFILE``, the pod's IAM
@@ -112,6 +113,60 @@ def exists(uri: str | os.PathLike[str]) -> bool:
     return bool(fs.exists(path))
 
 
+def read_text(uri: str | os.PathLike[str]) -> str:
+    """A small text object or file, whole (UTF-8); storage errors propagate as OSError."""
+    fs, path = filesystem(uri)
+    return bytes(fs.cat_file(path)).decode("utf-8")
+
+
+def local_copy(uri: str | os.PathLike[str], dest: str | os.PathLike[str] | None = None) -> Path:
+    """A local path for ``uri``: the path itself when it is local, else a copy of the remote object, or of
+    everything under the remote directory (prefix), in ``dest`` (a new temporary directory by default).
+    Returns the copied file (``dest/<name>``) or ``dest`` for a directory; FileNotFoundError when nothing is
+    there, other storage errors as OSError."""
+    if not is_remote(uri):
+        return local_path(uri)
+    import tempfile
+
+    fs, path = filesystem(uri)
+    target = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="lmforge-copy-"))
+    target.mkdir(parents=True, exist_ok=True)
+    if fs.isfile(path):
+        local = target / path.rsplit("/", 1)[-1]
+        fs.get_file(path, str(local))
+        return local
+    if not fs.isdir(path):
+        raise FileNotFoundError(2, "No such file or directory", str(uri))
+    fs.get(f"{path}/", f"{target}/", recursive=True)
+    return target
+
+
+def require(uri: str | os.PathLike[str], field: str) -> None:
+    """Before reading ``uri``: it exists (a file, or a directory/prefix holding some). Otherwise the job's
+    ConfigError naming ``spec.<field>`` says which of access denied, a missing bucket or a missing object
+    it is."""
+    fs, path = filesystem(uri)
+    try:
+        if fs.exists(path):
+            return
+    except (OSError, ValueError) as exc:
+        raise config_error(field, exc, uri) from None
+    check_bucket(uri, field)
+    raise config_error(field, FileNotFoundError(2, "No such file or directory"), uri)
+
+
+def refresh(uri: str | os.PathLike[str]) -> None:
+    """Forget the directory listings this process cached for ``uri``, the directories above it and below it
+    (s3fs and gcsfs keep them per filesystem instance, without expiry), so that a poll sees the objects
+    another process wrote since. Local paths have no cache."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    cache = getattr(fs, "dircache", None)
+    if cache:
+        for key in [k for k in list(cache) if k.startswith(f"{path}/")]:
+            cache.pop(key, None)
+
+
 def write_text_atomic(uri: str | os.PathLike[str], text: str) -> None:
     """Write a small text object so that it is read either whole or not at all: a temporary key beside it,
     then a move (a single PUT of the final key on object stores, ``os.replace`` on a local disk)."""
@@ -202,8 +257,12 @@ __all__ = [
     "filesystem",
     "is_remote",
     "join",
+    "local_copy",
     "local_path",
     "read_json",
+    "read_text",
+    "refresh",
+    "require",
     "s3_endpoint",
     "s3_options",
     "to_uri",

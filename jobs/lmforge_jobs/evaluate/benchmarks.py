@@ -8,7 +8,8 @@ A task file (``taskPath``) is copied with the other YAML/Python files of its dir
 ``!function`` keep working) into a scratch directory, and the copy's relative data paths — ``dataset_kwargs``
 ``data_files``/``data_dir`` and a ``dataset_path`` that names a local file or directory — are rewritten to
 absolute paths next to the original file: lm-eval itself would resolve them against the working
-directory. Remote task files (s3://, gs://) are fetched with fsspec, with their relative data files.
+directory. Task files on object storage (s3://, gs:// through :mod:`lmforge_jobs.storage`) are fetched the
+same way, with their relative data files copied into the scratch directory.
 
 Results are ``{task: {metric: value}}``, one entry per task lm-eval reports (a group reports itself and its
 subtasks); a metric computed after a filter other than ``none`` is named ``<metric>_<filter>``, standard
@@ -20,7 +21,6 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from lmforge_jobs import storage
 from lmforge_jobs.entry import ConfigError
 from lmforge_jobs.evaluate.config import Benchmark
 
@@ -59,11 +60,19 @@ _TaskDumper.add_representer(FunctionTag, lambda d, v: d.represent_scalar("!funct
 
 def read_task_yaml(path: Path, field: str) -> dict[str, Any]:
     try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskLoader)
-    except (OSError, yaml.YAMLError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
         raise ConfigError(field, f"cannot read the task file {path}: {exc}") from exc
+    return parse_task_yaml(text, str(path), field)
+
+
+def parse_task_yaml(text: str, where: str, field: str) -> dict[str, Any]:
+    try:
+        doc = yaml.load(text, Loader=_TaskLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(field, f"cannot read the task file {where}: {exc}") from exc
     if not isinstance(doc, dict) or not (doc.get("task") or doc.get("group")):
-        raise ConfigError(field, f"{path} is not an lm-eval task file (no task or group key)")
+        raise ConfigError(field, f"{where} is not an lm-eval task file (no task or group key)")
     return doc
 
 
@@ -78,33 +87,28 @@ def task_name(doc: Mapping[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------- data path rewrite
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
 def _looks_relative(value: str) -> bool:
     return not (value.startswith(("/", "~")) or "://" in value)
 
 
 def _resolve_data(value: str, base: str, scratch: Path, field: str) -> str:
-    """Absolute location of a data path written relative to the task file's directory ``base``."""
+    """Absolute location of a data path written relative to the task file's directory ``base``: the local
+    file itself, or a copy in ``scratch`` of one on object storage."""
     if not _looks_relative(value):
         return value
-    if not _is_remote(base):
+    if not storage.is_remote(base):
         path = (Path(base) / value).resolve()
         if not glob_exists(path):
             raise ConfigError(field, f"data file {value} of the task (looked for {path}) does not exist")
         return str(path)
-    import fsspec
-
-    remote = f"{base.rstrip('/')}/{value}"
+    remote = storage.join(base, value)
     target = scratch / "data" / value
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fs, path = fsspec.core.url_to_fs(remote)
+        fs, path = storage.filesystem(remote)
         fs.get(path, str(target), recursive=True)
     except (OSError, ValueError) as exc:
-        raise ConfigError(field, f"cannot fetch the task's data file {remote}: {exc}") from exc
+        raise ConfigError(field, f"data file {value} of the task: {storage.describe(exc, remote)}") from None
     return str(target)
 
 
@@ -140,59 +144,59 @@ def rewrite_data_paths(doc: dict[str, Any], base: str, scratch: Path, field: str
     return doc
 
 
+def _task_file(uri: str, field: str) -> tuple[Any, str]:
+    """(filesystem, path) of an existing task file; a ConfigError naming ``field`` otherwise."""
+    fs, path = storage.filesystem(uri)
+    try:
+        found = fs.isfile(path)
+    except (OSError, ValueError) as exc:
+        raise storage.config_error(field, exc, uri) from None
+    if not found:
+        storage.require(uri, field)  # access denied, a missing bucket or a missing object
+        raise ConfigError(field, f"task file {storage.to_uri(fs, path)} is not a file")
+    return fs, path
+
+
 def prepare_task_file(uri: str, field: str, scratch: Path) -> tuple[str, str]:
     """Copy a task file (and its sibling YAML/Python files) to ``scratch`` with absolute data paths.
 
     Returns (path of the copied task file, task name)."""
     scratch.mkdir(parents=True, exist_ok=True)
-    if _is_remote(uri):
-        import fsspec
-
-        base = uri.rsplit("/", 1)[0]
-        try:
-            fs, root = fsspec.core.url_to_fs(base)
-            if not fs.exists(uri.split("://", 1)[1] if "://" in uri else uri):
-                raise ConfigError(field, f"task file {uri} not found")
-            for pattern in SIDE_FILES:
-                for remote in fs.glob(f"{root.rstrip('/')}/{pattern}"):
-                    fs.get(remote, str(scratch / Path(remote).name))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(field, f"cannot fetch the task file {uri}: {exc}") from exc
-        copied = scratch / uri.rsplit("/", 1)[1]
-    else:
-        source = Path(uri.removeprefix("file://")).resolve()
-        if not source.is_file():
-            raise ConfigError(field, f"task file {source} not found")
-        base = str(source.parent)
+    fs, path = _task_file(uri, field)
+    parent, _, name = path.rpartition("/")
+    base = storage.to_uri(fs, parent)
+    copied = scratch / name
+    try:
         for pattern in SIDE_FILES:
-            for sibling in source.parent.glob(pattern):
-                if sibling.is_file():
-                    shutil.copy2(sibling, scratch / sibling.name)
-        copied = scratch / source.name
-        shutil.copy2(source, copied)
+            for sibling in fs.glob(f"{parent}/{pattern}"):
+                if fs.isfile(sibling):
+                    fs.get_file(sibling, str(scratch / sibling.rsplit("/", 1)[-1]))
+        fs.get_file(path, str(copied))
+    except (OSError, ValueError) as exc:
+        raise storage.config_error(field, exc, uri) from None
     # every YAML file in the directory may be included by the task: rewrite them all
-    for path in sorted(scratch.glob("*.y*ml")):
+    for path_ in sorted(scratch.glob("*.y*ml")):
         try:
-            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskLoader)
+            doc = yaml.load(path_.read_text(encoding="utf-8"), Loader=_TaskLoader)
         except yaml.YAMLError:
-            if path == copied:
+            if path_ == copied:
                 raise
             continue
         if isinstance(doc, dict):
             doc = rewrite_data_paths(doc, base, scratch, field)
-            path.write_text(yaml.dump(doc, Dumper=_TaskDumper, sort_keys=False), encoding="utf-8")
+            path_.write_text(yaml.dump(doc, Dumper=_TaskDumper, sort_keys=False), encoding="utf-8")
     doc = read_task_yaml(copied, field)
     return str(copied), task_name(doc)
 
 
 def check_task_path(uri: str, field: str) -> None:
-    """Fail fast when a local task file is missing (remote ones are checked when fetched)."""
-    if _is_remote(uri):
-        return
-    path = Path(uri.removeprefix("file://"))
-    if not path.is_file():
-        raise ConfigError(field, f"task file {path.resolve()} not found")
-    read_task_yaml(path, field)
+    """Fail fast when a task file (local or on object storage) is missing or not an lm-eval task."""
+    fs, path = _task_file(uri, field)
+    try:
+        text = bytes(fs.cat_file(path)).decode("utf-8")
+    except (OSError, ValueError) as exc:
+        raise storage.config_error(field, exc, uri) from None
+    parse_task_yaml(text, uri, field)
 
 
 # ------------------------------------------------------------------------------------------------- run

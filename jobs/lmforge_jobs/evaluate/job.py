@@ -12,14 +12,21 @@ order, for the model (``checkpoints: final``) or for every complete checkpoint (
 and is rewritten after every part, so the numbers computed before a failure are kept; with ``checkpoints:
 every`` it also holds ``history``, one Results per evaluated checkpoint (with ``checkpoint`` and ``step``).
 The judge's answers and verdicts go to ``OUT/judgments[-<checkpoint>].jsonl``. ``outputs.json`` (the
-completion marker) is written only when everything succeeded.
+completion marker) is written only when everything succeeded, last.
+
+Every input and ``OUT`` may be on object storage (``s3://…``, through :mod:`lmforge_jobs.storage`: endpoint
+and credentials from the environment). Results files are written whole or not at all
+(``storage.write_text_atomic``), so a reader never takes half an object for results; access denied, a
+missing bucket or a missing object is a ConfigError naming the spec field.
 
 Inputs that can be checked without a model (model directories, task files, the prompts file, secrets,
-local data) are checked first, so a typo fails in a second with ``error: spec.<field>: …`` and exit 64.
+the perplexity data, the output's bucket) are checked first, so a typo fails in a second with
+``error: spec.<field>: …`` and exit 64.
 
-``checkpoints: every`` follows ``spec.checkpointDir`` (the PretrainRun's ``checkpoints/``): each complete
-checkpoint (``lmforge_jobs.pretrain.checkpoint.list_complete``) not evaluated yet is exported to a scratch
-Hugging Face directory and evaluated, oldest first. **Stop rule**: the job ends successfully once the
+``checkpoints: every`` follows ``spec.checkpointDir`` (the PretrainRun's ``checkpoints/``, on a volume or in
+object storage, where each poll lists afresh): each complete checkpoint
+(``lmforge_jobs.pretrain.checkpoint.list_complete``) not evaluated yet is exported to a scratch Hugging
+Face directory and evaluated, oldest first. **Stop rule**: the job ends successfully once the
 PretrainRun's ``outputs.json`` (in the checkpoint directory's parent, the run's spec.output) existed
 *before* a listing that found no checkpoint left to evaluate — so every checkpoint written before the run
 finished is evaluated. It fails (exit 64, field ``checkpoints``) when the run does not finish and no new
@@ -39,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.entry import ConfigError
 from lmforge_jobs.evaluate import arena as arena_mod
 from lmforge_jobs.evaluate import judge as judge_mod
@@ -48,7 +56,6 @@ from lmforge_jobs.evaluate.models import (
     LoadedModel,
     check_model_dir,
     free,
-    is_remote,
     load_model,
     model_name,
 )
@@ -56,7 +63,7 @@ from lmforge_jobs.evaluate.perplexity import evaluate_perplexity, is_token_shard
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.secrets import read_secret
 from lmforge_jobs.spec import ModelRef
-from lmforge_jobs.telemetry import Telemetry, write_json_atomic
+from lmforge_jobs.telemetry import Telemetry
 
 KIND = "Evaluation"
 RESULTS = "results.json"
@@ -94,16 +101,11 @@ class ResultsFile:
 
     @property
     def uri(self) -> str:
-        return self.output.rstrip("/") + "/" + RESULTS
+        return storage.join(self.output, RESULTS)
 
     def read(self) -> dict[str, Any]:
         try:
-            if is_remote(self.output):
-                import fsspec
-
-                with fsspec.open(self.uri, "rt", encoding="utf-8") as fh:
-                    return json.load(fh)
-            return json.loads(Path(self.uri.removeprefix("file://")).read_text(encoding="utf-8"))
+            return json.loads(storage.read_text(self.uri))
         except (OSError, ValueError):
             return {}
 
@@ -116,14 +118,8 @@ class ResultsFile:
     def save(self, latest: dict[str, Any] | None = None) -> None:
         if latest is not None:
             self.latest = latest
-        doc = self.document()
-        if is_remote(self.output):
-            import fsspec
-
-            with fsspec.open(self.uri, "wt", encoding="utf-8") as fh:
-                json.dump(doc, fh, indent=2, sort_keys=True)
-        else:
-            write_json_atomic(Path(self.uri.removeprefix("file://")), doc)
+        text = json.dumps(self.document(), indent=2, sort_keys=True, default=str) + "\n"
+        storage.write_text_atomic(self.uri, text)  # whole or not at all, on a disk or an object store
 
     def append(self, results: dict[str, Any]) -> None:
         self.history.append(results)
@@ -151,7 +147,7 @@ def preflight(spec: EvaluationSpec) -> list[str] | None:
         if ppl.seq_len is not None and ppl.stride is not None and ppl.stride > ppl.seq_len:
             raise ConfigError("perplexity.stride", f"stride {ppl.stride} is larger than seqLen {ppl.seq_len}")
         data = str(ppl.data)
-        if not is_remote(data) and not is_token_shards(data):
+        if not is_token_shards(data):
             text_files(data)  # raises for a missing path or a directory without data
     for i, bench in enumerate(spec.benchmarks):
         if bench.task_path is not None:
@@ -412,11 +408,9 @@ class Evaluator:
                 self.rating_gauge.labels(model=name).set(float(rating["rating"]))
             print("arena: " + ", ".join(f"{n} {r['rating']:.0f}" for n, r in ratings.items()), flush=True)
         suffix = f"-{checkpoint}" if checkpoint else ""
-        out = self.spec.output or "."
-        if not is_remote(out):
-            judge_mod.save_transcript(
-                Path(out.removeprefix("file://")) / f"judgments{suffix}.jsonl", transcript
-            )
+        judge_mod.save_transcript(
+            storage.join(self.spec.output or ".", f"judgments{suffix}.jsonl"), transcript
+        )
         self._part_done("judge", results, metrics)
 
 
@@ -427,16 +421,15 @@ def follow_checkpoints(spec: EvaluationSpec, evaluator: Evaluator, file: Results
     from lmforge_jobs.pretrain.export import export_checkpoint
 
     root = str(spec.checkpoint_dir)
-    if is_remote(root):
-        raise ConfigError(
-            "checkpointDir", f"{root}: checkpoints: every needs the checkpoints on a mounted volume"
-        )
-    run_dir = Path(root.removeprefix("file://")).parent
+    fs, path = storage.filesystem(root)
+    run_outputs = storage.join(storage.to_uri(fs, path.rpartition("/")[0]), "outputs.json")
     done = {int(h["step"]) for h in file.history if h.get("step") is not None}
     per_model = parts_per_model(spec)
     last_new = time.monotonic()
     while True:
-        finished = (run_dir / "outputs.json").is_file()  # looked at before listing: see the stop rule
+        storage.refresh(root)  # what the run wrote since the last poll, not a listing cached then
+        storage.refresh(run_outputs)
+        finished = storage.exists(run_outputs)  # looked at before listing: see the stop rule
         todo = [(s, d) for s, d in list_complete(root) if s not in done]
         evaluator.total = per_model * (len(done) + len(todo))
         for step, directory in todo:
@@ -465,7 +458,7 @@ def follow_checkpoints(spec: EvaluationSpec, evaluator: Evaluator, file: Results
             raise ConfigError(
                 "checkpoints",
                 f"no new checkpoint in {root} for {spec.checkpoint_timeout_seconds} s and the PretrainRun has not "
-                f"finished ({run_dir / 'outputs.json'} is missing)",
+                f"finished ({run_outputs} is missing)",
             )
         evaluator._progress("waiting for checkpoints")
         time.sleep(spec.checkpoint_poll_seconds)
@@ -499,6 +492,7 @@ def run(resource: Resource[Any, Any], args: argparse.Namespace | None = None) ->
     quiet_progress_bars()
     tel = Telemetry(KIND, output)
     every = spec.checkpoints == Checkpoints.every
+    storage.check_bucket(output, "output")  # before the first write: a missing bucket is never created
     file = ResultsFile(output, spec_digest(spec), keep_history=every)
     file.save()  # a results.json of an earlier run must not pass for this one's
     prompts = preflight(spec)
@@ -516,7 +510,10 @@ def run(resource: Resource[Any, Any], args: argparse.Namespace | None = None) ->
         raise
     finally:
         evaluator.close()
-    tel.finish({"results": file.uri}, results=clean(file.latest))
+    outputs = {"results": file.uri}
+    tel.finish(outputs, results=clean(file.latest))
+    if tel.dir is None:  # Telemetry writes outputs.json beside local outputs only; the marker comes last
+        storage.write_text_atomic(storage.join(output, "outputs.json"), json.dumps(outputs, indent=2) + "\n")
     return 0
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from lmforge_jobs import storage
 from lmforge_jobs.entry import ConfigError, ServiceUnavailable
 
 WIN, LOSS, TIE = "win", "loss", "tie"
@@ -51,21 +52,19 @@ USER_TEMPLATE = (
 
 # ---------------------------------------------------------------------------------------------- prompts
 def read_prompts(uri: str, field: str = "judge.prompts", limit: int | None = None) -> list[str]:
-    """The prompts of a JSONL file (local or fsspec URI); ConfigError(field) when missing or malformed."""
-    import fsspec
-
+    """The prompts of a JSONL file (local or on object storage); ConfigError(field) when missing or
+    malformed."""
     try:
-        with fsspec.open(
-            uri.removeprefix("file://") if uri.startswith("file://") else uri,
-            "rt",
-            encoding="utf-8",
-            compression="infer",
-        ) as fh:
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rt", encoding="utf-8", compression="infer") as fh:
             lines = fh.read().splitlines()
-    except FileNotFoundError as exc:
-        raise ConfigError(field, f"prompts file {uri} not found") from exc
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except FileNotFoundError:
+        storage.require(uri, field)  # a missing bucket or denied access says so
+        raise ConfigError(field, f"prompts file {uri} not found") from None
+    except UnicodeDecodeError as exc:
         raise ConfigError(field, f"cannot read prompts file {uri}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(field, f"cannot read prompts file {uri}: {storage.describe(exc, uri)}") from None
     prompts: list[str] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -382,12 +381,10 @@ def bootstrap_interval(scores: np.ndarray, samples: int = 1000, seed: int = 0) -
     return [float(low), float(high)]
 
 
-def save_transcript(path: Path, rows: list[dict[str, Any]]) -> None:
-    """The answers and verdicts, one JSON line each, for a human to audit the judge."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+def save_transcript(uri: str | Path, rows: list[dict[str, Any]]) -> None:
+    """The answers and verdicts, one JSON line each, for a human to audit the judge (a local path or an
+    object storage URI, written whole or not at all)."""
+    storage.write_text_atomic(uri, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 __all__ = [

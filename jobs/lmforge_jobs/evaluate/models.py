@@ -1,8 +1,9 @@
 """Loading the models an Evaluation compares.
 
-A resolved ModelRef is ``{path: DIR}`` (a Hugging Face model directory: local, or fsspec storage copied to a
-scratch directory first) or ``{huggingface: ID, revision, token}``. Every failure a user can fix becomes a
-:class:`ConfigError` naming the spec field that pointed at the model.
+A resolved ModelRef is ``{path: DIR}`` (a Hugging Face model directory: local, or on object storage —
+``s3://…`` through :mod:`lmforge_jobs.storage` — copied to a scratch directory first) or ``{huggingface:
+ID, revision, token}``. Every failure a user can fix becomes a :class:`ConfigError` naming the spec field
+that pointed at the model (for object storage: access denied, a missing bucket, a missing object).
 
 A hub token (``{secretKeyRef: {name, key}}``) is read with :func:`lmforge_jobs.secrets.read_secret`.
 """
@@ -10,53 +11,40 @@ A hub token (``{secretKeyRef: {name, key}}``) is read with :func:`lmforge_jobs.s
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.entry import ConfigError
 from lmforge_jobs.secrets import read_secret
 from lmforge_jobs.spec import ModelRef, Precision
 
 
 # ------------------------------------------------------------------------------------------------- models
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
-def local_path(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
-
-
 def check_model_dir(uri: str, field: str) -> None:
-    """Fail fast when a local model directory is missing or not in Hugging Face format."""
-    if is_remote(uri):
-        return
-    path = local_path(uri)
-    if not path.is_dir():
-        raise ConfigError(field, f"no model directory at {path}")
-    if not (path / "config.json").is_file():
-        raise ConfigError(field, f"{path} is not a Hugging Face model directory (no config.json)")
+    """Fail fast when a model directory (local or on object storage) is missing, unreadable or not in
+    Hugging Face format."""
+    fs, path = storage.filesystem(uri)
+    try:
+        is_dir = fs.isdir(path)
+        has_config = is_dir and fs.isfile(f"{path}/config.json")
+    except (OSError, ValueError) as exc:
+        raise storage.config_error(field, exc, uri) from None
+    if not is_dir:
+        storage.require(uri, field)  # says whether access, the bucket or the object is missing
+        raise ConfigError(field, f"no model directory at {uri}")
+    if not has_config:
+        raise ConfigError(field, f"{uri} is not a Hugging Face model directory (no config.json)")
 
 
 def fetch_dir(uri: str, field: str) -> Path:
-    """A local copy of a remote model directory (fsspec), or the local path itself."""
-    if not is_remote(uri):
-        check_model_dir(uri, field)
-        return local_path(uri)
-    import fsspec
-
-    target = Path(tempfile.mkdtemp(prefix="lmforge-model-"))
+    """A local model directory: the path itself, or a copy of a directory on object storage."""
+    check_model_dir(uri, field)
     try:
-        fs, root = fsspec.core.url_to_fs(uri)
-        fs.get(root.rstrip("/") + "/", str(target), recursive=True)
-    except (OSError, ValueError, ImportError) as exc:
-        shutil.rmtree(target, ignore_errors=True)
-        raise ConfigError(field, f"cannot copy the model from {uri}: {exc}") from exc
-    check_model_dir(str(target), field)
-    return target
+        return storage.local_copy(uri)
+    except OSError as exc:
+        raise storage.config_error(field, exc, uri) from None
 
 
 @dataclass

@@ -4,7 +4,8 @@ Data (``spec.perplexity.data``) is either a Corpus's held-out split — a direct
 shards (``*.ds``), read with :func:`lmforge_jobs.shards.read_documents` — or text: ``.txt``/``.md`` files
 (one document per file), ``.jsonl``/``.json`` (one document per line, its ``text`` field; ``.gz``, ``.zst``
 and other fsspec compressions too) and ``.parquet`` (the ``text`` column). A directory is searched
-recursively; glob patterns and fsspec URIs (s3://, gs://) are accepted for text.
+recursively; glob patterns are accepted for text. Either may be on object storage (``s3://``, ``gs://``
+through :mod:`lmforge_jobs.storage`): remote token shards are detected and read like local ones.
 
 Text is tokenized with the evaluated model's tokenizer and its default special tokens
 (``tokenizer(text)``), exactly like ``model(ids, labels=ids)`` in transformers.
@@ -26,9 +27,9 @@ import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.entry import ConfigError
 
 FIELD = "perplexity.data"
@@ -63,18 +64,15 @@ class PerplexityResult:
 
 
 # ------------------------------------------------------------------------------------------------- data
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
 def is_token_shards(uri: str) -> bool:
-    """A local ``.ds`` file or a directory holding some (a Corpus's tokens/held-out)."""
-    if _is_remote(uri):
-        return False
-    path = Path(uri.removeprefix("file://"))
-    if path.is_file():
-        return path.suffix == ".ds"
-    return path.is_dir() and next(path.rglob("*.ds"), None) is not None
+    """A ``.ds`` file or a directory holding some (a Corpus's tokens/held-out), local or on object storage;
+    a storage failure (access denied, a missing bucket) is a ConfigError for ``perplexity.data``."""
+    from lmforge_jobs.shards import has_shards
+
+    try:
+        return has_shards(uri)
+    except (OSError, ValueError) as exc:
+        raise storage.config_error(FIELD, exc, uri) from None
 
 
 def _text_file(name: str) -> bool:
@@ -85,32 +83,26 @@ def _text_file(name: str) -> bool:
 
 
 def text_files(uri: str) -> list[str]:
-    """Text/JSONL/Parquet files named by ``uri`` (file, directory or glob), sorted; ConfigError when none."""
-    if _is_remote(uri):
-        import fsspec
-
-        try:
-            fs, root = fsspec.core.url_to_fs(uri)
-            found = fs.glob(root) if glob.has_magic(root) else ([root] if fs.isfile(root) else fs.find(root))
-        except (OSError, ValueError, ImportError) as exc:
-            raise ConfigError(FIELD, f"cannot list {uri}: {exc}") from exc
-        protocol = uri.split("://", 1)[0]
-        files = sorted(f"{protocol}://{p}" for p in found if _text_file(p))
-    else:
-        path = Path(uri.removeprefix("file://"))
-        if glob.has_magic(str(path)):
-            files = sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        elif path.is_file():
-            files = [str(path)]
-        elif path.is_dir():
-            files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _text_file(p.name))
+    """Text/JSONL/Parquet files named by ``uri`` (file, directory or glob; local or on object storage),
+    sorted; ConfigError when there are none."""
+    fs, root = storage.filesystem(uri)
+    try:
+        if glob.has_magic(root):
+            found = [p for p in fs.glob(root) if fs.isfile(p)]
+        elif fs.isfile(root):
+            found = [root]
+        elif fs.isdir(root):
+            found = [p for p in fs.find(root) if _text_file(p.rsplit("/", 1)[-1])]
         else:
-            raise ConfigError(FIELD, f"{path} does not exist (expected token shards or text/JSONL files)")
-    if not files:
+            storage.require(uri, FIELD)  # access denied, a missing bucket or the path itself
+            found = []
+    except (OSError, ValueError) as exc:
+        raise storage.config_error(FIELD, exc, uri) from None
+    if not found:
         raise ConfigError(
             FIELD, f"no data in {uri}: expected datatrove token shards (*.ds) or .txt/.jsonl/.parquet files"
         )
-    return files
+    return sorted(storage.to_uri(fs, p) for p in found)
 
 
 def _jsonl_texts(fh: Iterable[str], name: str) -> Iterator[str]:
@@ -133,9 +125,8 @@ def _jsonl_texts(fh: Iterable[str], name: str) -> Iterator[str]:
 
 def read_texts(files: list[str]) -> Iterator[str]:
     """Documents of text files: a file per .txt/.md document, a line per JSONL document, rows of Parquet."""
-    import fsspec
-
     for name in files:
+        fs, path = storage.filesystem(name)
         base = name.lower()
         for comp in COMPRESSIONS:
             base = base.removesuffix(comp)
@@ -143,17 +134,17 @@ def read_texts(files: list[str]) -> Iterator[str]:
             if base.endswith(".parquet"):
                 import pyarrow.parquet as pq
 
-                with fsspec.open(name, "rb") as fh:
+                with fs.open(path, "rb") as fh:
                     table = pq.read_table(fh)
                 column = next((k for k in TEXT_KEYS if k in table.column_names), None)
                 if column is None:
                     raise ConfigError(FIELD, f"{name}: no text column (one of {', '.join(TEXT_KEYS)})")
                 yield from (t for t in table.column(column).to_pylist() if t)
             elif base.endswith((".jsonl", ".json", ".ndjson")):
-                with fsspec.open(name, "rt", encoding="utf-8", compression="infer") as fh:
+                with fs.open(path, "rt", encoding="utf-8", compression="infer") as fh:
                     yield from _jsonl_texts(fh, name)
             else:
-                with fsspec.open(name, "rt", encoding="utf-8", compression="infer") as fh:
+                with fs.open(path, "rt", encoding="utf-8", compression="infer") as fh:
                     text = fh.read()
                 if text.strip():
                     yield text
