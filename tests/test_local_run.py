@@ -167,8 +167,9 @@ def test_changed_corpus_spec_starts_over(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["status.json"]
     outside = tmp_path.parent / f"{tmp_path.name}-elsewhere"
     (outside / "logs").mkdir(parents=True)
-    (out / "outputs.json").write_text("{}")  # the runner's marker lives in the run directory
-    runner._discard_stale(corpus, str(outside))  # not ours to delete: only the marker goes
+    (outside / "outputs.json").write_text("{}")  # the job's marker beside its output
+    (out / "outputs.json").write_text("{}")  # and the copy in the run directory, which the runner reads
+    runner._discard_stale(corpus, str(outside))  # not ours to delete: only the markers go
     assert sorted(p.name for p in outside.iterdir()) == ["logs"]
     assert not (out / "outputs.json").exists()
     runner._discard_stale(corpus, "s3://bucket/corpus")  # nothing remote is deleted, and nothing fails

@@ -170,6 +170,7 @@ class Telemetry:
             raise ValueError(f"unknown kind {kind!r}")
         self.kind = kind
         self.enabled = enabled
+        self.output = str(output) if output else None
         self.dir = report_dir(output)
         self.started = time.monotonic()
         self.state: dict[str, Any] = {"kind": kind, "state": "Running", "metrics": {}}
@@ -290,8 +291,7 @@ class Telemetry:
         self._set(names["progress"], 1.0, f"{self.kind} completion (0-1)")
         self._set(names["etaSeconds"], 0.0, f"{self.kind} etaSeconds")
         self._write_progress()
-        if self.dir is not None:
-            write_json_atomic(self.dir / "outputs.json", dict(outputs))
+        self._write_outputs(dict(outputs))
         summary = {"state": "Succeeded", "outputs": dict(outputs), "metrics": st["metrics"]}
         for key in ("step", "tokens"):
             if key in st:
@@ -299,6 +299,26 @@ class Telemetry:
         if results is not None:
             summary["results"] = dict(results)
         write_termination_message(summary)
+
+    def _write_outputs(self, outputs: dict[str, Any]) -> None:
+        """outputs.json, the completion marker, written whole or not at all: beside the output (a local
+        directory or object storage: what another job following this one reads) and in the run directory
+        (what the local runner reads), when that is elsewhere."""
+        beside = local_dir(self.output)
+        if self.output and beside is None:
+            from lmforge_jobs import storage  # fsspec: only for a remote output
+
+            try:
+                storage.write_text_atomic(
+                    storage.join(self.output, "outputs.json"), json.dumps(outputs, indent=2)
+                )
+            except Exception as exc:  # reporting never kills a finished job; the log says what is missing
+                print(f"warning: cannot write outputs.json to {self.output}: {type(exc).__name__}: {exc}")
+        for directory in {beside, self.dir} - {None}:
+            try:
+                write_json_atomic(directory / "outputs.json", outputs)  # type: ignore[operator]
+            except OSError as exc:
+                print(f"warning: cannot write outputs.json: {exc}")
 
     def fail(self, message: str, field: str | None = None, config_error: bool = False) -> None:
         """The job failed: progress.json says why (state Invalid for a configuration error, else Failed)."""

@@ -511,9 +511,7 @@ def run(resource: Resource[Any, Any], args: argparse.Namespace | None = None) ->
     finally:
         evaluator.close()
     outputs = {"results": file.uri}
-    tel.finish(outputs, results=clean(file.latest))
-    if tel.dir is None:  # Telemetry writes outputs.json beside local outputs only; the marker comes last
-        storage.write_text_atomic(storage.join(output, "outputs.json"), json.dumps(outputs, indent=2) + "\n")
+    tel.finish(outputs, results=clean(file.latest))  # writes outputs.json beside the output, last
     return 0
 
 

@@ -386,6 +386,8 @@ class LocalRunner:
                 )
             return
         output_dir = local_path(output)
+        with contextlib.suppress(OSError):
+            (output_dir / "outputs.json").unlink()  # the job's own marker beside its output
         inside = output_dir.resolve().is_relative_to(self.workdir.resolve())
         if resource.kind == "Corpus" and inside and output_dir.is_dir():
             if self.display:
