@@ -222,6 +222,60 @@ def test_unmerged_adapter_on_s3_as_the_next_base(  # type: ignore[no-untyped-def
         assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-5)
 
 
+def test_ppo_on_s3_stops_on_sigterm_and_resumes(  # type: ignore[no-untyped-def]
+    s3, tmp_path: Path, base: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """ppo's own loop, with the reward model on S3 too: SIGTERM during iteration 2 publishes ppo-2 after it
+    and exits 143; a fresh pod resumes at iteration 3."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import lmforge_jobs.align.ppo as ppo
+
+    reward = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(base)
+    reward.config.pad_token_id = tok.pad_token_id
+    reward.save_pretrained(tmp_path / "reward")
+    tok.save_pretrained(tmp_path / "reward")
+    output = f"{s3.uri}/runs/ppo"
+    spec = {
+        "base": {"path": put(base, f"{s3.uri}/models/base")},
+        "method": "ppo",
+        "rewardModel": {"path": put(tmp_path / "reward", f"{s3.uri}/models/reward")},
+        "dataset": {"path": put(DATA / "prompts.jsonl", f"{s3.uri}/data/p.jsonl"), "format": "prompts"},
+        "hyperparameters": {
+            "maxSteps": 4,
+            "batchSize": 4,
+            "microBatchSize": 4,
+            "ppo": {"rolloutBatchSize": 4, "maxNewTokens": 4, "ppoEpochs": 1},
+        },
+        "checkpoint": {"everySteps": 100},
+        "output": output,
+    }
+    real = ppo.any_rank
+
+    def sigterm_once(flag: bool, device: Any) -> bool:
+        if not sent:  # at the end of iteration 1, after its flag was read: iteration 2 sees it
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(flag, device)
+
+    sent: list[bool] = []
+
+    monkeypatch.setattr(ppo, "any_rank", sigterm_once)
+    monkeypatch.setenv("LMFORGE_SCRATCH", str(tmp_path / "pod-1"))
+    assert run_job(tmp_path, "ppo", spec) == EXIT_STOPPED
+    assert "runs/ppo/checkpoints/ppo-2/COMPLETE" in s3.keys("runs/ppo/")
+    monkeypatch.setattr(ppo, "any_rank", real)
+    monkeypatch.setenv("LMFORGE_SCRATCH", str(tmp_path / "pod-2"))
+    capfd.readouterr()
+    assert run_job(tmp_path, "ppo", spec) == 0
+    assert "resuming PPO from" in capfd.readouterr().out
+    metrics = s3.client.get_object(Bucket=s3.bucket, Key="runs/ppo/metrics.jsonl")["Body"].read().decode()
+    steps = [r["step"] for r in map(json.loads, metrics.splitlines()) if "meanReward" in r]
+    assert steps == [3, 4], steps
+    assert "runs/ppo/outputs.json" in s3.keys("runs/ppo/")
+
+
 # --------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "problem", ["base-missing", "data-missing", "data-bucket", "output-bucket", "denied"]
