@@ -2,8 +2,8 @@
 
 Every input and output a job names may be a local path, ``file://…``, ``s3://bucket/key``, ``gs://…``,
 ``hf://…`` or ``memory://…`` (tests). ``filesystem(uri)`` gives the fsspec filesystem and the path on it;
-``is_remote``, ``join``, ``exists``, ``read_text``, ``local_copy``, ``refresh`` (before polling) and
-``write_text_atomic`` cover what jobs do with them.
+``is_remote``, ``join``, ``exists``, ``read_text``, ``read_json``, ``local_copy``, ``refresh`` (before
+polling), ``write_text_atomic``, ``upload_tree`` and ``download_tree`` cover what jobs do with them.
 
 Credentials come only from the environment, never from a spec: ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` (a Secret mounted as env), ``AWS_PROFILE``, the pod's IAM
@@ -246,6 +246,47 @@ def check_bucket(uri: str | os.PathLike[str], field: str) -> None:
         raise config_error(field, exc, uri) from None
 
 
+def upload_tree(local: str | os.PathLike[str], uri: str | os.PathLike[str]) -> None:
+    """Copy a local file, or a directory and everything under it, to ``uri``, replacing what is there.
+
+    Not atomic: a reader that must see the whole tree waits for a completion marker written after it
+    (``write_text_atomic``)."""
+    src = Path(local)
+    fs, path = filesystem(uri)
+    if not src.is_dir():
+        fs.makedirs(path.rpartition("/")[0] or "/", exist_ok=True)
+        fs.put_file(str(src), path)
+        return
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = f.relative_to(src).as_posix()
+        if "/" in rel:
+            fs.makedirs(f"{path}/{rel.rpartition('/')[0]}", exist_ok=True)
+        fs.put_file(str(f), f"{path}/{rel}")
+
+
+def download_tree(uri: str | os.PathLike[str], local: str | os.PathLike[str]) -> Path:
+    """Copy the file or directory tree at ``uri`` into the local directory ``local`` (created; a file
+    lands inside it under its own name). Returns the local copy: the file, or ``local`` for a directory.
+    FileNotFoundError when nothing is at ``uri``; other storage errors propagate (see ``config_error``)."""
+    fs, path = filesystem(uri)
+    dest = Path(local)
+    dest.mkdir(parents=True, exist_ok=True)
+    if fs.isfile(path):
+        target = dest / path.rsplit("/", 1)[-1]
+        fs.get_file(path, str(target))
+        return target
+    if not fs.isdir(path):
+        raise FileNotFoundError(str(uri))
+    for remote in sorted(fs.find(path)):
+        target = dest / remote[len(path) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(target))
+    return dest
+
+
 __all__ = [
     "ENDPOINT_ENV",
     "bucket_of",
@@ -253,6 +294,7 @@ __all__ = [
     "config_error",
     "configure",
     "describe",
+    "download_tree",
     "exists",
     "filesystem",
     "is_remote",
@@ -266,5 +308,6 @@ __all__ = [
     "s3_endpoint",
     "s3_options",
     "to_uri",
+    "upload_tree",
     "write_text_atomic",
 ]

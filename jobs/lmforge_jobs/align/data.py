@@ -17,11 +17,14 @@ prompts            ``{prompt: [{user: prompt}]}``
 =================  =========================================================================================
 
 String fields may also be given already as lists of ``{role, content}`` turns.
+
+``dataset.path`` (and ``synthetic.prompts``) is a file, a directory of them or a glob, local or on object
+storage (through :mod:`lmforge_jobs.storage`; ``.gz`` files are decompressed); access denied, a missing
+bucket or no files there are a ConfigError naming the field.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -30,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.align.config import Dataset, DatasetFormat
-from lmforge_jobs.align.storage import is_remote
 from lmforge_jobs.entry import ConfigError
 
 REQUIRED_KEYS: dict[DatasetFormat, tuple[str, ...]] = {
@@ -51,55 +54,44 @@ class Split:
     eval: list[dict[str, Any]]
 
 
-def _local(path: str) -> str:
-    return path.removeprefix("file://")
+DATA_EXTENSIONS = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 
 def _files(path: str, field: str) -> list[str]:
-    """The data files at a local or fsspec path: a file, a directory of them, or a glob."""
-    exts = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
-    if not is_remote(path):
-        local = _local(path)
-        if os.path.isdir(local):
-            found = sorted(str(p) for p in Path(local).iterdir() if p.name.endswith(exts))
-        elif any(ch in local for ch in "*?["):
-            found = sorted(glob.glob(local))
+    """The data files at a local path or URI: a file, a directory of them, or a glob."""
+    storage.check_bucket(path, field)
+    try:
+        fs, root = storage.filesystem(path)
+        if any(ch in root for ch in "*?["):
+            names = fs.glob(root)
+        elif fs.isdir(root):
+            names = [n for n in fs.ls(root, detail=False) if n.endswith(DATA_EXTENSIONS)]
         else:
-            found = [local] if os.path.exists(local) else []
-    else:
-        import fsspec
-
-        try:
-            fs, root = fsspec.core.url_to_fs(path)
-            if any(ch in root for ch in "*?["):
-                names = fs.glob(root)
-            elif fs.isdir(root):
-                names = [n for n in fs.ls(root, detail=False) if n.endswith(exts)]
-            else:
-                names = [root] if fs.exists(root) else []
-        except (OSError, ValueError, ImportError) as exc:
-            raise ConfigError(field, f"cannot list {path}: {exc}") from None
-        found = sorted(fs.unstrip_protocol(n) for n in names)
+            names = [root] if fs.exists(root) else []
+    except (OSError, ValueError, ImportError) as exc:
+        raise storage.config_error(field, exc, path) from None
+    found = sorted(storage.to_uri(fs, n) for n in names)
     if not found:
         raise ConfigError(field, f"no JSONL or Parquet files at {path}")
     return found
 
 
 def _open(path: str, mode: str) -> Any:
+    """A data file opened through the storage layer (``.gz`` decompressed)."""
     text = {"encoding": "utf-8"} if "t" in mode else {}
-    if is_remote(path):
-        import fsspec
-
-        return fsspec.open(path, mode, compression="infer", **text)
-    if path.endswith(".gz"):
-        import gzip
-
-        return gzip.open(path, mode, **text)
-    return open(path, mode, **text)
+    fs, p = storage.filesystem(path)
+    return fs.open(p, mode, compression="infer", **text)
 
 
 def _read_file(path: str, field: str) -> Iterator[tuple[str, int, Any]]:
     """(file name, 1-based line or row number, record) of one data file."""
+    try:
+        yield from _records(path, field)
+    except OSError as exc:
+        raise storage.config_error(field, exc, path) from None
+
+
+def _records(path: str, field: str) -> Iterator[tuple[str, int, Any]]:
     name = os.path.basename(path)
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -233,4 +225,13 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, p)
 
 
-__all__ = ["REQUIRED_KEYS", "Split", "convert", "load_split", "read_records", "split_records", "write_jsonl"]
+__all__ = [
+    "DATA_EXTENSIONS",
+    "REQUIRED_KEYS",
+    "Split",
+    "convert",
+    "load_split",
+    "read_records",
+    "split_records",
+    "write_jsonl",
+]

@@ -5,15 +5,26 @@
 
 sft, reward and dpo run TRL's trainers (:mod:`.trainers`); ppo is this project's own loop (:mod:`.ppo`).
 Outputs are described in :mod:`.models`.
+
+Every input (``base``, ``rewardModel``, ``synthetic.teacher``, ``dataset.path``, ``synthetic.prompts``) and
+``spec.output`` may be a local path or an object-storage URI (``s3://``, ``gs://`` … through
+:mod:`lmforge_jobs.storage`: endpoint and credentials from the environment). The job works in
+:func:`work_dir`; with a remote output, checkpoints are published to ``output/checkpoints`` as they are
+saved (:mod:`.checkpoints`) and ``model/``, ``adapter/`` and the run's records are uploaded at the end,
+``outputs.json`` last (the completion marker). SIGTERM saves a checkpoint and exits 143 (``EXIT_STOPPED``);
+running the job again resumes from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.align.config import AlignmentRunSpec, DatasetFormat, Method
 from lmforge_jobs.align.data import Split, convert, load_split, read_records, split_records, write_jsonl
 from lmforge_jobs.align.models import (
@@ -26,19 +37,35 @@ from lmforge_jobs.align.models import (
     peft_config,
     save_outputs,
 )
-from lmforge_jobs.align.storage import is_remote, staging_dir, upload
+from lmforge_jobs.align.trainers import Stopped
 from lmforge_jobs.entry import ConfigError
+from lmforge_jobs.launch import record_exit
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.resolve import expected_outputs
+from lmforge_jobs.spec import EXIT_STOPPED
 from lmforge_jobs.telemetry import Telemetry
+
+SYNTHETIC = "synthetic.jsonl"
+RECORDS = ("metrics.jsonl", "progress.json")  # uploaded after model/ and adapter/, before outputs.json
 
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def work_dir(output: str) -> str:
+    """Where the job writes while it runs: ``spec.output`` itself when it is local; for object storage a
+    local scratch directory (``$LMFORGE_SCRATCH``, default the temp dir, keyed by the output URI)."""
+    if not storage.is_remote(output):
+        return str(storage.local_path(output))
+    root = Path(os.environ.get("LMFORGE_SCRATCH") or tempfile.gettempdir()) / "lmforge-align-runs"
+    return str(root / hashlib.sha1(output.encode()).hexdigest()[:16])
+
+
 def check_inputs(spec: AlignmentRunSpec) -> Split | None:
-    """Everything the user can get wrong, before any model is loaded: data shape, model directories."""
+    """Everything the user can get wrong, before any model is loaded: the output's bucket, data shape,
+    model directories, Secrets."""
+    storage.check_bucket(str(spec.output), "output")
     model_source(spec.base, "base")
     if spec.method == Method.ppo:
         if spec.reward_model is None:
@@ -59,7 +86,8 @@ def check_inputs(spec: AlignmentRunSpec) -> Split | None:
 
 
 def generate_synthetic(spec: AlignmentRunSpec, output: str, tel: Telemetry) -> Split:
-    """Teacher completions for every prompt (samplesPerPrompt each), kept in output/synthetic.jsonl.
+    """Teacher completions for every prompt (samplesPerPrompt each), kept in synthetic.jsonl of the working
+    directory ``output`` and of spec.output.
 
     Every process generates the same data (same seed); rank 0 writes the file, which a rerun reuses."""
     import torch
@@ -68,8 +96,11 @@ def generate_synthetic(spec: AlignmentRunSpec, output: str, tel: Telemetry) -> S
 
     syn = spec.synthetic
     assert syn is not None
-    path = Path(output) / "synthetic.jsonl"
+    path = Path(output) / SYNTHETIC
+    published = storage.join(str(spec.output), SYNTHETIC)
     eval_fraction = spec.dataset.eval_fraction if spec.dataset is not None else 0.05
+    if storage.is_remote(published) and not path.exists() and storage.exists(published):
+        storage.download_tree(published, output)
     if path.exists():
         data = Dataset(path=str(path), format=DatasetFormat.messages, eval_fraction=eval_fraction)
         return load_split(data, seed=spec.hyperparameters.seed)
@@ -107,6 +138,8 @@ def generate_synthetic(spec: AlignmentRunSpec, output: str, tel: Telemetry) -> S
     del teacher
     if _rank() == 0:
         write_jsonl(path, rows)
+        if storage.is_remote(published):  # a replaced pod reuses it
+            storage.upload_tree(path, published)
     converted = [
         convert(DatasetFormat.messages, row, f"synthetic record {i}") for i, row in enumerate(rows, 1)
     ]
@@ -116,9 +149,7 @@ def generate_synthetic(spec: AlignmentRunSpec, output: str, tel: Telemetry) -> S
 def run(resource: Resource[Any, Any], args: argparse.Namespace) -> int:
     spec: AlignmentRunSpec = resource.spec
     output_uri = str(spec.output)
-    remote = is_remote(output_uri)
-    # object storage: work in a local staging directory, upload at the end (see .storage)
-    output = str(staging_dir(output_uri)) if remote else output_uri.removeprefix("file://")
+    output = work_dir(output_uri)
     split = check_inputs(spec)
     tel = Telemetry("AlignmentRun", output, enabled=_rank() == 0)
     tel.update(stage="load", force=True)
@@ -137,6 +168,34 @@ def run(resource: Resource[Any, Any], args: argparse.Namespace) -> int:
         else:  # both: train on the given data and the generated data
             split = Split(train=split.train + synthetic.train, eval=split.eval + synthetic.eval)
     assert split is not None
+    try:
+        model, tokenizer, base_source = train(spec, split, output, tel)
+    except Stopped as stop:
+        return stopped(spec, output, tel, stop)
+
+    outputs = expected_outputs("AlignmentRun", output_uri, spec)
+    if _rank() == 0:
+        tel.update(stage="save", force=True)
+        model = getattr(model, "module", model)
+        # what an adapter names as its base: the hub id, the local path, or the original remote URI
+        base_path = str(spec.base.path) if spec.base.path else None
+        base_name = base_path if base_path and storage.is_remote(base_path) else base_source
+        written = save_outputs(model, tokenizer, output, spec.peft, base_name)
+        if storage.is_remote(output_uri):
+            for key, local in written.items():
+                storage.upload_tree(local, outputs[key])
+    tel.finish(outputs)
+    if storage.is_remote(output_uri) and _rank() == 0:
+        upload_records(output, output_uri)
+        # outputs.json last: the completion marker
+        marker = (Path(output) / "outputs.json").read_text(encoding="utf-8")
+        storage.write_text_atomic(storage.join(output_uri, "outputs.json"), marker)
+    _end_distributed()
+    return 0
+
+
+def train(spec: AlignmentRunSpec, split: Split, output: str, tel: Telemetry) -> tuple[Any, Any, str]:
+    """Load the models and train with spec.method; (trained model, tokenizer, local base source)."""
     base_source, base_kwargs = model_source(spec.base, "base")
     tokenizer = load_tokenizer(base_source, base_kwargs, "base")
 
@@ -144,48 +203,56 @@ def run(resource: Resource[Any, Any], args: argparse.Namespace) -> int:
         from lmforge_jobs.align.ppo import train_ppo
 
         assert spec.reward_model is not None
-        reward_source, _ = model_source(spec.reward_model, "rewardModel")
-        reward_model = load_aligned(reward_source)
-        reward_tokenizer = load_tokenizer(reward_source, {}, "rewardModel")
+        reward_source, reward_kwargs = model_source(spec.reward_model, "rewardModel")
+        reward_model = load_aligned(reward_source, **reward_kwargs)
+        reward_tokenizer = load_tokenizer(reward_source, reward_kwargs, "rewardModel")
         policy = load_causal_lm(base_source, base_kwargs, "base")
         check_lora_targets(policy, spec.peft)
         model = train_ppo(spec, policy, tokenizer, reward_model, reward_tokenizer, split, output, tel)
+        return model, tokenizer, base_source
+
+    from lmforge_jobs.align.trainers import run_trl
+
+    if spec.method == Method.reward:
+        model = load_reward_model(base_source, base_kwargs, "base", tokenizer.pad_token_id)
+        task = "SEQ_CLS"
     else:
-        from lmforge_jobs.align.trainers import run_trl
+        model = load_causal_lm(base_source, base_kwargs, "base")
+        task = "CAUSAL_LM"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    check_lora_targets(model, spec.peft)
+    cfg = peft_config(spec.peft, task, base_source, base_kwargs.get("token"))
+    return run_trl(spec, model, tokenizer, split, output, tel, peft_cfg=cfg), tokenizer, base_source
 
-        if spec.method == Method.reward:
-            model = load_reward_model(base_source, base_kwargs, "base", tokenizer.pad_token_id)
-            task = "SEQ_CLS"
-        else:
-            model = load_causal_lm(base_source, base_kwargs, "base")
-            task = "CAUSAL_LM"
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        check_lora_targets(model, spec.peft)
-        cfg = peft_config(spec.peft, task, base_source)
-        model = run_trl(spec, model, tokenizer, split, output, tel, peft_cfg=cfg)
 
-    outputs = expected_outputs("AlignmentRun", output_uri, spec)
+def stopped(spec: AlignmentRunSpec, output: str, tel: Telemetry, stop: Stopped) -> int:
+    """A signal stopped training after its checkpoint was published: report it and exit 143."""
+    tel.update(step=stop.step, stage="Stopped", force=True)
     if _rank() == 0:
-        tel.update(stage="save", force=True)
-        model = getattr(model, "module", model)
-        # what an adapter names as its base: the hub id, the local path, or the original remote URI
-        base_name = str(spec.base.path) if spec.base.path and is_remote(str(spec.base.path)) else base_source
-        written = save_outputs(model, tokenizer, output, spec.peft, base_name)
-        if remote:
-            for key, local in written.items():
-                upload(Path(local), outputs[key])
-            if (Path(output) / "synthetic.jsonl").exists():
-                upload(Path(output) / "synthetic.jsonl", f"{output_uri.rstrip('/')}/synthetic.jsonl")
-    tel.finish(outputs)
-    if remote and _rank() == 0:
-        for name in ("metrics.jsonl", "progress.json", "outputs.json"):  # outputs.json last: the marker
-            if (Path(output) / name).exists():
-                upload(Path(output) / name, f"{output_uri.rstrip('/')}/{name}")
+        if storage.is_remote(str(spec.output)):
+            upload_records(output, str(spec.output))
+        print(
+            f"stopped by signal after step {stop.step}; checkpoint saved, resume by running again", flush=True
+        )
+    record_exit(EXIT_STOPPED)  # under torchrun, the launcher keeps it as the pod's exit code
+    _end_distributed()
+    return EXIT_STOPPED
+
+
+def upload_records(output: str, output_uri: str) -> None:
+    """The run's records (metrics history, progress) from the working directory to a remote output."""
+    for name in RECORDS:
+        if (Path(output) / name).exists():
+            storage.upload_tree(Path(output) / name, storage.join(output_uri, name))
+
+
+def _end_distributed() -> None:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return 0
 
 
-__all__ = ["check_inputs", "generate_synthetic", "run"]
+__all__ = ["check_inputs", "generate_synthetic", "run", "stopped", "train", "work_dir"]

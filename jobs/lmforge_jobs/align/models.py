@@ -14,20 +14,31 @@ What ``spec.output`` holds when the job succeeds (``resolve.expected_outputs``):
 * ``adapter/`` — with peft, the PEFT adapter alone (``PeftModel.from_pretrained(base, adapter)``).
 
 :func:`load_aligned` loads any of these.
+
+A ModelRef's ``path`` may be a local directory or an object-storage URI (copied once per process into
+``$LMFORGE_CACHE``, default the temp dir, through :mod:`lmforge_jobs.storage`; an adapter whose
+``adapter_config.json`` names a remote base gets that base the same way). Its ``token`` (a Secret reference)
+is read with :func:`lmforge_jobs.secrets.read_secret` and passed to ``from_pretrained`` for hub models.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.align.config import Peft
-from lmforge_jobs.align.storage import fetch_dir, is_remote
 from lmforge_jobs.entry import ConfigError
+from lmforge_jobs.secrets import read_secret
 from lmforge_jobs.spec import ModelRef
+
+MODEL_FILES = ("config.json", "adapter_config.json")  # a Hugging Face model or a PEFT adapter has one
+_FETCHED: dict[str, str] = {}
 
 # Given to a tokenizer without a chat template (a PretrainRun export): plain-text roles, the eos token after
 # each assistant turn so generation learns to stop. Only tokens the tokenizer already has are needed.
@@ -41,27 +52,55 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def fetch_model(uri: str, field: str) -> str:
+    """A local copy of the model directory at a remote ``uri`` (once per process): ConfigError(field) when
+    its bucket, the directory or its config cannot be read."""
+    if uri in _FETCHED and os.path.isdir(_FETCHED[uri]):
+        return _FETCHED[uri]
+    storage.check_bucket(uri, field)
+    root = Path(os.environ.get("LMFORGE_CACHE") or tempfile.gettempdir()) / "lmforge-align-models"
+    key = hashlib.sha1(uri.encode()).hexdigest()[:16]
+    target = root / f"{key}-{os.environ.get('LOCAL_RANK', '0')}"
+    try:
+        fs, path = storage.filesystem(uri)
+        if not any(fs.isfile(f"{path}/{name}") for name in MODEL_FILES):
+            raise ConfigError(field, f"no Hugging Face model directory (config.json) at {uri}")
+        shutil.rmtree(target, ignore_errors=True)
+        storage.download_tree(uri, target)
+    except OSError as exc:
+        raise storage.config_error(field, exc, uri) from None
+    _FETCHED[uri] = str(target)
+    return str(target)
+
+
 def model_source(ref: ModelRef, field: str) -> tuple[str, dict[str, Any]]:
-    """(path or hub id, from_pretrained kwargs) of a resolved ModelRef; a missing local dir is a ConfigError."""
+    """(local path or hub id, from_pretrained kwargs) of a resolved ModelRef; a missing directory or Secret
+    is a ConfigError naming the field."""
+    kwargs: dict[str, Any] = {}
+    if ref.token is not None:
+        kwargs["token"] = read_secret(ref.token, f"{field}.token")
     if ref.path is not None:
-        path = str(ref.path).removeprefix("file://")
-        if is_remote(path):
-            path = fetch_dir(path, f"{field}.path")
-        if not os.path.isdir(path) or not (
-            os.path.exists(os.path.join(path, "config.json"))
-            or os.path.exists(os.path.join(path, "adapter_config.json"))
-        ):
+        uri = str(ref.path)
+        if storage.is_remote(uri):
+            return fetch_model(uri, f"{field}.path"), kwargs
+        path = storage.local_path(uri)
+        if not path.is_dir() or not any((path / name).exists() for name in MODEL_FILES):
             raise ConfigError(f"{field}.path", f"no Hugging Face model directory (config.json) at {ref.path}")
-        return os.path.abspath(path), {}
+        return os.path.abspath(path), kwargs
     if ref.huggingface is not None:
-        kwargs: dict[str, Any] = {}
         if ref.revision:
             kwargs["revision"] = ref.revision
-        token_file = os.environ.get("HF_TOKEN_FILE")
-        if ref.token is not None and token_file and os.path.exists(token_file):
-            kwargs["token"] = Path(token_file).read_text(encoding="utf-8").strip()
         return str(ref.huggingface), kwargs
     raise ConfigError(field, "references by name must be resolved to a path first")
+
+
+def _remote_base(adapter_dir: str | Path, field: str) -> str | None:
+    """The local copy of the base an adapter names when that base is a remote URI (None otherwise)."""
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    base = cfg.get("base_model_name_or_path")
+    if base and storage.is_remote(base):
+        return fetch_model(base, field)
+    return None
 
 
 def load_tokenizer(source: str, kwargs: dict[str, Any], field: str) -> Any:
@@ -93,9 +132,15 @@ def load_causal_lm(source: str, kwargs: dict[str, Any], field: str, dtype: Any =
                 f"{field}.path",
                 f"{source} is a prompt-tuning adapter, which cannot be merged into a base model",
             )
-        from peft import AutoPeftModelForCausalLM
+        from peft import AutoPeftModelForCausalLM, PeftModel
 
         try:
+            base = _remote_base(source, f"{field}.path")
+            if base is not None:
+                merged = PeftModel.from_pretrained(
+                    AutoModelForCausalLM.from_pretrained(base, dtype=dtype), source
+                )
+                return merged.merge_and_unload()
             return AutoPeftModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).merge_and_unload()
         except (OSError, ValueError) as exc:
             raise ConfigError(field, f"cannot load the LoRA model at {source}: {exc}") from None
@@ -118,8 +163,11 @@ def load_reward_model(source: str, kwargs: dict[str, Any], field: str, pad_token
     return model
 
 
-def peft_config(peft: Peft | None, task_type: str, tokenizer_name: str | None = None) -> Any:
-    """The PEFT config of ``spec.peft`` (None for full fine-tuning)."""
+def peft_config(
+    peft: Peft | None, task_type: str, tokenizer_name: str | None = None, token: str | None = None
+) -> Any:
+    """The PEFT config of ``spec.peft`` (None for full fine-tuning); ``token`` reaches the tokenizer that
+    prompt tuning's init text needs."""
     if peft is None:
         return None
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit
@@ -146,6 +194,8 @@ def peft_config(peft: Peft | None, task_type: str, tokenizer_name: str | None = 
                 prompt_tuning_init_text=pt.init_text,
                 tokenizer_name_or_path=tokenizer_name,
             )
+            if token:
+                kwargs["tokenizer_kwargs"] = {"token": token}
         return PromptTuningConfig(**kwargs)
     return None
 
@@ -204,16 +254,20 @@ def load_aligned(path: str, **kwargs: Any) -> Any:
     adapter_cfg = Path(path) / "adapter_config.json"
     if adapter_cfg.exists():
         cfg = json.loads(adapter_cfg.read_text(encoding="utf-8"))
-        if cfg.get("peft_type") != "LORA" or cfg.get("task_type") == "SEQ_CLS":
+        seq_cls = cfg.get("task_type") == "SEQ_CLS"
+        if seq_cls:
+            kwargs = {"num_labels": 1, **kwargs}  # the reward head is one scalar
+        base = _remote_base(path, "rewardModel.path")
+        if base is not None:  # the adapter names its base by URI: load that base, then the adapter
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+            base_cls = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
+            return PeftModel.from_pretrained(base_cls.from_pretrained(base, **kwargs), path)
+        if cfg.get("peft_type") != "LORA" or seq_cls:
             from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-            cls = (
-                AutoPeftModelForSequenceClassification
-                if cfg.get("task_type") == "SEQ_CLS"
-                else AutoPeftModelForCausalLM
-            )
-            if cfg.get("task_type") == "SEQ_CLS":
-                kwargs = {"num_labels": 1, **kwargs}  # the reward head is one scalar
+            cls = AutoPeftModelForSequenceClassification if seq_cls else AutoPeftModelForCausalLM
             return cls.from_pretrained(path, **kwargs)
     config = (
         json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
@@ -231,7 +285,9 @@ def load_aligned(path: str, **kwargs: Any) -> Any:
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
+    "MODEL_FILES",
     "check_lora_targets",
+    "fetch_model",
     "load_aligned",
     "load_causal_lm",
     "load_reward_model",

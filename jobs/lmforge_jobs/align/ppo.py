@@ -23,7 +23,9 @@ Metrics each iteration: meanReward (reward-model score), kl (per sequence, summe
 clipFraction, loss, valueLoss, policyLoss, responseLength; on held-out prompts (dataset.evalFraction) the
 mean reward before training (initialEvalMeanReward) and after it (evalMeanReward). Checkpoints (trainable weights, value head,
 optimizer, iteration) go to ``output/checkpoints/ppo-<iteration>`` every ``checkpoint.everySteps``
-iterations; a rerun resumes from the newest.
+iterations, and after the current iteration when SIGTERM/SIGINT arrives (then :class:`.trainers.Stopped`:
+the job exits 143); published like the trainers' (:mod:`.checkpoints`, marker last, uploaded when the output is
+remote), and a rerun resumes from the newest.
 Under torchrun each process rolls out its own share of the prompts and gradients are averaged.
 """
 
@@ -42,9 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge_jobs.align import checkpoints
 from lmforge_jobs.align.config import AlignmentRunSpec
 from lmforge_jobs.align.data import Split
 from lmforge_jobs.align.models import peft_config
+from lmforge_jobs.align.trainers import StopFlag, Stopped, any_rank
 from lmforge_jobs.telemetry import Telemetry
 
 
@@ -359,6 +363,7 @@ def train_ppo(
     prompts = [rec["prompt"] for rec in split.train][rank::world] or [split.train[0]["prompt"]]
     per_rollout = max(1, cfg.rollout_batch_size // world)
     iterations = hp.max_steps or max(1, math.ceil(hp.epochs * len(split.train) / cfg.rollout_batch_size))
+    checkpoints.restore(str(spec.output), output, "ppo")  # a remote output's newest, into output
     start = load_checkpoint(output, model, opt)
     tel.update(step=start, total_steps=iterations, stage="train", force=True)
     order: list[int] = []
@@ -378,131 +383,144 @@ def train_ppo(
 
     if start == 0:
         evaluate("initialEvalMeanReward")
-    for iteration in range(start, iterations):
-        t0 = time.monotonic()
-        # lr: linear warmup then cosine decay, per iteration
-        warm = max(1, int(hp.warmup_ratio * iterations))
-        scale = (
-            (iteration + 1) / warm
-            if iteration < warm
-            else 0.5 * (1 + math.cos(math.pi * (iteration - warm) / max(1, iterations - warm)))
-        )
-        for group in opt.param_groups:
-            group["lr"] = hp.lr * scale
-        rng = random.Random(hp.seed * 1000003 + iteration)
-        if len(order) < per_rollout:
-            order += rng.sample(range(len(prompts)), len(prompts)) * max(
-                1, math.ceil(per_rollout / len(prompts))
+    with StopFlag() as stop:  # SIGTERM/SIGINT: save after this iteration, then stop
+        for iteration in range(start, iterations):
+            t0 = time.monotonic()
+            # lr: linear warmup then cosine decay, per iteration
+            warm = max(1, int(hp.warmup_ratio * iterations))
+            scale = (
+                (iteration + 1) / warm
+                if iteration < warm
+                else 0.5 * (1 + math.cos(math.pi * (iteration - warm) / max(1, iterations - warm)))
             )
-        batch_prompts, order = [prompts[i] for i in order[:per_rollout]], order[per_rollout:]
+            for group in opt.param_groups:
+                group["lr"] = hp.lr * scale
+            rng = random.Random(hp.seed * 1000003 + iteration)
+            if len(order) < per_rollout:
+                order += rng.sample(range(len(prompts)), len(prompts)) * max(
+                    1, math.ceil(per_rollout / len(prompts))
+                )
+            batch_prompts, order = [prompts[i] for i in order[:per_rollout]], order[per_rollout:]
 
-        # 1. rollout: sample responses from the current policy
-        model.eval()
-        ro = rollout(model, tokenizer, batch_prompts, cfg, max_prompt, device, autocast)
-        input_ids, attention, responses, mask, q_len = (
-            ro.input_ids,
-            ro.attention,
-            ro.responses,
-            ro.mask,
-            ro.q_len,
-        )
+            # 1. rollout: sample responses from the current policy
+            model.eval()
+            ro = rollout(model, tokenizer, batch_prompts, cfg, max_prompt, device, autocast)
+            input_ids, attention, responses, mask, q_len = (
+                ro.input_ids,
+                ro.attention,
+                ro.responses,
+                ro.mask,
+                ro.q_len,
+            )
 
-        # 2. score each prompt + response with the reward model
-        scores = score(reward_model, reward_tokenizer, tokenizer, ro, hp.max_length, device, autocast)
+            # 2. score each prompt + response with the reward model
+            scores = score(reward_model, reward_tokenizer, tokenizer, ro, hp.max_length, device, autocast)
 
-        # 3. log-probs and values when sampled, and log-probs under the reference
-        with torch.no_grad(), autocast():
-            logits, values = model(input_ids, attention)
-            old_logp = token_logprobs(logits[:, q_len - 1 : -1], responses, cfg.temperature)
-            old_values = values[:, q_len - 1 : -1]
-            if reference is not None:
-                ref_logits = reference(
-                    input_ids=input_ids, attention_mask=attention, position_ids=positions(attention)
-                ).logits
-            else:
-                with reference_context(model.policy, has_lora):
-                    ref_logits = model.policy(
+            # 3. log-probs and values when sampled, and log-probs under the reference
+            with torch.no_grad(), autocast():
+                logits, values = model(input_ids, attention)
+                old_logp = token_logprobs(logits[:, q_len - 1 : -1], responses, cfg.temperature)
+                old_values = values[:, q_len - 1 : -1]
+                if reference is not None:
+                    ref_logits = reference(
                         input_ids=input_ids, attention_mask=attention, position_ids=positions(attention)
                     ).logits
-            ref_logp = token_logprobs(ref_logits[:, q_len - 1 : -1], responses, cfg.temperature)
+                else:
+                    with reference_context(model.policy, has_lora):
+                        ref_logits = model.policy(
+                            input_ids=input_ids, attention_mask=attention, position_ids=positions(attention)
+                        ).logits
+                ref_logp = token_logprobs(ref_logits[:, q_len - 1 : -1], responses, cfg.temperature)
 
-        # 4. per-token rewards: KL penalty everywhere, the score on the last real token
-        kl_tokens = (old_logp - ref_logp) * mask
-        rewards = -cfg.kl_coef * kl_tokens
-        last = (mask.sum(-1).long() - 1).clamp(min=0)
-        rewards[torch.arange(len(last)), last] += scores
+            # 4. per-token rewards: KL penalty everywhere, the score on the last real token
+            kl_tokens = (old_logp - ref_logp) * mask
+            rewards = -cfg.kl_coef * kl_tokens
+            last = (mask.sum(-1).long() - 1).clamp(min=0)
+            rewards[torch.arange(len(last)), last] += scores
 
-        # 5. GAE over the response tokens
-        advantages, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, mask)
+            # 5. GAE over the response tokens
+            advantages, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
+            advantages = whiten(advantages, mask)
 
-        # 6. PPO epochs over minibatches. Dropout stays off (eval mode, as in TRL's PPO): the old log-probs
-        # and values were computed without it, so ρ must be exactly 1 before the first update.
-        model.eval()
-        n = input_ids.shape[0]
-        minibatch = max(1, min(n, hp.batch_size // world))
-        micro = max(1, min(minibatch, hp.micro_batch_size))
-        stats: dict[str, list[float]] = {
-            k: [] for k in ("loss", "policyLoss", "valueLoss", "clipFraction", "entropy")
-        }
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(n, device=device)
-            for lo in range(0, n, minibatch):
-                idx = perm[lo : lo + minibatch]
-                opt.zero_grad(set_to_none=True)
-                for mlo in range(0, len(idx), micro):
-                    j = idx[mlo : mlo + micro]
-                    m = mask[j]
-                    with autocast():
-                        logits, values = model(input_ids[j], attention[j])
-                    logits = logits[:, q_len - 1 : -1]
-                    new_logp = token_logprobs(logits, responses[j], cfg.temperature)
-                    new_values = values[:, q_len - 1 : -1]
-                    ratio = torch.exp(new_logp - old_logp[j])
-                    adv = advantages[j]
-                    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
-                    policy_loss = masked_mean(pg, m)
-                    v_clipped = old_values[j] + (new_values - old_values[j]).clamp(
-                        -cfg.value_clip_range, cfg.value_clip_range
-                    )
-                    v_loss = 0.5 * torch.max((new_values - returns[j]) ** 2, (v_clipped - returns[j]) ** 2)
-                    value_loss = masked_mean(v_loss, m)
-                    loss = policy_loss + cfg.value_coef * value_loss
-                    (loss * len(j) / len(idx)).backward()
-                    with torch.no_grad():
-                        stats["loss"].append(loss.item())
-                        stats["policyLoss"].append(policy_loss.item())
-                        stats["valueLoss"].append(value_loss.item())
-                        stats["clipFraction"].append(
-                            masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), m).item()
+            # 6. PPO epochs over minibatches. Dropout stays off (eval mode, as in TRL's PPO): the old log-probs
+            # and values were computed without it, so ρ must be exactly 1 before the first update.
+            model.eval()
+            n = input_ids.shape[0]
+            minibatch = max(1, min(n, hp.batch_size // world))
+            micro = max(1, min(minibatch, hp.micro_batch_size))
+            stats: dict[str, list[float]] = {
+                k: [] for k in ("loss", "policyLoss", "valueLoss", "clipFraction", "entropy")
+            }
+            for _ in range(cfg.ppo_epochs):
+                perm = torch.randperm(n, device=device)
+                for lo in range(0, n, minibatch):
+                    idx = perm[lo : lo + minibatch]
+                    opt.zero_grad(set_to_none=True)
+                    for mlo in range(0, len(idx), micro):
+                        j = idx[mlo : mlo + micro]
+                        m = mask[j]
+                        with autocast():
+                            logits, values = model(input_ids[j], attention[j])
+                        logits = logits[:, q_len - 1 : -1]
+                        new_logp = token_logprobs(logits, responses[j], cfg.temperature)
+                        new_values = values[:, q_len - 1 : -1]
+                        ratio = torch.exp(new_logp - old_logp[j])
+                        adv = advantages[j]
+                        pg = torch.max(
+                            -adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)
                         )
-                        stats["entropy"].append(masked_mean(entropy_of(logits, cfg.temperature), m).item())
-                _all_reduce_grads(params)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
+                        policy_loss = masked_mean(pg, m)
+                        v_clipped = old_values[j] + (new_values - old_values[j]).clamp(
+                            -cfg.value_clip_range, cfg.value_clip_range
+                        )
+                        v_loss = 0.5 * torch.max(
+                            (new_values - returns[j]) ** 2, (v_clipped - returns[j]) ** 2
+                        )
+                        value_loss = masked_mean(v_loss, m)
+                        loss = policy_loss + cfg.value_coef * value_loss
+                        (loss * len(j) / len(idx)).backward()
+                        with torch.no_grad():
+                            stats["loss"].append(loss.item())
+                            stats["policyLoss"].append(policy_loss.item())
+                            stats["valueLoss"].append(value_loss.item())
+                            stats["clipFraction"].append(
+                                masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), m).item()
+                            )
+                            stats["entropy"].append(
+                                masked_mean(entropy_of(logits, cfg.temperature), m).item()
+                            )
+                    _all_reduce_grads(params)
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
 
-        # 7. report, checkpoint
-        tokens_total += int(attention.sum().item()) * world
-        metrics = {k: sum(v) / len(v) for k, v in stats.items() if v}
-        metrics = _mean_across_ranks(metrics)
-        metrics.update(
-            _mean_across_ranks(
-                {
-                    "meanReward": scores.mean().item(),
-                    "kl": kl_tokens.sum(-1).mean().item(),
-                    "responseLength": mask.sum(-1).mean().item(),
-                }
-            ),
-            tokensPerSecond=attention.sum().item()
-            * world
-            * cfg.ppo_epochs
-            / max(1e-9, time.monotonic() - t0),
-            learningRate=hp.lr * scale,
-        )
-        tel.update(step=iteration + 1, total_steps=iterations, tokens=tokens_total, metrics=metrics)
-        done = iteration + 1
-        if rank == 0 and (done % spec.checkpoint.every_steps == 0) and done < iterations:
-            save_checkpoint(output, done, model, opt, spec.checkpoint.keep)
+            # 7. report, checkpoint
+            tokens_total += int(attention.sum().item()) * world
+            metrics = {k: sum(v) / len(v) for k, v in stats.items() if v}
+            metrics = _mean_across_ranks(metrics)
+            metrics.update(
+                _mean_across_ranks(
+                    {
+                        "meanReward": scores.mean().item(),
+                        "kl": kl_tokens.sum(-1).mean().item(),
+                        "responseLength": mask.sum(-1).mean().item(),
+                    }
+                ),
+                tokensPerSecond=attention.sum().item()
+                * world
+                * cfg.ppo_epochs
+                / max(1e-9, time.monotonic() - t0),
+                learningRate=hp.lr * scale,
+            )
+            tel.update(step=iteration + 1, total_steps=iterations, tokens=tokens_total, metrics=metrics)
+            done = iteration + 1
+            stopping = any_rank(stop.set, device) and done < iterations
+            if rank == 0 and (stopping or done % spec.checkpoint.every_steps == 0) and done < iterations:
+                save_checkpoint(output, done, model, opt, spec.checkpoint.keep)
+                checkpoints.publish(
+                    Path(output) / "checkpoints" / f"ppo-{done}", str(spec.output), spec.checkpoint.keep
+                )
+            if stopping:
+                raise Stopped(done)
     tel.update(stage="evaluate", force=True)
     evaluate("evalMeanReward")
     print(f"ppo: {iterations - start} iterations in {time.monotonic() - t_start:.1f}s", flush=True)

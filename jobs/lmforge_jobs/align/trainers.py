@@ -1,10 +1,14 @@
 """sft, reward and dpo through TRL's trainers, reporting through Telemetry.
 
 Each method builds its TRL config from the spec (:func:`training_args`), the trainer, and runs
-``train(resume_from_checkpoint=…)`` — the newest checkpoint under ``spec.output/checkpoints`` when one exists,
-so a rerun after an interruption continues instead of starting over — then one held-out evaluation whose
-numbers are the run's final metrics (DPO's reward margin and accuracy, the reward model's pairwise accuracy,
-SFT's eval loss).
+``train(resume_from_checkpoint=…)`` — the newest complete checkpoint under ``spec.output/checkpoints`` when
+one exists (downloaded when the output is on object storage, see :mod:`.checkpoints`), so a rerun after an
+interruption continues instead of starting over — then one held-out evaluation whose numbers are the run's
+final metrics (DPO's reward margin and accuracy, the reward model's pairwise accuracy, SFT's eval loss).
+
+Every checkpoint the trainer saves is published to the output with its completion marker written last.
+SIGTERM/SIGINT (a preempted or deleted pod) make every process finish its current step, save a checkpoint
+and stop; :func:`run_trl` then raises :class:`Stopped` (the job exits 143, ``EXIT_STOPPED``).
 
 TRL's log keys become status metrics (:data:`METRIC_NAMES`): the contract's names (loss, evalLoss,
 rewardAccuracy, rewardMargin …) where one applies, camelCase method metrics otherwise.
@@ -15,10 +19,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs.align import checkpoints
 from lmforge_jobs.align.config import AlignmentRunSpec, Method
 from lmforge_jobs.align.data import Split
 from lmforge_jobs.telemetry import Telemetry
@@ -159,15 +165,76 @@ def training_args(spec: AlignmentRunSpec, config_cls: type, output: str, **extra
     )
 
 
-def last_checkpoint(output: str) -> str | None:
-    """The newest complete Trainer checkpoint under output/checkpoints (one with trainer_state.json)."""
-    root = Path(output) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [
-        p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.name[11:].isdigit()
-    ]
-    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+class Stopped(Exception):
+    """Training stopped by SIGTERM/SIGINT after saving a checkpoint at ``step`` (the job exits 143)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by signal after step {step}")
+        self.step = step
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT while training; :func:`stop_callback` acts on it after the current step."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.set = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def any_rank(flag: bool, device: Any) -> bool:
+    """True when ``flag`` is up in any process: every rank must save and stop at the same step."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    votes = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item() > 0)
+
+
+def stop_callback(stop: StopFlag) -> Any:
+    """A TrainerCallback that, once ``stop`` is set in any process, saves a checkpoint and ends training."""
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        stopped_at: int | None = None
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+            if any_rank(stop.set, args.device):
+                control.should_save = True
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+            return control
+
+    return StopOnSignal()
+
+
+def publish_callback(output: str, keep: int) -> Any:
+    """A TrainerCallback that publishes each saved checkpoint to ``output`` (see :mod:`.checkpoints`)."""
+    from transformers import TrainerCallback
+
+    class PublishCheckpoint(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+            if state.is_world_process_zero:
+                local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                uri = checkpoints.publish(local, output, keep)
+                print(f"checkpoint saved: {uri}", flush=True)
+            return control
+
+    return PublishCheckpoint()
 
 
 def _datasets(split: Split) -> tuple[Any, Any]:
@@ -188,10 +255,17 @@ def run_trl(
     peft_cfg: Any = None,
     ref_model: Any = None,
 ) -> Any:
-    """Train ``model`` with the TRL trainer of spec.method; return the trained (possibly PEFT) model."""
+    """Train ``model`` with the TRL trainer of spec.method in the working directory ``output``; return the
+    trained (possibly PEFT) model. Raises :class:`Stopped` when a signal stopped it (checkpoint saved)."""
     train, held = _datasets(split)
     hp = spec.hyperparameters
-    callback = make_callback(tel, world_size())
+    stop = StopFlag()
+    on_stop = stop_callback(stop)
+    callbacks = [
+        make_callback(tel, world_size()),
+        publish_callback(str(spec.output), spec.checkpoint.keep),
+        on_stop,
+    ]
     if spec.method == Method.sft:
         from trl import SFTConfig, SFTTrainer
 
@@ -203,7 +277,7 @@ def run_trl(
             eval_dataset=held,
             processing_class=tokenizer,
             peft_config=peft_cfg,
-            callbacks=[callback],
+            callbacks=callbacks,
         )
     elif spec.method == Method.reward:
         from trl import RewardConfig, RewardTrainer
@@ -216,7 +290,7 @@ def run_trl(
             eval_dataset=held,
             processing_class=tokenizer,
             peft_config=peft_cfg,
-            callbacks=[callback],
+            callbacks=callbacks,
         )
     elif spec.method == Method.dpo:
         from trl import DPOConfig, DPOTrainer
@@ -231,18 +305,32 @@ def run_trl(
             eval_dataset=held,
             processing_class=tokenizer,
             peft_config=peft_cfg,
-            callbacks=[callback],
+            callbacks=callbacks,
         )
     else:  # pragma: no cover - ppo has its own loop
         raise ValueError(spec.method)
-    resume = last_checkpoint(output)
+    resume = checkpoints.restore(str(spec.output), output, "checkpoint")
     if resume:
         print(f"resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=resume)
+    with stop:
+        trainer.train(resume_from_checkpoint=resume)
+    if on_stop.stopped_at is not None:
+        raise Stopped(on_stop.stopped_at)
     if held is not None:
         tel.update(stage="evaluate", force=True)
         trainer.evaluate()  # logged through the callback: the final held-out metrics
     return trainer.model
 
 
-__all__ = ["METRIC_NAMES", "last_checkpoint", "make_callback", "run_trl", "status_metrics", "training_args"]
+__all__ = [
+    "METRIC_NAMES",
+    "StopFlag",
+    "Stopped",
+    "any_rank",
+    "make_callback",
+    "publish_callback",
+    "run_trl",
+    "status_metrics",
+    "stop_callback",
+    "training_args",
+]
