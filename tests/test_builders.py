@@ -14,6 +14,7 @@ from k8s_validate import VERSIONS, assert_valid, model_class, problems, restrict
 
 from lmforge_jobs.data.stages import stages
 from lmforge_jobs.entry import ConfigError, load_job_resource
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.manifest import load_resources, load_yaml_documents, parse_resource
 from lmforge_jobs.resolve import expected_outputs, resolve
 from lmforge_jobs.secrets import env_name, read_secret, secret_env_name
@@ -841,7 +842,7 @@ def test_dump_spec_quotes_exactly_the_strings_yaml_would_misread() -> None:
 def test_torchrun_waits_the_pods_grace_period_for_its_workers() -> None:
     """torchrun's own shutdown timeout (30 s) would SIGKILL a rank still writing its final checkpoint."""
     for kind in ("PretrainRun", "AlignmentRun"):
-        grace = builders.GRACE_SECONDS[kind]
+        grace = KINDS[kind].grace_seconds
         timeout = builders.shutdown_timeout(kind)
         assert 30 < timeout < grace
     res = resource(pretrain_doc())

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.launch import record_exit
 from lmforge_jobs.manifest import ManifestError, Resource, load_spec
 from lmforge_jobs.resolve import default_output, unresolved
@@ -23,7 +24,6 @@ from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_UNAVAILABLE, SpecError
 from lmforge_jobs.telemetry import Telemetry
 
 DEFAULT_WORKDIR = "lmforge-runs"
-MODULES = {"Corpus": "data", "PretrainRun": "pretrain", "AlignmentRun": "align", "Evaluation": "evaluate"}
 
 
 class ConfigError(Exception):
@@ -79,7 +79,7 @@ def job_main(
 ) -> int:
     """Parse ``--manifest``, load the resource of ``kind`` and run it; return the exit code."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m lmforge_jobs.{MODULES[kind]}", description=description or f"Run a {kind}."
+        prog=f"python -m {KINDS[kind].module}", description=description or f"Run a {kind}."
     )
     parser.add_argument("--manifest", required=True, help=f"YAML file with one {kind} (references resolved)")
     if add_arguments is not None:

@@ -11,7 +11,8 @@ Three readers, one set of numbers:
 
 * **Prometheus** scrapes ``:PORT/metrics`` (port argument, else ``$LMFORGE_METRICS_PORT``, else 9400;
   ``0`` picks a free port, ``off`` serves nothing). Series are named ``lmforge_<p>_<metric>`` with
-  ``p`` = data | train | align | eval (see :data:`PREFIX` and :func:`metric_name`).
+  ``p`` = data | train | align | eval (each kind's ``metric_prefix`` in :data:`lmforge_jobs.kinds.KINDS`;
+  see :func:`metric_name`).
 * **The local runner** reads ``OUT/progress.json``: ``{kind, state, stage, step, totalSteps, tokens,
   percent, etaSeconds, updatedAt, metrics: {camelCase: value}, message, field}``, rewritten atomically at
   most once a second, and ``OUT/metrics.jsonl``, one line per update (``{time, step, tokens, stage,
@@ -21,7 +22,8 @@ Three readers, one set of numbers:
   (``$LMFORGE_TERMINATION_LOG``, else ``/dev/termination-log`` when writable; at most 4096 bytes of JSON)
   when it ends.
 
-Only prometheus_client and the standard library are imported, so the operator can use the name table.
+Only prometheus_client, the standard library and :mod:`lmforge_jobs.kinds` are imported, so the operator
+can use the name table.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-PREFIX = {"Corpus": "data", "PretrainRun": "train", "AlignmentRun": "align", "Evaluation": "eval"}
+from lmforge_jobs.kinds import KINDS
+
 DEFAULT_PORT = 9400
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_MAX_BYTES = 4096
@@ -64,12 +67,12 @@ def metric_name(kind: str, key: str) -> str:
     """Prometheus name of the camelCase status metric ``key`` of ``kind``."""
     if key in _GLOBAL:
         return _GLOBAL[key]
-    return _SPECIAL.get((kind, key)) or f"lmforge_{PREFIX[kind]}_{_snake(key)}"
+    return _SPECIAL.get((kind, key)) or f"lmforge_{KINDS[kind].metric_prefix}_{_snake(key)}"
 
 
 def progress_names(kind: str) -> dict[str, str]:
     """Prometheus names of the progress series: step, totalSteps, tokens, progress (0-1), etaSeconds."""
-    p = PREFIX[kind]
+    p = KINDS[kind].metric_prefix
     return {
         "step": f"lmforge_{p}_step",
         "totalSteps": f"lmforge_{p}_total_steps",
@@ -154,7 +157,7 @@ class Telemetry:
         port: int | str | None = None,
         total_steps: int | None = None,
     ) -> None:
-        if kind not in PREFIX:
+        if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}")
         self.kind = kind
         self.enabled = enabled
@@ -405,7 +408,6 @@ def read_progress(output: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 __all__ = [
     "DEFAULT_PORT",
-    "PREFIX",
     "Telemetry",
     "fit_termination_message",
     "metric_name",

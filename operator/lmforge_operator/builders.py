@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.manifest import Resource, load_yaml_documents
 from lmforge_jobs.secrets import secret_env_name
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED, GROUP_VERSION
@@ -99,18 +100,8 @@ TORCHRUN_MAX_RESTARTS = 3
 CORPUS_BACKOFF_LIMIT_PER_INDEX = 3
 CORPUS_MAX_FAILED_INDEXES = 0
 
-# Seconds between SIGTERM and SIGKILL: a training rank finishes its step and writes a final checkpoint.
-GRACE_SECONDS = {"Corpus": 120, "PretrainRun": 600, "AlignmentRun": 600, "Evaluation": 120}
+# What torchrun keeps of the pod's grace period (KINDS[kind].grace_seconds) for itself after its workers.
 SHUTDOWN_MARGIN_SECONDS = 20
-
-COMPONENT = {"Corpus": "corpus", "PretrainRun": "pretrain", "AlignmentRun": "align", "Evaluation": "evaluate"}
-MODULE = {
-    "Corpus": "lmforge_jobs.data",
-    "PretrainRun": "lmforge_jobs.pretrain",
-    "AlignmentRun": "lmforge_jobs.align",
-    "Evaluation": "lmforge_jobs.evaluate",
-}
-TRAINING_KINDS = ("PretrainRun", "AlignmentRun")
 
 # Labels and annotations (lmforge.io/...).
 LABEL_KIND = "lmforge.io/kind"
@@ -167,13 +158,13 @@ def child_name(name: str, suffix: str, max_length: int = DNS_LABEL_MAX) -> str:
 def configmap_name(resource: Resource[Any, Any], generation: int = 0) -> str:
     """Name of the resource's spec ConfigMap: ``<name>-<component>-spec`` (kinds may share names), with
     ``-<generation>`` for a re-run (n > 0): each run of a step mounts the spec it was resolved with."""
-    tail = f"{COMPONENT[resource.kind]}-spec"
+    tail = f"{KINDS[resource.kind].component}-spec"
     return child_name(resource.name, f"{tail}-{generation}" if generation else tail)
 
 
 def service_name(resource: Resource[Any, Any]) -> str:
     """Name of the resource's headless Service, the pods' DNS subdomain: ``<name>-<component>``."""
-    return child_name(resource.name, COMPONENT[resource.kind])
+    return child_name(resource.name, KINDS[resource.kind].component)
 
 
 def job_name(
@@ -187,7 +178,7 @@ def job_name(
 
     Short enough that every pod hostname ``<job>-<index>`` is a DNS label, as Indexed Jobs need.
     """
-    tail = suffix or (stage.name if stage is not None else COMPONENT[resource.kind])
+    tail = suffix or (stage.name if stage is not None else KINDS[resource.kind].component)
     if generation:
         tail = f"{tail}-{generation}"
     index_digits = len(str(max(0, _completions(resource, stage) - 1)))
@@ -201,7 +192,7 @@ def labels(resource: Resource[Any, Any], stage: Stage | None = None) -> dict[str
         "app.kubernetes.io/name": "lmforge",
         "app.kubernetes.io/part-of": "lmforge",
         "app.kubernetes.io/managed-by": "lmforge-operator",
-        "app.kubernetes.io/component": COMPONENT[resource.kind],
+        "app.kubernetes.io/component": KINDS[resource.kind].component,
         LABEL_KIND: resource.kind,
         LABEL_NAME: resource.name,
     }
@@ -524,8 +515,8 @@ def _parallelism(resource: Resource[Any, Any]) -> tuple[int, int]:
 
 
 def uses_torchrun(resource: Resource[Any, Any]) -> bool:
-    """Training kinds always; an Evaluation when it spans more than one process."""
-    if resource.kind in TRAINING_KINDS:
+    """Distributed kinds (training) always; an Evaluation when it spans more than one process."""
+    if KINDS[resource.kind].distributed:
         return True
     if resource.kind == "Evaluation":
         nodes, gpus = _parallelism(resource)
@@ -541,7 +532,7 @@ def needs_service(resource: Resource[Any, Any]) -> bool:
 def _completions(resource: Resource[Any, Any], stage: Stage | None) -> int:
     if resource.kind == "Corpus":
         return stage.tasks if stage is not None else resource.spec.parallelism.tasks
-    if resource.kind in TRAINING_KINDS or resource.kind == "Evaluation":
+    if KINDS[resource.kind].distributed or resource.kind == "Evaluation":
         return _parallelism(resource)[0]
     return 1
 
@@ -549,7 +540,7 @@ def _completions(resource: Resource[Any, Any], stage: Stage | None) -> int:
 def shutdown_timeout(kind: str) -> int:
     """Seconds torchrun lets its workers finish after SIGTERM: the pod's grace period less a margin for
     torchrun itself to exit before the kubelet's SIGKILL."""
-    grace = GRACE_SECONDS[kind]
+    grace = KINDS[kind].grace_seconds
     return max(grace // 2, grace - SHUTDOWN_MARGIN_SECONDS)
 
 
@@ -564,7 +555,7 @@ def gpus_per_pod(resource: Resource[Any, Any]) -> int:
 
 def command(resource: Resource[Any, Any], job: str, stage: Stage | None = None) -> list[str]:
     """The container's argument list (never a shell string; no spec value appears in it)."""
-    module = MODULE[resource.kind]
+    module = KINDS[resource.kind].module
     tail = ["-m", module, "--manifest", MANIFEST_PATH]
     if resource.kind == "Corpus":
         if stage is None:
@@ -751,7 +742,7 @@ def build_job(
         "restartPolicy": "Never",  # the Job replaces failed pods; required by podFailurePolicy
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": GRACE_SECONDS[resource.kind],
+        "terminationGracePeriodSeconds": KINDS[resource.kind].grace_seconds,
         "securityContext": pod_security,
         "containers": [container],
         "volumes": [

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmforge_jobs.kinds import KINDS
+
 PHASES = ("Pending", "Waiting", "Running", "Succeeded", "Failed", "Invalid")
-KINDS = ("Corpus", "PretrainRun", "AlignmentRun", "Evaluation")
 
 
 class OperatorMetrics:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.spec import API_GROUP
 
-PLURALS = ("corpora", "pretrainruns", "alignmentruns", "evaluations")
+PLURALS = tuple(kind.plural for kind in KINDS.values())
 
 READ = ["get", "list", "watch"]
 

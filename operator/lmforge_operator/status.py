@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lmforge_jobs.data.config import CorpusStage
-from lmforge_jobs.manifest import KINDS
+from lmforge_jobs.manifest import MODELS
 from lmforge_jobs.spec import Condition, derive_phase
 
 # ------------------------------------------------------------------------------------ condition reasons
@@ -399,7 +399,7 @@ def apply_progress(status: dict[str, Any], kind: str, progress: dict[str, Any]) 
 
 def status_model(kind: str) -> Any:
     """The pydantic model of the kind's status (the CRD's status schema)."""
-    annotation = KINDS[kind].model_fields["status"].annotation
+    annotation = MODELS[kind].model_fields["status"].annotation
     return next(a for a in getattr(annotation, "__args__", (annotation,)) if a is not type(None))
 
 

@@ -21,9 +21,7 @@ This package never imports torch: jobs run in their own processes.
 """
 
 from lmforge_operator.local.launch import (
-    DISTRIBUTED,
     EXIT_INTERRUPTED,
-    MODULES,
     Launch,
     command,
     local_gpus,
@@ -42,9 +40,7 @@ from lmforge_operator.local.runner import (
 from lmforge_operator.local.view import collect, status_rows
 
 __all__ = [
-    "DISTRIBUTED",
     "EXIT_INTERRUPTED",
-    "MODULES",
     "Launch",
     "LocalRunner",
     "Outcome",
