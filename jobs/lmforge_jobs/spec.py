@@ -11,6 +11,8 @@ This module imports nothing heavy: the operator composes its CRDs from these mod
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -68,6 +70,12 @@ class Cel:
     reason: str | None = (
         None  # FieldValueRequired | FieldValueInvalid | FieldValueForbidden | FieldValueDuplicate
     )
+
+
+def spec_hash(value: Any) -> str:
+    """A short digest of a spec (or of anything JSON-like that identifies a run): equal values, equal
+    digests, whatever the order of their keys."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------- base model

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import json
 import logging
 from typing import Any
@@ -30,9 +29,11 @@ from lmforge_jobs.resolve import (
     UnresolvedReference,
     default_output,
     dependencies,
+    dependency_order,
     expected_outputs,
     resolve,
 )
+from lmforge_jobs.spec import spec_hash
 from lmforge_operator import status as status_helpers
 from lmforge_operator.controller.config import Config
 from lmforge_operator.controller.corpus_stages import reconcile_corpus
@@ -53,10 +54,6 @@ FINAL_REASONS = {
     "Failed": status_helpers.FINAL_FAILURE_REASONS,
     "Invalid": (status_helpers.CONFIG_ERROR,),
 }
-
-
-def spec_hash(spec: Any) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def changed_fields(old: Any, new: Any, prefix: str = "spec") -> list[str]:
@@ -204,7 +201,7 @@ class Controller(WorkQueue):
                 raise Invalid(
                     status_helpers.DEPENDENCY_CYCLE, f"refers to this {kind} itself", f"spec.{field}"
                 )
-        cycle = self._cycle(key)
+        cycle = self._cycle_through(key)
         if cycle:
             path = " → ".join(f"{k}/{n}" for k, _, n in cycle)
             field = next(f for f, ref, _ in dependencies(resource) if ref == (cycle[1][0], cycle[1][2]))
@@ -238,11 +235,11 @@ class Controller(WorkQueue):
                 self._dependents.setdefault((ref[0], key[1], ref[1]), set()).add(key)
         return resource, problems
 
-    def _cycle(self, key: Key) -> list[Key] | None:
+    def _cycle_through(self, key: Key) -> list[Key] | None:
         """The path key → … → key through references, when there is one (resources in the cache)."""
         ns = key[1]
 
-        def deps_of(k: Key) -> list[Key]:
+        def needs(k: Key) -> list[Key]:
             body = self.cache.get(k)
             if body is None:
                 return []
@@ -251,17 +248,8 @@ class Controller(WorkQueue):
                 return []
             return [(ref[0], ns, ref[1]) for _, ref, _ in dependencies(resource)]
 
-        stack: list[tuple[Key, list[Key]]] = [(key, [key])]
-        seen: set[Key] = set()
-        while stack:
-            node, path = stack.pop()
-            for nxt in deps_of(node):
-                if nxt == key:
-                    return [*path, key]
-                if nxt not in seen and len(path) < 64:
-                    seen.add(nxt)
-                    stack.append((nxt, [*path, nxt]))
-        return None
+        _, cycles = dependency_order([key], needs)
+        return next((cycle for cycle in cycles if cycle[0] == key), None)
 
     def _plan(self, resource: Resource[Any, Any], status: dict[str, Any], ns: str) -> None:
         """Write status.plan; raise Invalid naming the field when the run cannot fit in GPU memory."""
@@ -479,4 +467,4 @@ class Controller(WorkQueue):
         )
 
 
-__all__ = ["Controller", "changed_fields", "spec_hash"]
+__all__ = ["Controller", "changed_fields"]

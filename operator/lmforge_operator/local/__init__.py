@@ -35,7 +35,7 @@ from lmforge_operator.local.runner import (
     order,
     read_status,
     resource_dir,
-    spec_hash,
+    run_hash,
 )
 from lmforge_operator.local.view import collect, status_rows
 
@@ -53,6 +53,6 @@ __all__ = [
     "processes_for",
     "read_status",
     "resource_dir",
-    "spec_hash",
+    "run_hash",
     "status_rows",
 ]

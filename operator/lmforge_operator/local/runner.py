@@ -4,7 +4,6 @@ status written to ``WORKDIR/<kind>/<name>/status.json`` (see the package docstri
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import signal
@@ -17,8 +16,8 @@ from typing import Any
 import yaml
 
 from lmforge_jobs.manifest import Problem, Resource, load_resources
-from lmforge_jobs.resolve import UnresolvedReference, default_output, dependencies, resolve
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR
+from lmforge_jobs.resolve import UnresolvedReference, default_output, dependencies, dependency_order, resolve
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, spec_hash
 from lmforge_jobs.telemetry import read_progress, write_json_atomic
 from lmforge_operator import status as st
 from lmforge_operator.local.launch import (
@@ -93,34 +92,15 @@ def order(resources: list[Resource[Any, Any]], workdir: Path) -> list[Resource[A
     if problems:
         raise RunError(problems)
 
-    ordered: list[Resource[Any, Any]] = []
-    visit_state: dict[tuple[str, str], str] = {}  # visiting | done
+    def needs(ref: tuple[str, str]) -> list[tuple[str, str]]:
+        return [dependency for _, dependency, _ in dependencies(by_ref[ref]) if dependency in by_ref]
 
-    def visit(ref: tuple[str, str], path: list[tuple[str, str]]) -> None:
-        if visit_state.get(ref) == "done":
-            return
-        if visit_state.get(ref) == "visiting":
-            cycle = [*path[path.index(ref) :], ref]
-            raise RunError(
-                [
-                    Problem(
-                        "(set)",
-                        f"{ref[0]}/{ref[1]}",
-                        "spec",
-                        "reference cycle: " + " → ".join(f"{kind}/{name}" for kind, name in cycle),
-                    )
-                ]
-            )
-        visit_state[ref] = "visiting"
-        for _, dependency, _ in dependencies(by_ref[ref]):
-            if dependency in by_ref:
-                visit(dependency, [*path, ref])
-        visit_state[ref] = "done"
-        ordered.append(by_ref[ref])
-
-    for resource in resources:
-        visit((resource.kind, resource.name), [])
-    return ordered
+    ordered, cycles = dependency_order(by_ref, needs)
+    if cycles:
+        cycle = cycles[0]
+        path = " → ".join(f"{kind}/{name}" for kind, name in cycle)
+        raise RunError([Problem("(set)", f"{cycle[0][0]}/{cycle[0][1]}", "spec", f"reference cycle: {path}")])
+    return [by_ref[ref] for ref in ordered]
 
 
 # ------------------------------------------------------------------------------------------------ status
@@ -140,10 +120,10 @@ def apply_results(status: dict[str, Any], resource: Resource[Any, Any], output: 
         status.update(st.evaluation_results(data))
 
 
-def spec_hash(resource: Resource[Any, Any], inputs: Iterable[Any] = ()) -> str:
-    """Identity of a run: its resolved spec plus what identifies its inputs (see LocalRunner.input_ids)."""
-    text = json.dumps([resource.spec.to_yaml_dict(), list(inputs)], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def run_hash(resource: Resource[Any, Any], inputs: Iterable[Any] = ()) -> str:
+    """Identity of a run (``specHash`` in status.json): its resolved spec plus what identifies its inputs
+    (see LocalRunner.input_ids)."""
+    return spec_hash([resource.spec.to_yaml_dict(), list(inputs)])
 
 
 def last_error(log: str) -> str:
@@ -246,7 +226,7 @@ class LocalRunner:
             return Outcome(resource, "Waiting", exc.message)
         output = str(job.spec.output)
         outputs_file = local_path(output) / "outputs.json"
-        digest = spec_hash(job, self.input_ids(resource))
+        digest = run_hash(job, self.input_ids(resource))
         previous = read_status(self.workdir, kind, name) or {}
         if (
             previous.get("phase") == "Succeeded"
