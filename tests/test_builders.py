@@ -598,7 +598,7 @@ def test_secret_refs_that_would_share_a_variable_are_refused() -> None:
     res = resource(doc)
     with pytest.raises(BuildError) as err:
         builders.build_job(res, owner_of(res), image=IMAGE)
-    assert err.value.field == "spec.export.push.token"
+    assert err.value.field == "export.push.token"
     # the same key twice is one variable
     doc["spec"]["export"]["push"]["token"]["secretKeyRef"]["key"] = "a-b"
     res = resource(doc)
@@ -664,7 +664,7 @@ def test_localize_mounts_pvc_uris_and_leaves_other_uris() -> None:
     doc["spec"]["sources"][0]["jsonl"]["paths"][1] = "pvc://Bad_Claim/x"
     with pytest.raises(BuildError) as err:  # ... and the builder still refuses what reaches it
         builders.localize(doc)
-    assert err.value.field == "spec.sources[0].jsonl.paths[1]"
+    assert err.value.field == "sources[0].jsonl.paths[1]"
 
 
 def test_resolved_references_become_mounts_and_the_job_accepts_the_configmap(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from lmforge_jobs.manifest import Resource
-from lmforge_jobs.spec import ModelRef
+from lmforge_jobs.spec import FieldError, ModelRef
 
 Ref = tuple[str, str]  # (kind, name)
 N = TypeVar("N", bound=Hashable)
@@ -37,14 +37,12 @@ NEEDS_SUCCEEDED = "Succeeded"
 NEEDS_RUNNING = "Running"
 
 
-class UnresolvedReference(ValueError):
+class UnresolvedReference(FieldError, ValueError):
     """A reference whose target has no outputs (yet); ``field`` is the spec path, ``ref`` the target."""
 
     def __init__(self, field: str, ref: Ref, message: str):
-        super().__init__(message)
-        self.field = field
+        super().__init__(field, message)
         self.ref = ref
-        self.message = message
 
 
 def _join(base: str, *parts: str) -> str:
@@ -177,7 +175,7 @@ def resolve(
     def outputs_of(field: str, ref: Ref, key: str) -> str:
         value = (outputs_by_ref.get(ref) or {}).get(key)
         if not value:
-            raise UnresolvedReference(field, ref, f"spec.{field}: {ref[0]}/{ref[1]} has no outputs.{key} yet")
+            raise UnresolvedReference(field, ref, f"{ref[0]}/{ref[1]} has no outputs.{key} yet")
         return str(value)
 
     def model_path(field: str, ref_doc: dict[str, Any], ref: ModelRef) -> None:

@@ -47,14 +47,26 @@ EXIT_UNAVAILABLE = 69
 EXIT_STOPPED = 143
 
 
-class SpecError(ValueError):
-    """A cross-field rule failed; ``field`` is the camelCase path of the offending field, relative to the
-    object the rule is attached to (``"kvHeads"``, ``"peft.lora"``)."""
+class FieldError(Exception):
+    """A problem a person fixes in one field of a spec: ``field`` is its camelCase path under ``spec``
+    (``"batch.globalTokens"``, ``"sources[0].jsonl"``), ``message`` says what is wrong. It reads
+    ``spec.<field>: <message>``. The jobs' ConfigError and ServiceUnavailable, the operator's BuildError
+    and an UnresolvedReference are FieldErrors."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(message)
+        super().__init__(f"spec.{field}: {message}")
         self.field = field
         self.message = message
+
+
+class SpecError(FieldError, ValueError):
+    """A cross-field rule failed; ``field`` is the camelCase path of the offending field, relative to the
+    object the rule is attached to (``"kvHeads"``, ``"peft.lora"``): the manifest loader prefixes the
+    object's own path. A ValueError, so that pydantic reports it as a validation error."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(field, message)
+        self.args = (message,)  # pydantic's text is the message alone; the loader puts the path before it
 
 
 @dataclass(frozen=True)
@@ -187,6 +199,8 @@ Uri = Annotated[
 """Storage location: a local path, file://, pvc://CLAIM/path, s3://, gs://, hf:// (fsspec underneath)."""
 
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+Queue = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=DNS_LABEL)]
+"""Name of a Kueue LocalQueue (a DNS-1123 label)."""
 HubId = Annotated[
     str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 ]

@@ -62,7 +62,7 @@ import yaml
 from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.manifest import Resource, load_yaml_documents
 from lmforge_jobs.secrets import secret_env_name
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED, GROUP_VERSION
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED, GROUP_VERSION, FieldError
 from lmforge_jobs.telemetry import DEFAULT_PORT, TERMINATION_LOG
 
 if TYPE_CHECKING:
@@ -116,13 +116,8 @@ DNS_LABEL_MAX = 63
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
-class BuildError(ValueError):
-    """The resource cannot be turned into Kubernetes objects; ``field`` is the spec path (``spec.output``)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+class BuildError(FieldError, ValueError):
+    """The resource cannot be turned into Kubernetes objects; ``field`` is the path under spec (``output``)."""
 
 
 # ----------------------------------------------------------------------------------------------- naming
@@ -302,7 +297,7 @@ def localize(
             claim, _, rest = node[len("pvc://") :].partition("/")
             if len(claim) > 253 or not _DNS_SUBDOMAIN.match(claim):
                 raise BuildError(
-                    _path(path),
+                    _path(path).removeprefix("spec."),
                     f"{node!r}: pvc:// needs a PersistentVolumeClaim name (lowercase letters, digits, '-', "
                     "'.'), as in pvc://CLAIM/path",
                 )
@@ -362,7 +357,7 @@ def secret_env(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         if var in owners:
             if owners[var][1:] != (name, key):
                 raise BuildError(
-                    field,
+                    field.removeprefix("spec."),
                     f"Secret {name!r} key {key!r} and Secret {owners[var][1]!r} key {owners[var][2]!r} (at "
                     f"{owners[var][0]}) would both be ${var}; rename one",
                 )

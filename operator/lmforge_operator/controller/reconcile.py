@@ -383,7 +383,7 @@ class Controller(WorkQueue):
         try:
             resolved = resolve(resource, outputs, root_default)
         except UnresolvedReference as exc:
-            raise Waiting(status_helpers.DEPENDENCY_NOT_READY, exc.message) from None
+            raise Waiting(status_helpers.DEPENDENCY_NOT_READY, str(exc)) from None
         return resolved.model_dump(by_alias=True, exclude_none=True, mode="json")
 
     @staticmethod
@@ -418,8 +418,7 @@ class Controller(WorkQueue):
                 resource, doc, owner, image=image, stage=stage, generation=round, isolation=self.isolation
             )
         except builders.BuildError as exc:
-            where = exc.field if exc.field.startswith("spec") else f"spec.{exc.field}"
-            raise Invalid(status_helpers.SPEC_INVALID, exc.message, where) from None
+            raise Invalid(status_helpers.SPEC_INVALID, exc.message, f"spec.{exc.field}") from None
         created_job = None
         assert self.api is not None
         for obj in objs:

@@ -222,8 +222,8 @@ class LocalRunner:
         try:
             job = self.resolved(resource)
         except UnresolvedReference as exc:
-            self._not_run(resource, st.DEPENDENCY_NOT_READY, exc.message)
-            return Outcome(resource, "Waiting", exc.message)
+            self._not_run(resource, st.DEPENDENCY_NOT_READY, str(exc))
+            return Outcome(resource, "Waiting", str(exc))
         output = str(job.spec.output)
         outputs_file = local_path(output) / "outputs.json"
         digest = run_hash(job, self.input_ids(resource))
