@@ -502,17 +502,15 @@ def test_evaluation_single_process_vs_multi_gpu() -> None:
         assert_valid(obj)
 
 
-def test_generation_and_suffix_name_reruns() -> None:
+def test_rounds_name_reruns() -> None:
     res = resource(evaluation_doc())
     first = builders.build_job(res, owner_of(res), image=IMAGE)
     again = builders.build_job(res, owner_of(res), image=IMAGE)
     assert first == again  # deterministic: create-if-absent finds the same name after a restart
-    rerun = builders.build_job(res, owner_of(res), image=IMAGE, generation=2)
-    step = builders.build_job(res, owner_of(res), image=IMAGE, suffix="step-1000")
+    rerun = builders.build_job(res, owner_of(res), image=IMAGE, round=2)
     assert first["metadata"]["name"] == "gpt-eval-evaluate"
     assert rerun["metadata"]["name"] == "gpt-eval-evaluate-2"
     assert rerun["metadata"]["annotations"]["lmforge.io/run"] == "2"
-    assert step["metadata"]["name"] == "gpt-eval-step-1000"
 
 
 # ------------------------------------------------------------------------------------------------ Corpus

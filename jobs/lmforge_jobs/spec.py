@@ -402,17 +402,6 @@ class ConditionStatus(str, Enum):
     unknown = "Unknown"
 
 
-class ConditionType(str, Enum):
-    """Condition types every kind reports."""
-
-    ready = "Ready"
-    running = "Running"
-    succeeded = "Succeeded"
-    failed = "Failed"
-    invalid = "Invalid"
-    waiting = "Waiting"
-
-
 class Phase(str, Enum):
     """A one-word summary of the conditions, for printer columns."""
 
@@ -446,7 +435,7 @@ class Condition(Spec):
 
 def derive_phase(conditions: list[Condition]) -> Phase:
     """The phase shown in printer columns, derived from conditions (highest precedence first)."""
-    true = {c.type for c in conditions if c.status == ConditionStatus.true}
+    true_types = {c.type for c in conditions if c.status == ConditionStatus.true}
     for ctype, phase in (
         ("Invalid", Phase.invalid),
         ("Failed", Phase.failed),
@@ -454,7 +443,7 @@ def derive_phase(conditions: list[Condition]) -> Phase:
         ("Running", Phase.running),
         ("Waiting", Phase.waiting),
     ):
-        if ctype in true:
+        if ctype in true_types:
             return phase
     return Phase.pending
 

@@ -204,34 +204,34 @@ class Telemetry:
         """Record progress and metrics; progress.json is rewritten at most once a second unless ``force``."""
         if not self.enabled:
             return
-        st = self.state
+        state = self.state
         if stage is not None:
-            st["stage"] = stage
+            state["stage"] = stage
         if total_steps is not None:
-            st["totalSteps"] = int(total_steps)
+            state["totalSteps"] = int(total_steps)
         if tokens is not None:
-            st["tokens"] = int(tokens)
+            state["tokens"] = int(tokens)
         if step is not None:
-            st["step"] = int(step)
+            state["step"] = int(step)
             now = time.monotonic()
             if self._first_step is None or step < self._first_step[0]:
                 self._first_step = (int(step), now)
-            total = st.get("totalSteps")
+            total = state.get("totalSteps")
             if total:
-                st["percent"] = round(min(100.0, 100.0 * step / total), 2)
+                state["percent"] = round(min(100.0, 100.0 * step / total), 2)
                 done, since = step - self._first_step[0], now - self._first_step[1]
                 if done > 0 and since > 0:
-                    st["etaSeconds"] = int(max(0, total - step) * since / done)
+                    state["etaSeconds"] = int(max(0, total - step) * since / done)
         for key, value in (metrics or {}).items():
             f = _finite(value)
             if f is not None:
-                st["metrics"][key] = f
+                state["metrics"][key] = f
                 self._set(metric_name(self.kind, key), f, f"{self.kind} {key}")
         names = progress_names(self.kind)
         for key in ("step", "totalSteps", "tokens", "etaSeconds"):
-            self._set(names[key], _finite(st.get(key)), f"{self.kind} {key}")
-        if st.get("percent") is not None:
-            self._set(names["progress"], st["percent"] / 100.0, f"{self.kind} completion (0-1)")
+            self._set(names[key], _finite(state.get(key)), f"{self.kind} {key}")
+        if state.get("percent") is not None:
+            self._set(names["progress"], state["percent"] / 100.0, f"{self.kind} completion (0-1)")
         if step is not None or metrics:
             self._append_history(step, tokens, stage, metrics or {})
         if force or time.monotonic() - self._last_write >= 1.0:
@@ -271,24 +271,24 @@ class Telemetry:
         """The job succeeded: final progress.json (state Succeeded), outputs.json, termination message."""
         if not self.enabled:
             return
-        st = self.state
-        st["state"] = "Succeeded"
-        if st.get("totalSteps"):
-            st["step"] = max(int(st.get("step", 0)), int(st["totalSteps"]))
-        st["percent"], st["etaSeconds"] = 100.0, 0
-        st["outputs"] = dict(outputs)
+        state = self.state
+        state["state"] = "Succeeded"
+        if state.get("totalSteps"):
+            state["step"] = max(int(state.get("step", 0)), int(state["totalSteps"]))
+        state["percent"], state["etaSeconds"] = 100.0, 0
+        state["outputs"] = dict(outputs)
         if results is not None:
-            st["results"] = dict(results)
+            state["results"] = dict(results)
         names = progress_names(self.kind)
         self._set(names["progress"], 1.0, f"{self.kind} completion (0-1)")
         self._set(names["etaSeconds"], 0.0, f"{self.kind} etaSeconds")
         self._write_progress()
         if self.dir is not None:
             write_json_atomic(self.dir / "outputs.json", dict(outputs))
-        summary = {"state": "Succeeded", "outputs": dict(outputs), "metrics": st["metrics"]}
+        summary = {"state": "Succeeded", "outputs": dict(outputs), "metrics": state["metrics"]}
         for key in ("step", "tokens"):
-            if key in st:
-                summary[key] = st[key]
+            if key in state:
+                summary[key] = state[key]
         if results is not None:
             summary["results"] = dict(results)
         write_termination_message(summary)

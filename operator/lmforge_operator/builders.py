@@ -109,7 +109,7 @@ LABEL_NAME = "lmforge.io/name"
 LABEL_STAGE = "lmforge.io/stage"
 # metadata.generation of the resource the child was built from
 ANNOTATION_GENERATION = "lmforge.io/generation"
-ANNOTATION_RUN = "lmforge.io/run"  # the ``generation`` argument of build_job: which run of the step
+ANNOTATION_RUN = "lmforge.io/run"  # the ``round`` argument of build_job: which run of the step
 ANNOTATION_SPEC_HASH = "lmforge.io/spec-hash"
 
 DNS_LABEL_MAX = 63
@@ -150,11 +150,11 @@ def child_name(name: str, suffix: str, max_length: int = DNS_LABEL_MAX) -> str:
     return f"{full[:keep].rstrip('-')}-{digest}"
 
 
-def configmap_name(resource: Resource[Any, Any], generation: int = 0) -> str:
+def configmap_name(resource: Resource[Any, Any], round: int = 0) -> str:
     """Name of the resource's spec ConfigMap: ``<name>-<component>-spec`` (kinds may share names), with
-    ``-<generation>`` for a re-run (n > 0): each run of a step mounts the spec it was resolved with."""
+    ``-<round>`` for a re-run (n > 0): each run of a step mounts the spec it was resolved with."""
     tail = f"{KINDS[resource.kind].component}-spec"
-    return child_name(resource.name, f"{tail}-{generation}" if generation else tail)
+    return child_name(resource.name, f"{tail}-{round}" if round else tail)
 
 
 def service_name(resource: Resource[Any, Any]) -> str:
@@ -165,17 +165,16 @@ def service_name(resource: Resource[Any, Any]) -> str:
 def job_name(
     resource: Resource[Any, Any],
     stage: Stage | None = None,
-    generation: int = 0,
-    suffix: str | None = None,
+    round: int = 0,
 ) -> str:
-    """Name of a Job: ``<name>-<suffix>`` where suffix defaults to the Corpus stage or the kind's component
-    (``pretrain``, ``align``, ``evaluate``), and ``-<generation>`` is appended when generation > 0.
+    """Name of a Job: ``<name>-<suffix>`` where suffix is the Corpus stage or the kind's component
+    (``pretrain``, ``align``, ``evaluate``), and ``-<round>`` is appended when round > 0.
 
     Short enough that every pod hostname ``<job>-<index>`` is a DNS label, as Indexed Jobs need.
     """
-    tail = suffix or (stage.name if stage is not None else KINDS[resource.kind].component)
-    if generation:
-        tail = f"{tail}-{generation}"
+    tail = stage.name if stage is not None else KINDS[resource.kind].component
+    if round:
+        tail = f"{tail}-{round}"
     index_digits = len(str(max(0, _completions(resource, stage) - 1)))
     return child_name(resource.name, tail, max_length=DNS_LABEL_MAX - 1 - index_digits)
 
@@ -419,14 +418,14 @@ def build_configmap(
     resource: Resource[Any, Any],
     resolved_doc: Mapping[str, Any],
     owner: dict[str, Any] | None,
-    generation: int = 0,
+    round: int = 0,
 ) -> dict[str, Any]:
-    """ConfigMap ``<name>-<component>-spec[-<generation>]`` holding ``spec.yaml``: the resolved, localised
+    """ConfigMap ``<name>-<component>-spec[-<round>]`` holding ``spec.yaml``: the resolved, localised
     manifest the job reads (``lmforge.io/spec-hash`` annotation: a digest of that text)."""
     text = dump_spec(job_manifest(resolved_doc))
-    meta = _metadata(resource, configmap_name(resource, generation), owner)
-    if generation:
-        meta["annotations"][ANNOTATION_RUN] = str(generation)
+    meta = _metadata(resource, configmap_name(resource, round), owner)
+    if round:
+        meta["annotations"][ANNOTATION_RUN] = str(round)
     meta["annotations"][ANNOTATION_SPEC_HASH] = _digest(text, length=16)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {SPEC_FILE: text}}
 
@@ -672,20 +671,19 @@ def build_job(
     *,
     image: str,
     stage: Stage | None = None,
-    generation: int = 0,
-    suffix: str | None = None,
+    round: int = 0,
     resolved_doc: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     service_account: str | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job running ``resource`` (a Corpus: its ``stage``).
 
-    ``generation`` numbers re-runs of the same step (0 = first; n > 0 appends ``-n`` to the name);
-    ``suffix`` replaces the default name suffix (stage or component). ``resolved_doc`` (the dict that goes
-    into the ConfigMap) supplies the ``pvc://`` volumes and Secret references of resolved references; the
-    resource's own spec is used when it is not given. ``env`` adds literal environment variables (their
-    ``$`` escaped, so Kubernetes never expands ``$(VAR)`` in them); ``service_account`` runs the pods under
-    that ServiceAccount (e.g. for workload identity to object storage; its token is still not mounted).
+    ``round`` numbers the runs of one step (an Evaluation's rounds: 0 is the first, n > 0 appends ``-n`` to
+    the name). ``resolved_doc`` (the dict that goes into the ConfigMap) supplies the ``pvc://`` volumes and
+    Secret references of resolved references; the resource's own spec is used when it is not given.
+    ``env`` adds literal environment variables (their ``$`` escaped, so Kubernetes never expands ``$(VAR)``
+    in them); ``service_account`` runs the pods under that ServiceAccount (e.g. for workload identity to
+    object storage; its token is still not mounted).
     """
     if resource.kind == "Corpus" and stage is None:
         raise ValueError("a Corpus Job is built per stage: pass stage=")
@@ -695,7 +693,7 @@ def build_job(
         else resource.model_dump(by_alias=True, exclude_none=True, mode="json")
     )
     _, pvc_volumes, pvc_mounts = localize(doc)
-    name = job_name(resource, stage, generation, suffix)
+    name = job_name(resource, stage, round)
     torchrun = uses_torchrun(resource)
     completions = _completions(resource, stage)
     if resource.kind == "Corpus":
@@ -743,7 +741,7 @@ def build_job(
         "volumes": [
             {
                 "name": "spec",
-                "configMap": {"name": configmap_name(resource, generation), "defaultMode": 0o444},
+                "configMap": {"name": configmap_name(resource, round), "defaultMode": 0o444},
             },
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             {"name": "tmp", "emptyDir": {}},
@@ -758,8 +756,8 @@ def build_job(
         pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 
     meta = _metadata(resource, name, owner, stage)
-    if generation:
-        meta["annotations"][ANNOTATION_RUN] = str(generation)
+    if round:
+        meta["annotations"][ANNOTATION_RUN] = str(round)
     queue = getattr(resource.spec, "queue", None)
     if queue:
         meta["labels"][QUEUE_LABEL] = queue
@@ -790,7 +788,7 @@ def children(
     *,
     image: str,
     stage: Stage | None = None,
-    generation: int = 0,
+    round: int = 0,
     env: Mapping[str, str] | None = None,
     service_account: str | None = None,
     isolation: Isolation | None = DEFAULT_ISOLATION,
@@ -799,7 +797,7 @@ def children(
     the Service and the NetworkPolicy (``isolation=None``: no NetworkPolicy, for clusters without
     NetworkPolicy support), then the Job, so its pods never run unprotected. A Corpus needs ``stage`` (the
     stage to run now). Other keyword arguments as in :func:`build_job`."""
-    objects = [build_configmap(resource, resolved_doc, owner, generation)]
+    objects = [build_configmap(resource, resolved_doc, owner, round)]
     if needs_service(resource):
         objects.append(build_service(resource, owner))
         if isolation is not None:
@@ -810,7 +808,7 @@ def children(
             owner,
             image=image,
             stage=stage,
-            generation=generation,
+            round=round,
             resolved_doc=resolved_doc,
             env=env,
             service_account=service_account,

@@ -415,7 +415,7 @@ class Controller(WorkQueue):
         image = getattr(resource.spec, "image", None) or self.config.image
         try:
             objs = builders.children(
-                resource, doc, owner, image=image, stage=stage, generation=round, isolation=self.isolation
+                resource, doc, owner, image=image, stage=stage, round=round, isolation=self.isolation
             )
         except builders.BuildError as exc:
             raise Invalid(status_helpers.SPEC_INVALID, exc.message, f"spec.{exc.field}") from None

@@ -19,7 +19,7 @@ from lmforge_jobs.manifest import Problem, Resource, load_resources
 from lmforge_jobs.resolve import UnresolvedReference, default_output, dependencies, dependency_order, resolve
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR, spec_hash
 from lmforge_jobs.telemetry import read_progress, write_json_atomic
-from lmforge_operator import status as st
+from lmforge_operator import status as status_helpers
 from lmforge_operator.local.launch import (
     STOP_GRACE_SECONDS,
     Launch,
@@ -114,10 +114,10 @@ def apply_results(status: dict[str, Any], resource: Resource[Any, Any], output: 
     except (OSError, ValueError):
         return
     if resource.kind == "Corpus":
-        status.update(st.corpus_counts(data))
+        status.update(status_helpers.corpus_counts(data))
         status["stage"] = "Done"
     else:
-        status.update(st.evaluation_results(data))
+        status.update(status_helpers.evaluation_results(data))
 
 
 def run_hash(resource: Resource[Any, Any], inputs: Iterable[Any] = ()) -> str:
@@ -189,7 +189,7 @@ class LocalRunner:
                 if blocked:
                     failed.add((resource.kind, resource.name))
                     message = f"not run: {blocked[0][0]}/{blocked[0][1]} did not succeed"
-                    self._not_run(resource, st.DEPENDENCY_FAILED, message)
+                    self._not_run(resource, status_helpers.DEPENDENCY_FAILED, message)
                     outcomes.append(Outcome(resource, "Waiting", message))
                     continue
                 outcome = self.run_one(resource)
@@ -222,7 +222,7 @@ class LocalRunner:
         try:
             job = self.resolved(resource)
         except UnresolvedReference as exc:
-            self._not_run(resource, st.DEPENDENCY_NOT_READY, str(exc))
+            self._not_run(resource, status_helpers.DEPENDENCY_NOT_READY, str(exc))
             return Outcome(resource, "Waiting", str(exc))
         output = str(job.spec.output)
         outputs_file = local_path(output) / "outputs.json"
@@ -247,14 +247,16 @@ class LocalRunner:
         status: dict[str, Any] = {
             k: v for k, v in previous.items() if k in ("conditions", "startTime", "plan")
         }
-        status["startTime"] = status.get("startTime") or st.now_iso()
+        status["startTime"] = status.get("startTime") or status_helpers.now_iso()
         status["specHash"] = digest
         status["output"] = output
         plan = self._plan(job)
         if plan:
             status["plan"] = plan
         resumed = (run_dir / "logs").exists()
-        st.set_state(status, "Running", st.JOB_RUNNING, "job resumed" if resumed else "job started")
+        status_helpers.set_state(
+            status, "Running", status_helpers.JOB_RUNNING, "job resumed" if resumed else "job started"
+        )
         self._save(resource, status)
 
         processes = processes_for(job, self.gpus)
@@ -277,21 +279,21 @@ class LocalRunner:
         if code == 0 and outputs_file.exists() and not self.interrupted:
             status["outputs"] = json.loads(outputs_file.read_text(encoding="utf-8"))
             apply_results(status, resource, output)
-            status["completionTime"] = st.now_iso()
-            st.set_state(status, "Succeeded", st.JOB_SUCCEEDED, "outputs complete")
+            status["completionTime"] = status_helpers.now_iso()
+            status_helpers.set_state(status, "Succeeded", status_helpers.JOB_SUCCEEDED, "outputs complete")
             phase, message = "Succeeded", ""
         elif self.interrupted:
             message = "interrupted; run again to resume from the last checkpoint"
-            phase = st.set_state(status, "Failed", st.INTERRUPTED, message)
+            phase = status_helpers.set_state(status, "Failed", status_helpers.INTERRUPTED, message)
         else:
             log = launch.log_tail(20)
             progress = read_progress(output) or {}
             if code == EXIT_CONFIG_ERROR or progress.get("state") == "Invalid":
                 message = progress.get("message") or last_error(log) or "configuration error"
-                phase = st.set_state(status, "Invalid", st.CONFIG_ERROR, message)
+                phase = status_helpers.set_state(status, "Invalid", status_helpers.CONFIG_ERROR, message)
             else:
                 message = last_error(log) or f"job exited with code {code}"
-                phase = st.set_state(status, "Failed", st.JOB_FAILED, message)
+                phase = status_helpers.set_state(status, "Failed", status_helpers.JOB_FAILED, message)
             if self.display:
                 self.display.log(resource, log)
         self._save(resource, status)
@@ -365,7 +367,7 @@ class LocalRunner:
         progress = read_progress(output)
         if not progress:
             return
-        st.apply_progress(status, resource.kind, progress)
+        status_helpers.apply_progress(status, resource.kind, progress)
         self._save(resource, status)
         if self.display:
             self.display.progress(resource, progress)
@@ -374,14 +376,16 @@ class LocalRunner:
 
     def _save(self, resource: Resource[Any, Any], status: dict[str, Any]) -> None:
         bookkeeping = {k: status[k] for k in LOCAL_KEYS if k in status}
-        body = st.validated_status(resource.kind, {k: v for k, v in status.items() if k not in LOCAL_KEYS})
+        body = status_helpers.validated_status(
+            resource.kind, {k: v for k, v in status.items() if k not in LOCAL_KEYS}
+        )
         body.update(bookkeeping)
         write_json_atomic(resource_dir(self.workdir, resource.kind, resource.name) / "status.json", body)
 
     def _not_run(self, resource: Resource[Any, Any], reason: str, message: str) -> None:
         """A resource left Waiting: a dependency failed or has no outputs yet."""
         status: dict[str, Any] = {}
-        st.set_state(status, "Waiting", reason, message)
+        status_helpers.set_state(status, "Waiting", reason, message)
         self._save(resource, status)
         if self.display:
             self.display.finished(resource, "Waiting", message)
