@@ -7,7 +7,7 @@ series                                         meaning
 ``lmforge_operator_reconcile_seconds``         histogram of reconcile durations by ``kind``
 ``lmforge_operator_resources``                 resources by ``kind`` and ``phase`` (Pending … Invalid)
 ``lmforge_operator_children_created_total``    child objects created by ``kind`` (of the owner) and
-                                               ``child`` (Job, ConfigMap, Service)
+                                               ``child`` (ConfigMap, Service, NetworkPolicy, Job)
 ``lmforge_operator_queue_depth``               resources waiting to be reconciled
 =============================================  ===========================================================
 

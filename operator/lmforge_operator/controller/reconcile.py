@@ -5,7 +5,8 @@
    → Invalid (``status.plan`` is written at admission either way);
 2. look for the children under their deterministic names (builders.py): none yet → check dependencies
    (Waiting with the reason until every referenced resource has the needed phase and outputs), resolve the
-   references to their status.outputs and create the ConfigMap, Service and Job if absent (409 is fine);
+   references to their status.outputs and create the ConfigMap, Service, NetworkPolicy and Job if absent
+   (409 is fine);
 3. otherwise mirror the Job's state into the status (mirror.py); a Corpus advances stage by stage
    (corpus_stages.py); an Evaluation with ``checkpoints: every`` runs one Job per round (eval_rounds.py);
 4. patch ``status`` (validated by the kind's status model) only when it changed, post a Kubernetes Event on
