@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.spec import FieldError, ModelRef
 
@@ -52,7 +53,7 @@ def _join(base: str, *parts: str) -> str:
 def default_output(kind: str, name: str, root: str, namespace: str | None = None) -> str:
     """``<root>[/<namespace>]/<kind-lower>/<name>``: where a resource's results go when spec.output is unset."""
     parts = [namespace] if namespace else []
-    return _join(root, *parts, kind.lower(), name)
+    return _join(root, *parts, KINDS[kind].singular, name)
 
 
 def expected_outputs(kind: str, output: str, spec: Any = None) -> dict[str, str]:

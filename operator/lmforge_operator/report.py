@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_operator.local.view import collect, status_rows
 
 
@@ -87,7 +88,7 @@ class _Plots:
 
 def _output_dir(workdir: Path, kind: str, name: str, status: dict[str, Any]) -> Path:
     out = status.get("output")
-    return Path(str(out).removeprefix("file://")) if out else workdir / kind.lower() / name
+    return Path(str(out).removeprefix("file://")) if out else workdir / KINDS[kind].singular / name
 
 
 def build_report(workdir: Path, out: Path | None = None) -> Path:

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.manifest import Problem, Resource, load_resources
 from lmforge_jobs.resolve import UnresolvedReference, default_output, dependencies, dependency_order, resolve
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR, spec_hash
@@ -42,7 +43,7 @@ class RunError(Exception):
 
 # ----------------------------------------------------------------------------------------------- layout
 def resource_dir(workdir: Path, kind: str, name: str) -> Path:
-    return workdir / kind.lower() / name
+    return workdir / KINDS[kind].singular / name
 
 
 def read_status(workdir: Path, kind: str, name: str) -> dict[str, Any] | None:
