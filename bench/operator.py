@@ -2,7 +2,7 @@
 
     python bench/operator.py                     # 1,000 Evaluations (goals: ≥ 50 reconciles/s, p99 ≤ 1 s)
     python bench/operator.py --resources 100     # a quicker run
-    python bench/operator.py --kind PretrainRun  # torchrun children (ConfigMap, Service, Job)
+    python bench/operator.py --kind PretrainRun  # torchrun children (ConfigMap, Service, NetworkPolicy, Job)
     python bench/operator.py --resources 10000 --timeout 900   # the scale goal: RSS ≤ 1 GiB too
 
     python bench/operator.py --kmock thread      # kmock in this process too (the old setup: one GIL for all)

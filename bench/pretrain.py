@@ -14,7 +14,7 @@ For every shape both contestants train the same model size on the same random to
 
 Reported: tokens/s, MFU = (training FLOPs per token, attention included — the planner's formula) ×
 tokens/s ÷ device peak (dense bf16, from the planner's device table, or ``--peak-tflops``), peak memory,
-and lmforge's speed-up over the reference. Targets on one H100 (issue 4): ≥ 45 % MFU at 124M, ≥ 40 % at
+and lmforge's speed-up over the reference. Targets on one H100: ≥ 45 % MFU at 124M, ≥ 40 % at
 1B, ≥ 1.3× the reference's tokens/s.
 """
 

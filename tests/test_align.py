@@ -1,6 +1,6 @@
 """The AlignmentRun job on CPU with tiny Llamas built from configs (tests/tiny_models.py), offline.
 
-Covers the issue's checks: sft lowers the loss on answer tokens (and gives a template-less tokenizer a chat
+Checks that sft lowers the loss on answer tokens (and gives a template-less tokenizer a chat
 template), reward reaches held-out accuracy > 0.8, dpo raises the held-out margin and accuracy, ppo raises
 the reward model's mean reward with a bounded KL, LoRA / prompt-tuning adapters reload and merge with
 identical outputs, resume after an interruption, synthetic data, and bad input → one line + exit 64.

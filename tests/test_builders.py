@@ -14,6 +14,7 @@ from k8s_validate import VERSIONS, assert_valid, model_class, problems, restrict
 
 from lmforge_jobs.data.stages import stages
 from lmforge_jobs.entry import ConfigError, load_job_resource
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.manifest import load_resources, load_yaml_documents, parse_resource
 from lmforge_jobs.resolve import expected_outputs, resolve
 from lmforge_jobs.secrets import env_name, read_secret, secret_env_name
@@ -501,17 +502,15 @@ def test_evaluation_single_process_vs_multi_gpu() -> None:
         assert_valid(obj)
 
 
-def test_generation_and_suffix_name_reruns() -> None:
+def test_rounds_name_reruns() -> None:
     res = resource(evaluation_doc())
     first = builders.build_job(res, owner_of(res), image=IMAGE)
     again = builders.build_job(res, owner_of(res), image=IMAGE)
     assert first == again  # deterministic: create-if-absent finds the same name after a restart
-    rerun = builders.build_job(res, owner_of(res), image=IMAGE, generation=2)
-    step = builders.build_job(res, owner_of(res), image=IMAGE, suffix="step-1000")
+    rerun = builders.build_job(res, owner_of(res), image=IMAGE, round=2)
     assert first["metadata"]["name"] == "gpt-eval-evaluate"
     assert rerun["metadata"]["name"] == "gpt-eval-evaluate-2"
     assert rerun["metadata"]["annotations"]["lmforge.io/run"] == "2"
-    assert step["metadata"]["name"] == "gpt-eval-step-1000"
 
 
 # ------------------------------------------------------------------------------------------------ Corpus
@@ -597,7 +596,7 @@ def test_secret_refs_that_would_share_a_variable_are_refused() -> None:
     res = resource(doc)
     with pytest.raises(BuildError) as err:
         builders.build_job(res, owner_of(res), image=IMAGE)
-    assert err.value.field == "spec.export.push.token"
+    assert err.value.field == "export.push.token"
     # the same key twice is one variable
     doc["spec"]["export"]["push"]["token"]["secretKeyRef"]["key"] = "a-b"
     res = resource(doc)
@@ -663,7 +662,7 @@ def test_localize_mounts_pvc_uris_and_leaves_other_uris() -> None:
     doc["spec"]["sources"][0]["jsonl"]["paths"][1] = "pvc://Bad_Claim/x"
     with pytest.raises(BuildError) as err:  # ... and the builder still refuses what reaches it
         builders.localize(doc)
-    assert err.value.field == "spec.sources[0].jsonl.paths[1]"
+    assert err.value.field == "sources[0].jsonl.paths[1]"
 
 
 def test_resolved_references_become_mounts_and_the_job_accepts_the_configmap(tmp_path: Path) -> None:
@@ -841,7 +840,7 @@ def test_dump_spec_quotes_exactly_the_strings_yaml_would_misread() -> None:
 def test_torchrun_waits_the_pods_grace_period_for_its_workers() -> None:
     """torchrun's own shutdown timeout (30 s) would SIGKILL a rank still writing its final checkpoint."""
     for kind in ("PretrainRun", "AlignmentRun"):
-        grace = builders.GRACE_SECONDS[kind]
+        grace = KINDS[kind].grace_seconds
         timeout = builders.shutdown_timeout(kind)
         assert 30 < timeout < grace
     res = resource(pretrain_doc())

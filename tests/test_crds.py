@@ -9,8 +9,9 @@ import celpy
 import pytest
 import yaml
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_operator.cli import main
-from lmforge_operator.crds import KIND_INFO, build_crd, crd_files
+from lmforge_operator.crds import build_crd, crd_files
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = sorted((ROOT / "crds").glob("*.yaml"))
@@ -76,7 +77,7 @@ def _structural_problems(schema: dict[str, Any]) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("kind", list(KIND_INFO))
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_schema_is_structural(kind: str) -> None:
     schema = build_crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     assert _structural_problems(schema) == []
@@ -103,7 +104,7 @@ def test_crd_passes_official_schema(path: Path) -> None:
     kubernetes_validate.validate(doc, "1.31.0", strict=True)
 
 
-@pytest.mark.parametrize("kind", list(KIND_INFO))
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_cel_rules_compile_and_field_paths_exist(kind: str) -> None:
     env = celpy.Environment()
     schema = build_crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
@@ -129,7 +130,7 @@ def test_cel_rules_compile_and_field_paths_exist(kind: str) -> None:
 
 
 def test_printer_columns_and_names() -> None:
-    for kind, _info in KIND_INFO.items():
+    for kind, _info in KINDS.items():
         names = build_crd(kind)["spec"]["names"]
         assert names["categories"] == ["lmforge"]
         assert names["shortNames"]
@@ -171,7 +172,7 @@ def _default_problems(schema: dict[str, Any]) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("kind", list(KIND_INFO))
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_every_default_passes_its_own_rules_as_written(kind: str) -> None:
     schema = build_crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     assert _default_problems(schema) == []
@@ -213,7 +214,7 @@ def _minimal_manifests() -> list[dict[str, Any]]:
     smallest: dict[str, dict[str, Any]] = {}
     for path in sorted((ROOT / "examples").rglob("*.yaml")):
         for doc in load_yaml_documents(path.read_text()):
-            if not isinstance(doc, dict) or doc.get("kind") not in KIND_INFO:
+            if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
                 continue
             size = len(yaml.safe_dump(doc.get("spec", {})))
             if doc["kind"] not in smallest or size < smallest[doc["kind"]][0]:

@@ -1,4 +1,4 @@
-"""The Corpus job (issue 3) end to end on the repository's WARC of Python documentation pages.
+"""The Corpus job end to end on the repository's WARC of Python documentation pages.
 
 One uninterrupted ``--stage all`` run (module fixture) is checked against the planted cases of
 ``examples/data/make_warc.py``; a second run, stage by stage with one rank SIGKILLed, must skip the

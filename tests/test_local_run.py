@@ -19,7 +19,7 @@ import yaml
 from lmforge_jobs.manifest import load_resources
 from lmforge_operator import status as st
 from lmforge_operator.cli import main
-from lmforge_operator.local import Launch, LocalRunner, RunError, command, order, spec_hash, status_rows
+from lmforge_operator.local import Launch, LocalRunner, RunError, command, order, run_hash, status_rows
 from lmforge_operator.local import runner as local_runner
 from lmforge_operator.report import build_report, funnel, series
 
@@ -129,7 +129,7 @@ def test_rerun_skips_finished_resources(tmp_path: Path) -> None:
     out = Path(job.spec.output)
     out.mkdir(parents=True)
     (out / "outputs.json").write_text("{}")
-    (out / "status.json").write_text(json.dumps({"phase": "Succeeded", "specHash": spec_hash(job)}))
+    (out / "status.json").write_text(json.dumps({"phase": "Succeeded", "specHash": run_hash(job)}))
     outcome = runner.run_one(corpus)
     assert outcome.skipped and outcome.phase == "Succeeded"
 
@@ -148,10 +148,10 @@ def test_rerun_after_an_input_changed(tmp_path: Path) -> None:
         )
 
     corpus_finished("2026-01-01T00:00:00+00:00")
-    first = spec_hash(runner.resolved(pretrain), runner.input_ids(pretrain))
-    assert spec_hash(runner.resolved(pretrain), runner.input_ids(pretrain)) == first
+    first = run_hash(runner.resolved(pretrain), runner.input_ids(pretrain))
+    assert run_hash(runner.resolved(pretrain), runner.input_ids(pretrain)) == first
     corpus_finished("2026-01-02T00:00:00+00:00")
-    assert spec_hash(runner.resolved(pretrain), runner.input_ids(pretrain)) != first
+    assert run_hash(runner.resolved(pretrain), runner.input_ids(pretrain)) != first
 
 
 def test_changed_corpus_spec_starts_over(tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ def test_vocab_auto():
 
 
 def test_chinchilla_hoffmann_pinned():
-    # The check: Chinchilla's own budget lands near the 70B / 1.4T run the paper trained.
+    # Chinchilla's own budget lands near the 70B / 1.4T run the paper trained.
     opt = chinchilla_optimal(5.76e23, "hoffmann")
     assert opt.parameters == pytest.approx(69_282_032_302.76, rel=1e-9)  # sqrt(5.76e23 / 120)
     assert opt.tokens == pytest.approx(1_385_640_646_055.1, rel=1e-9)

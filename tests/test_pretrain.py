@@ -219,7 +219,7 @@ def test_bf16_activation_checkpointing_tied_mfu(
     assert main(["--manifest", str(path)]) == 0
     out = tmp_path / "run"
 
-    # the Prometheus endpoint of this (rank 0) process serves the series
+    # the Prometheus endpoint of this (rank 0) process serves the documented series
     from urllib.request import urlopen
 
     from lmforge_jobs.telemetry import _REGISTRY

@@ -1,6 +1,6 @@
 """The README's main command end to end: `lmforge run examples/quickstart` on CPU, offline.
 
-One pipeline run covers the issue's checks: it is interrupted with SIGINT during pretraining, rerun
+One pipeline run covers the whole pipeline's promises: it is interrupted with SIGINT during pretraining, rerun
 (finished resources are skipped, pretraining resumes from its checkpoint), and must end with every
 resource Succeeded, the report written, a held-out perplexity below the untrained model's and a positive
 DPO reward margin. A third run finds everything up to date.

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from lmforge_jobs.manifest import KINDS, ManifestError, load_spec, load_yaml_documents, parse_resource
+from lmforge_jobs.manifest import MODELS, ManifestError, load_spec, load_yaml_documents, parse_resource
 from lmforge_jobs.pretrain.config import PretrainRunSpec
 from lmforge_jobs.spec import Condition, ConditionStatus, Phase, derive_phase
 
@@ -44,11 +44,11 @@ def _models(root: type[BaseModel], seen: set[type[BaseModel]]) -> None:
                     _models(inner, seen)
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(MODELS))
 def test_every_field_has_a_description(kind: str) -> None:
     seen: set[type[BaseModel]] = set()
     for part in ("spec", "status"):
-        ann = KINDS[kind].model_fields[part].annotation
+        ann = MODELS[kind].model_fields[part].annotation
         for tp in [ann, *getattr(ann, "__args__", ())]:
             if isinstance(tp, type) and issubclass(tp, BaseModel):
                 _models(tp, seen)

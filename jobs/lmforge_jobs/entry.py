@@ -16,40 +16,29 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.launch import record_exit
 from lmforge_jobs.manifest import ManifestError, Resource, load_spec
 from lmforge_jobs.resolve import default_output, unresolved
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_UNAVAILABLE, SpecError
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_UNAVAILABLE, FieldError, SpecError
 from lmforge_jobs.telemetry import Telemetry
 
 DEFAULT_WORKDIR = "lmforge-runs"
-MODULES = {"Corpus": "data", "PretrainRun": "pretrain", "AlignmentRun": "align", "Evaluation": "evaluate"}
 
 
-class ConfigError(Exception):
-    """A problem the user fixes in the spec or its inputs; ``field`` is the path under spec (camelCase)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"spec.{field}: {message}")
-        self.field = field
-        self.message = message
+class ConfigError(FieldError):
+    """A problem the user fixes in the spec or its inputs (``field``: the camelCase path under spec).
+    Exit code 64 (``EXIT_CONFIG_ERROR``)."""
 
 
-class ServiceUnavailable(Exception):
+class ServiceUnavailable(FieldError):
     """A service named in the spec (``field``) is down or overloaded after the job's own retries: worth
     retrying later, unlike a ConfigError. Exit code 69 (``EXIT_UNAVAILABLE``)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"spec.{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def error_line(exc: BaseException) -> str:
     """The one-line message for a configuration error."""
-    if isinstance(exc, ConfigError):
-        return f"spec.{exc.field}: {exc.message}"
-    if isinstance(exc, (SpecError, ServiceUnavailable)):
+    if isinstance(exc, FieldError):
         return f"spec.{exc.field}: {exc.message}"
     return str(exc)
 
@@ -79,7 +68,7 @@ def job_main(
 ) -> int:
     """Parse ``--manifest``, load the resource of ``kind`` and run it; return the exit code."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m lmforge_jobs.{MODULES[kind]}", description=description or f"Run a {kind}."
+        prog=f"python -m {KINDS[kind].module}", description=description or f"Run a {kind}."
     )
     parser.add_argument("--manifest", required=True, help=f"YAML file with one {kind} (references resolved)")
     if add_arguments is not None:

@@ -77,12 +77,11 @@ class Evaluation(Resource[EvaluationSpec, EvaluationStatus]):
     kind: Literal["Evaluation"]
 
 
-KINDS: dict[str, type[Resource[Any, Any]]] = {
-    "Corpus": Corpus,
-    "PretrainRun": PretrainRun,
-    "AlignmentRun": AlignmentRun,
-    "Evaluation": Evaluation,
+MODELS: dict[str, type[Resource[Any, Any]]] = {
+    model.__name__: model for model in (Corpus, PretrainRun, AlignmentRun, Evaluation)
 }
+"""The model (spec and status) of each kind; the rest of what is fixed about a kind is in
+:data:`lmforge_jobs.kinds.KINDS`, in the same order."""
 
 
 # ------------------------------------------------------------------------------------------------ YAML
@@ -196,12 +195,12 @@ def parse_resource(doc: Any, source: str = "<manifest>") -> tuple[Resource[Any, 
                 source, resource, "apiVersion", f"expected {GROUP_VERSION}, got {doc.get('apiVersion')!r}"
             )
         ]
-    if kind not in KINDS:
+    if kind not in MODELS:
         return None, [
-            Problem(source, resource, "kind", f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+            Problem(source, resource, "kind", f"unknown kind {kind!r}; expected one of {', '.join(MODELS)}")
         ]
     try:
-        return KINDS[kind].model_validate(doc), []
+        return MODELS[kind].model_validate(doc), []
     except ValidationError as exc:
         problems = validation_problems(exc, source, resource)
         for i, p in enumerate(problems):

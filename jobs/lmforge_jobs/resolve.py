@@ -22,13 +22,15 @@ This module is pure and import-light: the operator uses it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import Any, TypeVar
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.manifest import Resource
-from lmforge_jobs.spec import ModelRef
+from lmforge_jobs.spec import FieldError, ModelRef
 
 Ref = tuple[str, str]  # (kind, name)
+N = TypeVar("N", bound=Hashable)
 
 # Where the dependency must be before a dependent may start: "Succeeded" for everything except an
 # Evaluation with checkpoints: every, which follows its PretrainRun while it runs.
@@ -36,14 +38,12 @@ NEEDS_SUCCEEDED = "Succeeded"
 NEEDS_RUNNING = "Running"
 
 
-class UnresolvedReference(ValueError):
+class UnresolvedReference(FieldError, ValueError):
     """A reference whose target has no outputs (yet); ``field`` is the spec path, ``ref`` the target."""
 
     def __init__(self, field: str, ref: Ref, message: str):
-        super().__init__(message)
-        self.field = field
+        super().__init__(field, message)
         self.ref = ref
-        self.message = message
 
 
 def _join(base: str, *parts: str) -> str:
@@ -53,7 +53,7 @@ def _join(base: str, *parts: str) -> str:
 def default_output(kind: str, name: str, root: str, namespace: str | None = None) -> str:
     """``<root>[/<namespace>]/<kind-lower>/<name>``: where a resource's results go when spec.output is unset."""
     parts = [namespace] if namespace else []
-    return _join(root, *parts, kind.lower(), name)
+    return _join(root, *parts, KINDS[kind].singular, name)
 
 
 def expected_outputs(kind: str, output: str, spec: Any = None) -> dict[str, str]:
@@ -124,6 +124,37 @@ def references(resource: Resource[Any, Any]) -> list[Ref]:
     return seen
 
 
+def dependency_order(roots: Iterable[N], needs: Callable[[N], Iterable[N]]) -> tuple[list[N], list[list[N]]]:
+    """Every node reachable from ``roots``, each after the nodes it ``needs`` (depth first, roots and needs
+    in the order given), and the cycles met on the way, each a path ``[n, …, n]``.
+
+    ``lmforge run`` runs a manifest set in this order and refuses it for its first cycle; the operator
+    refuses a resource on a cycle (DependencyCycle). Every cycle through a root is among those reported: the
+    root stays on the path while everything reachable from it is visited.
+    """
+    ordered: list[N] = []
+    cycles: list[list[N]] = []
+    done: set[N] = set()
+    for root in roots:
+        if root in done:
+            continue
+        path = [root]  # the nodes being visited, each needing the next
+        pending = [iter(list(needs(root)))]  # the needs of each node on the path not looked at yet
+        while path:
+            for node in pending[-1]:
+                if node in path:
+                    cycles.append([*path[path.index(node) :], node])
+                elif node not in done:
+                    path.append(node)
+                    pending.append(iter(list(needs(node))))
+                    break
+            else:  # every need of path[-1] is done: it comes next
+                pending.pop()
+                done.add(path[-1])
+                ordered.append(path.pop())
+    return ordered, cycles
+
+
 def unresolved(resource: Resource[Any, Any]) -> list[str]:
     """Spec field paths that still hold a reference by name (a job refuses to start with any)."""
     return [field for field, _, _ in dependencies(resource)]
@@ -145,7 +176,7 @@ def resolve(
     def outputs_of(field: str, ref: Ref, key: str) -> str:
         value = (outputs_by_ref.get(ref) or {}).get(key)
         if not value:
-            raise UnresolvedReference(field, ref, f"spec.{field}: {ref[0]}/{ref[1]} has no outputs.{key} yet")
+            raise UnresolvedReference(field, ref, f"{ref[0]}/{ref[1]} has no outputs.{key} yet")
         return str(value)
 
     def model_path(field: str, ref_doc: dict[str, Any], ref: ModelRef) -> None:
@@ -192,6 +223,7 @@ __all__ = [
     "UnresolvedReference",
     "default_output",
     "dependencies",
+    "dependency_order",
     "expected_outputs",
     "references",
     "resolve",

@@ -363,10 +363,6 @@ class TokenStream:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    @property
-    def max_token_size(self) -> int:
-        return max(s.token_size for s in self.shards)
-
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of the concatenated stream, as int64."""
         if start < 0 or start + length > len(self):

@@ -11,6 +11,8 @@ This module imports nothing heavy: the operator composes its CRDs from these mod
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,14 +47,26 @@ EXIT_UNAVAILABLE = 69
 EXIT_STOPPED = 143
 
 
-class SpecError(ValueError):
-    """A cross-field rule failed; ``field`` is the camelCase path of the offending field, relative to the
-    object the rule is attached to (``"kvHeads"``, ``"peft.lora"``)."""
+class FieldError(Exception):
+    """A problem a person fixes in one field of a spec: ``field`` is its camelCase path under ``spec``
+    (``"batch.globalTokens"``, ``"sources[0].jsonl"``), ``message`` says what is wrong. It reads
+    ``spec.<field>: <message>``. The jobs' ConfigError and ServiceUnavailable, the operator's BuildError
+    and an UnresolvedReference are FieldErrors."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(message)
+        super().__init__(f"spec.{field}: {message}")
         self.field = field
         self.message = message
+
+
+class SpecError(FieldError, ValueError):
+    """A cross-field rule failed; ``field`` is the camelCase path of the offending field, relative to the
+    object the rule is attached to (``"kvHeads"``, ``"peft.lora"``): the manifest loader prefixes the
+    object's own path. A ValueError, so that pydantic reports it as a validation error."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(field, message)
+        self.args = (message,)  # pydantic's text is the message alone; the loader puts the path before it
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,12 @@ class Cel:
     reason: str | None = (
         None  # FieldValueRequired | FieldValueInvalid | FieldValueForbidden | FieldValueDuplicate
     )
+
+
+def spec_hash(value: Any) -> str:
+    """A short digest of a spec (or of anything JSON-like that identifies a run): equal values, equal
+    digests, whatever the order of their keys."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------- base model
@@ -179,6 +199,8 @@ Uri = Annotated[
 """Storage location: a local path, file://, pvc://CLAIM/path, s3://, gs://, hf:// (fsspec underneath)."""
 
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+Queue = Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=DNS_LABEL)]
+"""Name of a Kueue LocalQueue (a DNS-1123 label)."""
 HubId = Annotated[
     str, StringConstraints(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 ]
@@ -445,17 +467,6 @@ class ConditionStatus(str, Enum):
     unknown = "Unknown"
 
 
-class ConditionType(str, Enum):
-    """Condition types every kind reports."""
-
-    ready = "Ready"
-    running = "Running"
-    succeeded = "Succeeded"
-    failed = "Failed"
-    invalid = "Invalid"
-    waiting = "Waiting"
-
-
 class Phase(str, Enum):
     """A one-word summary of the conditions, for printer columns."""
 
@@ -489,7 +500,7 @@ class Condition(Spec):
 
 def derive_phase(conditions: list[Condition]) -> Phase:
     """The phase shown in printer columns, derived from conditions (highest precedence first)."""
-    true = {c.type for c in conditions if c.status == ConditionStatus.true}
+    true_types = {c.type for c in conditions if c.status == ConditionStatus.true}
     for ctype, phase in (
         ("Invalid", Phase.invalid),
         ("Failed", Phase.failed),
@@ -497,7 +508,7 @@ def derive_phase(conditions: list[Condition]) -> Phase:
         ("Running", Phase.running),
         ("Waiting", Phase.waiting),
     ):
-        if ctype in true:
+        if ctype in true_types:
             return phase
     return Phase.pending
 

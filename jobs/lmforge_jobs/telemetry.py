@@ -11,7 +11,8 @@ Three readers, one set of numbers:
 
 * **Prometheus** scrapes ``:PORT/metrics`` (port argument, else ``$LMFORGE_METRICS_PORT``, else 9400;
   ``0`` picks a free port, ``off`` serves nothing). Series are named ``lmforge_<p>_<metric>`` with
-  ``p`` = data | train | align | eval (see :data:`PREFIX` and :func:`metric_name`).
+  ``p`` = data | train | align | eval (each kind's ``metric_prefix`` in :data:`lmforge_jobs.kinds.KINDS`;
+  see :func:`metric_name`).
 * **The local runner** reads ``DIR/progress.json``: ``{kind, state, stage, step, totalSteps, tokens,
   percent, etaSeconds, updatedAt, metrics: {camelCase: value}, message, field}``, rewritten atomically at
   most once a second, and ``DIR/metrics.jsonl``, one line per update (``{time, step, tokens, stage,
@@ -23,7 +24,8 @@ Three readers, one set of numbers:
   (``$LMFORGE_TERMINATION_LOG``, else ``/dev/termination-log`` when writable; at most 4096 bytes of JSON)
   when it ends.
 
-Only prometheus_client and the standard library are imported, so the operator can use the name table.
+Only prometheus_client, the standard library and :mod:`lmforge_jobs.kinds` are imported, so the operator
+can use the name table.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-PREFIX = {"Corpus": "data", "PretrainRun": "train", "AlignmentRun": "align", "Evaluation": "eval"}
+from lmforge_jobs.kinds import KINDS
+
 DEFAULT_PORT = 9400
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_MAX_BYTES = 4096
@@ -67,12 +70,12 @@ def metric_name(kind: str, key: str) -> str:
     """Prometheus name of the camelCase status metric ``key`` of ``kind``."""
     if key in _GLOBAL:
         return _GLOBAL[key]
-    return _SPECIAL.get((kind, key)) or f"lmforge_{PREFIX[kind]}_{_snake(key)}"
+    return _SPECIAL.get((kind, key)) or f"lmforge_{KINDS[kind].metric_prefix}_{_snake(key)}"
 
 
 def progress_names(kind: str) -> dict[str, str]:
     """Prometheus names of the progress series: step, totalSteps, tokens, progress (0-1), etaSeconds."""
-    p = PREFIX[kind]
+    p = KINDS[kind].metric_prefix
     return {
         "step": f"lmforge_{p}_step",
         "totalSteps": f"lmforge_{p}_total_steps",
@@ -166,7 +169,7 @@ class Telemetry:
         port: int | str | None = None,
         total_steps: int | None = None,
     ) -> None:
-        if kind not in PREFIX:
+        if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}")
         self.kind = kind
         self.enabled = enabled
@@ -212,34 +215,34 @@ class Telemetry:
         """Record progress and metrics; progress.json is rewritten at most once a second unless ``force``."""
         if not self.enabled:
             return
-        st = self.state
+        state = self.state
         if stage is not None:
-            st["stage"] = stage
+            state["stage"] = stage
         if total_steps is not None:
-            st["totalSteps"] = int(total_steps)
+            state["totalSteps"] = int(total_steps)
         if tokens is not None:
-            st["tokens"] = int(tokens)
+            state["tokens"] = int(tokens)
         if step is not None:
-            st["step"] = int(step)
+            state["step"] = int(step)
             now = time.monotonic()
             if self._first_step is None or step < self._first_step[0]:
                 self._first_step = (int(step), now)
-            total = st.get("totalSteps")
+            total = state.get("totalSteps")
             if total:
-                st["percent"] = round(min(100.0, 100.0 * step / total), 2)
+                state["percent"] = round(min(100.0, 100.0 * step / total), 2)
                 done, since = step - self._first_step[0], now - self._first_step[1]
                 if done > 0 and since > 0:
-                    st["etaSeconds"] = int(max(0, total - step) * since / done)
+                    state["etaSeconds"] = int(max(0, total - step) * since / done)
         for key, value in (metrics or {}).items():
             f = _finite(value)
             if f is not None:
-                st["metrics"][key] = f
+                state["metrics"][key] = f
                 self._set(metric_name(self.kind, key), f, f"{self.kind} {key}")
         names = progress_names(self.kind)
         for key in ("step", "totalSteps", "tokens", "etaSeconds"):
-            self._set(names[key], _finite(st.get(key)), f"{self.kind} {key}")
-        if st.get("percent") is not None:
-            self._set(names["progress"], st["percent"] / 100.0, f"{self.kind} completion (0-1)")
+            self._set(names[key], _finite(state.get(key)), f"{self.kind} {key}")
+        if state.get("percent") is not None:
+            self._set(names["progress"], state["percent"] / 100.0, f"{self.kind} completion (0-1)")
         if step is not None or metrics:
             self._append_history(step, tokens, stage, metrics or {})
         if force or time.monotonic() - self._last_write >= 1.0:
@@ -279,23 +282,23 @@ class Telemetry:
         """The job succeeded: final progress.json (state Succeeded), outputs.json, termination message."""
         if not self.enabled:
             return
-        st = self.state
-        st["state"] = "Succeeded"
-        if st.get("totalSteps"):
-            st["step"] = max(int(st.get("step", 0)), int(st["totalSteps"]))
-        st["percent"], st["etaSeconds"] = 100.0, 0
-        st["outputs"] = dict(outputs)
+        state = self.state
+        state["state"] = "Succeeded"
+        if state.get("totalSteps"):
+            state["step"] = max(int(state.get("step", 0)), int(state["totalSteps"]))
+        state["percent"], state["etaSeconds"] = 100.0, 0
+        state["outputs"] = dict(outputs)
         if results is not None:
-            st["results"] = dict(results)
+            state["results"] = dict(results)
         names = progress_names(self.kind)
         self._set(names["progress"], 1.0, f"{self.kind} completion (0-1)")
         self._set(names["etaSeconds"], 0.0, f"{self.kind} etaSeconds")
         self._write_progress()
         self._write_outputs(dict(outputs))
-        summary = {"state": "Succeeded", "outputs": dict(outputs), "metrics": st["metrics"]}
+        summary = {"state": "Succeeded", "outputs": dict(outputs), "metrics": state["metrics"]}
         for key in ("step", "tokens"):
-            if key in st:
-                summary[key] = st[key]
+            if key in state:
+                summary[key] = state[key]
         if results is not None:
             summary["results"] = dict(results)
         write_termination_message(summary)
@@ -435,7 +438,6 @@ def read_progress(output: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 __all__ = [
     "DEFAULT_PORT",
-    "PREFIX",
     "RUN_DIR_ENV",
     "Telemetry",
     "fit_termination_message",

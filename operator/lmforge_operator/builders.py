@@ -62,9 +62,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.manifest import Resource, load_yaml_documents
 from lmforge_jobs.secrets import secret_env_name
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED, GROUP_VERSION, Storage
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED, GROUP_VERSION, FieldError, Storage
 from lmforge_jobs.telemetry import DEFAULT_PORT, TERMINATION_LOG
 
 if TYPE_CHECKING:
@@ -110,18 +111,8 @@ TORCHRUN_MAX_RESTARTS = 3
 CORPUS_BACKOFF_LIMIT_PER_INDEX = 3
 CORPUS_MAX_FAILED_INDEXES = 0
 
-# Seconds between SIGTERM and SIGKILL: a training rank finishes its step and writes a final checkpoint.
-GRACE_SECONDS = {"Corpus": 120, "PretrainRun": 600, "AlignmentRun": 600, "Evaluation": 120}
+# What torchrun keeps of the pod's grace period (KINDS[kind].grace_seconds) for itself after its workers.
 SHUTDOWN_MARGIN_SECONDS = 20
-
-COMPONENT = {"Corpus": "corpus", "PretrainRun": "pretrain", "AlignmentRun": "align", "Evaluation": "evaluate"}
-MODULE = {
-    "Corpus": "lmforge_jobs.data",
-    "PretrainRun": "lmforge_jobs.pretrain",
-    "AlignmentRun": "lmforge_jobs.align",
-    "Evaluation": "lmforge_jobs.evaluate",
-}
-TRAINING_KINDS = ("PretrainRun", "AlignmentRun")
 
 # Labels and annotations (lmforge.io/...).
 LABEL_KIND = "lmforge.io/kind"
@@ -129,20 +120,15 @@ LABEL_NAME = "lmforge.io/name"
 LABEL_STAGE = "lmforge.io/stage"
 # metadata.generation of the resource the child was built from
 ANNOTATION_GENERATION = "lmforge.io/generation"
-ANNOTATION_RUN = "lmforge.io/run"  # the ``generation`` argument of build_job: which run of the step
+ANNOTATION_RUN = "lmforge.io/run"  # the ``round`` argument of build_job: which run of the step
 ANNOTATION_SPEC_HASH = "lmforge.io/spec-hash"
 
 DNS_LABEL_MAX = 63
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
-class BuildError(ValueError):
-    """The resource cannot be turned into Kubernetes objects; ``field`` is the spec path (``spec.output``)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+class BuildError(FieldError, ValueError):
+    """The resource cannot be turned into Kubernetes objects; ``field`` is the path under spec (``output``)."""
 
 
 # ----------------------------------------------------------------------------------------------- naming
@@ -175,32 +161,31 @@ def child_name(name: str, suffix: str, max_length: int = DNS_LABEL_MAX) -> str:
     return f"{full[:keep].rstrip('-')}-{digest}"
 
 
-def configmap_name(resource: Resource[Any, Any], generation: int = 0) -> str:
+def configmap_name(resource: Resource[Any, Any], round: int = 0) -> str:
     """Name of the resource's spec ConfigMap: ``<name>-<component>-spec`` (kinds may share names), with
-    ``-<generation>`` for a re-run (n > 0): each run of a step mounts the spec it was resolved with."""
-    tail = f"{COMPONENT[resource.kind]}-spec"
-    return child_name(resource.name, f"{tail}-{generation}" if generation else tail)
+    ``-<round>`` for a re-run (n > 0): each run of a step mounts the spec it was resolved with."""
+    tail = f"{KINDS[resource.kind].component}-spec"
+    return child_name(resource.name, f"{tail}-{round}" if round else tail)
 
 
 def service_name(resource: Resource[Any, Any]) -> str:
     """Name of the resource's headless Service, the pods' DNS subdomain: ``<name>-<component>``."""
-    return child_name(resource.name, COMPONENT[resource.kind])
+    return child_name(resource.name, KINDS[resource.kind].component)
 
 
 def job_name(
     resource: Resource[Any, Any],
     stage: Stage | None = None,
-    generation: int = 0,
-    suffix: str | None = None,
+    round: int = 0,
 ) -> str:
-    """Name of a Job: ``<name>-<suffix>`` where suffix defaults to the Corpus stage or the kind's component
-    (``pretrain``, ``align``, ``evaluate``), and ``-<generation>`` is appended when generation > 0.
+    """Name of a Job: ``<name>-<suffix>`` where suffix is the Corpus stage or the kind's component
+    (``pretrain``, ``align``, ``evaluate``), and ``-<round>`` is appended when round > 0.
 
     Short enough that every pod hostname ``<job>-<index>`` is a DNS label, as Indexed Jobs need.
     """
-    tail = suffix or (stage.name if stage is not None else COMPONENT[resource.kind])
-    if generation:
-        tail = f"{tail}-{generation}"
+    tail = stage.name if stage is not None else KINDS[resource.kind].component
+    if round:
+        tail = f"{tail}-{round}"
     index_digits = len(str(max(0, _completions(resource, stage) - 1)))
     return child_name(resource.name, tail, max_length=DNS_LABEL_MAX - 1 - index_digits)
 
@@ -212,7 +197,7 @@ def labels(resource: Resource[Any, Any], stage: Stage | None = None) -> dict[str
         "app.kubernetes.io/name": "lmforge",
         "app.kubernetes.io/part-of": "lmforge",
         "app.kubernetes.io/managed-by": "lmforge-operator",
-        "app.kubernetes.io/component": COMPONENT[resource.kind],
+        "app.kubernetes.io/component": KINDS[resource.kind].component,
         LABEL_KIND: resource.kind,
         LABEL_NAME: resource.name,
     }
@@ -322,7 +307,7 @@ def localize(
             claim, _, rest = node[len("pvc://") :].partition("/")
             if len(claim) > 253 or not _DNS_SUBDOMAIN.match(claim):
                 raise BuildError(
-                    _path(path),
+                    _path(path).removeprefix("spec."),
                     f"{node!r}: pvc:// needs a PersistentVolumeClaim name (lowercase letters, digits, '-', "
                     "'.'), as in pvc://CLAIM/path",
                 )
@@ -384,7 +369,7 @@ def secret_env(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
         if var in owners:
             if owners[var][1:] != (name, key):
                 raise BuildError(
-                    field,
+                    field.removeprefix("spec."),
                     f"Secret {name!r} key {key!r} and Secret {owners[var][1]!r} key {owners[var][2]!r} (at "
                     f"{owners[var][0]}) would both be ${var}; rename one",
                 )
@@ -495,14 +480,14 @@ def build_configmap(
     resource: Resource[Any, Any],
     resolved_doc: Mapping[str, Any],
     owner: dict[str, Any] | None,
-    generation: int = 0,
+    round: int = 0,
 ) -> dict[str, Any]:
-    """ConfigMap ``<name>-<component>-spec[-<generation>]`` holding ``spec.yaml``: the resolved, localised
+    """ConfigMap ``<name>-<component>-spec[-<round>]`` holding ``spec.yaml``: the resolved, localised
     manifest the job reads (``lmforge.io/spec-hash`` annotation: a digest of that text)."""
     text = dump_spec(job_manifest(resolved_doc))
-    meta = _metadata(resource, configmap_name(resource, generation), owner)
-    if generation:
-        meta["annotations"][ANNOTATION_RUN] = str(generation)
+    meta = _metadata(resource, configmap_name(resource, round), owner)
+    if round:
+        meta["annotations"][ANNOTATION_RUN] = str(round)
     meta["annotations"][ANNOTATION_SPEC_HASH] = _digest(text, length=16)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {SPEC_FILE: text}}
 
@@ -588,8 +573,8 @@ def _parallelism(resource: Resource[Any, Any]) -> tuple[int, int]:
 
 
 def uses_torchrun(resource: Resource[Any, Any]) -> bool:
-    """Training kinds always; an Evaluation when it spans more than one process."""
-    if resource.kind in TRAINING_KINDS:
+    """Distributed kinds (training) always; an Evaluation when it spans more than one process."""
+    if KINDS[resource.kind].distributed:
         return True
     if resource.kind == "Evaluation":
         nodes, gpus = _parallelism(resource)
@@ -605,7 +590,7 @@ def needs_service(resource: Resource[Any, Any]) -> bool:
 def _completions(resource: Resource[Any, Any], stage: Stage | None) -> int:
     if resource.kind == "Corpus":
         return stage.tasks if stage is not None else resource.spec.parallelism.tasks
-    if resource.kind in TRAINING_KINDS or resource.kind == "Evaluation":
+    if KINDS[resource.kind].distributed or resource.kind == "Evaluation":
         return _parallelism(resource)[0]
     return 1
 
@@ -613,7 +598,7 @@ def _completions(resource: Resource[Any, Any], stage: Stage | None) -> int:
 def shutdown_timeout(kind: str) -> int:
     """Seconds torchrun lets its workers finish after SIGTERM: the pod's grace period less a margin for
     torchrun itself to exit before the kubelet's SIGKILL."""
-    grace = GRACE_SECONDS[kind]
+    grace = KINDS[kind].grace_seconds
     return max(grace // 2, grace - SHUTDOWN_MARGIN_SECONDS)
 
 
@@ -628,7 +613,7 @@ def gpus_per_pod(resource: Resource[Any, Any]) -> int:
 
 def command(resource: Resource[Any, Any], job: str, stage: Stage | None = None) -> list[str]:
     """The container's argument list (never a shell string; no spec value appears in it)."""
-    module = MODULE[resource.kind]
+    module = KINDS[resource.kind].module
     tail = ["-m", module, "--manifest", MANIFEST_PATH]
     if resource.kind == "Corpus":
         if stage is None:
@@ -750,8 +735,7 @@ def build_job(
     *,
     image: str,
     stage: Stage | None = None,
-    generation: int = 0,
-    suffix: str | None = None,
+    round: int = 0,
     resolved_doc: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     service_account: str | None = None,
@@ -759,12 +743,12 @@ def build_job(
 ) -> dict[str, Any]:
     """The batch/v1 Job running ``resource`` (a Corpus: its ``stage``).
 
-    ``generation`` numbers re-runs of the same step (0 = first; n > 0 appends ``-n`` to the name);
-    ``suffix`` replaces the default name suffix (stage or component). ``resolved_doc`` (the dict that goes
-    into the ConfigMap) supplies the ``pvc://`` volumes and Secret references of resolved references; the
-    resource's own spec is used when it is not given. ``env`` adds literal environment variables (their
-    ``$`` escaped, so Kubernetes never expands ``$(VAR)`` in them); ``service_account`` runs the pods under
-    that ServiceAccount (e.g. for workload identity to object storage; its token is still not mounted).
+    ``round`` numbers the runs of one step (an Evaluation's rounds: 0 is the first, n > 0 appends ``-n`` to
+    the name). ``resolved_doc`` (the dict that goes into the ConfigMap) supplies the ``pvc://`` volumes and
+    Secret references of resolved references; the resource's own spec is used when it is not given.
+    ``env`` adds literal environment variables (their ``$`` escaped, so Kubernetes never expands ``$(VAR)``
+    in them); ``service_account`` runs the pods under that ServiceAccount (e.g. for workload identity to
+    object storage; its token is still not mounted).
     ``storage`` is the operator's default storage section, used when the spec has none
     (:func:`effective_storage`, :func:`storage_env`).
     """
@@ -777,7 +761,7 @@ def build_job(
     )
     _, pvc_volumes, pvc_mounts = localize(doc)
     object_storage = storage_env(effective_storage(resource, storage))
-    name = job_name(resource, stage, generation, suffix)
+    name = job_name(resource, stage, round)
     torchrun = uses_torchrun(resource)
     completions = _completions(resource, stage)
     if resource.kind == "Corpus":
@@ -823,13 +807,13 @@ def build_job(
         "restartPolicy": "Never",  # the Job replaces failed pods; required by podFailurePolicy
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": GRACE_SECONDS[resource.kind],
+        "terminationGracePeriodSeconds": KINDS[resource.kind].grace_seconds,
         "securityContext": pod_security,
         "containers": [container],
         "volumes": [
             {
                 "name": "spec",
-                "configMap": {"name": configmap_name(resource, generation), "defaultMode": 0o444},
+                "configMap": {"name": configmap_name(resource, round), "defaultMode": 0o444},
             },
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             {"name": "tmp", "emptyDir": {}},
@@ -845,8 +829,8 @@ def build_job(
         pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 
     meta = _metadata(resource, name, owner, stage)
-    if generation:
-        meta["annotations"][ANNOTATION_RUN] = str(generation)
+    if round:
+        meta["annotations"][ANNOTATION_RUN] = str(round)
     queue = getattr(resource.spec, "queue", None)
     if queue:
         meta["labels"][QUEUE_LABEL] = queue
@@ -877,7 +861,7 @@ def children(
     *,
     image: str,
     stage: Stage | None = None,
-    generation: int = 0,
+    round: int = 0,
     env: Mapping[str, str] | None = None,
     service_account: str | None = None,
     isolation: Isolation | None = DEFAULT_ISOLATION,
@@ -887,7 +871,7 @@ def children(
     the Service and the NetworkPolicy (``isolation=None``: no NetworkPolicy, for clusters without
     NetworkPolicy support), then the Job, so its pods never run unprotected. A Corpus needs ``stage`` (the
     stage to run now). Other keyword arguments as in :func:`build_job`."""
-    objects = [build_configmap(resource, resolved_doc, owner, generation)]
+    objects = [build_configmap(resource, resolved_doc, owner, round)]
     if needs_service(resource):
         objects.append(build_service(resource, owner))
         if isolation is not None:
@@ -898,7 +882,7 @@ def children(
             owner,
             image=image,
             stage=stage,
-            generation=generation,
+            round=round,
             resolved_doc=resolved_doc,
             env=env,
             service_account=service_account,

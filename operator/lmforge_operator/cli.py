@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-n",
         action="append",
         metavar="NS",
-        help="namespace to watch (repeatable; glob patterns allowed; default: the pod's own namespace)",
+        # kopf expands patterns (team-*) only by listing namespaces, which its scanning (off here, see
+        # rbac.py) would do: with scanning off it silently drops every name with * ? ! or ,
+        help="namespace to watch, an exact name (repeatable; default: the pod's own namespace)",
     )
     p.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
     p.add_argument("--metrics-port", type=int, default=8080, help="operator metrics port (-1 = none)")

@@ -9,24 +9,15 @@ each model's CEL rules as ``x-kubernetes-validations``.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
 
-from lmforge_jobs.manifest import KINDS, NAME_MAX_LENGTH, NAME_PATTERN
+from lmforge_jobs.kinds import KINDS
+from lmforge_jobs.manifest import MODELS, NAME_MAX_LENGTH, NAME_PATTERN
 from lmforge_jobs.spec import API_GROUP, API_VERSION, Cel, Spec
-
-
-@dataclass(frozen=True)
-class KindInfo:
-    kind: str
-    plural: str
-    singular: str
-    short_names: tuple[str, ...]
-    columns: tuple[dict[str, Any], ...]
 
 
 def _col(name: str, path: str, type_: str = "string", priority: int = 0, **extra: Any) -> dict[str, Any]:
@@ -41,70 +32,47 @@ _PROGRESS = _col("Progress", ".status.progress.percent", "number", description="
 _ETA = _col("ETA", ".status.progress.etaSeconds", "integer", description="Seconds to completion")
 _AGE = _col("Age", ".metadata.creationTimestamp", "date")
 
-KIND_INFO: dict[str, KindInfo] = {
-    "Corpus": KindInfo(
-        "Corpus",
-        "corpora",
-        "corpus",
-        ("crp",),
-        (
-            _PHASE,
-            _col("Stage", ".status.stage"),
-            _col("Read", ".status.documents.read", "integer", description="Documents read"),
-            _col("Kept", ".status.documents.kept", "integer", description="Documents kept"),
-            _col("Tokens", ".status.tokens", "integer"),
-            _col("Docs/s", ".status.metrics.documentsPerSecond", "number", priority=1),
-            _PROGRESS,
-            _ETA,
-            _AGE,
-        ),
+COLUMNS: dict[str, tuple[dict[str, Any], ...]] = {
+    "Corpus": (
+        _PHASE,
+        _col("Stage", ".status.stage"),
+        _col("Read", ".status.documents.read", "integer", description="Documents read"),
+        _col("Kept", ".status.documents.kept", "integer", description="Documents kept"),
+        _col("Tokens", ".status.tokens", "integer"),
+        _col("Docs/s", ".status.metrics.documentsPerSecond", "number", priority=1),
+        _PROGRESS,
+        _ETA,
+        _AGE,
     ),
-    "PretrainRun": KindInfo(
-        "PretrainRun",
-        "pretrainruns",
-        "pretrainrun",
-        ("ptr",),
-        (
-            _PHASE,
-            _PROGRESS,
-            _col("Loss", ".status.metrics.loss", "number"),
-            _col("Tokens/s", ".status.metrics.tokensPerSecond", "number"),
-            _col("MFU", ".status.metrics.mfu", "number"),
-            _ETA,
-            _col("Params", ".status.plan.parameters", "integer", priority=1),
-            _col("Eval loss", ".status.metrics.evalLoss", "number", priority=1),
-            _AGE,
-        ),
+    "PretrainRun": (
+        _PHASE,
+        _PROGRESS,
+        _col("Loss", ".status.metrics.loss", "number"),
+        _col("Tokens/s", ".status.metrics.tokensPerSecond", "number"),
+        _col("MFU", ".status.metrics.mfu", "number"),
+        _ETA,
+        _col("Params", ".status.plan.parameters", "integer", priority=1),
+        _col("Eval loss", ".status.metrics.evalLoss", "number", priority=1),
+        _AGE,
     ),
-    "AlignmentRun": KindInfo(
-        "AlignmentRun",
-        "alignmentruns",
-        "alignmentrun",
-        ("alr",),
-        (
-            _col("Method", ".spec.method"),
-            _PHASE,
-            _PROGRESS,
-            _col("Loss", ".status.metrics.loss", "number"),
-            _col("Tokens/s", ".status.metrics.tokensPerSecond", "number"),
-            _ETA,
-            _AGE,
-        ),
+    "AlignmentRun": (
+        _col("Method", ".spec.method"),
+        _PHASE,
+        _PROGRESS,
+        _col("Loss", ".status.metrics.loss", "number"),
+        _col("Tokens/s", ".status.metrics.tokensPerSecond", "number"),
+        _ETA,
+        _AGE,
     ),
-    "Evaluation": KindInfo(
-        "Evaluation",
-        "evaluations",
-        "evaluation",
-        ("lmev",),
-        (
-            _PHASE,
-            _col("Perplexity", ".status.results.perplexity", "number"),
-            _col("Win rate", ".status.results.judge.winRate", "number"),
-            _PROGRESS,
-            _AGE,
-        ),
+    "Evaluation": (
+        _PHASE,
+        _col("Perplexity", ".status.results.perplexity", "number"),
+        _col("Win rate", ".status.results.judge.winRate", "number"),
+        _PROGRESS,
+        _AGE,
     ),
 }
+"""Printer columns of each kind (``kubectl get``)."""
 
 CATEGORIES = ["lmforge"]
 
@@ -250,7 +218,7 @@ def openapi_schema(model: type[Spec]) -> dict[str, Any]:
 
 def resource_schema(kind: str) -> dict[str, Any]:
     """The whole openAPIV3Schema of a kind (apiVersion, kind, metadata, spec, status)."""
-    resource = KINDS[kind]
+    resource = MODELS[kind]
     spec_model = resource.model_fields["spec"].annotation
     status_model = resource.model_fields["status"].annotation
     status_model = next(a for a in status_model.__args__ if a is not type(None))  # Optional[Status]
@@ -279,7 +247,7 @@ def resource_schema(kind: str) -> dict[str, Any]:
 
 def build_crd(kind: str) -> dict[str, Any]:
     """The CustomResourceDefinition manifest of a kind."""
-    info = KIND_INFO[kind]
+    info = KINDS[kind]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -304,7 +272,7 @@ def build_crd(kind: str) -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [dict(c) for c in info.columns],
+                    "additionalPrinterColumns": [dict(c) for c in COLUMNS[kind]],
                     "schema": {"openAPIV3Schema": resource_schema(kind)},
                 }
             ],
@@ -319,7 +287,7 @@ def render_crd(kind: str) -> str:
 
 def crd_files() -> dict[str, str]:
     """File name → content for every CRD."""
-    return {f"{KIND_INFO[k].plural}.{API_GROUP}.yaml": render_crd(k) for k in KIND_INFO}
+    return {f"{info.plural}.{API_GROUP}.yaml": render_crd(kind) for kind, info in KINDS.items()}
 
 
 def write_crds(out: str | Path) -> list[Path]:

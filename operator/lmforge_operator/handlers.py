@@ -28,6 +28,7 @@ from typing import Any
 
 import kopf
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.spec import API_GROUP, API_VERSION
 from lmforge_operator.controller import Config, Controller
 from lmforge_operator.kube import Kube
@@ -36,12 +37,6 @@ from lmforge_operator.metrics import OperatorMetrics
 
 log = logging.getLogger("lmforge.operator")
 
-PLURALS = {
-    "Corpus": "corpora",
-    "PretrainRun": "pretrainruns",
-    "AlignmentRun": "alignmentruns",
-    "Evaluation": "evaluations",
-}
 MANAGED = {"app.kubernetes.io/managed-by": "lmforge-operator"}
 
 # One metrics registry per process (the HTTP endpoint outlives a restarted operator in tests).
@@ -178,8 +173,8 @@ def _register(kind: str, plural: str) -> None:
             controller.observe(raw, event.get("type"))
 
 
-for _kind, _plural in PLURALS.items():
-    _register(_kind, _plural)
+for _kind in KINDS.values():
+    _register(_kind.name, _kind.plural)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="observe-jobs")

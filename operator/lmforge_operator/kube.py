@@ -18,12 +18,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
+from lmforge_jobs.kinds import KINDS as LMFORGE_KINDS
+from lmforge_jobs.spec import GROUP_VERSION
+
 # kind -> (apiVersion, plural) of everything the operator reads or writes.
 KINDS: dict[str, tuple[str, str]] = {
-    "Corpus": ("lmforge.io/v1alpha1", "corpora"),
-    "PretrainRun": ("lmforge.io/v1alpha1", "pretrainruns"),
-    "AlignmentRun": ("lmforge.io/v1alpha1", "alignmentruns"),
-    "Evaluation": ("lmforge.io/v1alpha1", "evaluations"),
+    **{kind.name: (GROUP_VERSION, kind.plural) for kind in LMFORGE_KINDS.values()},
     "Job": ("batch/v1", "jobs"),
     "ConfigMap": ("v1", "configmaps"),
     "Service": ("v1", "services"),

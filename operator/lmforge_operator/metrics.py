@@ -7,7 +7,7 @@ series                                         meaning
 ``lmforge_operator_reconcile_seconds``         histogram of reconcile durations by ``kind``
 ``lmforge_operator_resources``                 resources by ``kind`` and ``phase`` (Pending … Invalid)
 ``lmforge_operator_children_created_total``    child objects created by ``kind`` (of the owner) and
-                                               ``child`` (Job, ConfigMap, Service)
+                                               ``child`` (ConfigMap, Service, NetworkPolicy, Job)
 ``lmforge_operator_queue_depth``               resources waiting to be reconciled
 =============================================  ===========================================================
 
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmforge_jobs.kinds import KINDS
+
 PHASES = ("Pending", "Waiting", "Running", "Succeeded", "Failed", "Invalid")
-KINDS = ("Corpus", "PretrainRun", "AlignmentRun", "Evaluation")
 
 
 class OperatorMetrics:

@@ -6,19 +6,20 @@ them, and the operator's integration tests check that every API call the operato
 
 ``RULES`` are needed in every namespace the operator watches (a Role per namespace, or a ClusterRole bound
 cluster-wide with ``--all-namespaces``). Nothing cluster-scoped is needed: kopf's scanning is off (the chart
-installs the CRDs first), so it lists neither CRDs nor namespaces, and API discovery (``/apis/<group>/
-<version>``) is open to every authenticated user. No wildcards, and no
-access to Secrets at all: Secrets reach job pods as ``secretKeyRef`` env vars or mounted volumes that the
-kubelet resolves, never through the operator.
+installs the CRDs first), so it lists neither CRDs nor namespaces — which is also why ``--namespace`` takes
+exact names, not patterns — and API discovery (``/apis/<group>/<version>``) is open to every authenticated
+user. No wildcards, and no access to Secrets at all: Secrets reach job pods as ``secretKeyRef`` env vars or
+mounted volumes that the kubelet resolves, never through the operator.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.spec import API_GROUP
 
-PLURALS = ("corpora", "pretrainruns", "alignmentruns", "evaluations")
+PLURALS = tuple(kind.plural for kind in KINDS.values())
 
 READ = ["get", "list", "watch"]
 
@@ -72,7 +73,8 @@ def allows(group: str, resource: str, verb: str, *, namespaced: bool = True) -> 
     A namespaced request is allowed by a Role in each watched namespace; a cluster-wide one (watching a
     kind across all namespaces) by the same rules in a ClusterRole, which the chart binds with a
     ClusterRoleBinding in --all-namespaces mode; the Lease of leader election (LEADER_RULES) by a Role in
-    the operator's own namespace. ``namespaced`` is accepted and changes nothing.
+    the operator's own namespace. So ``namespaced`` (whether the request names a namespace) never changes
+    the answer: callers pass it to say which kind of request they check.
     """
     del namespaced
     return any(_matches(rule, group, resource, verb) for rule in RULES + LEADER_RULES)

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.storage import read_json
 from lmforge_operator.local.view import collect, status_rows
 
@@ -97,9 +98,9 @@ def build_report(workdir: Path, out: Path | None = None) -> Path:
 
     for kind, name, status in resources:
         # metrics.jsonl is in the run directory; stats.json beside the outputs (local or object storage)
-        rows = _read_jsonl(workdir / kind.lower() / name / "metrics.jsonl")
+        rows = _read_jsonl(workdir / KINDS[kind].singular / name / "metrics.jsonl")
         if kind == "Corpus":
-            output = status.get("output") or str(workdir / kind.lower() / name)
+            output = status.get("output") or str(workdir / KINDS[kind].singular / name)
             stats = read_json(f"{str(output).rstrip('/')}/stats.json")
             if not isinstance(stats, dict):
                 stats = status.get("documents") or {}

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lmforge_jobs.data.config import CorpusStage
-from lmforge_jobs.manifest import KINDS
+from lmforge_jobs.manifest import MODELS
 from lmforge_jobs.spec import Condition, derive_phase
 
 # ------------------------------------------------------------------------------------ condition reasons
@@ -172,16 +172,16 @@ class JobState:
 
 
 def job_state(job: dict[str, Any]) -> JobState:
-    meta, spec, st = job.get("metadata") or {}, job.get("spec") or {}, job.get("status") or {}
-    conds = {c.get("type"): c for c in st.get("conditions") or [] if c.get("status") == "True"}
+    meta, spec, job_status = job.get("metadata") or {}, job.get("spec") or {}, job.get("status") or {}
+    conds = {c.get("type"): c for c in job_status.get("conditions") or [] if c.get("status") == "True"}
     out = JobState(
         name=meta.get("name", ""),
         state="Pending",
-        active=int(st.get("active") or 0),
-        succeeded=int(st.get("succeeded") or 0),
+        active=int(job_status.get("active") or 0),
+        succeeded=int(job_status.get("succeeded") or 0),
         completions=int(spec.get("completions") or 1),
-        start_time=st.get("startTime"),
-        completion_time=st.get("completionTime"),
+        start_time=job_status.get("startTime"),
+        completion_time=job_status.get("completionTime"),
         annotations=dict(meta.get("annotations") or {}),
     )
     if "Complete" in conds or "SuccessCriteriaMet" in conds:
@@ -192,7 +192,7 @@ def job_state(job: dict[str, Any]) -> JobState:
         out.message = ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
     elif spec.get("suspend") or "Suspended" in conds:
         out.state = "Queued"
-    elif out.active or int(st.get("ready") or 0) or out.start_time or out.succeeded:
+    elif out.active or int(job_status.get("ready") or 0) or out.start_time or out.succeeded:
         out.state = "Running"
     return out
 
@@ -214,9 +214,9 @@ def rank0_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def metrics_url(pod: dict[str, Any]) -> str | None:
     """http://<pod IP>:<port named metrics>/metrics of a running pod."""
-    st = pod.get("status") or {}
-    ip = st.get("podIP")
-    if not ip or st.get("phase") not in (None, "Running"):
+    pod_status = pod.get("status") or {}
+    ip = pod_status.get("podIP")
+    if not ip or pod_status.get("phase") not in (None, "Running"):
         return None
     port = None
     for c in (pod.get("spec") or {}).get("containers") or []:
@@ -273,18 +273,18 @@ NOT_STARTING = (
 
 def pod_not_starting(pod: dict[str, Any]) -> str | None:
     """``pod NAME: Reason: message`` when a Pending pod cannot start (see :data:`NOT_STARTING`), else None."""
-    st = pod.get("status") or {}
-    if st.get("phase") not in (None, "Pending"):
+    pod_status = pod.get("status") or {}
+    if pod_status.get("phase") not in (None, "Pending"):
         return None
     name = (pod.get("metadata") or {}).get("name")
-    for c in st.get("conditions") or []:
+    for c in pod_status.get("conditions") or []:
         if (
             c.get("type") == "PodScheduled"
             and c.get("status") == "False"
             and c.get("reason") == "Unschedulable"
         ):
             return f"pod {name}: Unschedulable: {c.get('message') or ''}".rstrip(": ")
-    for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+    for cs in (pod_status.get("initContainerStatuses") or []) + (pod_status.get("containerStatuses") or []):
         waiting = (cs.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in NOT_STARTING:
             return f"pod {name}: {waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
@@ -399,7 +399,7 @@ def apply_progress(status: dict[str, Any], kind: str, progress: dict[str, Any]) 
 
 def status_model(kind: str) -> Any:
     """The pydantic model of the kind's status (the CRD's status schema)."""
-    annotation = KINDS[kind].model_fields["status"].annotation
+    annotation = MODELS[kind].model_fields["status"].annotation
     return next(a for a in getattr(annotation, "__args__", (annotation,)) if a is not type(None))
 
 

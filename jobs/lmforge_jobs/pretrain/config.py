@@ -16,6 +16,7 @@ from lmforge_jobs.spec import (
     Image,
     NodeParallelism,
     Precision,
+    Queue,
     ResourceRef,
     Resources,
     SecretRef,
@@ -298,11 +299,6 @@ class Export(Spec):
     """Also write an int8 weight-only quantised copy."""
     push: Push | None = None
     """Push the export to the hub."""
-
-
-Queue = Annotated[
-    str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-]
 
 
 class PretrainRunSpec(Spec):

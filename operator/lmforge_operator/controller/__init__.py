@@ -14,6 +14,7 @@
 There is no finalizer: children carry ownerReferences and the garbage collector deletes them.
 """
 
+from lmforge_jobs.spec import spec_hash
 from lmforge_operator.controller.config import Config, default_image
 from lmforge_operator.controller.outcomes import (
     Failed,
@@ -24,7 +25,7 @@ from lmforge_operator.controller.outcomes import (
     Succeeded,
     Waiting,
 )
-from lmforge_operator.controller.reconcile import Controller, changed_fields, spec_hash
+from lmforge_operator.controller.reconcile import Controller, changed_fields
 from lmforge_operator.controller.workqueue import Key
 
 __all__ = [

@@ -5,7 +5,8 @@
    → Invalid (``status.plan`` is written at admission either way);
 2. look for the children under their deterministic names (builders.py): none yet → check dependencies
    (Waiting with the reason until every referenced resource has the needed phase and outputs), resolve the
-   references to their status.outputs and create the ConfigMap, Service and Job if absent (409 is fine);
+   references to their status.outputs and create the ConfigMap, Service, NetworkPolicy and Job if absent
+   (409 is fine);
 3. otherwise mirror the Job's state into the status (mirror.py); a Corpus advances stage by stage
    (corpus_stages.py); an Evaluation with ``checkpoints: every`` runs one Job per round (eval_rounds.py);
 4. patch ``status`` (validated by the kind's status model) only when it changed, post a Kubernetes Event on
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import json
 import logging
 from typing import Any
@@ -30,9 +30,11 @@ from lmforge_jobs.resolve import (
     UnresolvedReference,
     default_output,
     dependencies,
+    dependency_order,
     expected_outputs,
     resolve,
 )
+from lmforge_jobs.spec import spec_hash
 from lmforge_operator import status as status_helpers
 from lmforge_operator.controller.config import Config
 from lmforge_operator.controller.corpus_stages import reconcile_corpus
@@ -53,10 +55,6 @@ FINAL_REASONS = {
     "Failed": status_helpers.FINAL_FAILURE_REASONS,
     "Invalid": (status_helpers.CONFIG_ERROR,),
 }
-
-
-def spec_hash(spec: Any) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def changed_fields(old: Any, new: Any, prefix: str = "spec") -> list[str]:
@@ -205,7 +203,7 @@ class Controller(WorkQueue):
                 raise Invalid(
                     status_helpers.DEPENDENCY_CYCLE, f"refers to this {kind} itself", f"spec.{field}"
                 )
-        cycle = self._cycle(key)
+        cycle = self._cycle_through(key)
         if cycle:
             path = " → ".join(f"{k}/{n}" for k, _, n in cycle)
             field = next(f for f, ref, _ in dependencies(resource) if ref == (cycle[1][0], cycle[1][2]))
@@ -239,11 +237,11 @@ class Controller(WorkQueue):
                 self._dependents.setdefault((ref[0], key[1], ref[1]), set()).add(key)
         return resource, problems
 
-    def _cycle(self, key: Key) -> list[Key] | None:
+    def _cycle_through(self, key: Key) -> list[Key] | None:
         """The path key → … → key through references, when there is one (resources in the cache)."""
         ns = key[1]
 
-        def deps_of(k: Key) -> list[Key]:
+        def needs(k: Key) -> list[Key]:
             body = self.cache.get(k)
             if body is None:
                 return []
@@ -252,17 +250,8 @@ class Controller(WorkQueue):
                 return []
             return [(ref[0], ns, ref[1]) for _, ref, _ in dependencies(resource)]
 
-        stack: list[tuple[Key, list[Key]]] = [(key, [key])]
-        seen: set[Key] = set()
-        while stack:
-            node, path = stack.pop()
-            for nxt in deps_of(node):
-                if nxt == key:
-                    return [*path, key]
-                if nxt not in seen and len(path) < 64:
-                    seen.add(nxt)
-                    stack.append((nxt, [*path, nxt]))
-        return None
+        _, cycles = dependency_order([key], needs)
+        return next((cycle for cycle in cycles if cycle[0] == key), None)
 
     def _plan(self, resource: Resource[Any, Any], status: dict[str, Any], ns: str) -> None:
         """Write status.plan; raise Invalid naming the field when the run cannot fit in GPU memory."""
@@ -396,7 +385,7 @@ class Controller(WorkQueue):
         try:
             resolved = resolve(resource, outputs, root_default)
         except UnresolvedReference as exc:
-            raise Waiting(status_helpers.DEPENDENCY_NOT_READY, exc.message) from None
+            raise Waiting(status_helpers.DEPENDENCY_NOT_READY, str(exc)) from None
         return resolved.model_dump(by_alias=True, exclude_none=True, mode="json")
 
     @staticmethod
@@ -433,13 +422,12 @@ class Controller(WorkQueue):
                 owner,
                 image=image,
                 stage=stage,
-                generation=round,
+                round=round,
                 isolation=self.isolation,
                 storage=self.storage,
             )
         except builders.BuildError as exc:
-            where = exc.field if exc.field.startswith("spec") else f"spec.{exc.field}"
-            raise Invalid(status_helpers.SPEC_INVALID, exc.message, where) from None
+            raise Invalid(status_helpers.SPEC_INVALID, exc.message, f"spec.{exc.field}") from None
         created_job = None
         assert self.api is not None
         for obj in objs:
@@ -487,4 +475,4 @@ class Controller(WorkQueue):
         )
 
 
-__all__ = ["Controller", "changed_fields", "spec_hash"]
+__all__ = ["Controller", "changed_fields"]

@@ -26,9 +26,7 @@ This package never imports torch: jobs run in their own processes.
 """
 
 from lmforge_operator.local.launch import (
-    DISTRIBUTED,
     EXIT_INTERRUPTED,
-    MODULES,
     Launch,
     command,
     local_gpus,
@@ -42,14 +40,12 @@ from lmforge_operator.local.runner import (
     order,
     read_status,
     resource_dir,
-    spec_hash,
+    run_hash,
 )
 from lmforge_operator.local.view import collect, status_rows
 
 __all__ = [
-    "DISTRIBUTED",
     "EXIT_INTERRUPTED",
-    "MODULES",
     "Launch",
     "LocalRunner",
     "Outcome",
@@ -62,6 +58,6 @@ __all__ = [
     "processes_for",
     "read_status",
     "resource_dir",
-    "spec_hash",
+    "run_hash",
     "status_rows",
 ]

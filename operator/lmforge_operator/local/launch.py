@@ -21,17 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR
 
-MODULES = {
-    "Corpus": "lmforge_jobs.data",
-    "PretrainRun": "lmforge_jobs.pretrain",
-    "AlignmentRun": "lmforge_jobs.align",
-    "Evaluation": "lmforge_jobs.evaluate",
-}
-"""The job entry point of each kind, in the order ``lmforge status`` lists the kinds."""
-DISTRIBUTED = ("PretrainRun", "AlignmentRun")  # launched under torchrun
 EXIT_INTERRUPTED = 130
 STOP_GRACE_SECONDS = 30.0
 """How long a stopped job may take to save its state before it is killed."""
@@ -58,7 +51,7 @@ def local_gpus() -> int:
 
 def processes_for(resource: Resource[Any, Any], gpus: int) -> int:
     """Local worker processes of a distributed job: one per local GPU the spec asks for, else one."""
-    if resource.kind not in DISTRIBUTED or gpus == 0:
+    if not KINDS[resource.kind].distributed or gpus == 0:
         return 1
     wanted = resource.spec.parallelism.world_size if resource.spec.parallelism.gpus_per_node else 1
     processes = min(gpus, wanted)
@@ -74,8 +67,8 @@ def processes_for(resource: Resource[Any, Any], gpus: int) -> int:
 
 def command(resource: Resource[Any, Any], manifest: Path, processes: int) -> list[str]:
     """The job's argument list (never a shell string)."""
-    module = MODULES[resource.kind]
-    if resource.kind in DISTRIBUTED:
+    module = KINDS[resource.kind].module
+    if KINDS[resource.kind].distributed:
         return [
             sys.executable,
             "-m",

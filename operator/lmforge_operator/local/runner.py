@@ -4,7 +4,6 @@ status written to ``WORKDIR/<kind>/<name>/status.json`` (see the package docstri
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -17,12 +16,13 @@ from typing import Any
 
 import yaml
 
+from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.manifest import Problem, Resource, load_resources
-from lmforge_jobs.resolve import UnresolvedReference, default_output, dependencies, resolve
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR
+from lmforge_jobs.resolve import UnresolvedReference, default_output, dependencies, dependency_order, resolve
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, spec_hash
 from lmforge_jobs.storage import is_remote, local_path, read_json
 from lmforge_jobs.telemetry import RUN_DIR_ENV, read_progress, write_json_atomic
-from lmforge_operator import status as st
+from lmforge_operator import status as status_helpers
 from lmforge_operator.local.launch import (
     STOP_GRACE_SECONDS,
     Launch,
@@ -46,7 +46,7 @@ class RunError(Exception):
 
 # ----------------------------------------------------------------------------------------------- layout
 def resource_dir(workdir: Path, kind: str, name: str) -> Path:
-    return workdir / kind.lower() / name
+    return workdir / KINDS[kind].singular / name
 
 
 def read_status(workdir: Path, kind: str, name: str) -> dict[str, Any] | None:
@@ -92,34 +92,15 @@ def order(resources: list[Resource[Any, Any]], workdir: Path) -> list[Resource[A
     if problems:
         raise RunError(problems)
 
-    ordered: list[Resource[Any, Any]] = []
-    visit_state: dict[tuple[str, str], str] = {}  # visiting | done
+    def needs(ref: tuple[str, str]) -> list[tuple[str, str]]:
+        return [dependency for _, dependency, _ in dependencies(by_ref[ref]) if dependency in by_ref]
 
-    def visit(ref: tuple[str, str], path: list[tuple[str, str]]) -> None:
-        if visit_state.get(ref) == "done":
-            return
-        if visit_state.get(ref) == "visiting":
-            cycle = [*path[path.index(ref) :], ref]
-            raise RunError(
-                [
-                    Problem(
-                        "(set)",
-                        f"{ref[0]}/{ref[1]}",
-                        "spec",
-                        "reference cycle: " + " → ".join(f"{kind}/{name}" for kind, name in cycle),
-                    )
-                ]
-            )
-        visit_state[ref] = "visiting"
-        for _, dependency, _ in dependencies(by_ref[ref]):
-            if dependency in by_ref:
-                visit(dependency, [*path, ref])
-        visit_state[ref] = "done"
-        ordered.append(by_ref[ref])
-
-    for resource in resources:
-        visit((resource.kind, resource.name), [])
-    return ordered
+    ordered, cycles = dependency_order(by_ref, needs)
+    if cycles:
+        cycle = cycles[0]
+        path = " → ".join(f"{kind}/{name}" for kind, name in cycle)
+        raise RunError([Problem("(set)", f"{cycle[0][0]}/{cycle[0][1]}", "spec", f"reference cycle: {path}")])
+    return [by_ref[ref] for ref in ordered]
 
 
 # ------------------------------------------------------------------------------------------------ status
@@ -149,16 +130,16 @@ def apply_results(status: dict[str, Any], resource: Resource[Any, Any], output: 
     if not isinstance(data, dict):
         return
     if resource.kind == "Corpus":
-        status.update(st.corpus_counts(data))
+        status.update(status_helpers.corpus_counts(data))
         status["stage"] = "Done"
     else:
-        status.update(st.evaluation_results(data))
+        status.update(status_helpers.evaluation_results(data))
 
 
-def spec_hash(resource: Resource[Any, Any], inputs: Iterable[Any] = ()) -> str:
-    """Identity of a run: its resolved spec plus what identifies its inputs (see LocalRunner.input_ids)."""
-    text = json.dumps([resource.spec.to_yaml_dict(), list(inputs)], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def run_hash(resource: Resource[Any, Any], inputs: Iterable[Any] = ()) -> str:
+    """Identity of a run (``specHash`` in status.json): its resolved spec plus what identifies its inputs
+    (see LocalRunner.input_ids)."""
+    return spec_hash([resource.spec.to_yaml_dict(), list(inputs)])
 
 
 def last_error(log: str) -> str:
@@ -223,7 +204,7 @@ class LocalRunner:
                 if blocked:
                     failed.add((resource.kind, resource.name))
                     message = f"not run: {blocked[0][0]}/{blocked[0][1]} did not succeed"
-                    self._not_run(resource, st.DEPENDENCY_FAILED, message)
+                    self._not_run(resource, status_helpers.DEPENDENCY_FAILED, message)
                     outcomes.append(Outcome(resource, "Waiting", message))
                     continue
                 outcome = self.run_one(resource)
@@ -256,12 +237,12 @@ class LocalRunner:
         try:
             job = self.resolved(resource)
         except UnresolvedReference as exc:
-            self._not_run(resource, st.DEPENDENCY_NOT_READY, exc.message)
-            return Outcome(resource, "Waiting", exc.message)
+            self._not_run(resource, status_helpers.DEPENDENCY_NOT_READY, str(exc))
+            return Outcome(resource, "Waiting", str(exc))
         output = str(job.spec.output)
         # the job reports into the run directory (LMFORGE_RUN_DIR), wherever its output is
         outputs_file = run_dir / "outputs.json"
-        digest = spec_hash(job, self.input_ids(resource))
+        digest = run_hash(job, self.input_ids(resource))
         previous = read_status(self.workdir, kind, name) or {}
         if (
             previous.get("phase") == "Succeeded"
@@ -282,7 +263,7 @@ class LocalRunner:
         status: dict[str, Any] = {
             k: v for k, v in previous.items() if k in ("conditions", "startTime", "plan")
         }
-        status["startTime"] = status.get("startTime") or st.now_iso()
+        status["startTime"] = status.get("startTime") or status_helpers.now_iso()
         status["specHash"] = digest
         status["output"] = output
         with job_environment(storage_env(job, self.s3_endpoint)):  # the tokenizer may be on object storage
@@ -290,7 +271,9 @@ class LocalRunner:
         if plan:
             status["plan"] = plan
         resumed = (run_dir / "logs").exists()
-        st.set_state(status, "Running", st.JOB_RUNNING, "job resumed" if resumed else "job started")
+        status_helpers.set_state(
+            status, "Running", status_helpers.JOB_RUNNING, "job resumed" if resumed else "job started"
+        )
         self._save(resource, status)
 
         processes = processes_for(job, self.gpus)
@@ -316,21 +299,21 @@ class LocalRunner:
             status["outputs"] = json.loads(outputs_file.read_text(encoding="utf-8"))
             with job_environment(storage_env(job, self.s3_endpoint)):
                 apply_results(status, resource, output)
-            status["completionTime"] = st.now_iso()
-            st.set_state(status, "Succeeded", st.JOB_SUCCEEDED, "outputs complete")
+            status["completionTime"] = status_helpers.now_iso()
+            status_helpers.set_state(status, "Succeeded", status_helpers.JOB_SUCCEEDED, "outputs complete")
             phase, message = "Succeeded", ""
         elif self.interrupted:
             message = "interrupted; run again to resume from the last checkpoint"
-            phase = st.set_state(status, "Failed", st.INTERRUPTED, message)
+            phase = status_helpers.set_state(status, "Failed", status_helpers.INTERRUPTED, message)
         else:
             log = launch.log_tail(20)
             progress = read_progress(run_dir) or {}
             if code == EXIT_CONFIG_ERROR or progress.get("state") == "Invalid":
                 message = progress.get("message") or last_error(log) or "configuration error"
-                phase = st.set_state(status, "Invalid", st.CONFIG_ERROR, message)
+                phase = status_helpers.set_state(status, "Invalid", status_helpers.CONFIG_ERROR, message)
             else:
                 message = last_error(log) or f"job exited with code {code}"
-                phase = st.set_state(status, "Failed", st.JOB_FAILED, message)
+                phase = status_helpers.set_state(status, "Failed", status_helpers.JOB_FAILED, message)
             if self.display:
                 self.display.log(resource, log)
         self._save(resource, status)
@@ -415,7 +398,7 @@ class LocalRunner:
         progress = read_progress(run_dir)
         if not progress:
             return
-        st.apply_progress(status, resource.kind, progress)
+        status_helpers.apply_progress(status, resource.kind, progress)
         self._save(resource, status)
         if self.display:
             self.display.progress(resource, progress)
@@ -424,14 +407,16 @@ class LocalRunner:
 
     def _save(self, resource: Resource[Any, Any], status: dict[str, Any]) -> None:
         bookkeeping = {k: status[k] for k in LOCAL_KEYS if k in status}
-        body = st.validated_status(resource.kind, {k: v for k, v in status.items() if k not in LOCAL_KEYS})
+        body = status_helpers.validated_status(
+            resource.kind, {k: v for k, v in status.items() if k not in LOCAL_KEYS}
+        )
         body.update(bookkeeping)
         write_json_atomic(resource_dir(self.workdir, resource.kind, resource.name) / "status.json", body)
 
     def _not_run(self, resource: Resource[Any, Any], reason: str, message: str) -> None:
         """A resource left Waiting: a dependency failed or has no outputs yet."""
         status: dict[str, Any] = {}
-        st.set_state(status, "Waiting", reason, message)
+        status_helpers.set_state(status, "Waiting", reason, message)
         self._save(resource, status)
         if self.display:
             self.display.finished(resource, "Waiting", message)

@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmforge_operator.local.launch import MODULES
+from lmforge_jobs.kinds import KINDS
 
 COLUMNS = ["KIND", "NAME", "PHASE", "PROGRESS", "STEP", "LOSS", "TOKENS/S", "ETA", "MESSAGE"]
 
 
 def collect(workdir: Path) -> list[tuple[str, str, dict[str, Any]]]:
     """(kind, name, status) of every resource run in ``workdir``, kinds in pipeline order."""
-    kind_of_folder = {kind.lower(): kind for kind in MODULES}
+    kind_of_folder = {kind.singular: name for name, kind in KINDS.items()}
     found = []
     for path in sorted(workdir.glob("*/*/status.json")):
         try:
@@ -24,7 +24,7 @@ def collect(workdir: Path) -> list[tuple[str, str, dict[str, Any]]]:
         kind = kind_of_folder.get(path.parent.parent.name)
         if kind:
             found.append((kind, path.parent.name, status))
-    rank = {kind: position for position, kind in enumerate(MODULES)}
+    rank = {kind: position for position, kind in enumerate(KINDS)}
     return sorted(found, key=lambda entry: (rank[entry[0]], entry[1]))
 
 
