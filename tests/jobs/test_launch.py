@@ -17,41 +17,18 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from data_fixtures import job_env
+from manifests import tiny_pretrain, write_manifest
 
 from lmforge_jobs.launch import EXIT_DIR_ENV, final_code, record_exit, recorded_config_error, recorded_exits
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", LMFORGE_METRICS_PORT="off", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("LMFORGE_TERMINATION_LOG", None)
-    env.pop(EXIT_DIR_ENV, None)
-    return env
-
-
 def _bad_pretrain(tmp: Path) -> Path:
     """A valid PretrainRun whose token shards do not exist: the job finds out at run time (exit 64)."""
-    spec = {
-        "data": {"tokens": str(tmp / "missing"), "tokenizer": str(tmp / "missing-tokenizer")},
-        "model": {"layers": 2, "hidden": 64, "heads": 4, "seqLen": 32},
-        "budget": {"steps": 2},
-        "optimizer": {"warmupSteps": 1},
-        "batch": {"globalTokens": 512, "microBatchSize": 8},
-        "precision": "fp32",
-        "parallelism": {"nodes": 1, "gpusPerNode": 0, "strategy": "ddp", "compile": False},
-        "output": str(tmp / "out"),
-    }
-    path = tmp / "bad.yaml"
-    doc = {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "PretrainRun",
-        "metadata": {"name": "bad"},
-        "spec": spec,
-    }
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    return path
+    data = {"tokens": str(tmp / "missing"), "tokenizer": str(tmp / "missing-tokenizer")}
+    spec = tiny_pretrain(data, tmp / "out", budget={"steps": 2}, parallelism={"strategy": "ddp"})
+    return write_manifest(tmp / "bad.yaml", "PretrainRun", "bad", spec)
 
 
 TORCHRUN = ["--standalone", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=2", "--monitor-interval=0.2"]
@@ -92,7 +69,9 @@ def test_config_error_under_torchrun_exits_64_without_restarts(tmp_path: Path) -
             "--manifest",
             str(manifest),
         ]
-        proc = subprocess.Popen(argv, env=_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            argv, env=job_env(EXIT_DIR_ENV), stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         try:
             _, err = proc.communicate(timeout=180)
             code: int | None = proc.returncode
@@ -171,7 +150,7 @@ def _terminate_during_save(tmp: Path, save_seconds: float, shutdown_timeout: int
             str(out),
             str(save_seconds),
         ],
-        env=_env(),
+        env=job_env(EXIT_DIR_ENV),
     )
     try:
         deadline = time.monotonic() + 120
@@ -224,30 +203,21 @@ def test_pretrain_stopped_under_the_launcher_exits_143_and_resumes(tmp_path: Pat
     from lmforge_jobs.pretrain.testing import make_token_data
 
     data = make_token_data(tmp_path / "data", vocab_size=320, documents=200, held_out=30)
-    spec = {
-        "data": data,
-        "model": {"layers": 2, "hidden": 64, "heads": 4, "seqLen": 32},
-        "budget": {"steps": 100000},
-        "optimizer": {"warmupSteps": 1},
-        "batch": {"globalTokens": 512, "microBatchSize": 8},
-        "precision": "fp32",
-        "parallelism": {"nodes": 1, "gpusPerNode": 0, "strategy": "ddp", "compile": False},
-        "checkpoint": {"everySteps": 100000, "keep": 2},
-        "eval": {"everySteps": 100000, "batches": 1},
-        "output": str(tmp_path / "run"),
-    }
-    doc = {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "PretrainRun",
-        "metadata": {"name": "p"},
-        "spec": spec,
-    }
-    manifest = tmp_path / "p.yaml"
-    manifest.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    spec = tiny_pretrain(
+        data,
+        tmp_path / "run",
+        budget={"steps": 100000},
+        optimizer={"warmupSteps": 1},
+        batch={"globalTokens": 512},
+        parallelism={"strategy": "ddp"},
+        checkpoint={"everySteps": 100000},
+        eval={"everySteps": 100000, "batches": 1},
+    )
+    manifest = write_manifest(tmp_path / "p.yaml", "PretrainRun", "p", spec)
     argv = [sys.executable, "-m", "lmforge_jobs.launch", "--standalone", "--nnodes=1", "--nproc-per-node=2"]
     argv += ["--monitor-interval=0.2", "-m", "lmforge_jobs.pretrain", "--manifest", str(manifest)]
     metrics = tmp_path / "run" / "metrics.jsonl"
-    proc = subprocess.Popen(argv, env=_env())
+    proc = subprocess.Popen(argv, env=job_env(EXIT_DIR_ENV))
     try:
         deadline = time.monotonic() + 240
         while not (metrics.exists() and metrics.read_text().count('"loss"') >= 2):

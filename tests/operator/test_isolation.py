@@ -9,8 +9,10 @@ import copy
 import time
 from typing import Any
 
+import manifests
 import pytest
 from kmock_harness import Cluster, Operator, assert_rbac
+from manifests import merged, resource
 
 from lmforge_operator import rbac
 from lmforge_operator.kube import ApiError
@@ -18,29 +20,12 @@ from lmforge_operator.leader import LeaderElection
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-PRETRAIN = {
-    "data": {"tokens": "s3://bucket/tokens/train", "tokenizer": "s3://bucket/tokenizer"},
-    "model": {"layers": 2, "hidden": 64, "heads": 4, "seqLen": 64, "vocabSize": 512},
-    "budget": {"steps": 100},
-    "batch": {"globalTokens": 4096, "microBatchSize": 8},
-    "parallelism": {"nodes": 2, "gpusPerNode": 4},
-    "output": "s3://bucket/runs/gpt",
-}
+# two nodes: a training run with a headless Service besides its Job
+PRETRAIN = merged(manifests.PRETRAIN, {"parallelism": {"nodes": 2, "gpusPerNode": 4}})
 
 
 def pretrain(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "PretrainRun",
-        "metadata": {"name": name},
-        "spec": PRETRAIN,
-    }
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Any:
-    with Cluster() as c:
-        yield c
+    return resource("PretrainRun", name, PRETRAIN)
 
 
 def _posts(cluster: Cluster, since: int, ns: str) -> list[tuple[str, str]]:

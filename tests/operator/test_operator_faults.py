@@ -16,38 +16,12 @@ from typing import Any
 
 import pytest
 from kmock_harness import Cluster, Operator
+from manifests import CORPUS, EVERY_CHECKPOINT, PRETRAIN, resource
 from repo import ROOT
 
 from lmforge_operator import status as status_helpers
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-RUN = {
-    "data": {"tokens": "s3://b/t", "tokenizer": "s3://b/tok"},
-    "model": {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "seqLen": 64},
-    "budget": {"steps": 200},
-    "batch": {"globalTokens": 4096, "microBatchSize": 8},
-    "parallelism": {"nodes": 1, "gpusPerNode": 1},
-    "checkpoint": {"everySteps": 50},
-    "output": "s3://bucket/runs/gpt",
-}
-CORPUS = {
-    "sources": [{"jsonl": {"paths": ["s3://bucket/raw/*.jsonl"]}}],
-    "dedup": {"exact": False, "minhash": {"enabled": False}},
-    "tokenizer": {"train": {"vocabSize": 4096}},
-    "output": "s3://bucket/corpora/web",
-    "parallelism": {"tasks": 4, "workers": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Any:
-    with Cluster() as c:
-        yield c
-
-
-def doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "lmforge.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
 
 
 def true_condition(status: dict[str, Any]) -> dict[str, Any]:
@@ -60,10 +34,6 @@ def events(cluster: Cluster, ns: str, name: str, reason: str | None = None) -> l
         for e in cluster.list("Event", ns)
         if e["involvedObject"]["name"] == name and (reason is None or e["reason"] == reason)
     ]
-
-
-def wait_job(cluster: Cluster, ns: str, name: str, timeout: float = 20) -> dict[str, Any]:
-    return cluster.wait(lambda: cluster.get("Job", name, ns), timeout, f"Job {name}")
 
 
 def wait_reason(cluster: Cluster, kind: str, name: str, ns: str, reason: str) -> dict[str, Any]:
@@ -109,9 +79,9 @@ def test_configuration_error_keeps_a_message_on_every_reconcile(cluster: Cluster
     Event say why, and later reconciles (Job updates, resyncs) never blank it."""
     ns = f"cfg-{case}".lower()
     with Operator(cluster, ns):
-        cluster.create(doc("PretrainRun", "run", RUN), ns)
+        cluster.create(resource("PretrainRun", "run", PRETRAIN), ns)
         job = "run-pretrain"
-        wait_job(cluster, ns, job)
+        cluster.wait_job(job, ns)
         summary = json.dumps({"state": "Invalid", "message": "no tokenizer.json", "field": "data.tokenizer"})
         if case == "json":
             cluster.add_pod(job, namespace=ns, pod_status=pod_terminated(64, summary))
@@ -153,8 +123,8 @@ def test_a_finished_resource_whose_job_is_deleted_is_not_run_again(cluster: Clus
     ns = "terminal"
     with Operator(cluster, ns):
         for name in ("ok", "crash", "bad"):
-            cluster.create(doc("PretrainRun", name, RUN), ns)
-            wait_job(cluster, ns, f"{name}-pretrain")
+            cluster.create(resource("PretrainRun", name, PRETRAIN), ns)
+            cluster.wait_job(f"{name}-pretrain", ns)
         cluster.add_pod("ok-pretrain", namespace=ns, termination={"state": "Succeeded", "step": 200})
         cluster.finish_job("ok-pretrain", ns)
         cluster.finish_job("crash-pretrain", ns, failed=True, message="BackoffLimitExceeded")
@@ -178,7 +148,7 @@ def test_a_finished_resource_whose_job_is_deleted_is_not_run_again(cluster: Clus
         cluster.patch(
             "PretrainRun", "ok", {"metadata": {"generation": 2}, "spec": {"budget": {"steps": 300}}}, ns
         )
-        job = wait_job(cluster, ns, "ok-pretrain")
+        job = cluster.wait_job("ok-pretrain", ns)
         assert json.loads(job["metadata"]["annotations"]["lmforge.io/spec"])["budget"]["steps"] == 300
         cluster.wait_phase("PretrainRun", "ok", "Pending", ns)
 
@@ -191,8 +161,8 @@ def test_a_recreated_resource_does_not_adopt_the_children_of_the_deleted_one(clu
     ns = "reborn"
     path = f"/apis/lmforge.io/v1alpha1/namespaces/{ns}/pretrainruns/run"
     with Operator(cluster, ns):
-        first = cluster.create(doc("PretrainRun", "run", RUN), ns)
-        wait_job(cluster, ns, "run-pretrain")
+        first = cluster.create(resource("PretrainRun", "run", PRETRAIN), ns)
+        cluster.wait_job("run-pretrain", ns)
         cluster.add_pod("run-pretrain", namespace=ns, termination={"state": "Succeeded", "step": 200})
         cluster.finish_job("run-pretrain", ns)
         cluster.wait_phase("PretrainRun", "run", "Succeeded", ns)
@@ -204,7 +174,7 @@ def test_a_recreated_resource_does_not_adopt_the_children_of_the_deleted_one(clu
                     cluster.patch(kind, name, {"metadata": {"ownerReferences": None}}, ns)
             cluster.request("DELETE", path)  # kmock has no garbage collector: the children stay
             cluster.wait(lambda: cluster.get("PretrainRun", "run", ns) is None, 10, "deleted")
-            new = cluster.create(doc("PretrainRun", "run", RUN), ns)
+            new = cluster.create(resource("PretrainRun", "run", PRETRAIN), ns)
             uid = new["metadata"]["uid"]
             assert uid != old_uid and first["metadata"]["uid"]
 
@@ -237,7 +207,7 @@ def test_children_the_api_server_refuses_fail_the_resource_with_its_message(clus
     cluster.refuse("POST", jobs, 500, "InternalError", "etcdserver: request timed out", name="flaky-pretrain")
     with Operator(cluster, ns):
         for name in ("quota", "huge", "flaky"):
-            cluster.create(doc("PretrainRun", name, RUN), ns)
+            cluster.create(resource("PretrainRun", name, PRETRAIN), ns)
         status = cluster.wait_phase("PretrainRun", "quota", "Failed", ns)
         failed = true_condition(status)
         assert failed["reason"] == "ChildRejected" and "exceeded quota: gpus" in failed["message"], failed
@@ -249,7 +219,7 @@ def test_children_the_api_server_refuses_fail_the_resource_with_its_message(clus
         assert cluster.status("PretrainRun", "flaky", ns).get("phase") in (None, "Pending")
         assert cluster.emulator is not None
         cluster.emulator.refusals.clear()
-        wait_job(cluster, ns, "flaky-pretrain")
+        cluster.wait_job("flaky-pretrain", ns)
 
 
 def running_pod(ready: bool = True) -> dict[str, Any]:
@@ -289,8 +259,8 @@ def test_pods_that_do_not_start_are_a_condition_and_an_event(
     reason, message = stuck
     ns = f"stuck-{reason.lower()}"
     with Operator(cluster, ns):
-        cluster.create(doc("PretrainRun", "run", RUN), ns)
-        wait_job(cluster, ns, "run-pretrain")
+        cluster.create(resource("PretrainRun", "run", PRETRAIN), ns)
+        cluster.wait_job("run-pretrain", ns)
         cluster.start_job("run-pretrain", ns)  # the Job controller counts Pending pods as active
         pod = cluster.add_pod("run-pretrain", namespace=ns, pod_status=pending_pod())
         time.sleep(1.0)
@@ -320,7 +290,7 @@ def test_one_event_per_transition(cluster: Cluster) -> None:
     """A Corpus stage's JobCreated Event is posted once, however often its Job changes meanwhile."""
     ns = "one-event"
     with Operator(cluster, ns):
-        cluster.create(doc("Corpus", "web", CORPUS), ns)
+        cluster.create(resource("Corpus", "web", CORPUS), ns)
         job = cluster.wait(lambda: cluster.job_names(ns), 20, "the first stage's Job")[0]
         cluster.wait(lambda: events(cluster, ns, "web", "JobCreated"), 20, "JobCreated")
         for _ in range(3):
@@ -334,7 +304,7 @@ def test_one_event_per_transition(cluster: Cluster) -> None:
 def test_a_corpus_spec_change_after_success_is_refused_naming_the_field(cluster: Cluster) -> None:
     ns = "corpus-change"
     with Operator(cluster, ns):
-        cluster.create(doc("Corpus", "web", CORPUS), ns)
+        cluster.create(resource("Corpus", "web", CORPUS), ns)
         done: set[str] = set()
 
         def advance() -> bool:
@@ -372,21 +342,15 @@ def test_an_evaluation_following_checkpoints_ends_when_its_run_ends(cluster: Clu
     """With checkpoints: every, a PretrainRun that fails or is deleted ends the Evaluation: Succeeded with
     the rounds it has (reason ModelRunEnded), or Failed when it has none."""
     ns = f"ends-{end}"
-    ev = {
-        "model": {"pretrainRun": "gpt"},
-        "checkpoints": "every",
-        "benchmarks": [{"task": "hellaswag"}],
-        "output": "s3://b/evals/gpt",
-    }
     with Operator(cluster, ns):
-        cluster.create(doc("PretrainRun", "gpt", RUN), ns)
-        cluster.create(doc("Evaluation", "ev", ev), ns)
-        wait_job(cluster, ns, "gpt-pretrain")
+        cluster.create(resource("PretrainRun", "gpt", PRETRAIN), ns)
+        cluster.create(resource("Evaluation", "ev", EVERY_CHECKPOINT), ns)
+        cluster.wait_job("gpt-pretrain", ns)
         cluster.start_job("gpt-pretrain", ns)
         cluster.wait_phase("PretrainRun", "gpt", "Running", ns)
         if end != "fails-before-any-round":
             cluster.patch("PretrainRun", "gpt", {"status": {"progress": {"step": 60}}}, ns, "status")
-            wait_job(cluster, ns, "ev-evaluate")
+            cluster.wait_job("ev-evaluate", ns)
             cluster.add_pod(
                 "ev-evaluate",
                 namespace=ns,

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from kmock_harness import Cluster, Operator, assert_rbac
+from manifests import CORPUS, EVERY_CHECKPOINT, resource
 from repo import ROOT
 
 from lmforge_jobs.manifest import parse_resource
@@ -24,23 +25,6 @@ from lmforge_operator.kube import path_for
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Any:
-    with Cluster() as c:
-        yield c
-
-
-def doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "lmforge.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
-
-
-CORPUS = {
-    "sources": [{"jsonl": {"paths": ["s3://bucket/raw/*.jsonl"]}}],
-    "dedup": {"exact": False, "minhash": {"enabled": False}},
-    "tokenizer": {"train": {"vocabSize": 4096}},
-    "output": "s3://bucket/corpora/web",
-    "parallelism": {"tasks": 4, "workers": 2},
-}
 PRETRAIN = {
     "corpus": {"name": "web"},
     "model": {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "seqLen": 64},
@@ -71,22 +55,6 @@ def finish(cluster: Cluster, job: str, ns: str, termination: dict[str, Any] | No
     cluster.finish_job(job, ns)
 
 
-def wait_job(cluster: Cluster, ns: str, name: str, timeout: float = 20) -> dict[str, Any]:
-    try:
-        return cluster.wait(lambda: cluster.get("Job", name, ns), timeout, f"Job {name}")
-    except AssertionError as exc:
-        phases = {
-            f"{kind}/{o['metadata']['name']}": [
-                (c["type"], c["reason"], c["message"])
-                for c in (o.get("status") or {}).get("conditions", [])
-                if c["status"] == "True"
-            ]
-            for kind in ("Corpus", "PretrainRun", "AlignmentRun", "Evaluation")
-            for o in cluster.list(kind, ns)
-        }
-        raise AssertionError(f"{exc}; resources: {phases}") from None
-
-
 def configmap_spec(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
     cm = cluster.get("ConfigMap", name, ns)
     assert cm is not None, name
@@ -104,7 +72,7 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
             ("PretrainRun", "gpt", PRETRAIN),
             ("Corpus", "web", CORPUS),
         ):
-            cluster.create(doc(kind, name, spec), ns)
+            cluster.create(resource(kind, name, spec), ns)
 
         def waiting_for_corpus() -> Any:
             s = cluster.status("PretrainRun", "gpt", ns)
@@ -121,7 +89,7 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
         corpus = cluster.get("Corpus", "web", ns)
         stages = ["extract", "tokenizer", "tokenize", "stats"]
         for i, stage in enumerate(stages):
-            job = wait_job(cluster, ns, f"web-{stage}")
+            job = cluster.wait_job(f"web-{stage}", ns)
             assert job["metadata"]["labels"]["lmforge.io/stage"] == stage
             assert job["metadata"]["ownerReferences"][0]["uid"] == corpus["metadata"]["uid"]
             assert job["spec"]["completionMode"] == "Indexed"
@@ -161,7 +129,7 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
         assert status["progress"]["percent"] == 100
 
         # PretrainRun: ConfigMap with references resolved, headless Service, torchrun Job.
-        job = wait_job(cluster, ns, "gpt-pretrain")
+        job = cluster.wait_job("gpt-pretrain", ns)
         resolved = configmap_spec(cluster, ns, "gpt-pretrain-spec")
         assert "corpus" not in resolved["spec"]
         assert resolved["spec"]["data"]["tokens"] == "s3://bucket/corpora/web/tokens/train"
@@ -230,7 +198,7 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
         assert ready["status"] == "True" and status["completionTime"]
 
         # AlignmentRun: the base resolved to the PretrainRun's model; shell metacharacters verbatim.
-        job = wait_job(cluster, ns, "gpt-sft-align")
+        job = cluster.wait_job("gpt-sft-align", ns)
         resolved = configmap_spec(cluster, ns, "gpt-sft-align-spec")
         assert resolved["spec"]["base"] == {"path": "s3://bucket/runs/gpt/model"}
         assert resolved["spec"]["dataset"]["path"] == NASTY
@@ -242,7 +210,7 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
         assert status["outputs"] == {"model": "s3://bucket/runs/gpt-sft/model"}
 
         # Evaluation: results from the termination message.
-        wait_job(cluster, ns, "gpt-eval-evaluate")
+        cluster.wait_job("gpt-eval-evaluate", ns)
         resolved = configmap_spec(cluster, ns, "gpt-eval-evaluate-spec")
         assert resolved["spec"]["perplexity"]["data"] == "s3://bucket/corpora/web/tokens/held-out"
         finish(
@@ -418,7 +386,7 @@ def _invalid_cases() -> list[tuple[str, dict[str, Any], str, str]]:
             out.append((f"bad-{case_id}", manifest(kind, patch, name=f"bad-{case_id}"), field, "SpecInvalid"))
     assert len(out) == len(picked)
     # Rules only the operator can check.
-    big = doc(
+    big = resource(
         "PretrainRun",
         "too-big",
         {
@@ -437,7 +405,7 @@ def _invalid_cases() -> list[tuple[str, dict[str, Any], str, str]]:
         },
     )
     out.append(("too-big", big, "spec.batch.microBatchSize", "DoesNotFitInMemory"))
-    selfref = doc(
+    selfref = resource(
         "AlignmentRun",
         "self-ref",
         {
@@ -453,9 +421,9 @@ def _invalid_cases() -> list[tuple[str, dict[str, Any], str, str]]:
             "method": "sft",
             "dataset": {"path": "s3://b/d", "format": "messages"},
         }
-        out.append((a, doc("AlignmentRun", a, spec), "spec.base", "DependencyCycle"))
+        out.append((a, resource("AlignmentRun", a, spec), "spec.base", "DependencyCycle"))
     long_name = "x" * 45
-    out.append((long_name, doc("Corpus", long_name, CORPUS), "metadata.name", "SpecInvalid"))
+    out.append((long_name, resource("Corpus", long_name, CORPUS), "metadata.name", "SpecInvalid"))
     return out
 
 
@@ -487,8 +455,8 @@ def test_spec_change_while_running_failure_and_deletion(cluster: Cluster) -> Non
     spec = {**PRETRAIN, "corpus": None, "data": {"tokens": "s3://b/t", "tokenizer": "s3://b/tok"}}
     spec = {k: v for k, v in spec.items() if v is not None}
     with Operator(cluster, ns, metrics_port=0) as op:
-        cluster.create(doc("PretrainRun", "run", spec), ns)
-        wait_job(cluster, ns, "run-pretrain")
+        cluster.create(resource("PretrainRun", "run", spec), ns)
+        cluster.wait_job("run-pretrain", ns)
         cluster.start_job("run-pretrain", ns)
         cluster.wait_phase("PretrainRun", "run", "Running", ns)
         # A field that cannot change on a running resource: Invalid naming it; the Job is left alone.
@@ -506,8 +474,8 @@ def test_spec_change_while_running_failure_and_deletion(cluster: Cluster) -> Non
         cluster.wait_phase("PretrainRun", "run", "Running", ns)
 
         # A configuration error (exit 64) is Invalid naming the field; a crash is Failed.
-        cluster.create(doc("PretrainRun", "bad-config", spec), ns)
-        wait_job(cluster, ns, "bad-config-pretrain")
+        cluster.create(resource("PretrainRun", "bad-config", spec), ns)
+        cluster.wait_job("bad-config-pretrain", ns)
         cluster.add_pod(
             "bad-config-pretrain",
             namespace=ns,
@@ -521,8 +489,8 @@ def test_spec_change_while_running_failure_and_deletion(cluster: Cluster) -> Non
             invalid["reason"] == "ConfigError"
             and "spec.data.tokenizer: no tokenizer.json" in invalid["message"]
         )
-        cluster.create(doc("PretrainRun", "crash", spec), ns)
-        wait_job(cluster, ns, "crash-pretrain")
+        cluster.create(resource("PretrainRun", "crash", spec), ns)
+        cluster.wait_job("crash-pretrain", ns)
         cluster.finish_job("crash-pretrain", ns, failed=True, message="BackoffLimitExceeded")
         status = cluster.wait_phase("PretrainRun", "crash", "Failed", ns)
         assert (
@@ -567,17 +535,11 @@ def test_evaluation_every_checkpoint_reruns_as_checkpoints_land(cluster: Cluster
     pre = {k: v for k, v in PRETRAIN.items() if k != "corpus"} | {
         "data": {"tokens": "s3://b/t", "tokenizer": "s3://b/tok"}
     }
-    ev = {
-        "model": {"pretrainRun": "gpt"},
-        "checkpoints": "every",
-        "benchmarks": [{"task": "hellaswag"}],
-        "output": "s3://b/evals/gpt",
-    }
     with Operator(cluster, ns):
-        cluster.create(doc("PretrainRun", "gpt", pre), ns)
-        cluster.create(doc("Evaluation", "gpt-every", ev), ns)
+        cluster.create(resource("PretrainRun", "gpt", pre), ns)
+        cluster.create(resource("Evaluation", "gpt-every", EVERY_CHECKPOINT), ns)
         status = cluster.wait_phase("Evaluation", "gpt-every", "Waiting", ns)
-        wait_job(cluster, ns, "gpt-pretrain")
+        cluster.wait_job("gpt-pretrain", ns)
         cluster.start_job("gpt-pretrain", ns)
         cluster.wait_phase("PretrainRun", "gpt", "Running", ns)
         status = cluster.wait(
@@ -591,7 +553,7 @@ def test_evaluation_every_checkpoint_reruns_as_checkpoints_land(cluster: Cluster
         )
         # A checkpoint lands (the PretrainRun's mirrored step passes checkpoint.everySteps).
         cluster.patch("PretrainRun", "gpt", {"status": {"progress": {"step": 60}}}, ns, "status")
-        wait_job(cluster, ns, "gpt-every-evaluate")
+        cluster.wait_job("gpt-every-evaluate", ns)
         resolved = configmap_spec(cluster, ns, "gpt-every-evaluate-spec")
         assert resolved["spec"]["checkpointDir"] == "s3://bucket/runs/gpt/checkpoints"
         finish(cluster, "gpt-every-evaluate", ns, {"state": "Succeeded", "results": {"perplexity": 30.0}})
@@ -603,7 +565,7 @@ def test_evaluation_every_checkpoint_reruns_as_checkpoints_land(cluster: Cluster
         # final model, then Succeeded.
         final = {"state": "Succeeded", "outputs": {"model": "s3://bucket/exports/gpt-final"}}
         finish(cluster, "gpt-pretrain", ns, final)
-        job1 = wait_job(cluster, ns, "gpt-every-evaluate-1")
+        job1 = cluster.wait_job("gpt-every-evaluate-1", ns)
         # Each round mounts the spec it was resolved with, in a ConfigMap of its own; round 0's is unchanged.
         mounted = {v["name"]: v for v in job1["spec"]["template"]["spec"]["volumes"]}["spec"]
         assert mounted["configMap"]["name"] == "gpt-every-evaluate-spec-1"
@@ -638,19 +600,19 @@ def test_evaluation_every_checkpoint_deletes_superseded_rounds(cluster: Cluster)
         return [h["perplexity"] for h in cluster.status("Evaluation", "gpt-every", ns).get("history") or []]
 
     with Operator(cluster, ns):
-        cluster.create(doc("PretrainRun", "gpt", pre), ns)
-        cluster.create(doc("Evaluation", "gpt-every", ev), ns)
-        wait_job(cluster, ns, "gpt-pretrain")
+        cluster.create(resource("PretrainRun", "gpt", pre), ns)
+        cluster.create(resource("Evaluation", "gpt-every", EVERY_CHECKPOINT), ns)
+        cluster.wait_job("gpt-pretrain", ns)
         cluster.start_job("gpt-pretrain", ns)
         cluster.wait_phase("PretrainRun", "gpt", "Running", ns)
         for r, step in enumerate((60, 110)):  # checkpoints 1 and 2 land (everySteps 50): rounds 0 and 1
             cluster.patch("PretrainRun", "gpt", {"status": {"progress": {"step": step}}}, ns, "status")
-            wait_job(cluster, ns, rounds[r])
+            cluster.wait_job(rounds[r], ns)
             finish(cluster, rounds[r], ns, {"state": "Succeeded", "results": {"perplexity": 30.0 - r}})
             cluster.wait(lambda r=r: len(history()) == r + 1, 20, f"round {r} recorded")
         assert cluster.get("Job", rounds[0], ns) is not None  # two rounds so far: nothing deleted
         finish(cluster, "gpt-pretrain", ns)  # the final model: round 2, and round 0 goes
-        wait_job(cluster, ns, rounds[2])
+        cluster.wait_job(rounds[2], ns)
         cluster.wait(lambda: cluster.get("Job", rounds[0], ns) is None, 20, "round 0 deleted")
         cluster.wait(lambda: cluster.get("ConfigMap", specs[0], ns) is None, 20, "round 0 spec deleted")
         assert all(cluster.get("Job", j, ns) is not None for j in rounds[1:])
@@ -708,9 +670,10 @@ def test_lmforge_operator_command_serves_metrics_and_liveness(cluster: Cluster, 
     )
     try:
         cluster.create(
-            doc("Evaluation", "hub", {"model": {"huggingface": "org/m"}, "benchmarks": [{"task": "x"}]}), ns
+            resource("Evaluation", "hub", {"model": {"huggingface": "org/m"}, "benchmarks": [{"task": "x"}]}),
+            ns,
         )
-        wait_job(cluster, ns, "hub-evaluate", timeout=60)
+        cluster.wait_job("hub-evaluate", ns, timeout=60)
         health = urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=10)
         assert health.status == 200
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()

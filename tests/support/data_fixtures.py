@@ -114,7 +114,10 @@ def write_manifest(path: Path, output: Path, spec: dict[str, Any]) -> Path:
     return path
 
 
-def job_env() -> dict[str, str]:
+def job_env(*drop: str) -> dict[str, str]:
+    """The environment of a job a test starts as a process (any job, not only the Corpus one): this
+    process's, offline, one thread, no metrics port, unbuffered, and without a Job's index, a
+    termination log or the variables named in ``drop``."""
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS="1",
@@ -123,7 +126,8 @@ def job_env() -> dict[str, str]:
         LMFORGE_METRICS_PORT="off",
         PYTHONUNBUFFERED="1",
     )
-    env.pop("JOB_COMPLETION_INDEX", None)
+    for key in ("JOB_COMPLETION_INDEX", "LMFORGE_TERMINATION_LOG", *drop):
+        env.pop(key, None)
     return env
 
 

@@ -454,6 +454,22 @@ class Cluster:
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last status: {json.dumps(last)[:1500]}") from None
 
+    def wait_job(self, name: str, namespace: str = NAMESPACE, timeout: float = 20.0) -> dict[str, Any]:
+        """The Job once it exists; on a timeout, the true conditions of every lmforge resource say why."""
+        try:
+            return self.wait(lambda: self.get("Job", name, namespace), timeout, f"Job {name}")
+        except AssertionError as exc:
+            phases = {
+                f"{kind}/{o['metadata']['name']}": [
+                    (c["type"], c["reason"], c["message"])
+                    for c in (o.get("status") or {}).get("conditions", [])
+                    if c["status"] == "True"
+                ]
+                for kind in ("Corpus", "PretrainRun", "AlignmentRun", "Evaluation")
+                for o in self.list(kind, namespace)
+            }
+            raise AssertionError(f"{exc}; resources: {phases}") from None
+
 
 class Operator:
     """The operator (kopf, handlers of lmforge_operator.handlers) on its own thread and event loop."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from manifests import write_manifest
 from repo import ROOT
 from tiny_models import tiny_llama
 
@@ -36,23 +36,12 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> str:
     return tiny_llama(tmp_path_factory.mktemp("base"), chat_template=False)
 
 
-def write_manifest(path: Path, name: str, spec: dict[str, Any]) -> Path:
-    doc = {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "AlignmentRun",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    return path
-
-
 def run_job(tmp: Path, name: str, spec: dict[str, Any]) -> tuple[int, Path]:
     """Run the job in-process (as ``python -m lmforge_jobs.align``); return (exit code, output dir)."""
     from lmforge_jobs.align.__main__ import main
 
     spec = {"precision": "fp32", "output": str(tmp / name), **spec}
-    manifest = write_manifest(tmp / f"{name}.yaml", name, spec)
+    manifest = write_manifest(tmp / f"{name}.yaml", "AlignmentRun", name, spec)
     return main(["--manifest", str(manifest)]), Path(spec["output"])
 
 
@@ -292,6 +281,13 @@ def reward_run(tmp_path_factory: pytest.TempPathFactory, base: str) -> Path:
     return out
 
 
+def ppo_spec(base: str, reward_run: Path, eval_fraction: float = 0, **changes: Any) -> dict[str, Any]:
+    """A PPO run of the tiny base against the module's reward model, on the shipped prompts."""
+    dataset = {"path": str(DATA / "prompts.jsonl"), "format": "prompts", "evalFraction": eval_fraction}
+    spec = {"base": {"path": base}, "method": "ppo", "rewardModel": {"path": str(reward_run / "model")}}
+    return {**spec, "dataset": dataset, **changes}
+
+
 @pytest.mark.slow
 def test_reward_model_held_out_accuracy(reward_run: Path) -> None:
     from transformers import AutoModelForSequenceClassification
@@ -356,12 +352,10 @@ def test_dpo_lora_raises_margin_and_merges(tmp_path: Path, base: str) -> None:
 # ------------------------------------------------------------------------------------------------- ppo
 @pytest.mark.slow
 def test_ppo_raises_reward_with_bounded_kl(tmp_path: Path, base: str, reward_run: Path) -> None:
-    spec = {
-        "base": {"path": base},
-        "method": "ppo",
-        "rewardModel": {"path": str(reward_run / "model")},
-        "dataset": {"path": str(DATA / "prompts.jsonl"), "format": "prompts", "evalFraction": 0},
-        "hyperparameters": {
+    spec = ppo_spec(
+        base,
+        reward_run,
+        hyperparameters={
             "lr": 3.0e-3,
             "maxSteps": 24,
             "batchSize": 16,
@@ -369,7 +363,7 @@ def test_ppo_raises_reward_with_bounded_kl(tmp_path: Path, base: str, reward_run
             "warmupRatio": 0,
             "ppo": {"rolloutBatchSize": 16, "maxNewTokens": 12, "ppoEpochs": 2, "klCoef": 0.05},
         },
-    }
+    )
     code, out = run_job(tmp_path, "ppo", spec)
     assert code == 0
     rows = [r for r in history(out) if "meanReward" in r]
@@ -391,21 +385,20 @@ def test_ppo_lora_reference_is_the_disabled_adapter(tmp_path: Path, base: str, r
     import torch
     from transformers import AutoModelForCausalLM
 
-    spec = {
-        "base": {"path": base},
-        "method": "ppo",
-        "rewardModel": {"path": str(reward_run / "model")},
-        "dataset": {"path": str(DATA / "prompts.jsonl"), "format": "prompts", "evalFraction": 0.2},
-        "peft": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-        "hyperparameters": {
+    spec = ppo_spec(
+        base,
+        reward_run,
+        eval_fraction=0.2,
+        peft={"lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        hyperparameters={
             "lr": 5.0e-3,
             "maxSteps": 3,
             "batchSize": 8,
             "microBatchSize": 8,
             "ppo": {"rolloutBatchSize": 8, "maxNewTokens": 8, "ppoEpochs": 2},
         },
-        "checkpoint": {"everySteps": 1, "keep": 1},
-    }
+        checkpoint={"everySteps": 1, "keep": 1},
+    )
     code, out = run_job(tmp_path, "ppo-lora", spec)
     assert code == 0
     rows = [r for r in history(out) if "kl" in r]
@@ -434,19 +427,17 @@ def test_ppo_resume_continues(
 ) -> None:
     import lmforge_jobs.align.ppo as ppo
 
-    spec = {
-        "base": {"path": base},
-        "method": "ppo",
-        "rewardModel": {"path": str(reward_run / "model")},
-        "dataset": {"path": str(DATA / "prompts.jsonl"), "format": "prompts", "evalFraction": 0},
-        "hyperparameters": {
+    spec = ppo_spec(
+        base,
+        reward_run,
+        hyperparameters={
             "maxSteps": 4,
             "batchSize": 4,
             "microBatchSize": 4,
             "ppo": {"rolloutBatchSize": 4, "maxNewTokens": 4, "ppoEpochs": 1},
         },
-        "checkpoint": {"everySteps": 2},
-    }
+        checkpoint={"everySteps": 2},
+    )
     real = ppo.save_checkpoint
 
     def save_then_stop(output: str, iteration: int, *a: Any) -> None:
@@ -641,13 +632,11 @@ def test_ppo_ratio_is_one_before_the_update_even_with_dropout(
 ) -> None:
     """Old log-probs are taken without dropout; the update must see the same network, so with one PPO
     epoch and one minibatch ρ = π/π_old is exactly 1 and nothing is clipped, whatever the LoRA dropout."""
-    spec = {
-        "base": {"path": base},
-        "method": "ppo",
-        "rewardModel": {"path": str(reward_run / "model")},
-        "dataset": {"path": str(DATA / "prompts.jsonl"), "format": "prompts", "evalFraction": 0},
-        "peft": {"lora": {"r": 4, "alpha": 8, "dropout": 0.9}},
-        "hyperparameters": {
+    spec = ppo_spec(
+        base,
+        reward_run,
+        peft={"lora": {"r": 4, "alpha": 8, "dropout": 0.9}},
+        hyperparameters={
             "lr": 2.0e-2,
             "maxSteps": 3,
             "batchSize": 8,
@@ -655,7 +644,7 @@ def test_ppo_ratio_is_one_before_the_update_even_with_dropout(
             "warmupRatio": 0,
             "ppo": {"rolloutBatchSize": 8, "maxNewTokens": 6, "ppoEpochs": 1},
         },
-    }
+    )
     code, out = run_job(tmp_path, "ppo-dropout", spec)
     assert code == 0
     rows = [r for r in history(out) if "clipFraction" in r]

@@ -40,6 +40,20 @@ def _without_lxml_html_clean(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def _run_without_lxml_html_clean(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Python with ``args`` where lxml_html_clean cannot be imported; the process and its seconds."""
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=_without_lxml_html_clean(tmp),
+        cwd=ROOT,
+        timeout=TIMEOUT,
+    )
+    return proc, time.monotonic() - started
+
+
 def _errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
@@ -47,16 +61,9 @@ def _errors(stderr: str) -> list[str]:
 def test_unimportable_extractor_is_a_config_error_before_any_document(tmp_path: Path) -> None:
     out = tmp_path / "out"
     manifest = write_manifest(tmp_path / "c.yaml", out, _spec())
-    started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmforge_jobs.data", "--manifest", str(manifest), "--stage", "extract"],
-        capture_output=True,
-        text=True,
-        env=_without_lxml_html_clean(tmp_path),
-        cwd=ROOT,
-        timeout=TIMEOUT,
+    proc, elapsed = _run_without_lxml_html_clean(
+        tmp_path, "-m", "lmforge_jobs.data", "--manifest", str(manifest), "--stage", "extract"
     )
-    elapsed = time.monotonic() - started
     assert proc.returncode == 64, proc.stderr[-2000:]
     errors = _errors(proc.stderr)
     assert len(errors) == 1, proc.stderr[-2000:]
@@ -88,16 +95,7 @@ def test_extractor_failing_in_the_workers_ends_the_stage_early(tmp_path: Path) -
             sys.exit(64)
         """
     )
-    started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=_without_lxml_html_clean(tmp_path),
-        cwd=ROOT,
-        timeout=TIMEOUT,
-    )
-    elapsed = time.monotonic() - started
+    proc, elapsed = _run_without_lxml_html_clean(tmp_path, "-c", script)
     assert proc.returncode == 64, proc.stderr[-3000:]
     line = next(x for x in proc.stderr.splitlines() if x.startswith("CONFIG"))
     assert line.startswith("CONFIG extract.method trafilatura could not be imported: "), line

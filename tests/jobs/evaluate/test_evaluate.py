@@ -11,6 +11,7 @@ import math
 import shutil
 from pathlib import Path
 
+import manifests
 import pytest
 import torch
 import yaml
@@ -30,16 +31,6 @@ TASKS = ROOT / "examples" / "tasks"
 TEXTS = synthetic_texts(60, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LMFORGE_METRICS_PORT", "off")
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(key, "1")
-    for key in ("RANK", "LMFORGE_TERMINATION_LOG"):
-        monkeypatch.delenv(key, raising=False)
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return tiny_llama(tmp_path_factory.mktemp("model") / "m", texts=TEXTS)
@@ -54,15 +45,7 @@ def text_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_manifest(tmp: Path, spec: dict, name: str = "ev") -> Path:
     spec = {"precision": "fp32", "output": str(tmp / "out"), **spec}
-    doc = {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "Evaluation",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return path
+    return manifests.write_manifest(tmp / f"{name}.yaml", "Evaluation", name, spec, sort_keys=False)
 
 
 def results_of(tmp: Path) -> dict:

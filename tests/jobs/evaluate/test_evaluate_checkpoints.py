@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
+from manifests import tiny_pretrain, write_manifest
 
 from lmforge_jobs.evaluate.__main__ import main
 from lmforge_jobs.pretrain.__main__ import main as pretrain_main
@@ -23,40 +22,21 @@ from lmforge_jobs.pretrain.testing import make_token_data
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LMFORGE_METRICS_PORT", "off")
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(key, "1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LMFORGE_TERMINATION_LOG"):
-        monkeypatch.delenv(key, raising=False)
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A finished PretrainRun with complete checkpoints at steps 2 and 4."""
     root = tmp_path_factory.mktemp("pretrain")
     data = make_token_data(root / "data", vocab_size=320, documents=60, held_out=8)
-    spec = {
-        "data": data,
-        "model": {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "ffnHidden": 192, "seqLen": 32},
-        "budget": {"steps": 4},
-        "optimizer": {"lr": 3.0e-3, "warmupSteps": 1},
-        "batch": {"globalTokens": 512, "microBatchSize": 8},
-        "precision": "fp32",
-        "parallelism": {"nodes": 1, "gpusPerNode": 0, "compile": False},
-        "checkpoint": {"everySteps": 2, "keep": 5},
-        "eval": {"everySteps": 100, "batches": 1},
-        "output": str(root / "run"),
-    }
-    doc = {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "PretrainRun",
-        "metadata": {"name": "run"},
-        "spec": spec,
-    }
-    (root / "run.yaml").write_text(yaml.safe_dump(doc))
+    spec = tiny_pretrain(
+        data,
+        root / "run",
+        budget={"steps": 4},
+        optimizer={"warmupSteps": 1},
+        batch={"globalTokens": 512},
+        checkpoint={"everySteps": 2, "keep": 5},
+        eval={"everySteps": 100, "batches": 1},
+    )
+    write_manifest(root / "run.yaml", "PretrainRun", "run", spec)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMFORGE_METRICS_PORT", "off")
         assert pretrain_main(["--manifest", str(root / "run.yaml")]) == 0
@@ -77,15 +57,7 @@ def manifest(tmp: Path, checkpoint_dir: Path, held_out: Path, **extra: object) -
         "output": str(tmp / "out"),
         **extra,
     }
-    doc = {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "Evaluation",
-        "metadata": {"name": "ev"},
-        "spec": spec,
-    }
-    path = tmp / "ev.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return write_manifest(tmp / "ev.yaml", "Evaluation", "ev", spec)
 
 
 def results(tmp: Path) -> dict:

@@ -10,10 +10,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import manifests
 import numpy as np
 import pytest
-import torch
-import yaml
 from prometheus_client import REGISTRY
 from repo import ROOT
 from tiny_models import tiny_llama
@@ -26,16 +25,6 @@ from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_UNAVAILABLE
 
 PROMPTS = ROOT / "examples" / "tasks" / "judge_prompts.jsonl"
 TEXTS = synthetic_texts(30, seed=5)
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LMFORGE_METRICS_PORT", "off")
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(key, "1")
-    for key in ("RANK", "LMFORGE_TERMINATION_LOG", "LMFORGE_SECRET_JUDGE_KEY"):
-        monkeypatch.delenv(key, raising=False)
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +42,7 @@ def text_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_manifest(tmp: Path, spec: dict) -> Path:
     spec = {"precision": "fp32", "output": str(tmp / "out"), "batchSize": 4, **spec}
-    doc = {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "Evaluation",
-        "metadata": {"name": "ev"},
-        "spec": spec,
-    }
-    path = tmp / "ev.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return path
+    return manifests.write_manifest(tmp / "ev.yaml", "Evaluation", "ev", spec, sort_keys=False)
 
 
 def transcript(tmp: Path) -> list[dict]:

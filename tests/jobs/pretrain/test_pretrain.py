@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from data_fixtures import job_env
+from manifests import tiny_pretrain, write_manifest
 
 from lmforge_jobs import shards
 from lmforge_jobs.entry import ConfigError
@@ -48,32 +48,7 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def manifest(tmp: Path, data: dict[str, str], name: str = "run", **spec: object) -> Path:
-    base: dict[str, object] = {
-        "data": dict(data),
-        "model": {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "ffnHidden": 192, "seqLen": 32},
-        "budget": {"steps": 8},
-        "optimizer": {"lr": 3.0e-3, "warmupSteps": 2},
-        "batch": {"globalTokens": 1024, "microBatchSize": 8},
-        "precision": "fp32",
-        "parallelism": {"nodes": 1, "gpusPerNode": 0, "compile": False},
-        "checkpoint": {"everySteps": 4, "keep": 2},
-        "eval": {"everySteps": 4, "batches": 2},
-        "output": str(tmp / name),
-    }
-    for key, value in spec.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}  # type: ignore[dict-item]
-        else:
-            base[key] = value
-    path = tmp / f"{name}.yaml"
-    doc = {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "PretrainRun",
-        "metadata": {"name": name},
-        "spec": base,
-    }
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    return path
+    return write_manifest(tmp / f"{name}.yaml", "PretrainRun", name, tiny_pretrain(data, tmp / name, **spec))
 
 
 def losses(output: Path, key: str = "loss") -> dict[int, float]:
@@ -84,12 +59,6 @@ def losses(output: Path, key: str = "loss") -> dict[int, float]:
         if key in row:
             found[row["step"]] = row[key]
     return found
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", LMFORGE_METRICS_PORT="off", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return env
 
 
 # ------------------------------------------------------------------------------------------------ shards
@@ -413,7 +382,7 @@ def test_init_must_match_rope_norm_and_tying(tmp_path: Path, data: dict[str, str
 def _run(path: Path, **kw: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "lmforge_jobs.pretrain", "--manifest", str(path)],
-        env=subprocess_env(),
+        env=job_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -5,14 +5,14 @@ sequences however the processes are arranged)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from data_fixtures import job_env
+from manifests import tiny_pretrain, write_manifest
 
 from lmforge_jobs.pretrain.__main__ import main
 from lmforge_jobs.pretrain.testing import make_token_data
@@ -26,35 +26,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", LMFORGE_METRICS_PORT="off", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("LMFORGE_TERMINATION_LOG", None)
-    return env
-
-
 def _manifest(tmp: Path, data: dict[str, str], name: str, strategy: str, nodes: int) -> Path:
-    spec = {
-        "data": data,
-        "model": {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "ffnHidden": 192, "seqLen": 32},
-        "budget": {"steps": STEPS},
-        "optimizer": {"lr": 3.0e-3, "warmupSteps": 2},
-        "batch": {"globalTokens": 1024, "microBatchSize": 8},
-        "precision": "fp32",
-        "parallelism": {"nodes": nodes, "gpusPerNode": 0, "strategy": strategy, "compile": False},
-        "checkpoint": {"everySteps": 3, "keep": 1},
-        "eval": {"everySteps": STEPS, "batches": 2},
-        "output": str(tmp / name),
-    }
-    path = tmp / f"{name}.yaml"
-    doc = {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "PretrainRun",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    return path
+    spec = tiny_pretrain(
+        data,
+        tmp / name,
+        budget={"steps": STEPS},
+        parallelism={"nodes": nodes, "strategy": strategy},
+        checkpoint={"everySteps": 3, "keep": 1},
+        eval={"everySteps": STEPS},
+    )
+    return write_manifest(tmp / f"{name}.yaml", "PretrainRun", name, spec)
 
 
 def _losses(output: Path) -> list[float]:
@@ -84,7 +65,7 @@ def test_two_nodes_ddp_and_fsdp_match_one_process(tmp_path: Path, monkeypatch: p
     nodes = [
         subprocess.Popen(
             [*_torchrun(*node_args), str(ddp)],
-            env=_env(),
+            env=job_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -97,7 +78,7 @@ def test_two_nodes_ddp_and_fsdp_match_one_process(tmp_path: Path, monkeypatch: p
     fsdp = _manifest(tmp_path, data, "fsdp", "fsdp", nodes=2)
     done = subprocess.run(
         [*_torchrun("--standalone", "--nnodes=1", "--nproc-per-node=2"), str(fsdp)],
-        env=_env(),
+        env=job_env(),
         capture_output=True,
         text=True,
         timeout=180,
