@@ -258,16 +258,14 @@ def test_sft_packing_and_prompt_tuning(tmp_path: Path, base: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- reward
-@pytest.fixture(scope="module")
-def reward_run(tmp_path_factory: pytest.TempPathFactory, base: str) -> Path:
-    tmp = tmp_path_factory.mktemp("reward")
+def _reward_run(tmp: Path, base: str, epochs: int) -> Path:
     spec = {
         "base": {"path": base},
         "method": "reward",
         "dataset": {"path": str(DATA / "pairs.jsonl"), "format": "preference", "evalFraction": 0.2},
         "hyperparameters": {
             "lr": 3.0e-3,
-            "epochs": 6,
+            "epochs": epochs,
             "batchSize": 8,
             "microBatchSize": 8,
             "maxLength": 64,
@@ -279,6 +277,19 @@ def reward_run(tmp_path_factory: pytest.TempPathFactory, base: str) -> Path:
         code, out = run_job(tmp, "rm", spec)
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory: pytest.TempPathFactory, base: str) -> Path:
+    """A reward model trained until it ranks held-out pairs well (for the tests of what PPO learns)."""
+    return _reward_run(tmp_path_factory.mktemp("reward"), base, epochs=6)
+
+
+@pytest.fixture(scope="module")
+def rough_reward_run(tmp_path_factory: pytest.TempPathFactory, base: str) -> Path:
+    """A reward model after one epoch: a reward AlignmentRun's output like any other, for the tests of
+    PPO's mechanics (the reference, resume, the ratio), which do not need it to rank well."""
+    return _reward_run(tmp_path_factory.mktemp("rough-reward"), base, epochs=1)
 
 
 def ppo_spec(base: str, reward_run: Path, eval_fraction: float = 0, **changes: Any) -> dict[str, Any]:
@@ -381,13 +392,15 @@ def test_ppo_raises_reward_with_bounded_kl(tmp_path: Path, base: str, reward_run
     AutoModelForCausalLM.from_pretrained(out / "model")
 
 
-def test_ppo_lora_reference_is_the_disabled_adapter(tmp_path: Path, base: str, reward_run: Path) -> None:
+def test_ppo_lora_reference_is_the_disabled_adapter(
+    tmp_path: Path, base: str, rough_reward_run: Path
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
     spec = ppo_spec(
         base,
-        reward_run,
+        rough_reward_run,
         eval_fraction=0.2,
         peft={"lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         hyperparameters={
@@ -423,13 +436,13 @@ def test_ppo_lora_reference_is_the_disabled_adapter(tmp_path: Path, base: str, r
 
 
 def test_ppo_resume_continues(
-    tmp_path: Path, base: str, reward_run: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, base: str, rough_reward_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import lmforge_jobs.align.ppo as ppo
 
     spec = ppo_spec(
         base,
-        reward_run,
+        rough_reward_run,
         hyperparameters={
             "maxSteps": 4,
             "batchSize": 4,
@@ -628,13 +641,13 @@ def test_ppo_gae_masks_padding_and_matches_hand_computation() -> None:
 
 
 def test_ppo_ratio_is_one_before_the_update_even_with_dropout(
-    tmp_path: Path, base: str, reward_run: Path
+    tmp_path: Path, base: str, rough_reward_run: Path
 ) -> None:
     """Old log-probs are taken without dropout; the update must see the same network, so with one PPO
     epoch and one minibatch ρ = π/π_old is exactly 1 and nothing is clipped, whatever the LoRA dropout."""
     spec = ppo_spec(
         base,
-        reward_run,
+        rough_reward_run,
         peft={"lora": {"r": 4, "alpha": 8, "dropout": 0.9}},
         hyperparameters={
             "lr": 2.0e-2,

@@ -301,7 +301,13 @@ def test_endpoint_errors_name_the_field_and_keep_results(
     assert "error: spec.judge.model.endpoint.apiKey:" in capsys.readouterr().err
     # nothing listens on the port: the perplexity computed before is kept, no completion marker
     monkeypatch.setenv("LMFORGE_SECRET_JUDGE_KEY", "sekret")
+    import functools
     import socket
+
+    from lmforge_jobs.evaluate.judge import EndpointJudge
+
+    # every attempt is still made, without the seconds of backoff between them
+    monkeypatch.setattr(EndpointJudge, "__init__", functools.partialmethod(EndpointJudge.__init__, backoff=0))
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

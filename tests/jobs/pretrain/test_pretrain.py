@@ -401,6 +401,7 @@ def _wait_for(predicate, proc: subprocess.Popen[str], timeout: float = 60) -> No
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a job process killed and resumed: several seconds
 def test_resume_after_sigkill_is_exact(tmp_path: Path, data: dict[str, str]) -> None:
     k = 4
     spec = {
@@ -430,6 +431,7 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, data: dict[str, str]) -> 
     assert main(["--manifest", str(other)]) == EXIT_CONFIG_ERROR
 
 
+@pytest.mark.slow  # a job process stopped mid-run: several seconds
 def test_sigterm_saves_and_exits_stopped(tmp_path: Path, data: dict[str, str]) -> None:
     """A stopped run is not a finished one: exit 143, so a Job never counts the pod as complete."""
     path = manifest(
@@ -734,6 +736,7 @@ def test_s3_corpus_trains_to_the_same_losses(
     assert corpus > 16384  # the cache was bounded below the corpus size
 
 
+@pytest.mark.slow  # a job process killed and resumed: several seconds
 def test_s3_run_checkpoints_exports_and_resumes_after_sigkill(
     tmp_path: Path, data: dict[str, str], s3
 ) -> None:  # type: ignore[no-untyped-def]
