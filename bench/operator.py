@@ -14,7 +14,7 @@ thread of this process and the client creating resources on the main thread. Wit
 runs on a thread of this process as well, so all three share one interpreter (and its GIL) and the numbers
 are a lower bound. Stock kmock finds an object by scanning every object it stores, on every request, so
 it slows as objects accumulate (at 1,000 resources: ~3,000 objects, ~7,800 requests, ~25 M comparisons
-that took most of its CPU). The harness (tests/kmock_harness.py) looks a named object up by its key instead
+that took most of its CPU). The harness (tests/support/kmock_harness.py) looks a named object up by its key instead
 (tested to answer exactly what the scan answers) and fetches its request log incrementally; with
 ``--stock-kmock`` the scan is kept, to see how much of a number is the emulator's. Measured:
 
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 
 def manifest(kind: str, name: str) -> dict[str, Any]:

@@ -142,7 +142,7 @@ Name = Annotated[
 # The CRD refuses the same URIs as check_uri with one OpenAPI `pattern`, not a CEL rule: a rule on every URI
 # (up to 64 sources × 1,000 paths each) would exceed the API server's CEL cost budget, while a pattern has
 # none. Kubernetes matches patterns with Go's RE2, so no look-ahead: "any scheme but pvc" and "a path
-# segment other than .." are spelled out. tests/test_specs.py checks RE2 and Python agree with check_uri.
+# segment other than .." are spelled out. tests/jobs/test_specs.py checks RE2 and Python agree with check_uri.
 _SCHEME_CHAR = r"[a-zA-Z0-9+.-]"
 _SCHEME_NOT_PVC = (
     rf"([a-zA-Z]{_SCHEME_CHAR}?"  # one or two characters

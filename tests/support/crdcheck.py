@@ -1,0 +1,118 @@
+"""Validate a custom resource the way the API server would, offline: defaults from the CRD schema,
+then the OpenAPI schema (openapi-schema-validator), then every CEL rule (cel-python)."""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any
+
+import celpy
+import yaml
+from openapi_schema_validator import OAS30Validator
+from repo import ROOT
+
+CRD_FILES = {
+    "Corpus": "corpora",
+    "PretrainRun": "pretrainruns",
+    "AlignmentRun": "alignmentruns",
+    "Evaluation": "evaluations",
+}
+
+
+@cache
+def crd_schema(kind: str) -> dict[str, Any]:
+    crd = yaml.safe_load((ROOT / "crds" / f"{CRD_FILES[kind]}.lmforge.io.yaml").read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def apply_defaults(value: Any, schema: dict[str, Any]) -> Any:
+    """Structural defaulting: fill missing properties that have a default, recursively."""
+    if isinstance(value, dict) and "properties" in schema:
+        for key, sub in schema["properties"].items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = apply_defaults(value[key], sub)
+    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key in value:
+            value[key] = apply_defaults(value[key], schema["additionalProperties"])
+    elif isinstance(value, list) and "items" in schema:
+        return [apply_defaults(v, schema["items"]) for v in value]
+    return value
+
+
+_env = celpy.Environment()
+
+
+@cache
+def _program(rule: str) -> Any:
+    return _env.program(_env.compile(rule))
+
+
+def cel_errors(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
+    """Messages of every CEL rule that evaluates to false (or fails) on ``value``."""
+    errors: list[str] = []
+    for entry in schema.get("x-kubernetes-validations", []):
+        try:
+            ok = _program(entry["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+        except Exception as exc:  # an evaluation error rejects the object, as in the API server
+            ok = False
+            entry = {**entry, "message": f"{entry['message']} (evaluation error: {exc})"}
+        if not bool(ok):
+            errors.append(f"{path}{entry.get('fieldPath', '')}: {entry['message']}")
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                errors += cel_errors(value[key], sub, f"{path}.{key}")
+        if isinstance(schema.get("additionalProperties"), dict):
+            for key, item in value.items():
+                errors += cel_errors(item, schema["additionalProperties"], f"{path}.{key}")
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += cel_errors(item, schema["items"], f"{path}[{i}]")
+    return errors
+
+
+def _strip_extensions(schema: Any) -> Any:
+    """OAS30Validator treats unknown objects as open; drop our x- keys (CEL is checked separately)."""
+    if isinstance(schema, dict):
+        return {k: _strip_extensions(v) for k, v in schema.items() if k != "x-kubernetes-validations"}
+    if isinstance(schema, list):
+        return [_strip_extensions(v) for v in schema]
+    return schema
+
+
+def _closed(schema: Any) -> Any:
+    """The API server prunes (and kubectl's strict field validation refuses) unknown fields."""
+    if isinstance(schema, dict):
+        out = {k: _closed(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
+def schema_errors(doc: dict[str, Any]) -> list[str]:
+    schema = _closed(_strip_extensions(crd_schema(doc["kind"])))
+    schema["properties"]["metadata"] = {"type": "object"}
+    validator = OAS30Validator(schema)
+    return [f"{json_path(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def json_path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def admission_errors(doc: dict[str, Any]) -> list[str]:
+    """Everything the API server would refuse in ``doc``: schema errors, then CEL errors."""
+    doc = apply_defaults(copy.deepcopy(doc), crd_schema(doc["kind"]))
+    errors = schema_errors(doc)
+    if errors:  # the API server evaluates CEL only on schema-valid objects
+        return errors
+    return cel_errors(doc, crd_schema(doc["kind"]))
