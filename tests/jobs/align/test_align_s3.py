@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 import yaml
+from repo import ROOT
 from tiny_models import tiny_llama
 
 from lmforge_jobs import storage
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
 HYPER = {"lr": 1.0e-3, "maxSteps": 4, "batchSize": 4, "microBatchSize": 4, "maxLength": 48}
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 import yaml
+from repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart"
 DATA = ROOT / "examples" / "data"
 CHAIN = [

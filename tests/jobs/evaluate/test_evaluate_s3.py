@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from repo import ROOT
 from tiny_models import tiny_llama
 from transformers import AutoTokenizer
 
@@ -26,7 +27,6 @@ from lmforge_jobs.evaluate.perplexity import is_token_shards
 from lmforge_jobs.pretrain.testing import synthetic_texts
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "examples" / "tasks"
 TEXTS = synthetic_texts(24, seed=7)
 

@@ -17,13 +17,13 @@ import pytest
 import yaml
 from crdcheck import admission_errors
 from k8s_validate import assert_valid, restricted_problems
+from repo import ROOT
 
 from lmforge_jobs.manifest import parse_resource
 from lmforge_jobs.spec import ENDPOINT_PATTERN, Storage, check_endpoint
 from lmforge_operator import builders
 from lmforge_operator.controller import Config
 
-ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "lmforge"
 IMAGE = "registry.example/lmforge-jobs:1.2.3"
 UID = "6f1c1d6e-0000-4000-8000-000000000002"
