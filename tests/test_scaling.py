@@ -126,6 +126,7 @@ def test_reproduces_chinchilla_exponents():
     )
     # the published approach-2 interval and ours overlap
     assert fit.parameters["a"].low < 0.534 and fit.parameters["a"].high > 0.462
+    assert fit.describe() == "(approach 2, fitted on 9 given optima)"
     # Chinchilla itself: 5.76e23 FLOPs → ~70B parameters, ~1.4T tokens (~20 tokens per parameter)
     pred = fit.predict(5.76e23)
     assert pred.params == pytest.approx(67e9, rel=0.1)
@@ -201,7 +202,7 @@ def test_fit_round_trips_through_json(tmp_path):
         ScalingFit.load(tmp_path / "bad.json")
 
 
-def test_module_cli_fits_jsonl_and_csv(tmp_path):
+def test_module_cli_fits_jsonl_and_csv(tmp_path, capsys):
     rows = isoflop_points()
     jsonl = tmp_path / "points.jsonl"
     jsonl.write_text(
@@ -211,6 +212,14 @@ def test_module_cli_fits_jsonl_and_csv(tmp_path):
     csv.write_text("N,D,L\n" + "".join(f"{n},{d},{loss}\n" for n, d, loss in rows))
     assert scaling.main(["fit", str(jsonl), "--out", str(tmp_path / "a3.json"), "--bootstrap", "0"]) == 0
     assert scaling.main(["fit", str(csv), "--out", str(tmp_path / "a2.json"), "--approach", "2"]) == 0
+    assert (
+        scaling.main(
+            ["fit", str(jsonl), "--out", str(tmp_path / "t.json"), "--bootstrap", "3", "--target", "1e22"]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "at 1e+22 FLOPs:" in printed and "loss" in printed and "wrote" in printed
     a3, a2 = ScalingFit.load(tmp_path / "a3.json"), ScalingFit.load(tmp_path / "a2.json")
     assert a3.approach == 3 and a2.approach == 2 and a2.bootstrap > 150
     assert a3.value("a") == pytest.approx(a2.value("a"), abs=0.05)

@@ -214,7 +214,8 @@ class ScalingFit:
     def describe(self) -> str:
         """``law.json (approach 3, fitted on 28 points)``."""
         where = f"{self.source} " if self.source else ""
-        return f"{where}(approach {self.approach}, fitted on {len(self.points)} points)"
+        data = f"{len(self.points)} points" if self.points else f"{len(self.isoflops)} given optima"
+        return f"{where}(approach {self.approach}, fitted on {data})"
 
     def predict(self, flops: float) -> Prediction:
         """Compute-optimal parameters, tokens and (approach 3) loss for a budget of ``flops``."""
@@ -733,8 +734,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary(result))
         if args.target:
             pred = result.predict(args.target)
-            loss = f", loss {pred.loss:.4g}" if pred.loss is not None else ""
-            print(f"at {pred.flops:.3g} FLOPs: {pred.params:.4g} parameters, {pred.tokens:.4g} tokens{loss}")
+            print(f"at {pred.flops:.3g} FLOPs:")
+            for name, value, interval in (
+                ("parameters", pred.params, pred.params_interval),
+                ("tokens", pred.tokens, pred.tokens_interval),
+                ("loss", pred.loss, pred.loss_interval),
+            ):
+                if value is not None:
+                    bounds = f"  [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else ""
+                    print(f"  {name:<10} {value:.4g}{bounds}")
         print(f"wrote {args.out}")
         return 0
     except (OSError, ValueError) as exc:
