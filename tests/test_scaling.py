@@ -298,6 +298,18 @@ def test_plan_with_a_fitted_law(law_file, capsys):
     assert "chinchilla-2022 (published)" in capsys.readouterr().out
 
 
+def test_status_plan_names_the_law(law_file):
+    from lmforge_jobs.manifest import load_resources
+    from lmforge_jobs.plan import plan_pretrain
+
+    (run,), problems = load_resources([EXAMPLE])
+    assert not problems
+    default = plan_pretrain(run.spec).to_status().model_dump(by_alias=True, exclude_none=True)
+    assert default["law"] == "chinchilla-2022 (published)"
+    fitted = plan_pretrain(run.spec, law=ScalingFit.load(law_file)).to_status()
+    assert fitted.law.startswith("law.json (approach 3, fitted on") and fitted.tokens > default["tokens"]
+
+
 def test_plan_gpu_hours_with_a_fitted_law(law_file, capsys):
     path = law_file
     assert main(["plan", "--gpu-hours", "10000", "--json", "--law", str(path)]) == 0

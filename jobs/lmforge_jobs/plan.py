@@ -234,6 +234,7 @@ class Plan:
             gpu_hours=self.gpu_hours,
             fits=self.fits,
             reason=self.reason[:4096],
+            law=self.law[:256],
         )
 
 

@@ -367,6 +367,11 @@ def fit_isoflop(flops: float, points: Sequence[Point]) -> IsoFlop:
             "do not bracket the optimum: add smaller and larger models at this budget"
         )
     x_opt = -c1 / (2 * c2)
+    if abs(x_opt) > 700:  # math.exp overflows: a curvature of almost nothing
+        raise ValueError(
+            f"budget {flops:.3g} FLOPs: the parabola is nearly flat (curvature {c2:.3g}) and its minimum lies "
+            f"at e^{x_opt:.0f} parameters: add smaller and larger models at this budget"
+        )
     n_opt = math.exp(x_opt)
     return IsoFlop(
         flops=flops,
