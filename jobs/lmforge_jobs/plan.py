@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmforge_jobs.pretrain.config import Architecture, ModelShape, PretrainRunSpec, Strategy
 from lmforge_jobs.spec import Precision
+
+if TYPE_CHECKING:
+    from lmforge_jobs.pretrain.config import Budget
+    from lmforge_jobs.scaling import ScalingFit
 
 GiB = 1024**3
 DEFAULT_VOCAB = 32000
 VOCAB_MULTIPLE = 64
 USABLE_FRACTION = 0.9
 """Fraction of device memory a plan may use: the rest is CUDA context, NCCL buffers, fragmentation."""
+PUBLISHED_LAW = "chinchilla-2022 (published)"
+"""The law a plan uses by default: Hoffmann et al. 2022's published constants (``chinchilla_optimal``)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,8 @@ class Plan:
     fits: bool
     reason: str
     notes: list[str] = field(default_factory=list)
+    law: str = PUBLISHED_LAW
+    """The scaling law that chose the token count (``law_label``)."""
 
     @property
     def memory_per_gpu_gib(self) -> float:
@@ -226,6 +234,7 @@ class Plan:
             gpu_hours=self.gpu_hours,
             fits=self.fits,
             reason=self.reason[:4096],
+            law=self.law[:256],
         )
 
 
@@ -237,6 +246,7 @@ def plan_pretrain(
     price_per_gpu_hour: float | None = None,
     peak_tflops: float | None = None,
     flash_attention: bool = True,
+    law: ScalingFit | None = None,
 ) -> Plan:
     """Plan a PretrainRun: size, length, FLOPs, memory per GPU, GPU-hours, wall clock and cost."""
     if not 0 < mfu <= 1:
@@ -248,13 +258,7 @@ def plan_pretrain(
     vocab = resolve_vocab(shape, vocab_size)
     n = count.total
     global_tokens = spec.batch.global_tokens
-    budget = spec.budget
-    if budget.tokens is not None:
-        tokens = budget.tokens
-    elif budget.tokens_per_parameter is not None:
-        tokens = round(budget.tokens_per_parameter * n)
-    else:
-        tokens = int(budget.steps) * global_tokens
+    tokens, law_note = budget_tokens(spec.budget, n, global_tokens, law)
     steps = -(-tokens // global_tokens)
     per_token = flops_per_token(shape, vocab_size)
     flops = per_token * tokens
@@ -312,7 +316,7 @@ def plan_pretrain(
             f"needs ~{need:.1f} GiB per GPU but {dev.name} has {dev.memory_gib:g} GiB "
             f"({usable:.1f} GiB usable)" + ("; " + ", ".join(hints) if hints else "")
         )
-    notes = []
+    notes = [law_note] if law_note else []
     if shape.vocab_size == "auto" and vocab_size is None:
         notes.append(f"vocabSize is auto and no tokenizer size was given: assumed {vocab}")
     return Plan(
@@ -340,6 +344,55 @@ def plan_pretrain(
         fits=fits,
         reason=reason,
         notes=notes,
+        law=law_label(law),
+    )
+
+
+# --------------------------------------------------------------------------------- which law plans
+def load_law(path: str) -> ScalingFit:
+    """A scaling law fitted by ``lmforge_jobs.scaling`` (its JSON); a ValueError says what is wrong."""
+    from lmforge_jobs.scaling import ScalingFit
+
+    law = ScalingFit.load(path)
+    if not all(math.isfinite(law.value(k)) for k in ("a", "b")):
+        raise ValueError(f"{path}: the fitted law has no compute-optimal frontier (a or b is not finite)")
+    return law
+
+
+def law_label(law: ScalingFit | None) -> str:
+    """``chinchilla-2022 (published)`` or ``law.json (approach 3, fitted on 28 points)``."""
+    return PUBLISHED_LAW if law is None else law.describe()
+
+
+def budget_tokens(
+    budget: Budget, params: int, global_tokens: int, law: ScalingFit | None = None
+) -> tuple[int, str | None]:
+    """Training tokens of a budget, and a note when a fitted law changed them.
+
+    ``tokens`` and ``steps`` are taken as written. ``tokensPerParameter`` is taken as written under the
+    published law; with a fitted ``law`` the run gets that law's compute-optimal token count for its size
+    instead (the frontier N_opt(C) inverted at N, then D_opt(C)), and the note says what it replaced.
+    """
+    if budget.tokens is not None:
+        return budget.tokens, None
+    if budget.tokens_per_parameter is None:
+        return int(budget.steps) * global_tokens, None
+    if law is None:
+        return round(budget.tokens_per_parameter * params), None
+    tokens = round(law.tokens_for_params(params))
+    return tokens, (
+        f"tokensPerParameter {budget.tokens_per_parameter:g} replaced by the fitted law's compute-optimal "
+        f"{tokens / params:.1f} tokens/parameter at {_si(params)} parameters"
+    )
+
+
+def law_optimal(flops: float, law: ScalingFit) -> ComputeOptimal:
+    """``chinchilla_optimal`` under a fitted law: its N_opt(C), D_opt(C) and, for approach 3, L(N, D)
+    (approach 2 does not model the loss: NaN)."""
+    pred = law.predict(flops)
+    loss = pred.loss if pred.loss is not None else float("nan")
+    return ComputeOptimal(
+        flops=flops, parameters=pred.params, tokens=pred.tokens, loss=loss, method=law_label(law)
     )
 
 
@@ -461,6 +514,7 @@ def explain(plan: Plan) -> str:
         ("  embedding", f"{plan.embedding_parameters:,}  (vocab {plan.vocab_size:,})"),
         ("  non-embedding", f"{plan.non_embedding_parameters:,}"),
         ("tokens", f"{plan.tokens:,} ({_si(plan.tokens)}, {plan.tokens / plan.parameters:.1f}/param)"),
+        ("law", plan.law),
         ("steps", f"{plan.steps:,}"),
         ("FLOPs", f"{plan.flops:.3e}  ({plan.flops_per_token:.3e}/token = 6N + 12·L·h·T)"),
         ("GPU", f"{plan.gpu} × {plan.world_size}, {plan.peak_tflops:g} TFLOP/s peak, MFU {plan.mfu:.0%}"),

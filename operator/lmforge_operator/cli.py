@@ -5,6 +5,7 @@ lmforge crds [--out DIR]      write the CustomResourceDefinitions generated from
 lmforge crds --check [DIR]    exit 1 when DIR differs from what would be generated
 lmforge plan FILE...          compute plan of each PretrainRun (parameters, FLOPs, memory, GPU-hours)
 lmforge plan --gpu-hours H    compute-optimal parameters and tokens for a budget (Chinchilla)
+    [--law FILE]              plan with a scaling law fitted by `python -m lmforge_jobs.scaling fit`
 lmforge run PATH...           run a manifest set on this machine, in dependency order (no cluster)
     [--s3-endpoint URL]       an S3-compatible store for s3:// URIs (MinIO, Ceph, R2)
 lmforge status [--workdir]    the resources of a local run, like `kubectl get lmforge`
@@ -77,13 +78,25 @@ def _plan(args: argparse.Namespace) -> int:
 
     from lmforge_jobs import plan as planner
 
+    law = None
+    if args.law is not None:
+        if args.method is not None:
+            print("give either --law or --method, not both", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            law = planner.load_law(args.law)
+        except ValueError as exc:
+            print(f"--law: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+    method = args.method or "hoffmann"
     if args.gpu_hours is not None:
         if args.paths:
             print("give either manifest files or --gpu-hours, not both", file=sys.stderr)
             return EXIT_USAGE
         dev = planner.device(args.gpu)
         flops = args.gpu_hours * 3600 * dev.peak_tflops * 1e12 * args.mfu
-        opt = planner.chinchilla_optimal(flops, args.method)
+        opt = planner.chinchilla_optimal(flops, method) if law is None else planner.law_optimal(flops, law)
+        law_text = planner.law_label(law) if law is not None or method == "hoffmann" else None
         shape = planner.nearest_shape(opt.parameters, vocab_size=args.vocab or planner.DEFAULT_VOCAB)
         count = planner.count_parameters(shape)
         if args.json:
@@ -94,10 +107,11 @@ def _plan(args: argparse.Namespace) -> int:
                         "gpu": args.gpu,
                         "mfu": args.mfu,
                         "flops": flops,
-                        "method": args.method,
+                        "method": method if law is None else None,
+                        "law": law_text,
                         "parameters": opt.parameters,
                         "tokens": opt.tokens,
-                        "loss": opt.loss,
+                        "loss": opt.loss if opt.loss == opt.loss else None,  # NaN: the law has no loss
                         "shape": shape.to_yaml_dict(),
                         "shapeParameters": count.total,
                     },
@@ -108,10 +122,14 @@ def _plan(args: argparse.Namespace) -> int:
         print(
             f"budget      {args.gpu_hours:,.0f} GPU-hours on {dev.name} at MFU {args.mfu:.0%} = {flops:.3e} FLOPs"
         )
-        print(f"method      {planner.METHODS[args.method]}")
+        if law is None:
+            print(f"method      {planner.METHODS[method]}")
+        if law_text:
+            print(f"law         {law_text}")
         print(f"parameters  {opt.parameters:.4g}")
         print(f"tokens      {opt.tokens:.4g} ({opt.tokens_per_parameter:.1f} per parameter)")
-        print(f"loss        {opt.loss:.3f} (predicted)")
+        if opt.loss == opt.loss:
+            print(f"loss        {opt.loss:.3f} (predicted)")
         print(
             f"shape       layers {shape.layers}, hidden {shape.hidden}, heads {shape.heads}, "
             f"kvHeads {shape.n_kv_heads}, ffnHidden {shape.ffn_size}: {count.total:,} parameters"
@@ -137,7 +155,12 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         for run in runs:
             out[run.ref] = planner.plan_pretrain(
-                run.spec, vocab_size=args.vocab, gpu=args.gpu, mfu=args.mfu, price_per_gpu_hour=args.price
+                run.spec,
+                vocab_size=args.vocab,
+                gpu=args.gpu,
+                mfu=args.mfu,
+                price_per_gpu_hour=args.price,
+                law=law,
             )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -291,9 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-hours", type=float, default=None, help="compute budget in GPU-hours")
     p.add_argument(
         "--method",
-        default="hoffmann",
+        default=None,
         choices=["hoffmann", "hoffmann-approach3", "epoch"],
-        help="scaling-law fit",
+        help="published scaling-law fit for --gpu-hours (default hoffmann)",
+    )
+    p.add_argument(
+        "--law",
+        metavar="FILE",
+        default=None,
+        help="a fitted scaling law (JSON from `python -m lmforge_jobs.scaling fit`) instead of the published "
+        "constants: it sizes --gpu-hours budgets and sets the tokens of tokensPerParameter budgets",
     )
     p.set_defaults(func=_plan)
 

@@ -50,6 +50,7 @@ IMPORTS: dict[str, dict[str, str]] = {
     "train": {
         "torch": "torch",
         "numpy": "numpy",
+        "scipy": "scipy",
         "tokenizers": "tokenizers",
         "fsspec": "fsspec",
         "s3fs": "s3fs",

@@ -397,6 +397,8 @@ class Plan(Spec):
     """Whether the estimate fits in the device memory."""
     reason: Annotated[str, StringConstraints(max_length=4096)] | None = None
     """Why it does or does not fit."""
+    law: Annotated[str, StringConstraints(max_length=256)] | None = None
+    """The scaling law that chose the tokens: chinchilla-2022 (published), or a fitted one."""
 
 
 class TrainMetrics(Spec):
