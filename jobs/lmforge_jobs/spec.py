@@ -546,9 +546,9 @@ class PodSpecTemplate(Spec):
     """Pod SecurityContext (e.g. supplementalGroups), merged into lmforge's restricted one."""
     host_network: bool | None = None
     """Run in the node's network namespace: refused unless the operator allows privileged pods."""
-    host_pid: bool | None = None
+    host_pid: bool | None = Field(default=None, alias="hostPID")
     """Share the node's process namespace: refused unless the operator allows privileged pods."""
-    host_ipc: bool | None = None
+    host_ipc: bool | None = Field(default=None, alias="hostIPC")
     """Share the node's IPC namespace: always refused (/dev/shm is a memory-backed volume already)."""
 
 

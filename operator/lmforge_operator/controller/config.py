@@ -152,8 +152,8 @@ class Config:
                 podtemplate.check(template, where, allow_privileged=self.pod_template_allow_privileged)
             except ValidationError as exc:
                 error = exc.errors()[0]
-                field = ".".join(str(p) for p in error["loc"])
-                raise ValueError(f"{where}.{field}: {error['msg']}") from None
+                field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+                raise ValueError(f"{where}{field}: {error['msg']}") from None
             except BuildError as exc:
                 raise ValueError(f"{exc.field}: {exc.message}") from None
             out[kind] = template
