@@ -528,7 +528,48 @@ def test_operator_applies_defaults_and_template_and_says_so(tmp_path: Any) -> No
         assert event["type"] == "Normal" and event["involvedObject"]["name"] == "gpt"
         assert "nodeSelector, tolerations" in event["message"] and "gpt-pretrain" in event["message"]
 
+        # a gang scheduler whose CRDs the API server does not serve: Waiting, naming the field
+        cluster.refuse(
+            "POST", "/podgroups", 404, "NotFound", "the server could not find the requested resource"
+        )
+        cluster.create({**pretrain(scheduling={"gang": "volcano"}), "metadata": {"name": "gang"}}, ns)
+        status = cluster.wait_phase("PretrainRun", "gang", "Waiting", ns)
+        waiting = next(c for c in status["conditions"] if c["type"] == "Waiting")
+        assert "spec.scheduling.gang" in waiting["message"] and "PodGroup" in waiting["message"], waiting
+        assert cluster.get("Job", "gang-pretrain", ns) is None
+        # once the scheduler is installed: the PodGroup, owned by the run, then the Job that joins it
+        assert cluster.emulator is not None
+        cluster.emulator.refusals.clear()
+        job = cluster.wait(lambda: cluster.get("Job", "gang-pretrain", ns), 30, "Job gang-pretrain")
+        (group,) = [
+            g
+            for g in cluster.list("PodGroup.scheduling.volcano.sh", ns)
+            if g["metadata"]["name"] == "gang-pretrain"
+        ]
+        assert group["metadata"]["ownerReferences"][0]["name"] == "gang" and group["spec"]["minMember"] == 2
+        assert pod(job)["schedulerName"] == "volcano"
+        posted = [
+            c for c in cluster.calls if c.method == "POST" and c.status < 300 and c.name == "gang-pretrain"
+        ]
+        # the group before the Job (after the Service and NetworkPolicy of the same name)
+        assert [c.path.rsplit("/", 1)[-1] for c in posted] == [
+            "services",
+            "networkpolicies",
+            "podgroups",
+            "jobs",
+        ]
+
         status = cluster.wait_phase("PretrainRun", "hostnet", "Invalid", ns)
         invalid = next(c for c in status["conditions"] if c["type"] == "Invalid")
         assert "spec.template.spec.hostNetwork" in invalid["message"], invalid
         assert cluster.get("Job", "hostnet-pretrain", ns) is None
+        # every call the operator made (PodGroups included) is one its RBAC rules allow
+        for call in cluster.calls:
+            parts = call.path.strip("/").split("/")
+            if not call.by_operator or "namespaces" not in parts:
+                continue
+            group = "" if parts[0] == "api" else parts[1]
+            rest = parts[parts.index("namespaces") + 2 :]
+            verb = rbac.verb_for(call.method, named=len(rest) > 1, watch=call.params.get("watch") == "true")
+            resource = f"{rest[0]}/{rest[2]}" if len(rest) > 2 else rest[0]
+            assert rbac.allows(group, resource, verb), f"{verb} {group}/{resource}: {call.path}"

@@ -443,6 +443,13 @@ class Controller(WorkQueue):
             try:
                 made, fresh = await self.api.create(obj, ns)
             except ApiError as exc:
+                if exc.status == 404 and obj.get("kind") == "PodGroup":
+                    # the scheduler's CRDs are not installed: waits (resynced) until they are
+                    raise Waiting(
+                        status_helpers.CHILD_REJECTED,
+                        f"spec.scheduling.gang: the API server does not serve {obj.get('apiVersion')} "
+                        "PodGroups: install the scheduler (its CRDs) or set gang: none",
+                    ) from None
                 if exc.status >= 500 or exc.status in (404, 408, 409, 429):
                     raise  # the server's trouble, or a conflict: retried with backoff
                 # refused for good (403 a quota or policy, 400/413/422 an invalid or oversized object)
