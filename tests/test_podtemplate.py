@@ -6,6 +6,7 @@ Kubernetes OpenAPI schema and models (tests/k8s_validate.py)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -573,3 +574,48 @@ def test_operator_applies_defaults_and_template_and_says_so(tmp_path: Any) -> No
             verb = rbac.verb_for(call.method, named=len(rest) > 1, watch=call.params.get("watch") == "true")
             resource = f"{rest[0]}/{rest[2]}" if len(rest) > 2 else rest[0]
             assert rbac.allows(group, resource, verb), f"{verb} {group}/{resource}: {call.path}"
+
+
+# ------------------------------------------------------------------------------------- the docs' recipes
+def _recipes() -> dict[str, dict[str, Any]]:
+    """The ``spec:`` YAML blocks of docs/cluster.md's pod-template and fast-networking sections."""
+    import re
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cluster.md").read_text()
+    start = text.index("## Pod templates: placement, devices, registries")
+    end = text.index("## Gang scheduling, priorities and preemption")
+    blocks = re.findall(r"```yaml\n(.*?)```", text[start:end], re.S)
+    return {
+        f"recipe-{i}": yaml.safe_load(block)["spec"]
+        for i, block in enumerate(blocks)
+        if block.startswith("spec:")
+    }
+
+
+RECIPES = _recipes()
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_docs_recipes_render_valid_jobs(name: str) -> None:
+    spec = RECIPES[name]
+    privileged = "hostNetwork" in yaml_text(spec)
+    objs = render(pretrain(**spec), allow_privileged=privileged)
+    job = job_of(objs)
+    assert pod(job)["subdomain"] == "gpt-pretrain"
+    if not privileged:
+        assert restricted_problems(pod(job)) == []
+        assert "allowPrivileged" not in str(spec)
+
+
+def test_docs_have_the_recipes() -> None:
+    texts = [yaml_text(spec) for spec in RECIPES.values()]
+    for needle in ("rdma/", "vpc.amazonaws.com/efa", "FI_PROVIDER", "NCCL_SOCKET_IFNAME", "tcpgpudmarxd"):
+        assert any(needle in t for t in texts), needle
+
+
+def yaml_text(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
