@@ -43,6 +43,11 @@ disruptions (preemption, node drain) in their retry budget, replace a pod only o
 (the finished Job stays readable for status). With ``spec.queue`` the Job carries Kueue's
 ``kueue.x-k8s.io/queue-name`` label and is created suspended: Kueue admits it.
 
+With ``spec.scheduling.gang`` (volcano, coscheduling) a **PodGroup** named as the Job, minMember = its pods
+running at once, comes before the Job, whose pods join it (:func:`build_pod_group`). Last, the operator's
+default pod template of the kind and ``spec.template`` are merged into the pods (:func:`pod_template`,
+:mod:`lmforge_operator.podtemplate`: strategic merge, refusals naming the field).
+
 A problem found while building (an unusable ``pvc://`` URI, two Secret references that would share an
 environment variable) raises :class:`BuildError` with the spec field; the handlers report it as the
 Invalid condition.
