@@ -135,9 +135,10 @@ def _check_devices(job: dict[str, Any]) -> None:
 
 
 def _check_sidecar(job: dict[str, Any]) -> None:
-    containers = by_name(pod(job)["containers"])
-    assert list(containers) == ["main", "tcpx-daemon"]
-    sidecar = containers["tcpx-daemon"]
+    assert [c["name"] for c in pod(job)["containers"]] == ["main"]
+    # a native sidecar: started before the job's container, stopped once it exits, so the Job completes
+    (sidecar,) = pod(job)["initContainers"]
+    assert sidecar["name"] == "tcpx-daemon" and sidecar["restartPolicy"] == "Always"
     assert sidecar["image"] == "us-docker.pkg.dev/gce-ai-infra/gpudirect-tcpx/tcpgpudmarxd:v2.0.9"
     # the sidecar starts from lmforge's restricted security context
     assert sidecar["securityContext"]["capabilities"] == {"drop": ["ALL"]}

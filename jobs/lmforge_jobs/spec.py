@@ -493,7 +493,8 @@ class ContainerResourcesTemplate(Spec):
 
 class ContainerTemplate(Spec):
     """A container, merged by name: "main" is the job's container (env, envFrom, volumeMounts, resources
-    only); any other name adds a sidecar container, given in full as a Kubernetes Container."""
+    only); any other name adds a sidecar, given in full as a Kubernetes Container, run as a native sidecar
+    (an init container with restartPolicy Always: stopped when the job's container exits)."""
 
     model_config = ConfigDict(
         **{k: v for k, v in Spec.model_config.items() if k != "extra"},
@@ -541,7 +542,7 @@ class PodSpecTemplate(Spec):
     volumes: _kube_list(64) | None = None  # type: ignore[valid-type]
     """Extra volumes (Kubernetes Volume), merged by name; "spec" is the job's own."""
     containers: Annotated[list[ContainerTemplate], Field(max_length=8)] | None = None
-    """Containers merged by name: main is the job's container; other names add sidecars."""
+    """Containers merged by name: main is the job's container; other names add (native) sidecars."""
     security_context: KubeObject | None = None
     """Pod SecurityContext (e.g. supplementalGroups), merged into lmforge's restricted one."""
     host_network: bool | None = None

@@ -17,8 +17,9 @@ resources.requests, resources.limits                   maps merged (devices: rdm
 scalars (priorityClassName, schedulerName, …)          replaced
 =====================================================  ==============================================
 
-A container named ``main`` is the job's; any other name is a sidecar, which starts from lmforge's
-restricted security context. What would break the Job is refused (always), naming the field under
+A container named ``main`` is the job's; any other name is a native sidecar (an init container with
+``restartPolicy: Always``, so a daemon that never exits does not keep the Job from completing), which starts
+from lmforge's restricted security context. What would break the Job is refused (always), naming the field under
 ``spec``: the job container's command, args, image, ports or probes; a sidecar port on the metrics or
 rendezvous port; the ``spec`` volume (the resource's ConfigMap) and its mount at /etc/lmforge; lmforge's own
 labels, ``lmforge.io/`` annotations and ``LMFORGE_*`` / ``PET_*`` variables; cpu, memory, ephemeral-storage
@@ -239,19 +240,26 @@ def _container(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str,
 
 
 def _containers(
-    base: Sequence[Mapping[str, Any]],
-    overlay: Iterable[Mapping[str, Any]],
-    sidecar_security: Mapping[str, Any],
-) -> list[dict[str, Any]]:
-    out = [dict(c) for c in base]
+    spec: dict[str, Any], overlay: Iterable[Mapping[str, Any]], sidecar_security: Mapping[str, Any]
+) -> None:
+    """Merge ``overlay`` into ``spec``: ``main`` into the job's container, any other name into the native
+    sidecars (init containers with ``restartPolicy: Always``, Kubernetes 1.29+: they start before the job's
+    container and are stopped once it exits, so the Job still completes), a new one starting from lmforge's
+    restricted security context."""
+    containers = [dict(c) for c in spec.get("containers") or []]
+    sidecars = [dict(c) for c in spec.get("initContainers") or []]
     for item in overlay:
-        for i, existing in enumerate(out):
+        targets = containers if item.get("name") == CONTAINER else sidecars
+        for i, existing in enumerate(targets):
             if existing.get("name") == item.get("name"):
-                out[i] = _container(existing, item)
+                targets[i] = _container(existing, item)
                 break
-        else:  # a sidecar: lmforge's restricted security context under its own
-            out.append(_container({"securityContext": copy.deepcopy(dict(sidecar_security))}, item))
-    return out
+        else:
+            base = {"restartPolicy": "Always", "securityContext": copy.deepcopy(dict(sidecar_security))}
+            targets.append(_container(base, item))
+    spec["containers"] = containers
+    if sidecars:
+        spec["initContainers"] = sidecars
 
 
 def merge_one(pod: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
@@ -276,7 +284,7 @@ def merge_one(pod: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str, 
         elif key in ("affinity", "securityContext"):
             spec[key] = _deep(spec.get(key) or {}, value)
         elif key == "containers":
-            spec[key] = _containers(spec.get(key) or [], value, main.get("securityContext") or {})
+            _containers(spec, value, main.get("securityContext") or {})
         else:
             spec[key] = copy.deepcopy(value)
     if spec.get("hostNetwork") and "dnsPolicy" not in (template.get("spec") or {}):
