@@ -620,3 +620,31 @@ def yaml_text(value: Any) -> str:
     import json
 
     return json.dumps(value)
+
+
+def test_the_template_is_merged_as_written_and_the_job_accepts_its_configmap(tmp_path: Path) -> None:
+    from lmforge_jobs.entry import load_job_resource
+
+    template = {
+        "spec": {
+            "containers": [
+                {
+                    "name": "main",
+                    "env": [
+                        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+                        {"name": "SCRATCH", "value": "pvc://scratch/tmp"},
+                    ],
+                }
+            ]
+        }
+    }
+    cm, *_, job = render(pretrain(template=template))
+    env = by_name(main(job)["env"])
+    assert env["SCRATCH"]["value"] == "pvc://scratch/tmp"  # not a lmforge URI: left alone
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    assert not [name for name in env if name.startswith("LMFORGE_SECRET_")]
+    assert "scratch" not in str(pod(job)["volumes"])
+    manifest = tmp_path / "spec.yaml"
+    manifest.write_text(cm["data"]["spec.yaml"])
+    loaded = load_job_resource(str(manifest), "PretrainRun")  # what the job does with --manifest
+    assert loaded.spec.template.spec.containers[0].name == "main"

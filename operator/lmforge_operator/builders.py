@@ -136,6 +136,9 @@ ANNOTATION_GENERATION = "lmforge.io/generation"
 ANNOTATION_RUN = "lmforge.io/run"  # the ``round`` argument of build_job: which run of the step
 ANNOTATION_SPEC_HASH = "lmforge.io/spec-hash"
 
+# spec.template is merged into the pods as it is: no pvc:// rewriting, no Secret variables made from it.
+TEMPLATE_PATH: list[str | int] = ["spec", "template"]
+
 DNS_LABEL_MAX = 63
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -312,8 +315,12 @@ def localize(
 
     def visit(node: Any, path: list[str | int]) -> Any:
         if isinstance(node, dict):
-            # regular-expression patterns are not URIs, whatever they look like
-            return {k: v if k == "pattern" else visit(v, [*path, k]) for k, v in node.items()}
+            # regular-expression patterns are not URIs, whatever they look like; the pod template is
+            # Kubernetes' (its volumes are its own), not the job's
+            return {
+                k: v if k == "pattern" or [*path, k] == TEMPLATE_PATH else visit(v, [*path, k])
+                for k, v in node.items()
+            }
         if isinstance(node, list):
             return [visit(v, [*path, i]) for i, v in enumerate(node)]
         if isinstance(node, str) and node.startswith("pvc://"):
@@ -354,6 +361,8 @@ def secret_refs(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     found: list[tuple[str, str, str]] = []
 
     def visit(node: Any, path: list[str | int]) -> None:
+        if path == TEMPLATE_PATH:
+            return  # the pod template's own env entries reach the pod as written
         if isinstance(node, dict):
             ref = node.get("secretKeyRef")
             if isinstance(ref, dict) and "name" in ref and "key" in ref:
