@@ -288,6 +288,11 @@ def test_defaults_apply_under_the_resources_template() -> None:
     spec = pod(job)
     assert spec["nodeSelector"] == {"pool": "gpu", "zone": "b"}  # maps merged, the resource wins
     assert [t["key"] for t in spec["tolerations"]] == ["nvidia.com/gpu", "pool", "spot"]  # appended
+    # a toleration both give (or lmforge's own, repeated) is there once
+    gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    again = {"spec": {"tolerations": [*DEFAULTS["spec"]["tolerations"], gpu]}}
+    job_again = job_of(render(pretrain(template=again), template_defaults=DEFAULTS))
+    assert [t["key"] for t in pod(job_again)["tolerations"]] == ["nvidia.com/gpu", "pool"]
     assert spec["priorityClassName"] == "training-high"
     assert by_name(main(job)["env"])["NCCL_DEBUG"]["value"] == "INFO"
     assert job["spec"]["template"]["metadata"]["labels"]["cost-center"] == "research"
@@ -364,6 +369,18 @@ REFUSALS: list[tuple[str, dict[str, Any], str, bool]] = [
         "root",
         {"spec": {"securityContext": {"runAsUser": 0}}},
         "template.spec.securityContext.runAsUser",
+        True,
+    ),
+    (
+        "seccomp",
+        {"spec": {"securityContext": {"seccompProfile": {"type": "Unconfined"}}}},
+        "template.spec.securityContext.seccompProfile.type",
+        True,
+    ),
+    (
+        "keep-capabilities",
+        _main(securityContext={"capabilities": {"drop": []}}),
+        "template.spec.containers[0].securityContext.capabilities.drop",
         True,
     ),
     (
@@ -648,3 +665,40 @@ def test_the_template_is_merged_as_written_and_the_job_accepts_its_configmap(tmp
     manifest.write_text(cm["data"]["spec.yaml"])
     loaded = load_job_resource(str(manifest), "PretrainRun")  # what the job does with --manifest
     assert loaded.spec.template.spec.containers[0].name == "main"
+
+
+def test_superseded_evaluation_rounds_take_their_pod_groups_with_them() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from lmforge_operator.controller.eval_rounds import KEEP_ROUNDS, prune_rounds
+
+    class Api:
+        def __init__(self) -> None:
+            self.deleted: list[tuple[str, str]] = []
+
+        async def delete(self, kind: str, ns: str, name: str) -> bool:
+            self.deleted.append((kind, name))
+            return True
+
+    doc = {
+        "apiVersion": "lmforge.io/v1alpha1",
+        "kind": "Evaluation",
+        "metadata": {"name": "ev"},
+        "spec": {
+            "model": {"pretrainRun": "gpt"},
+            "checkpoints": "every",
+            "perplexity": {"data": "s3://bucket/heldout"},
+            "parallelism": {"nodes": 2, "gpusPerNode": 2},
+            "scheduling": {"gang": "coscheduling"},
+            "output": "s3://bucket/evals/ev",
+        },
+    }
+    res = parsed(doc)
+    ctl = SimpleNamespace(api=Api(), jobs={})
+    asyncio.run(prune_rounds(ctl, res, "ml", KEEP_ROUNDS, list(range(KEEP_ROUNDS + 1))))  # type: ignore[arg-type]
+    assert ctl.api.deleted == [
+        ("Job", "ev-evaluate"),
+        ("ConfigMap", "ev-evaluate-spec"),
+        ("PodGroup.scheduling.x-k8s.io", "ev-evaluate"),
+    ]
