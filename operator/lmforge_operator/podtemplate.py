@@ -39,7 +39,11 @@ from typing import Any
 from lmforge_operator.builders import (
     CONTAINER,
     GPU_RESOURCE,
+    LABEL_KIND,
+    LABEL_NAME,
+    LABEL_STAGE,
     METRICS_PORT,
+    QUEUE_LABEL,
     RDZV_PORT,
     SPEC_DIR,
     BuildError,
@@ -53,6 +57,17 @@ MAIN_CONTAINER_FIELDS = ("name", "env", "envFrom", "volumeMounts", "resources", 
 OWN_RESOURCES = ("cpu", "memory", "ephemeral-storage", GPU_RESOURCE)
 OWN_ENV_PREFIXES = ("LMFORGE_", "PET_")
 OWN_ANNOTATION_PREFIX = "lmforge.io/"
+# The children's labels (builders.labels): the Service, NetworkPolicy and PodMonitor select on them.
+OWN_LABELS = {
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/component",
+    LABEL_KIND,
+    LABEL_NAME,
+    LABEL_STAGE,
+    QUEUE_LABEL,
+}
 RESERVED_PORTS = {METRICS_PORT: "metrics", RDZV_PORT: "rdzv"}
 # Restricted PSS allows adding this capability alone.
 ALLOWED_ADDED_CAPABILITIES = {"NET_BIND_SERVICE"}
@@ -98,20 +113,8 @@ def check(template: Mapping[str, Any], where: str = "template", *, allow_privile
     refusals: list[tuple[str, str]] = []  # always refused
     weakening: list[tuple[str, str]] = []  # refused unless allow_privileged
     meta = template.get("metadata") or {}
-    from lmforge_operator.builders import LABEL_KIND, LABEL_NAME, LABEL_STAGE, QUEUE_LABEL
-
-    own_labels = {
-        "app.kubernetes.io/name",
-        "app.kubernetes.io/part-of",
-        "app.kubernetes.io/managed-by",
-        "app.kubernetes.io/component",
-        LABEL_KIND,
-        LABEL_NAME,
-        LABEL_STAGE,
-        QUEUE_LABEL,
-    }
     for key in meta.get("labels") or {}:
-        if key in own_labels or key.startswith(OWN_ANNOTATION_PREFIX):
+        if key in OWN_LABELS or key.startswith(OWN_ANNOTATION_PREFIX):
             refusals.append((f'{where}.metadata.labels["{key}"]', "is lmforge's own label"))
     for key in meta.get("annotations") or {}:
         if key.startswith(OWN_ANNOTATION_PREFIX):
