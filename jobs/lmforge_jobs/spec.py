@@ -440,6 +440,148 @@ def check_gpus(resources: Resources, gpus_per_node: int) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------ pod template
+# Kubernetes' own types (tolerations, affinity, volumes, env entries…) are kept as objects whose fields the
+# API server preserves instead of re-declaring the PodSpec: the operator merges them into the pods it builds
+# (lmforge_operator.podtemplate), refuses what would weaken Pod Security or break the Job naming the field,
+# and the API server validates the resulting Job as it validates any other.
+KubeObject = Annotated[
+    dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})
+]
+"""A Kubernetes object of the type the field names (an Affinity, a SecurityContext), kept as written."""
+
+
+def _kube_list(max_items: int) -> Any:
+    return Annotated[
+        list[dict[str, Any]],
+        Field(max_length=max_items),
+        WithJsonSchema(
+            {
+                "type": "array",
+                "maxItems": max_items,
+                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            }
+        ),
+    ]
+
+
+# Keys are checked by the API server on the built pods (a CRD schema has no patternProperties).
+StringMap = Annotated[dict[str, Annotated[str, StringConstraints(max_length=4096)]], Field(max_length=64)]
+"""Labels, annotations, a nodeSelector: qualified names to strings."""
+ResourceMap = Annotated[dict[str, Quantity], Field(max_length=16)]
+"""Resource name → quantity, e.g. {rdma/ib: "1", vpc.amazonaws.com/efa: "32"}."""
+
+
+class PodTemplateMetadata(Spec):
+    """Labels and annotations added to every pod (lmforge's own labels cannot be changed)."""
+
+    labels: StringMap | None = None
+    """Pod labels, e.g. {team: llm}."""
+    annotations: StringMap | None = None
+    """Pod annotations, e.g. a network attachment (k8s.v1.cni.cncf.io/networks) or a Kueue topology."""
+
+
+class ContainerResourcesTemplate(Spec):
+    """Extra resources of a container: devices such as rdma/ib or vpc.amazonaws.com/efa. cpu, memory and
+    nvidia.com/gpu of the job's container come from spec.resources and spec.parallelism."""
+
+    requests: ResourceMap | None = None
+    """Requested amounts (extended resources: equal to the limits, which they default to)."""
+    limits: ResourceMap | None = None
+    """Limits, e.g. {rdma/ib: "1"}."""
+
+
+class ContainerTemplate(Spec):
+    """A container, merged by name: "main" is the job's container (env, envFrom, volumeMounts, resources
+    only); any other name adds a sidecar, given in full as a Kubernetes Container, run as a native sidecar
+    (an init container with restartPolicy Always: stopped when the job's container exits)."""
+
+    model_config = ConfigDict(
+        **{k: v for k, v in Spec.model_config.items() if k != "extra"},
+        extra="allow",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    name: Annotated[str, StringConstraints(min_length=1, max_length=63, pattern=DNS_LABEL)]
+    """Container name: main (the job's) or a sidecar's."""
+    env: _kube_list(128) | None = None  # type: ignore[valid-type]
+    """Environment variables (Kubernetes EnvVar), merged by name, e.g. {name: NCCL_DEBUG, value: INFO}."""
+    env_from: _kube_list(16) | None = None  # type: ignore[valid-type]
+    """Whole ConfigMaps or Secrets as environment variables (Kubernetes EnvFromSource), appended."""
+    volume_mounts: _kube_list(64) | None = None  # type: ignore[valid-type]
+    """Mounts of spec.template.spec.volumes (Kubernetes VolumeMount), merged by mountPath."""
+    resources: ContainerResourcesTemplate | None = None
+    """Extra resource requests and limits (devices)."""
+    security_context: KubeObject | None = None
+    """Container SecurityContext, merged into lmforge's restricted one: it cannot weaken it unless the
+    operator allows privileged pods (the chart's podTemplate.allowPrivileged)."""
+
+
+class PodSpecTemplate(Spec):
+    """The parts of a PodSpec a resource may set; the operator merges them into its pods."""
+
+    node_selector: StringMap | None = None
+    """Node labels the pods require, e.g. {node.kubernetes.io/instance-type: p5.48xlarge}; merged."""
+    tolerations: _kube_list(32) | None = None  # type: ignore[valid-type]
+    """Tolerations (Kubernetes Toleration), appended to lmforge's own (the nvidia.com/gpu taint)."""
+    affinity: KubeObject | None = None
+    """Node and pod (anti-)affinity (Kubernetes Affinity)."""
+    topology_spread_constraints: _kube_list(16) | None = None  # type: ignore[valid-type]
+    """Topology spread constraints (Kubernetes TopologySpreadConstraint), appended."""
+    priority_class_name: ShortStr | None = None
+    """PriorityClass of the pods: higher-priority runs preempt lower ones, which resume from their last
+    checkpoint."""
+    scheduler_name: ShortStr | None = None
+    """Scheduler of the pods (e.g. volcano); spec.scheduling.gang sets it for gang scheduling."""
+    image_pull_secrets: _kube_list(16) | None = None  # type: ignore[valid-type]
+    """Secrets for private registries ({name: regcred}), merged by name."""
+    service_account_name: Name | None = None
+    """ServiceAccount the pods run as (its token is still not mounted)."""
+    runtime_class_name: ShortStr | None = None
+    """RuntimeClass of the pods (e.g. nvidia, kata)."""
+    volumes: _kube_list(64) | None = None  # type: ignore[valid-type]
+    """Extra volumes (Kubernetes Volume), merged by name; "spec" is the job's own."""
+    containers: Annotated[list[ContainerTemplate], Field(max_length=8)] | None = None
+    """Containers merged by name: main is the job's container; other names add (native) sidecars."""
+    security_context: KubeObject | None = None
+    """Pod SecurityContext (e.g. supplementalGroups), merged into lmforge's restricted one."""
+    host_network: bool | None = None
+    """Run in the node's network namespace: refused unless the operator allows privileged pods."""
+    host_pid: bool | None = Field(default=None, alias="hostPID")
+    """Share the node's process namespace: refused unless the operator allows privileged pods."""
+    host_ipc: bool | None = Field(default=None, alias="hostIPC")
+    """Share the node's IPC namespace: always refused (/dev/shm is a memory-backed volume already)."""
+
+
+class PodTemplate(Spec):
+    """A partial pod template merged into every pod the resource runs, with Kubernetes' strategic-merge
+    semantics: maps merged, containers, volumes, env and imagePullSecrets by name, tolerations and topology
+    spread constraints appended. The operator's defaults for the kind (the chart's podTemplate.defaults)
+    come first; this template wins."""
+
+    metadata: PodTemplateMetadata | None = None
+    """Pod labels and annotations."""
+    spec: PodSpecTemplate | None = None
+    """Pod spec fields: placement, priority, scheduler, registries, volumes, devices."""
+
+
+class GangScheduler(str, Enum):
+    """Who schedules a run's pods all at once (none: the default scheduler, pod by pod)."""
+
+    none = "none"
+    volcano = "volcano"
+    coscheduling = "coscheduling"
+
+
+class Scheduling(Spec):
+    """How the pods are scheduled together."""
+
+    gang: GangScheduler = GangScheduler.none
+    """volcano (a scheduling.volcano.sh PodGroup, schedulerName volcano) or coscheduling (a
+    scheduling.x-k8s.io PodGroup of the scheduler-plugins): the operator creates a PodGroup whose
+    minMember is the run's pod count, so no pod starts before all of them can."""
+
+
 class Precision(str, Enum):
     """Numeric precision for training."""
 

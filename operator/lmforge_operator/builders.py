@@ -43,6 +43,11 @@ disruptions (preemption, node drain) in their retry budget, replace a pod only o
 (the finished Job stays readable for status). With ``spec.queue`` the Job carries Kueue's
 ``kueue.x-k8s.io/queue-name`` label and is created suspended: Kueue admits it.
 
+With ``spec.scheduling.gang`` (volcano, coscheduling) a **PodGroup** named as the Job, minMember = its pods
+running at once, comes before the Job, whose pods join it (:func:`build_pod_group`). Last, the operator's
+default pod template of the kind and ``spec.template`` are merged into the pods (:func:`pod_template`,
+:mod:`lmforge_operator.podtemplate`: strategic merge, refusals naming the field).
+
 A problem found while building (an unusable ``pvc://`` URI, two Secret references that would share an
 environment variable) raises :class:`BuildError` with the spec field; the handlers report it as the
 Invalid condition.
@@ -103,6 +108,14 @@ GCS_FILE = "credentials.json"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
+# Gang scheduling (spec.scheduling.gang): the PodGroup of each Job, and how its pods join it.
+VOLCANO_API = "scheduling.volcano.sh/v1beta1"
+VOLCANO_SCHEDULER = "volcano"
+VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
+COSCHEDULING_API = "scheduling.x-k8s.io/v1alpha1"
+COSCHEDULING_SCHEDULER = "scheduler-plugins-scheduler"  # the scheduler-plugins chart's default name
+COSCHEDULING_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
+
 # Retry budgets. Training: pod failures across all nodes before the Job fails (disruptions do not count);
 # torchrun re-forms the group around a replaced pod up to TORCHRUN_MAX_RESTARTS times. Corpus: retries of
 # each datatrove rank, and ranks allowed to fail for good (0: a lost rank would silently drop data).
@@ -122,6 +135,9 @@ LABEL_STAGE = "lmforge.io/stage"
 ANNOTATION_GENERATION = "lmforge.io/generation"
 ANNOTATION_RUN = "lmforge.io/run"  # the ``round`` argument of build_job: which run of the step
 ANNOTATION_SPEC_HASH = "lmforge.io/spec-hash"
+
+# spec.template is merged into the pods as it is: no pvc:// rewriting, no Secret variables made from it.
+TEMPLATE_PATH: list[str | int] = ["spec", "template"]
 
 DNS_LABEL_MAX = 63
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -299,8 +315,12 @@ def localize(
 
     def visit(node: Any, path: list[str | int]) -> Any:
         if isinstance(node, dict):
-            # regular-expression patterns are not URIs, whatever they look like
-            return {k: v if k == "pattern" else visit(v, [*path, k]) for k, v in node.items()}
+            # regular-expression patterns are not URIs, whatever they look like; the pod template is
+            # Kubernetes' (its volumes are its own), not the job's
+            return {
+                k: v if k == "pattern" or [*path, k] == TEMPLATE_PATH else visit(v, [*path, k])
+                for k, v in node.items()
+            }
         if isinstance(node, list):
             return [visit(v, [*path, i]) for i, v in enumerate(node)]
         if isinstance(node, str) and node.startswith("pvc://"):
@@ -341,6 +361,8 @@ def secret_refs(doc: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     found: list[tuple[str, str, str]] = []
 
     def visit(node: Any, path: list[str | int]) -> None:
+        if path == TEMPLATE_PATH:
+            return  # the pod template's own env entries reach the pod as written
         if isinstance(node, dict):
             ref = node.get("secretKeyRef")
             if isinstance(ref, dict) and "name" in ref and "key" in ref:
@@ -729,6 +751,87 @@ def _security_context() -> tuple[dict[str, Any], dict[str, Any]]:
     return pod, container
 
 
+def gang(resource: Resource[Any, Any]) -> str:
+    """``spec.scheduling.gang``: none, volcano or coscheduling."""
+    scheduling = getattr(resource.spec, "scheduling", None)
+    return scheduling.gang.value if scheduling is not None else "none"
+
+
+def spec_template(resource: Resource[Any, Any]) -> dict[str, Any] | None:
+    """``spec.template`` as a camelCase dict (None when unset)."""
+    template = getattr(resource.spec, "template", None)
+    return template.to_yaml_dict() if template is not None else None
+
+
+def _gang_template(resource: Resource[Any, Any], group: str) -> dict[str, Any] | None:
+    """How a Job's pods join their PodGroup ``group``: the scheduler, and its label or annotation."""
+    how = gang(resource)
+    if how == "volcano":
+        return {
+            "metadata": {"annotations": {VOLCANO_GROUP_ANNOTATION: group}},
+            "spec": {"schedulerName": VOLCANO_SCHEDULER},
+        }
+    if how == "coscheduling":
+        return {
+            "metadata": {"labels": {COSCHEDULING_GROUP_LABEL: group}},
+            "spec": {"schedulerName": COSCHEDULING_SCHEDULER},
+        }
+    return None
+
+
+def pod_template(
+    resource: Resource[Any, Any],
+    pod: Mapping[str, Any],
+    job: str,
+    *,
+    template_defaults: Mapping[str, Any] | None = None,
+    allow_privileged: bool = False,
+) -> dict[str, Any]:
+    """The Job ``job``'s pod template: lmforge's ``pod``, then the gang-scheduling settings, the operator's
+    defaults for the kind and ``spec.template`` merged in that order (later wins). Raises BuildError naming
+    the field of a template that would break the Job or weaken Pod Security."""
+    from lmforge_operator import podtemplate
+
+    out = dict(pod)
+    gang_settings = _gang_template(resource, job)
+    if gang_settings:
+        out = podtemplate.merge_one(out, gang_settings)
+    return podtemplate.merge(
+        out,
+        [("operator podTemplate.defaults", template_defaults), ("template", spec_template(resource))],
+        allow_privileged=allow_privileged,
+    )
+
+
+def build_pod_group(
+    resource: Resource[Any, Any],
+    owner: dict[str, Any] | None,
+    stage: Stage | None = None,
+    round: int = 0,
+) -> dict[str, Any] | None:
+    """The PodGroup of a Job when ``spec.scheduling.gang`` is volcano or coscheduling (else None): named as
+    the Job, owned by the resource (the garbage collector removes it with the resource), minMember = the
+    pods the Job runs at once, so the scheduler binds none of them before it can bind all."""
+    how = gang(resource)
+    if how == "none":
+        return None
+    name = job_name(resource, stage, round)
+    completions = _completions(resource, stage)
+    members = (
+        min(resource.spec.parallelism.workers, completions) if resource.kind == "Corpus" else completions
+    )
+    spec: dict[str, Any] = {"minMember": members}
+    template = (spec_template(resource) or {}).get("spec") or {}
+    if how == "volcano" and template.get("priorityClassName"):
+        spec["priorityClassName"] = template["priorityClassName"]
+    return {
+        "apiVersion": VOLCANO_API if how == "volcano" else COSCHEDULING_API,
+        "kind": "PodGroup",
+        "metadata": _metadata(resource, name, owner, stage),
+        "spec": spec,
+    }
+
+
 def build_job(
     resource: Resource[Any, Any],
     owner: dict[str, Any] | None,
@@ -740,6 +843,8 @@ def build_job(
     env: Mapping[str, str] | None = None,
     service_account: str | None = None,
     storage: Storage | None = None,
+    template_defaults: Mapping[str, Any] | None = None,
+    allow_privileged: bool = False,
 ) -> dict[str, Any]:
     """The batch/v1 Job running ``resource`` (a Corpus: its ``stage``).
 
@@ -751,6 +856,10 @@ def build_job(
     object storage; its token is still not mounted).
     ``storage`` is the operator's default storage section, used when the spec has none
     (:func:`effective_storage`, :func:`storage_env`).
+    ``template_defaults`` is the operator's default pod template of the kind (a PodTemplate dict, the chart's
+    ``podTemplate.defaults``): merged into the pods first, then ``spec.template``
+    (:mod:`lmforge_operator.podtemplate`; ``allow_privileged`` lets either weaken Pod Security), after the
+    gang-scheduling settings of ``spec.scheduling`` (:func:`build_pod_group`).
     """
     if resource.kind == "Corpus" and stage is None:
         raise ValueError("a Corpus Job is built per stage: pass stage=")
@@ -842,7 +951,13 @@ def build_job(
         "parallelism": parallelism,
         "podFailurePolicy": _pod_failure_policy(),
         "podReplacementPolicy": "Failed",
-        "template": {"metadata": template_meta, "spec": pod_spec},
+        "template": pod_template(
+            resource,
+            {"metadata": template_meta, "spec": pod_spec},
+            name,
+            template_defaults=template_defaults,
+            allow_privileged=allow_privileged,
+        ),
     }
     if resource.kind == "Corpus":
         job_spec["backoffLimitPerIndex"] = CORPUS_BACKOFF_LIMIT_PER_INDEX
@@ -866,16 +981,22 @@ def children(
     service_account: str | None = None,
     isolation: Isolation | None = DEFAULT_ISOLATION,
     storage: Storage | None = None,
+    template_defaults: Mapping[str, Any] | None = None,
+    allow_privileged: bool = False,
 ) -> list[dict[str, Any]]:
     """Everything to create for the current step, in creation order: ConfigMap, then for torchrun kinds
     the Service and the NetworkPolicy (``isolation=None``: no NetworkPolicy, for clusters without
-    NetworkPolicy support), then the Job, so its pods never run unprotected. A Corpus needs ``stage`` (the
-    stage to run now). Other keyword arguments as in :func:`build_job`."""
+    NetworkPolicy support), then the PodGroup (gang scheduling), then the Job, so its pods never run
+    unprotected or outside their group. A Corpus needs ``stage`` (the stage to run now). Other keyword
+    arguments as in :func:`build_job`."""
     objects = [build_configmap(resource, resolved_doc, owner, round)]
     if needs_service(resource):
         objects.append(build_service(resource, owner))
         if isolation is not None:
             objects.append(build_network_policy(resource, owner, isolation))
+    group = build_pod_group(resource, owner, stage, round)
+    if group is not None:
+        objects.append(group)
     objects.append(
         build_job(
             resource,
@@ -887,6 +1008,8 @@ def children(
             env=env,
             service_account=service_account,
             storage=storage,
+            template_defaults=template_defaults,
+            allow_privileged=allow_privileged,
         )
     )
     return objects
@@ -901,6 +1024,7 @@ __all__ = [
     "build_configmap",
     "build_job",
     "build_network_policy",
+    "build_pod_group",
     "build_service",
     "child_name",
     "children",
@@ -909,6 +1033,7 @@ __all__ = [
     "default_image",
     "dump_spec",
     "effective_storage",
+    "gang",
     "image_for",
     "job_manifest",
     "job_name",
@@ -917,10 +1042,12 @@ __all__ = [
     "localize",
     "needs_service",
     "owner_reference",
+    "pod_template",
     "secret_env",
     "secret_refs",
     "selector",
     "service_name",
+    "spec_template",
     "storage_env",
     "uses_torchrun",
 ]

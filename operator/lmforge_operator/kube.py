@@ -31,7 +31,18 @@ KINDS: dict[str, tuple[str, str]] = {
     "Lease": ("coordination.k8s.io/v1", "leases"),
     "Pod": ("v1", "pods"),
     "Event": ("v1", "events"),
+    # Gang scheduling (spec.scheduling.gang): two schedulers' PodGroups share the kind, so the key names
+    # the group (kind_key).
+    "PodGroup.scheduling.volcano.sh": ("scheduling.volcano.sh/v1beta1", "podgroups"),
+    "PodGroup.scheduling.x-k8s.io": ("scheduling.x-k8s.io/v1alpha1", "podgroups"),
 }
+
+
+def kind_key(obj: Mapping[str, Any]) -> str:
+    """The :data:`KINDS` key of ``obj``: its kind, qualified by its API group where groups share a kind."""
+    kind = str(obj["kind"])
+    qualified = f"{kind}.{str(obj.get('apiVersion', '')).rpartition('/')[0]}"
+    return qualified if qualified in KINDS else kind
 
 
 class ApiError(Exception):
@@ -176,7 +187,7 @@ class Kube:
     async def create(self, obj: Mapping[str, Any], namespace: str) -> tuple[dict[str, Any] | None, bool]:
         """Create ``obj`` if absent: (object, True) when created, (None, False) when it already existed."""
         try:
-            created = await self.request("POST", path_for(str(obj["kind"]), namespace), body=obj)
+            created = await self.request("POST", path_for(kind_key(obj), namespace), body=obj)
             return created, True
         except ApiError as exc:
             if exc.status == 409:
@@ -227,4 +238,4 @@ class Kube:
             return None
 
 
-__all__ = ["KINDS", "ApiError", "Kube", "path_for"]
+__all__ = ["KINDS", "ApiError", "Kube", "kind_key", "path_for"]

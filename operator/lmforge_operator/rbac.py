@@ -48,6 +48,13 @@ RULES: list[dict[str, Any]] = [
         "resources": ["networkpolicies"],
         "verbs": ["get", "create", "delete"],
     },
+    # Gang scheduling (spec.scheduling.gang): a PodGroup per Job, Volcano's or the scheduler-plugins'
+    # coscheduling one, created before the Job and removed with the resource (ownerReference).
+    {
+        "apiGroups": ["scheduling.volcano.sh", "scheduling.x-k8s.io"],
+        "resources": ["podgroups"],
+        "verbs": ["get", "create", "delete"],
+    },
     # Job pods: rank 0's IP for its Prometheus endpoint, termination messages and restart counts.
     {"apiGroups": [""], "resources": ["pods"], "verbs": READ},
     # Kubernetes Events on transitions (the operator's and kopf's own, both POSTed as core/v1 Events).

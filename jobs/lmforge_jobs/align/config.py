@@ -19,8 +19,10 @@ from lmforge_jobs.spec import (
     Image,
     ModelRef,
     NodeParallelism,
+    PodTemplate,
     Precision,
     Resources,
+    Scheduling,
     ShortStr,
     Spec,
     SpecError,
@@ -275,6 +277,10 @@ class AlignmentRunSpec(Spec):
     """Container image of the jobs; defaults to the operator's configured jobs image."""
     storage: Storage | None = None
     """Object storage endpoint, region and credentials (Secrets by name); unset: the operator's defaults."""
+    template: PodTemplate | None = None
+    """Pod template merged into the pods (placement, priority, registries, volumes, devices, env)."""
+    scheduling: Scheduling | None = None
+    """Gang scheduling of the pods (Volcano or coscheduling PodGroup); unset: none."""
     resources: Resources = Resources()
     """Resources of each node's pod."""
 

@@ -15,8 +15,10 @@ from pydantic import Field, StringConstraints, field_validator, model_validator
 from lmforge_jobs.spec import (
     Cel,
     Image,
+    PodTemplate,
     Progress,
     Resources,
+    Scheduling,
     SecretRef,
     ShortStr,
     Spec,
@@ -491,6 +493,10 @@ class CorpusSpec(Spec):
     """Container image of the jobs; defaults to the operator's configured jobs image."""
     storage: Storage | None = None
     """Object storage endpoint, region and credentials (Secrets by name); unset: the operator's defaults."""
+    template: PodTemplate | None = None
+    """Pod template merged into the pods (placement, priority, registries, volumes, devices, env)."""
+    scheduling: Scheduling | None = None
+    """Gang scheduling of the pods (Volcano or coscheduling PodGroup); unset: none."""
 
 
 # ------------------------------------------------------------------------------------------------ status

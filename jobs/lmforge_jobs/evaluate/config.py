@@ -19,9 +19,11 @@ from lmforge_jobs.spec import (
     Image,
     ModelRef,
     NodeParallelism,
+    PodTemplate,
     Precision,
     ResourceRef,
     Resources,
+    Scheduling,
     SecretRef,
     ShortStr,
     Spec,
@@ -207,6 +209,10 @@ class EvaluationSpec(Spec):
     """Container image of the jobs; defaults to the operator's configured jobs image."""
     storage: Storage | None = None
     """Object storage endpoint, region and credentials (Secrets by name); unset: the operator's defaults."""
+    template: PodTemplate | None = None
+    """Pod template merged into the pods (placement, priority, registries, volumes, devices, env)."""
+    scheduling: Scheduling | None = None
+    """Gang scheduling of the pods (Volcano or coscheduling PodGroup); unset: none."""
     resources: Resources = Resources()
     """Resources of each pod."""
 

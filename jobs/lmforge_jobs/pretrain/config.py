@@ -15,10 +15,12 @@ from lmforge_jobs.spec import (
     HubId,
     Image,
     NodeParallelism,
+    PodTemplate,
     Precision,
     Queue,
     ResourceRef,
     Resources,
+    Scheduling,
     SecretRef,
     ShortStr,
     Spec,
@@ -353,6 +355,10 @@ class PretrainRunSpec(Spec):
     """Container image of the jobs; defaults to the operator's configured jobs image."""
     storage: Storage | None = None
     """Object storage endpoint, region and credentials (Secrets by name); unset: the operator's defaults."""
+    template: PodTemplate | None = None
+    """Pod template merged into the pods (placement, priority, registries, volumes, devices, env)."""
+    scheduling: Scheduling | None = None
+    """Gang scheduling of the pods (Volcano or coscheduling PodGroup); unset: none."""
     resources: Resources = Resources()
     """Resources of each node's pod."""
 

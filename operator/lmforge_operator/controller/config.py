@@ -90,6 +90,18 @@ class Config:
     lease_seconds: float = field(default_factory=lambda: float(os.environ.get("LMFORGE_LEASE_SECONDS", "15")))
     """How long a Lease not renewed stays the holder's ($LMFORGE_LEASE_SECONDS): the longest a standby
     replica waits to take over from a leader that died."""
+    pod_template_defaults: dict[str, Any] = field(
+        default_factory=lambda: json.loads(os.environ.get("LMFORGE_POD_TEMPLATE_DEFAULTS") or "{}")
+    )
+    """Default pod template per kind (``{"PretrainRun": {"spec": {"tolerations": [...]}}}``), merged into
+    the pods before each resource's spec.template, which wins ($LMFORGE_POD_TEMPLATE_DEFAULTS, JSON; the
+    chart's podTemplate.defaults)."""
+    pod_template_allow_privileged: bool = field(
+        default_factory=lambda: _flag("LMFORGE_POD_TEMPLATE_ALLOW_PRIVILEGED", False)
+    )
+    """Let pod templates weaken the restricted Pod Security settings: hostNetwork, hostPID, hostPath
+    volumes, privileged containers, added capabilities, root ($LMFORGE_POD_TEMPLATE_ALLOW_PRIVILEGED; the
+    chart's podTemplate.allowPrivileged, default false)."""
     identity: str = field(
         default_factory=lambda: os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     )
@@ -116,6 +128,36 @@ class Config:
         except ValidationError as exc:
             where = ".".join(str(p) for p in exc.errors()[0]["loc"])
             raise ValueError(f"operator storage default {where}: {exc.errors()[0]['msg']}") from None
+
+    def template_defaults(self) -> dict[str, dict[str, Any]]:
+        """The default pod template of each kind that has one, validated (a PodTemplate as a camelCase
+        dict) and checked like a resource's template; a bad one raises ValueError naming the kind and the
+        field (podTemplate.defaults.<Kind>.<field>)."""
+        from pydantic import ValidationError
+
+        from lmforge_jobs.kinds import KINDS
+        from lmforge_jobs.spec import PodTemplate
+        from lmforge_operator import podtemplate
+        from lmforge_operator.builders import BuildError
+
+        out: dict[str, dict[str, Any]] = {}
+        for kind, raw in (self.pod_template_defaults or {}).items():
+            where = f"podTemplate.defaults.{kind}"
+            if kind not in KINDS:
+                raise ValueError(f"{where}: not a kind (one of {', '.join(KINDS)})")
+            if not raw:
+                continue
+            try:
+                template = PodTemplate.model_validate(raw).to_yaml_dict()
+                podtemplate.check(template, where, allow_privileged=self.pod_template_allow_privileged)
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+                raise ValueError(f"{where}{field}: {error['msg']}") from None
+            except BuildError as exc:
+                raise ValueError(f"{exc.field}: {exc.message}") from None
+            out[kind] = template
+        return out
 
     def isolation(self) -> Any:
         """The builders' :class:`~lmforge_operator.builders.Isolation`, or None for no NetworkPolicy."""

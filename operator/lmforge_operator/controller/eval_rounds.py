@@ -20,7 +20,7 @@ from lmforge_operator.controller.outcomes import (
     Succeeded,
     Waiting,
 )
-from lmforge_operator.kube import ApiError
+from lmforge_operator.kube import ApiError, kind_key
 
 if TYPE_CHECKING:
     from lmforge_operator.controller.reconcile import Controller
@@ -172,7 +172,7 @@ async def reconcile_rounds(
 async def prune_rounds(
     ctl: Controller, resource: Resource[Any, Any], ns: str, newest: int, seen: list[int]
 ) -> None:
-    """Round ``newest`` was just created: delete the Job (its pods with it) and spec ConfigMap of round
+    """Round ``newest`` was just created: delete the Job (its pods with it), spec ConfigMap and PodGroup of round
     ``newest - KEEP_ROUNDS`` (each older one went when its successor's successor came), and of any older
     round still seen. Their results are in status.history and results.json. Best effort: a refusal
     is logged, and the round is tried again only if it is seen again."""
@@ -185,6 +185,9 @@ async def prune_rounds(
         try:
             await ctl.api.delete("Job", ns, job)
             await ctl.api.delete("ConfigMap", ns, builders.configmap_name(resource, number))
+            group = builders.build_pod_group(resource, None, None, number)
+            if group is not None:  # gang scheduling: the round's PodGroup goes with its Job
+                await ctl.api.delete(kind_key(group), ns, job)
         except ApiError as exc:
             log.warning(
                 "%s/%s/%s: round %d not cleaned up: %s", resource.kind, ns, resource.name, number, exc

@@ -16,6 +16,15 @@ log = logging.getLogger("lmforge.operator")
 async def post_event(api: Kube, host: str, body: dict[str, Any], phase: str, outcome: Outcome) -> None:
     """Post the Event saying the resource of ``body`` is now in ``phase`` because of ``outcome``; a Warning
     when it is Failed or Invalid. Best effort: a refusal is logged at debug level."""
+    warning = phase in ("Failed", "Invalid")
+    await post_note(api, host, body, outcome.reason, f"{phase}: {outcome.message}", warning=warning)
+
+
+async def post_note(
+    api: Kube, host: str, body: dict[str, Any], reason: str, message: str, *, warning: bool = False
+) -> None:
+    """Post a Normal (or Warning) Event about the resource of ``body`` with ``reason`` and ``message``
+    (``kubectl describe`` shows it). Best effort: a refusal is logged at debug level."""
     meta = body.get("metadata") or {}
     ns = meta.get("namespace") or "default"
     stamp = status_helpers.now_iso()
@@ -30,9 +39,9 @@ async def post_event(api: Kube, host: str, body: dict[str, Any], phase: str, out
             "namespace": ns,
             "uid": meta.get("uid"),
         },
-        "reason": outcome.reason,
-        "message": f"{phase}: {outcome.message}"[:1024],
-        "type": "Warning" if phase in ("Failed", "Invalid") else "Normal",
+        "reason": reason,
+        "message": message[:1024],
+        "type": "Warning" if warning else "Normal",
         "source": {"component": "lmforge-operator", "host": host},
         "reportingComponent": "lmforge.io/operator",
         "reportingInstance": host,
@@ -46,4 +55,4 @@ async def post_event(api: Kube, host: str, body: dict[str, Any], phase: str, out
         log.debug("event not posted: %s", exc)
 
 
-__all__ = ["post_event"]
+__all__ = ["post_event", "post_note"]

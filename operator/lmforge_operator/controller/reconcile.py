@@ -35,20 +35,23 @@ from lmforge_jobs.resolve import (
     resolve,
 )
 from lmforge_jobs.spec import spec_hash
+from lmforge_operator import podtemplate
 from lmforge_operator import status as status_helpers
 from lmforge_operator.controller.config import Config
 from lmforge_operator.controller.corpus_stages import reconcile_corpus
 from lmforge_operator.controller.eval_rounds import reconcile_rounds
-from lmforge_operator.controller.events import post_event
+from lmforge_operator.controller.events import post_event, post_note
 from lmforge_operator.controller.mirror import mirror_job, verdict_kept
 from lmforge_operator.controller.outcomes import Failed, Invalid, Outcome, Pending, Waiting
 from lmforge_operator.controller.workqueue import Key, WorkQueue
-from lmforge_operator.kube import ApiError
+from lmforge_operator.kube import ApiError, kind_key
 
 log = logging.getLogger("lmforge.operator")
 
 SPEC_ANNOTATION = "lmforge.io/spec"
 SPEC_HASH_ANNOTATION = "lmforge.io/spec-digest"
+# Reason of the Event saying which of the operator's default pod template fields a new Job got.
+POD_TEMPLATE_DEFAULTS = "PodTemplateDefaults"
 # The phases (and the reasons for them) that are a resource's verdict: kept without looking at its Jobs.
 FINAL_REASONS = {
     "Succeeded": status_helpers.FINAL_SUCCESS_REASONS,
@@ -90,6 +93,7 @@ class Controller(WorkQueue):
         self._locks: dict[Key, asyncio.Lock] = {}
         self.isolation = self.config.isolation()
         self.storage = self.config.storage_defaults()
+        self.template_defaults = self.config.template_defaults()
 
     def forget(self, key: Key) -> None:
         super().forget(key)
@@ -362,7 +366,7 @@ class Controller(WorkQueue):
             )
         if not meta.get("deletionTimestamp"):
             assert self.api is not None
-            await self.api.delete(str(child.get("kind")), ns, str(meta.get("name")))
+            await self.api.delete(kind_key(child), ns, str(meta.get("name")))
             log.info(
                 "%s/%s/%s: deleted %s of an earlier resource (%s)",
                 owner.get("kind"),
@@ -425,6 +429,8 @@ class Controller(WorkQueue):
                 round=round,
                 isolation=self.isolation,
                 storage=self.storage,
+                template_defaults=self.template_defaults.get(kind),
+                allow_privileged=self.config.pod_template_allow_privileged,
             )
         except builders.BuildError as exc:
             raise Invalid(status_helpers.SPEC_INVALID, exc.message, f"spec.{exc.field}") from None
@@ -437,6 +443,13 @@ class Controller(WorkQueue):
             try:
                 made, fresh = await self.api.create(obj, ns)
             except ApiError as exc:
+                if exc.status == 404 and obj.get("kind") == "PodGroup":
+                    # the scheduler's CRDs are not installed: waits (resynced) until they are
+                    raise Waiting(
+                        status_helpers.CHILD_REJECTED,
+                        f"spec.scheduling.gang: the API server does not serve {obj.get('apiVersion')} "
+                        "PodGroups: install the scheduler (its CRDs) or set gang: none",
+                    ) from None
                 if exc.status >= 500 or exc.status in (404, 408, 409, 429):
                     raise  # the server's trouble, or a conflict: retried with backoff
                 # refused for good (403 a quota or policy, 400/413/422 an invalid or oversized object)
@@ -447,7 +460,7 @@ class Controller(WorkQueue):
                     f"{exc.status} {exc.reason}: {exc.message}",
                 ) from None
             if not fresh and obj.get("kind") != "Job":  # the Job is looked up (and claimed) by the caller
-                there = await self.api.get(str(obj["kind"]), ns, obj["metadata"]["name"])
+                there = await self.api.get(kind_key(obj), ns, obj["metadata"]["name"])
                 if there is not None:
                     await self.claim(owner, ns, there)
             if fresh and self.metrics is not None:
@@ -455,6 +468,21 @@ class Controller(WorkQueue):
             if obj.get("kind") == "Job" and fresh:
                 created_job = made
                 log.info("%s/%s/%s: created Job %s", *key, obj["metadata"]["name"])
+                applied = podtemplate.fields_set(self.template_defaults.get(kind))
+                if applied:
+                    body = self.cache.get(key) or {
+                        "apiVersion": owner["apiVersion"],
+                        "kind": owner["kind"],
+                        "metadata": {"name": owner["name"], "uid": owner["uid"], "namespace": ns},
+                    }
+                    await post_note(
+                        self.api,
+                        self.host,
+                        body,
+                        POD_TEMPLATE_DEFAULTS,
+                        f"Job {obj['metadata']['name']}: the operator's {kind} pod template defaults applied "
+                        f"({', '.join(applied)}) under spec.template",
+                    )
         return created_job
 
     @staticmethod
