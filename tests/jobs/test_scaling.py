@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from repo import ROOT
 
 from lmforge_jobs import scaling
 from lmforge_jobs.scaling import Point, ScalingFit, fit_approach2, fit_approach3, fit_optima
 from lmforge_operator.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cluster" / "02-pretrain.yaml"
 
 # Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", approach 3's published fit.

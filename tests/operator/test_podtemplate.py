@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from k8s_validate import problems, restricted_problems
 from kmock_harness import Cluster, Operator
+from repo import ROOT
 
 from lmforge_jobs.data.stages import stages
 from lmforge_jobs.manifest import parse_resource
@@ -601,7 +602,7 @@ def _recipes() -> dict[str, dict[str, Any]]:
 
     import yaml
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "cluster.md").read_text()
+    text = (ROOT / "docs" / "cluster.md").read_text()
     start = text.index("## Pod templates: placement, devices, registries")
     end = text.index("## Gang scheduling, priorities and preemption")
     blocks = re.findall(r"```yaml\n(.*?)```", text[start:end], re.S)
@@ -712,7 +713,7 @@ def test_chart_passes_the_defaults_to_the_operator(tmp_path: Path, monkeypatch: 
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     helm = os.environ.get("LMFORGE_HELM") or shutil.which("helm") or str(root / ".ci" / "bin" / "helm")
     if not Path(helm).exists():
         if os.environ.get("CI") == "true":
