@@ -2,8 +2,9 @@
 
 Every input and output a job names may be a local path, ``file://…``, ``s3://bucket/key``, ``gs://…``,
 ``hf://…`` or ``memory://…`` (tests). ``filesystem(uri)`` gives the fsspec filesystem and the path on it;
-``is_remote``, ``join``, ``exists``, ``read_text``, ``read_json``, ``local_copy``, ``refresh`` (before
-polling), ``write_text_atomic``, ``upload_tree`` and ``download_tree`` cover what jobs do with them.
+``is_remote``, ``join``, ``exists``, ``list_files``, ``read_text``, ``read_json``, ``local_copy``,
+``refresh`` (before polling), ``write_text_atomic``, ``upload_tree`` and ``download_tree`` cover what jobs
+do with them.
 
 Credentials come only from the environment, never from a spec: ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN`` (a Secret mounted as env), ``AWS_PROFILE``, the pod's IAM
@@ -167,6 +168,23 @@ def refresh(uri: str | os.PathLike[str]) -> None:
             cache.pop(key, None)
 
 
+def list_files(uri: str | os.PathLike[str], pattern: str = "*") -> list[str]:
+    """URIs of the files directly in folder ``uri`` whose names match ``pattern``, sorted; [] when the
+    folder does not exist. Hidden names (``.x``: a :func:`write_text_atomic` in progress) are left out.
+    Listed afresh (:func:`refresh`): other processes may have just written them."""
+    refresh(uri)
+    fs, path = filesystem(uri)
+    try:
+        found = fs.glob(f"{path}/{pattern}", detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        to_uri(fs, p)
+        for p, info in found.items()
+        if info.get("type") == "file" and not p.rsplit("/", 1)[-1].startswith(".")
+    )
+
+
 def write_text_atomic(uri: str | os.PathLike[str], text: str) -> None:
     """Write a small text object so that it is read either whole or not at all: a temporary key beside it,
     then a move (a single PUT of the final key on object stores, ``os.replace`` on a local disk)."""
@@ -299,6 +317,7 @@ __all__ = [
     "filesystem",
     "is_remote",
     "join",
+    "list_files",
     "local_copy",
     "local_path",
     "read_json",

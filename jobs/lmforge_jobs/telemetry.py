@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.kinds import KINDS
 
 DEFAULT_PORT = 9400
@@ -107,12 +108,9 @@ def _finite(value: Any) -> float | None:
 
 def local_dir(output: str | os.PathLike[str] | None) -> Path | None:
     """The local directory of an output URI (a plain path or file://), None for remote URIs."""
-    if not output:
+    if not output or storage.is_remote(output):
         return None
-    text = str(output).removeprefix("file://")
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
-        return None
-    return Path(text)
+    return storage.local_path(output)
 
 
 def report_dir(output: str | os.PathLike[str] | None) -> Path | None:
@@ -309,8 +307,6 @@ class Telemetry:
         (what the local runner reads), when that is elsewhere."""
         beside = local_dir(self.output)
         if self.output and beside is None:
-            from lmforge_jobs import storage  # fsspec: only for a remote output
-
             try:
                 storage.write_text_atomic(
                     storage.join(self.output, "outputs.json"), json.dumps(outputs, indent=2)
@@ -429,7 +425,7 @@ def write_termination_message(summary: Mapping[str, Any]) -> None:
 
 def read_progress(output: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The job's progress.json, or None when absent or half-written."""
-    path = Path(str(output).removeprefix("file://")) / "progress.json"
+    path = storage.local_path(output) / "progress.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

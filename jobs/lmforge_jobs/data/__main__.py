@@ -9,8 +9,14 @@
   is skipped, so retrying a Job index redoes only what is missing. Running the ``stats`` stage writes
   ``stats.json`` and ``outputs.json`` — the Corpus's completion marker.
 
+Sources, model files, a pretrained tokenizer and ``spec.output`` may be local paths or object-store URIs
+(``s3://bucket/key``; the endpoint and credentials come from the environment, see
+:mod:`lmforge_jobs.storage`). Completion markers, ``stats.json`` and ``outputs.json`` are written last and
+atomically, so a half-written stage or corpus is never taken for a complete one.
+
 Exit codes: 0 done; 64 a configuration or input error (``error: spec.<field>: <message>`` on stderr:
-missing source, unreadable WARC, missing fastText model, vocabSize too small, nothing left after filtering);
+missing source, unreadable WARC, missing fastText model, vocabSize too small, nothing left after filtering,
+a missing bucket or object, credentials the store refuses);
 75 the previous stage has not completed every rank yet (retry later); 143 stopped by SIGTERM; anything else
 is a crash. A stopped job shuts its worker processes down, and a killed one takes them with it.
 """

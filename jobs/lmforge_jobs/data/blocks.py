@@ -51,6 +51,8 @@ from datatrove.utils.logging import logger
 from datatrove.utils.typeshelper import StatHints
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from lmforge_jobs import storage
+
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 
 
@@ -305,11 +307,13 @@ class PathLanguageFilter(LanguageFilter):
 
 
 def local_copy(uri: str) -> str:
-    """A local path for ``uri``: remote files (s3://, gs://, hf://…) are copied to datatrove's cache once."""
-    if "://" not in uri or uri.startswith("file://"):
-        return uri.removeprefix("file://")
+    """A local path for ``uri``: remote files (s3://, gs://, hf://…) are copied to datatrove's cache once
+    (on disk, shared by the stage's worker processes)."""
+    if not storage.is_remote(uri):
+        return str(storage.local_path(uri))
     from datatrove.io import cached_asset_path_or_download
 
+    storage.configure()  # the store's endpoint and credentials for datatrove's fsspec download
     return cached_asset_path_or_download(uri, namespace="lmforge", subfolder="models", desc=uri)
 
 

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.data import stages as st
 from lmforge_jobs.entry import ConfigError
 from lmforge_jobs.manifest import Resource
@@ -121,6 +122,7 @@ def run_stages(resource: Resource[Any, Any], args: argparse.Namespace) -> int:
     rank = None if every else int(raw_rank)
     workers = args.workers or spec.parallelism.workers
     tel = Telemetry(KIND, spec.output, enabled=every or rank == 0)
+    storage.configure()  # datatrove's folders and worker processes reach the same object store
     preflight(spec, None if args.stage == "all" else args.stage)
     todo = st.stages(spec) if args.stage == "all" else [st.get_stage(spec, args.stage)]
     progress = RankProgress(tel, spec)

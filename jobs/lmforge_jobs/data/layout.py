@@ -11,27 +11,13 @@ OUT/logs/<stage>/counts/NNNNN.json             per-rank document counts (added u
 
 from __future__ import annotations
 
-import glob as _glob
 import json
-import os
-from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.data import stages as st
 from lmforge_jobs.data.config import CorpusSpec
-
-
-def join(base: str, *parts: str) -> str:
-    """``base/part/…`` for local paths and URIs alike."""
-    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
-
-
-def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def local(uri: str) -> str:
-    return uri.removeprefix("file://")
+from lmforge_jobs.storage import join
 
 
 class Layout:
@@ -64,28 +50,12 @@ class Layout:
 
 def read_counts(layout: Layout, stage: str) -> list[dict[str, Any]]:
     """The Counts files of a stage's completed ranks."""
-    folder = layout.counts(stage)
-    if not is_local(folder):
-        from datatrove.io import get_datafolder
-
-        df = get_datafolder(folder)
-        return (
-            [json.loads(df.open(f).read()) for f in df.list_files(glob_pattern="*.json")]
-            if df.exists("")
-            else []
-        )
-    return [
-        json.loads(Path(p).read_text()) for p in sorted(_glob.glob(os.path.join(local(folder), "*.json")))
-    ]
+    return [json.loads(storage.read_text(uri)) for uri in storage.list_files(layout.counts(stage), "*.json")]
 
 
 def completed_ranks(layout: Layout, stage: str) -> int:
-    folder = join(layout.logs(stage), "completions")
-    if is_local(folder):
-        return len(_glob.glob(os.path.join(local(folder), "*")))
-    from datatrove.io import get_datafolder
-
-    return len(get_datafolder(folder).list_files())
+    """Ranks of ``stage`` whose completion marker exists."""
+    return len(storage.list_files(join(layout.logs(stage), "completions")))
 
 
-__all__ = ["Layout", "completed_ranks", "is_local", "join", "local", "read_counts"]
+__all__ = ["Layout", "completed_ranks", "join", "read_counts"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from datatrove.pipeline import filters as df
@@ -28,9 +27,10 @@ from datatrove.pipeline.dedup.minhash import MinhashConfig
 from datatrove.pipeline.formatters import FTFYFormatter, PIIFormatter
 from datatrove.pipeline.writers import JsonlWriter
 
+from lmforge_jobs import storage
 from lmforge_jobs.data import blocks
 from lmforge_jobs.data.config import FILTER_KINDS, CorpusSpec
-from lmforge_jobs.data.layout import Layout, is_local, join, local
+from lmforge_jobs.data.layout import Layout, join
 from lmforge_jobs.data.preflight import expand_paths
 from lmforge_jobs.secrets import read_secret
 
@@ -106,7 +106,7 @@ PIPELINES: dict[str, Callable[[Context], list[PipelineStep]]] = {
             blocks.HeldOutSplit(c.spec.held_out_fraction),
             writer(c.layout.documents, "${split}/${rank}.jsonl.gz"),
         ),
-        split_tokenizer(c.layout),
+        split_tokenizer(c.spec, c.layout),
     ],
 }
 
@@ -167,10 +167,11 @@ def source_reader(c: Context, index: int) -> PipelineStep | None:
             options["name"] = cfg.config
         if cfg.revision:
             options["revision"] = cfg.revision
-        is_dir = Path(local(cfg.dataset)).is_dir()
+        local_dir = storage.local_path(cfg.dataset)
+        is_dir = not storage.is_remote(cfg.dataset) and local_dir.is_dir()
         token = read_secret(cfg.token, f"sources[{index}].huggingface.token") if cfg.token else None
         return blocks.HubDatasetReader(
-            local(cfg.dataset) if is_dir else cfg.dataset,
+            str(local_dir) if is_dir else cfg.dataset,
             token=token,
             dataset_options=options,
             streaming=cfg.streaming and not is_dir,
@@ -206,7 +207,7 @@ FILTERS: dict[str, Callable[[Any], PipelineStep]] = {
         banned_words=c.extra_banned_words or None,
         use_integrated_lists=c.use_integrated_lists,
     ),
-    "language": lambda c: blocks.PathLanguageFilter(local(c.model_path), c.languages, c.min_score),
+    "language": lambda c: blocks.PathLanguageFilter(c.model_path, c.languages, c.min_score),
     "gopher_repetition": lambda c: df.GopherRepetitionFilter(
         dup_line_frac=c.dup_line_frac,
         dup_para_frac=c.dup_para_frac,
@@ -282,7 +283,7 @@ def formatters(spec: CorpusSpec) -> list[PipelineStep]:
 
 # ---------------------------------------------------------------------------------------- domains, dedup
 def domain_labeller(spec: CorpusSpec) -> list[PipelineStep]:
-    return [] if spec.domains is None else [blocks.DomainLabeller(local(spec.domains.classifier_path))]
+    return [] if spec.domains is None else [blocks.DomainLabeller(spec.domains.classifier_path)]
 
 
 def domain_weights(spec: CorpusSpec) -> list[Step]:
@@ -310,14 +311,13 @@ def writer(folder: str, filename: str = "${rank}.jsonl.gz") -> PipelineStep:
     return JsonlWriter(folder, output_filename=filename)
 
 
-def split_tokenizer(layout: Layout) -> PipelineStep:
+def split_tokenizer(spec: CorpusSpec, layout: Layout) -> PipelineStep:
     from lmforge_jobs.data.tokenize import SplitTokenizer
     from lmforge_jobs.data.tokenizer import eos_of
 
-    eos = eos_of(Path(local(layout.tokenizer))) if is_local(layout.tokenizer) else "<|endoftext|>"
     return SplitTokenizer(
-        join(local(layout.tokenizer), "tokenizer.json"),
-        eos,
+        join(layout.tokenizer, "tokenizer.json"),
+        eos_of(spec, layout.tokenizer),
         layout.tokens_train,
         layout.tokens_held_out,
         join(layout.documents, "held-out"),

@@ -1,15 +1,15 @@
-"""Every input check that needs no processing, run before any stage starts: sources exist, WARCs parse,
-model files exist, the vocabulary can hold the byte alphabet. Each failure is a ConfigError naming the
-spec field (exit 64)."""
+"""Every input check that needs no processing, run before any stage starts: the output's bucket exists,
+sources exist, WARCs parse, model files exist, the vocabulary can hold the byte alphabet. Each failure is a
+ConfigError naming the spec field (exit 64). Local paths and object-store URIs alike, through
+:mod:`lmforge_jobs.storage`."""
 
 from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
+from lmforge_jobs import storage
 from lmforge_jobs.data.config import CorpusSpec, Source
-from lmforge_jobs.data.layout import is_local, local
 from lmforge_jobs.entry import ConfigError
 from lmforge_jobs.secrets import read_secret
 
@@ -22,17 +22,16 @@ EXTENSIONS = {
 
 
 def expand_paths(source: Source, index: int) -> tuple[str, list[str]]:
-    """(folder, files relative to it) of a file source; ConfigError naming the path when nothing matches."""
-    import fsspec
-
+    """(folder, files relative to it) of a file source; ConfigError naming the path when nothing matches,
+    or when its store refuses (access denied, a missing bucket)."""
     kind = source.kind
     cfg = getattr(source, kind)
     found: list[str] = []
     fs = None
     for j, path in enumerate(cfg.paths):
         field = f"sources[{index}].{kind}.paths[{j}]"
-        fs, stripped = fsspec.core.url_to_fs(path)
         try:
+            fs, stripped = storage.filesystem(path)
             if GLOB_CHARS.search(stripped):
                 matches = sorted(fs.glob(stripped))
             elif fs.isdir(stripped):
@@ -42,8 +41,10 @@ def expand_paths(source: Source, index: int) -> tuple[str, list[str]]:
             else:
                 matches = []
         except (OSError, ValueError) as exc:
-            raise ConfigError(field, f"cannot list {path}: {exc}") from None
+            raise storage.config_error(field, exc, path) from None
         if not matches:
+            # a store answers "nothing here" for a missing bucket or refused credentials too: say which
+            storage.check_bucket(path, field)
             raise ConfigError(field, f"no such file or directory (or nothing matches): {path}")
         found += [m for m in matches if m not in found]
     assert fs is not None
@@ -53,22 +54,20 @@ def expand_paths(source: Source, index: int) -> tuple[str, list[str]]:
         else (os.path.dirname(found[0]))
     )
     rel = [os.path.relpath(p, common) if common else p for p in found]
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    folder = common if protocol in ("file", "local") else f"{protocol}://{common}"
-    return folder or "/", rel
+    return storage.to_uri(fs, common or "/"), rel
 
 
 def check_warc(folder: str, files: list[str], field: str) -> None:
-    """The first record of each local WARC must parse: an unreadable file fails before anything runs."""
+    """The first records of each WARC must parse: an unreadable file fails before anything runs."""
     from warcio.archiveiterator import ArchiveIterator
     from warcio.exceptions import ArchiveLoadFailed
 
-    if not is_local(folder):
-        return
+    fs, root = storage.filesystem(folder)
     for rel in files:
-        path = os.path.join(local(folder), rel)
+        path = f"{root}/{rel}"
+        where = storage.to_uri(fs, path)
         try:
-            with open(path, "rb") as fh:
+            with fs.open(path, "rb") as fh:
                 records = 0
                 for record in ArchiveIterator(fh):  # the first two records, payloads included
                     record.content_stream().read()
@@ -77,30 +76,28 @@ def check_warc(folder: str, files: list[str], field: str) -> None:
                         break
             if records == 0:
                 raise ValueError("no WARC records")
+        except (PermissionError, FileNotFoundError, ConnectionError) as exc:  # the store, not the file
+            raise storage.config_error(field, exc, where) from None
         except (ArchiveLoadFailed, OSError, EOFError, ValueError) as exc:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             message = " ".join(lines[:2]) if lines else type(exc).__name__
-            raise ConfigError(field, f"{path} is not a readable WARC file: {message}") from None
+            raise ConfigError(field, f"{where} is not a readable WARC file: {message}") from None
 
 
 def check_model_file(uri: str, field: str) -> None:
-    if not is_local(uri):
-        import fsspec
-
-        try:
-            fs, path = fsspec.core.url_to_fs(uri)
-            missing = not fs.exists(path)
-        except Exception:  # no credentials here, say: the stage that loads it will tell
-            return
-        if missing:
-            raise ConfigError(field, f"no such file: {uri} (models are never downloaded implicitly)")
-        return
-    if is_local(uri):
-        path = Path(local(uri))
-        if not path.is_file():
-            raise ConfigError(field, f"no such file: {uri} (models are never downloaded implicitly)")
-        if path.stat().st_size < 16:
-            raise ConfigError(field, f"{uri} is not a fastText model")
+    """A model file the spec names exists (models are never downloaded implicitly); a local one must also
+    be big enough to be a fastText model."""
+    try:
+        fs, path = storage.filesystem(uri)
+        missing = not fs.isfile(path)
+        size = None if missing or storage.is_remote(uri) else fs.size(path)
+    except (OSError, ValueError) as exc:
+        raise storage.config_error(field, exc, uri) from None
+    if missing:
+        storage.check_bucket(uri, field)
+        raise ConfigError(field, f"no such file: {uri} (models are never downloaded implicitly)")
+    if size is not None and size < 16:
+        raise ConfigError(field, f"{uri} is not a fastText model")
 
 
 # A page every extractor must get through: running it imports everything the extractor needs.
@@ -131,10 +128,13 @@ def one_line(exc: BaseException) -> str:
 def preflight(spec: CorpusSpec, stage: str | None = None) -> None:
     """Every input check that needs no processing — sources exist, WARCs parse, model files exist, the
     vocabulary can hold the byte alphabet — for one stage (``None``: all). Raises ConfigError."""
-    from lmforge_jobs.data.tokenizer import check_pretrained, check_vocab_size
+    from lmforge_jobs.data.tokenizer import check_pretrained, check_special_tokens, check_vocab_size
 
+    assert spec.output is not None
+    storage.check_bucket(spec.output, "output")
     if stage in (None, "tokenizer"):
         check_vocab_size(spec)
+        check_special_tokens(spec)
         check_pretrained(spec)
     if stage not in (None, "extract"):
         return
@@ -142,7 +142,7 @@ def preflight(spec: CorpusSpec, stage: str | None = None) -> None:
         if source.kind == "huggingface":
             hf = source.huggingface
             assert hf is not None
-            if hf.dataset.startswith((".", "/", "file://")) and not Path(local(hf.dataset)).exists():
+            if hf.dataset.startswith((".", "/", "file://")) and not storage.local_path(hf.dataset).exists():
                 raise ConfigError(f"sources[{i}].huggingface.dataset", f"no such directory: {hf.dataset}")
             if hf.token is not None:
                 read_secret(hf.token, f"sources[{i}].huggingface.token")

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.data import blocks
 from lmforge_jobs.data import stages as st
 from lmforge_jobs.data.config import CorpusSpec
-from lmforge_jobs.data.layout import Layout, completed_ranks, is_local, local, read_counts
+from lmforge_jobs.data.layout import Layout, completed_ranks, join, read_counts
 from lmforge_jobs.data.pipelines import build_pipeline
 from lmforge_jobs.data.preflight import expand_paths
 from lmforge_jobs.entry import ConfigError
@@ -155,21 +156,22 @@ def _run_ranks(
 
 
 def _run_tokenizer(spec: CorpusSpec, layout: Layout, rank: int) -> None:
-    """The tokenizer stage: one rank; its completion marker is written like datatrove's."""
-    from datatrove.io import get_datafolder
+    """The tokenizer stage: one rank, built in a local directory and copied to ``OUT/tokenizer/``; its
+    completion marker, written last like datatrove's, says the copy is whole."""
+    import tempfile
+
+    from datatrove.pipeline.readers import JsonlReader
 
     from lmforge_jobs.data import tokenizer
 
-    logs = get_datafolder(layout.logs("tokenizer"))
-    if logs.isfile(f"completions/{rank:05d}"):
+    marker = join(layout.logs("tokenizer"), "completions", f"{rank:05d}")
+    if storage.exists(marker):
         return
     source = layout.docs_after(spec, "tokenizer")
     train = spec.tokenizer.train
     limit = train.sample_documents if train is not None else 0
 
     def texts() -> Iterator[str]:
-        from datatrove.pipeline.readers import JsonlReader
-
         reader = JsonlReader(source)
         n = 0
         for name in sorted(reader.data_folder.list_files(glob_pattern="*.jsonl.gz")):
@@ -179,18 +181,10 @@ def _run_tokenizer(spec: CorpusSpec, layout: Layout, rank: int) -> None:
                 n += 1
                 yield doc.text
 
-    if is_local(layout.tokenizer):
-        tokenizer.build(spec, texts(), Path(local(layout.tokenizer)))
-    else:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer.build(spec, texts(), Path(tmp))
-            out = get_datafolder(layout.tokenizer)
-            for item in Path(tmp).iterdir():
-                with out.open(item.name, "wb") as fh:
-                    fh.write(item.read_bytes())
-    logs.open(f"completions/{rank:05d}", "w").close()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.build(spec, texts(), Path(tmp))
+        storage.upload_tree(tmp, layout.tokenizer)
+    storage.write_text_atomic(marker, "")
 
 
 __all__ = ["COUNTED", "StageNotReady", "check_not_empty", "check_previous_complete", "run_stage"]

@@ -4,28 +4,21 @@ per-rank Counts files and the token shards' metadata."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
+from lmforge_jobs import storage
 from lmforge_jobs.data import stages as st
 from lmforge_jobs.data.config import CorpusSpec
-from lmforge_jobs.data.layout import Layout, is_local, local, read_counts
+from lmforge_jobs.data.layout import Layout, join, read_counts
 from lmforge_jobs.data.pipelines import filter_keys
 from lmforge_jobs.data.run import COUNTED
 
 
 def token_counts(folder: str) -> int:
-    """Tokens in a shard folder, from the ``.ds.metadata`` files."""
-    from datatrove.io import get_datafolder
-
-    df = get_datafolder(folder)
-    if not df.exists(""):
-        return 0
+    """Tokens in a shard folder, from the ``.ds.metadata`` files (0 when there is none)."""
     total = 0
-    for name in df.list_files(glob_pattern="*.ds.metadata"):
-        with df.open(name, "rt") as fh:
-            lines = fh.read().splitlines()
+    for uri in storage.list_files(folder, "*.ds.metadata"):
+        lines = storage.read_text(uri).splitlines()
         total += int(lines[1]) if len(lines) > 1 else 0
     return total
 
@@ -86,20 +79,9 @@ def build_stats(spec: CorpusSpec) -> dict[str, Any]:
 
 
 def write_stats(output: str, stats: dict[str, Any]) -> None:
-    """``OUT/stats.json``, replaced atomically where the output is local."""
+    """``OUT/stats.json``, replaced atomically (read whole or not at all), local or on object storage."""
     # removedBy and filters stay in pipeline order (extract, filters by position, duplicates, …)
-    text = json.dumps(stats, indent=2) + "\n"
-    if not is_local(output):
-        from datatrove.io import get_datafolder
-
-        with get_datafolder(output).open("stats.json", "wt") as fh:
-            fh.write(text)
-        return
-    path = Path(local(output)) / "stats.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".stats.json.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    storage.write_text_atomic(join(output, "stats.json"), json.dumps(stats, indent=2) + "\n")
 
 
 __all__ = ["build_stats", "token_counts", "write_stats"]

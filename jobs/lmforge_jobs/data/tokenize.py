@@ -16,7 +16,8 @@ Reading a shard:
   little-endian: ``np.fromfile(path, dtype="<u2" if size == 2 else "<u4")``. The ``.ds.index`` holds one
   ``<u8`` per document: its end (exclusive, in tokens); the first document starts at 0.
 * **EOS**: every document ends with the tokenizer's end-of-text token (the first of
-  ``spec.tokenizer.train.specialTokens``, ``<|endoftext|>`` by default; its id is in ``tokenizer/``),
+  ``spec.tokenizer.train.specialTokens``, ``<|endoftext|>`` by default, or a pretrained tokenizer's
+  ``eos_token``; written to ``tokenizer/tokenizer_config.json``),
   appended by DocumentTokenizer's post-processor; no BOS is added. Documents are concatenated, so a
   loader may cut fixed windows across boundaries, or use ``.ds.index`` to find them.
 * **Order**: documents appear in the order of the previous stage's output for that rank (not shuffled),
@@ -27,7 +28,9 @@ Reading a shard:
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from datatrove.data import Document, DocumentsPipeline
@@ -35,6 +38,8 @@ from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.tokens import DocumentTokenizer
+
+from lmforge_jobs import storage
 
 TRAIN = "train"
 HELD_OUT = "held-out"
@@ -70,17 +75,22 @@ class SplitTokenizer(PipelineStep):
         self.held_out_documents = held_out_documents
         self.batch_size = batch_size
 
-    def _tokenizer(self, folder: str) -> DocumentTokenizer:
-        return DocumentTokenizer(
+    def _tokenizer(self, folder: str, local_file: Path) -> DocumentTokenizer:
+        # datatrove takes a name it cannot open as a hub repo id: a tokenizer on object storage is copied
+        # to a local file first (``local_file``), and the shards' metadata still names where it lives
+        tokenizer = DocumentTokenizer(
             output_folder=folder,
-            tokenizer_name_or_path=self.tokenizer_path,
+            tokenizer_name_or_path=str(local_file),
             eos_token=self.eos_token,
             shuffle_documents=False,
             batch_size=self.batch_size,
         )
+        _ = tokenizer.tokenizer  # loaded (and cached) from the local file
+        tokenizer.tokenizer_name_or_path = self.tokenizer_path
+        return tokenizer
 
-    def _write(self, docs: Iterator[Document], folder: str, rank: int, label: str) -> int:
-        tokenizer = self._tokenizer(folder)
+    def _write(self, docs: Iterator[Document], folder: str, local_file: Path, rank: int, label: str) -> int:
+        tokenizer = self._tokenizer(folder, local_file)
         # the file lands straight in folder (no shuffling, no working dir); an empty one is removed
         written = tokenizer.write_unshuffled(docs, shard_name(rank))
         count = len(written)
@@ -98,13 +108,15 @@ class SplitTokenizer(PipelineStep):
                 for _ in range(int(doc.metadata.get("repeats", 1))):
                     yield doc
 
-        self._write(train_docs(), self.train_folder, rank, "train")
-        held = get_datafolder(self.held_out_documents)
-        name = f"{rank:05d}.jsonl.gz"
-        docs: Iterator[Document] = iter(())
-        if held.exists(name):
-            docs = JsonlReader(self.held_out_documents).read_file(name)
-        self._write(docs, self.held_out_folder, rank, "heldOut")
+        with tempfile.TemporaryDirectory(prefix="lmforge-tokenizer-") as tmp:
+            local_file = storage.local_copy(self.tokenizer_path, tmp)
+            self._write(train_docs(), self.train_folder, local_file, rank, "train")
+            held = get_datafolder(self.held_out_documents)
+            name = f"{rank:05d}.jsonl.gz"
+            docs: Iterator[Document] = iter(())
+            if held.exists(name):
+                docs = JsonlReader(self.held_out_documents).read_file(name)
+            self._write(docs, self.held_out_folder, local_file, rank, "heldOut")
         return
         yield  # a generator, like every step
 
