@@ -266,8 +266,8 @@ def _arena(args: argparse.Namespace) -> int:
                     n = human.export_jsonl(store, out)
         finally:
             store.close()
-    except FileNotFoundError as exc:
-        print(f"--results: {exc}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"arena: {exc}", file=sys.stderr)
         return EXIT_INVALID
     print(f"exported {n} votes", file=sys.stderr)
     return EXIT_OK

@@ -70,6 +70,8 @@ IMPORTS: dict[str, dict[str, str]] = {
         "multipart": "python-multipart",  # starlette's form parser, imported by it when a form is read
         "jinja2": "jinja2",
         "numpy": "numpy",
+        "fsspec": "fsspec",  # --results in object storage
+        "s3fs": "s3fs",
     },
 }
 # Imported through a declared package on a path the jobs take; checked to import, not to be declared.

@@ -37,6 +37,7 @@ the cluster's own authentication (oauth2-proxy or similar).
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -61,6 +62,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lmforge_jobs import storage
 from lmforge_jobs.evaluate import arena
 
 # the outcomes judge.py writes in judgments*.jsonl (not imported: judge.py imports torch, which the
@@ -103,24 +105,34 @@ def item_id(prompt: str, a: str, b: str, answer_a: str, answer_b: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def judgment_files(results: str | Path) -> list[Path]:
+def judgment_files(results: str | Path) -> list[str]:
     """The transcripts of ``results``: a judgments JSONL file, or every ``judgments*.jsonl`` under a
-    directory (an Evaluation's output, or a local run's work directory); a results.json means its folder."""
-    path = Path(results)
-    if path.is_file() and path.suffix == ".jsonl":
-        return [path]
-    if path.is_file():
-        path = path.parent
-    if not path.is_dir():
+    directory (an Evaluation's output, or a local run's work directory); a results.json means its folder.
+    ``results`` may be in object storage (``s3://…``, through :mod:`lmforge_jobs.storage`)."""
+    text = str(results)
+    if storage.is_remote(text):
+        fs, path = storage.filesystem(text)
+        if path.endswith(".jsonl"):
+            return [text]
+        if path.endswith(".json"):
+            path = path.rpartition("/")[0]
+        found = [p for p in fs.find(path) if fnmatch.fnmatch(p.rpartition("/")[2], "judgments*.jsonl")]
+        return sorted(storage.to_uri(fs, p) for p in found)
+    local = Path(results)
+    if local.is_file() and local.suffix == ".jsonl":
+        return [str(local)]
+    if local.is_file():
+        local = local.parent
+    if not local.is_dir():
         raise FileNotFoundError(f"{results}: no such file or directory")
-    return sorted(path.rglob("judgments*.jsonl"))
+    return [str(p) for p in sorted(local.rglob("judgments*.jsonl"))]
 
 
 def load_items(results: str | Path) -> list[Item]:
     """The items of every transcript under ``results``, each once, in file order."""
     items: dict[str, Item] = {}
-    for path in judgment_files(results):
-        for line in path.read_text(encoding="utf-8").splitlines():
+    for uri in judgment_files(results):
+        for line in storage.read_text(uri).splitlines():
             try:
                 row = json.loads(line)
                 prompt, a, b = str(row["prompt"]), str(row["a"]), str(row["b"])
@@ -141,9 +153,13 @@ def load_items(results: str | Path) -> list[Item]:
 
 
 def default_db(results: str | Path) -> str:
-    """``$LMFORGE_ARENA_DB``, else a SQLite file beside the results."""
+    """``$LMFORGE_ARENA_DB``, else a SQLite file beside the results (when they are on a local disk)."""
     if os.environ.get(DB_ENV):
         return os.environ[DB_ENV]
+    if storage.is_remote(results):
+        raise ValueError(
+            f"{results} is in object storage, where no database can live: give --db or ${DB_ENV}"
+        )
     path = Path(results)
     folder = path.parent if path.is_file() else path
     if not folder.is_dir():

@@ -135,6 +135,21 @@ def test_export_of_missing_results_says_so(tmp_path: Path, capsys: pytest.Captur
     assert "no such file" in capsys.readouterr().err
 
 
+def test_results_in_object_storage(results: Path, s3: Any, tmp_path: Path) -> None:
+    from lmforge_jobs import storage
+
+    uri = f"{s3.uri}/evals/chat"
+    storage.write_text_atomic(f"{uri}/judgments.jsonl", (results / "judgments.jsonl").read_text())
+    storage.write_text_atomic(
+        f"{uri}/deep/judgments-step-10.jsonl", transcript_row("q", "x", "y", "1", "2", None)
+    )
+    with pytest.raises(ValueError, match="--db"):
+        human.default_db(uri)
+    state = human.open_arena(uri, f"sqlite:///{tmp_path / 'votes.sqlite'}", bootstrap_samples=100)
+    assert len(state.items) == 13 and {"x", "y", "good"} <= set(human.models_of(state.items))
+    assert cli(["arena", "export", "--results", uri]) == 1  # no database named
+
+
 def plant(store: VoteStore, items: list[human.Item], wins: dict[tuple[str, str], tuple[int, int]]) -> None:
     """``wins[(x, y)] = (n, m)``: x beats y in n votes, loses in m, each vote by its own voter and shown
     in alternating order."""
