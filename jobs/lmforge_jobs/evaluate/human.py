@@ -399,7 +399,7 @@ _PAIR = """{% extends "base.html" %}{% block main %}
 </div>
 {% if reveal %}
 <p class="reveal" id="reveal">You chose <strong>{{ choice }}</strong>.
-{% if judge %}The LLM judge preferred <strong>{{ judge }}</strong>.{% else %}The LLM judge gave no verdict.{% endif %}</p>
+{{ judge }}</p>
 <p><a class="button" id="next" href="/">Next pair</a></p>
 {% else %}
 <form method="post" action="/vote" class="choices">
@@ -472,7 +472,6 @@ SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
     "referrer-policy": "no-referrer",
-    "cache-control": "no-store",
 }
 
 
@@ -496,6 +495,8 @@ class Guard:
                     if k.decode().lower() not in SECURITY_HEADERS
                 ]
                 headers += [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                    headers.append((b"cache-control", b"no-store"))  # pages name a voter's choices
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -666,7 +667,11 @@ def create_app(arena_state: Arena) -> ASGIApp:
             return RedirectResponse("/", status_code=303)
         order = "ab" if record.model_a == item.model_a else "ba"
         (left, left_answer), (right, right_answer) = _sides(item, order)
-        judge = {WIN: item.model_a, LOSS: item.model_b, TIE: "a tie"}.get(item.judge or "")
+        judge = {
+            WIN: f"The LLM judge preferred {item.model_a}.",
+            LOSS: f"The LLM judge preferred {item.model_b}.",
+            TIE: "The LLM judge called it a tie.",
+        }.get(item.judge or "", "The LLM judge gave no verdict.")
         choice = {"a": left, "b": right, "tie": "a tie", "bad": "both bad"}[record.choice]
         return _page(
             "pair.html",

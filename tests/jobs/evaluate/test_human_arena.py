@@ -82,6 +82,10 @@ def test_a_vote_is_recorded_and_reveals_the_models(results: Path) -> None:
     assert f'id="model-a">{left}<' in reveal.text and f'id="model-b">{right}<' in reveal.text
     assert f"You chose <strong>{right}</strong>" in reveal.text
     assert 'id="next" href="/"' in reveal.text
+    verdict = f"preferred {item.model_a}." if item.judge == "win" else "called it a tie."
+    assert f"The LLM judge {verdict}" in reveal.text
+    assert reveal.headers["cache-control"] == "no-store"
+    assert client.get("/static/arena.css").headers["cache-control"] == "max-age=3600"
     [stored] = state.store.all()
     assert (stored.item, stored.prompt, stored.choice) == (item.id, item.prompt, "b")
     assert (stored.model_a, stored.model_b) == (left, right)
