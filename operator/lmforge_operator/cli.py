@@ -10,6 +10,8 @@ lmforge run PATH...           run a manifest set on this machine, in dependency 
     [--s3-endpoint URL]       an S3-compatible store for s3:// URIs (MinIO, Ceph, R2)
 lmforge status [--workdir]    the resources of a local run, like `kubectl get lmforge`
 lmforge report [--workdir]    (re)write the HTML report of a local run
+lmforge arena serve --results OUT [--db URL]   a voting page on an Evaluation's answer pairs
+lmforge arena export --results OUT [--db URL]  the human votes as JSONL
 lmforge operator [--namespace NS ...|--all-namespaces]   run the Kubernetes operator (kopf)
 """
 
@@ -248,6 +250,29 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _arena(args: argparse.Namespace) -> int:
+    from lmforge_jobs.evaluate import human  # starlette, SQLAlchemy: the arena extra
+
+    try:
+        if args.action == "serve":
+            human.serve(args.results, args.db, args.host, args.port, rate_limit=args.rate_limit)
+            return EXIT_OK
+        store = human.VoteStore(args.db or human.default_db(args.results))
+        try:
+            if args.out == "-":
+                n = human.export_jsonl(store, sys.stdout)
+            else:
+                with open(args.out, "w", encoding="utf-8") as out:
+                    n = human.export_jsonl(store, out)
+        finally:
+            store.close()
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"arena: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"exported {n} votes", file=sys.stderr)
+    return EXIT_OK
+
+
 def _operator(args: argparse.Namespace) -> int:
     """Run the kopf operator in this process until SIGINT/SIGTERM."""
     if args.all_namespaces and args.namespace:
@@ -354,6 +379,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the HTML report of a local run")
     p.add_argument("--workdir", default="lmforge-runs", help="work directory of `lmforge run`")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("arena", help="human evaluation: a voting page on an Evaluation's answer pairs")
+    actions = p.add_subparsers(dest="action", required=True)
+    for action, text in (("serve", "serve the voting page"), ("export", "write the votes as JSONL")):
+        a = actions.add_parser(action, help=text)
+        a.add_argument(
+            "--results",
+            required=True,
+            help="an Evaluation's output directory (or a run's work directory) with judgments*.jsonl, or one file",
+        )
+        a.add_argument(
+            "--db",
+            default=None,
+            help="SQLAlchemy URL of the votes (default: $LMFORGE_ARENA_DB, else human-votes.sqlite beside the "
+            "results)",
+        )
+        if action == "serve":
+            a.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+            a.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+            a.add_argument(
+                "--rate-limit", type=int, default=30, help="votes per voter per minute (default 30)"
+            )
+        else:
+            a.add_argument("--out", default="-", help="JSONL file (default: standard output)")
+    p.set_defaults(func=_arena)
 
     p = sub.add_parser("operator", help="run the Kubernetes operator that reconciles lmforge resources")
     p.add_argument(

@@ -192,6 +192,32 @@ def evaluation_rows(evaluations: list[tuple[str, dict[str, Any]]]) -> list[list[
             rows.append([name, "judge win rate", f"{judge['winRate']:.3f}{ci_text}"])
         for model, rating in (results.get("arena") or {}).items():
             rows.append([name, f"arena {model}", f"{rating.get('rating', 0):.0f}"])
+        rows += human_rows(name, status)
+    return rows
+
+
+def human_rows(name: str, status: dict[str, Any]) -> list[list[str]]:
+    """The human arena's ratings next to the judge's, when people voted (``lmforge arena serve``) and the
+    votes are in the default SQLite file beside the Evaluation's results."""
+    results_uri = str((status.get("outputs") or {}).get("results") or "")
+    folder = Path(results_uri).parent if results_uri and "://" not in results_uri else None
+    if folder is None or not (folder / "human-votes.sqlite").is_file():
+        return []
+    try:
+        from lmforge_jobs.evaluate import human  # the arena extra: absent, no human rows
+    except ImportError:
+        return []
+    board = human.human_ratings(folder, f"sqlite:///{folder / 'human-votes.sqlite'}")
+    rows = []
+    for model in board.get("models", []):
+        rating, ci = model["human"]["rating"], model["human"].get("ci95") or []
+        ci_text = f" (95% CI {ci[0]:.0f}–{ci[1]:.0f})" if len(ci) == 2 else ""
+        rows.append([name, f"human arena {model['name']}", f"{rating:.0f}{ci_text}, {model['votes']} votes"])
+    for pair in board.get("pairs", []):
+        if pair["rate"] is not None:
+            rows.append(
+                [name, f"human–judge agreement {pair['pair'][0]} vs {pair['pair'][1]}", f"{pair['rate']:.2f}"]
+            )
     return rows
 
 

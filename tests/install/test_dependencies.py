@@ -63,10 +63,20 @@ IMPORTS: dict[str, dict[str, str]] = {
     },
     "align": {"trl": "trl", "peft": "peft", "datasets": "datasets", "pyarrow": "pyarrow"},
     "eval": {"lm_eval": "lm-eval", "datasets": "datasets", "pyarrow": "pyarrow"},
+    "arena": {
+        "starlette": "starlette",
+        "uvicorn": "uvicorn",
+        "sqlalchemy": "sqlalchemy",
+        "multipart": "python-multipart",  # starlette's form parser, imported by it when a form is read
+        "jinja2": "jinja2",
+        "numpy": "numpy",
+        "fsspec": "fsspec",  # --results in object storage
+        "s3fs": "s3fs",
+    },
 }
 # Imported through a declared package on a path the jobs take; checked to import, not to be declared.
 TRANSITIVE = {"data": {"justext": "jusText", "lxml.html.clean": "lxml_html_clean"}}
-SIDES = {"operator": ("operator", "run"), "jobs": ("data", "train", "align", "eval")}
+SIDES = {"operator": ("operator", "run"), "jobs": ("data", "train", "align", "eval", "arena")}
 
 
 def _name(requirement: str) -> str:
