@@ -102,6 +102,11 @@ INVALID = [
         "stages",
     ),
     (
+        {"parallelism": {"tensorParallel": 2}, "model": {"tieEmbeddings": True}},
+        "model.tieEmbeddings",
+        "split along different dimensions",
+    ),
+    (
         {"parallelism": {"pipelineParallel": 2, "microBatches": 3}},
         "parallelism.microBatches",
         "must divide batch.microBatchSize",

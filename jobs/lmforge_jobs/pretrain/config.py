@@ -451,11 +451,12 @@ def check_mesh(model: ModelShape, batch: Batch, par: TrainParallelism) -> None:
             f"model.seqLen ({model.seq_len}) must be divisible by 2 × parallelism.contextParallel ({2 * cp}): "
             "each rank holds two load-balanced chunks of every sequence",
         )
-    if pp > 1 and model.tie_embeddings:
+    if (pp > 1 or tp > 1) and model.tie_embeddings:
         raise SpecError(
             "model.tieEmbeddings",
-            "model.tieEmbeddings cannot be used with parallelism.pipelineParallel: the embedding and the output "
-            "projection live on different stages",
+            "model.tieEmbeddings cannot be used with parallelism.pipelineParallel or tensorParallel: the "
+            "embedding and the output projection live on different stages or are split along different "
+            "dimensions",
         )
     micro = par.pipeline_micro_batches
     if pp > 1 and (batch.micro_batch_size % micro or micro < pp):
@@ -517,9 +518,11 @@ class PretrainRunSpec(Spec):
             field="model.seqLen",
         ),
         Cel(
-            f"{_degree('pipelineParallel')} == 1 || !has(self.model.tieEmbeddings) || !self.model.tieEmbeddings",
-            "model.tieEmbeddings cannot be used with parallelism.pipelineParallel: the embedding and the output "
-            "projection live on different stages",
+            f"{_degree('pipelineParallel')} * {_degree('tensorParallel')} == 1"
+            " || !has(self.model.tieEmbeddings) || !self.model.tieEmbeddings",
+            "model.tieEmbeddings cannot be used with parallelism.pipelineParallel or tensorParallel: the "
+            "embedding and the output projection live on different stages or are split along different "
+            "dimensions",
             field="model.tieEmbeddings",
         ),
         Cel(

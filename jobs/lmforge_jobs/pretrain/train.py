@@ -32,7 +32,7 @@ from lmforge_jobs.pretrain.config import PretrainRunSpec
 from lmforge_jobs.pretrain.inputs import Inputs, build_inputs
 from lmforge_jobs.pretrain.metrics import GpuStats, ThroughputWindow, flops_per_token, peak_flops, perplexity
 from lmforge_jobs.pretrain.model import build_model, count_parameters
-from lmforge_jobs.pretrain.parallelize import parallelize, uses_autocast
+from lmforge_jobs.pretrain.parallelize import MeshDims, loss_context, parallelize
 from lmforge_jobs.resolve import expected_outputs
 from lmforge_jobs.spec import EXIT_STOPPED
 from lmforge_jobs.telemetry import Telemetry
@@ -122,6 +122,11 @@ def setup_world(spec: PretrainRunSpec) -> World:
     return World(rank, local, size, device)
 
 
+def plain(loss: torch.Tensor) -> torch.Tensor:
+    """The loss as a plain tensor: a loss-parallel cross-entropy gives a replicated DTensor."""
+    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) after each step."""
 
@@ -143,13 +148,15 @@ class StopFlag:
 
 
 def check_batch(spec: PretrainRunSpec, processes: int) -> int:
-    """Gradient-accumulation steps; a ConfigError when the processes cannot split the global batch."""
+    """Gradient-accumulation steps; a ConfigError when the data-parallel ``processes`` (those that read
+    different data: all of them but the tensor-, pipeline- and context-parallel groups) cannot split the
+    global batch."""
     per_pass = spec.model.seq_len * spec.batch.micro_batch_size * processes
     if spec.batch.global_tokens % per_pass:
         raise ConfigError(
             "batch.globalTokens",
-            f"{spec.batch.global_tokens} is not a multiple of seqLen × microBatchSize × {processes} processes "
-            f"= {per_pass}: the GPU (process) count must divide the global batch",
+            f"{spec.batch.global_tokens} is not a multiple of seqLen × microBatchSize × {processes} data-parallel "
+            f"processes = {per_pass}: the data-parallel process count must divide the global batch",
         )
     return spec.batch.global_tokens // per_pass
 
@@ -159,7 +166,8 @@ def run(resource: Resource[Any, Any], args: Any) -> int:
     spec: PretrainRunSpec = resource.spec
     if spec.data is None:
         raise ConfigError("data", "data (tokens, tokenizer) must be given or resolved from corpus")
-    check_batch(spec, int(os.environ.get("WORLD_SIZE", "1")))  # before any rendezvous: fail fast
+    dims = MeshDims.from_spec(spec.parallelism, int(os.environ.get("WORLD_SIZE", "1")))
+    check_batch(spec, dims.dp)  # before any rendezvous: fail fast
     world = setup_world(spec)
     try:
         return Trainer(spec, world).train()
@@ -207,15 +215,15 @@ class Trainer:
         self.output = str(spec.output).rstrip("/")
         self.remote_output = ckpt.is_remote(str(spec.output))
         self.local_output = None if self.remote_output else Path(self.output.removeprefix("file://"))
-        self.accumulation = check_batch(spec, world.size)
-        inputs = build_inputs(spec, world.rank, world.size, self.accumulation)
+        self.dims = MeshDims.from_spec(spec.parallelism, world.size)
+        self.accumulation = check_batch(spec, self.dims.dp)
+        inputs = build_inputs(spec, self.dims.dp_rank(world.rank), self.dims.dp, self.accumulation)
         self.model_args = inputs.model_args
         self.train_batches, self.eval_batches = inputs.train_batches, inputs.held_out_batches
 
         self.strategy = spec.parallelism.strategy.value
         self.compile = spec.parallelism.compile and os.environ.get("LMFORGE_COMPILE", "1") != "0"
         self.model, self.parameters = self.build_parallel_model(inputs)
-        self.autocast = uses_autocast(self.strategy, world.size, spec.precision.value == "bf16")
         self.optimizer = build_optimizer(self.model, spec)
         self.total_steps = total_steps(spec, self.parameters)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -233,6 +241,7 @@ class Trainer:
             "tokenizer": str(exp.tokenizer_json(spec.data.tokenizer).parent),
             "precision": spec.precision.value,
             "worldSize": world.size,
+            "mesh": self.dims.sizes,
         }
         self.resume()
 
@@ -308,11 +317,12 @@ class Trainer:
         if self.set_gradient_sync is not None:
             self.set_gradient_sync(last)
         skip_sync = self.no_sync() if self.no_sync is not None and not last else contextlib.nullcontext()
-        with skip_sync, self.autocast_context():
-            batch = self.to_device(self.train_batches.train(self.state.step, micro))
-            loss = self.model(**batch) / self.accumulation
-        loss.backward()
-        return loss.detach().float()
+        with skip_sync, loss_context(self.loss_parallel):
+            with self.autocast_context():
+                batch = self.to_device(self.train_batches.train(self.state.step, micro))
+                loss = self.model(**batch) / self.accumulation
+            loss.backward()
+        return plain(loss.detach().float())
 
     # ------------------------------------------------------------------------------ metrics and eval
     def report_metrics(self, result: StepResult) -> None:
@@ -356,9 +366,9 @@ class Trainer:
         self.model.eval()
         batches = self.eval_batches.held_out_batches(self.spec.eval.batches)
         loss_sum = torch.zeros((), device=self.world.device, dtype=torch.float64)
-        with torch.no_grad(), self.autocast_context():
+        with torch.no_grad(), loss_context(self.loss_parallel), self.autocast_context():
             for index in range(batches):
-                loss_sum += self.model(**self.to_device(self.eval_batches.held_out(index))).double()
+                loss_sum += plain(self.model(**self.to_device(self.eval_batches.held_out(index)))).double()
         self.model.train()
         if self.world.distributed:
             dist.all_reduce(loss_sum)
@@ -424,7 +434,7 @@ class Trainer:
                 f"{args.architecture} model, {self.parameters:,} parameters, vocab {args.vocab_size}; "
                 f"{self.total_steps} steps × {self.spec.batch.global_tokens} tokens ({self.accumulation} "
                 f"accumulation × {self.world.size} processes); device {self.world.device.type}; "
-                f"{self.strategy}{' + compile' if self.compile else ''}",
+                f"{self.strategy} ({self.dims.describe()}){' + compile' if self.compile else ''}",
                 flush=True,
             )
         self.telemetry.update(
@@ -520,15 +530,16 @@ class Trainer:
                     raise ConfigError("model.init", str(exc)) from None
             model.to(world.device)
         parameters = count_parameters(model)
-        model = parallelize(
+        parallel = parallelize(
             model,
-            strategy=self.strategy,
-            world=world.size,
+            dims=self.dims,
             device=world.device,
             bf16=spec.precision.value == "bf16",
             compile=self.compile,
             activation_checkpointing=spec.parallelism.activation_checkpointing,
         )
+        model, self.mesh = parallel.model, parallel.mesh
+        self.loss_parallel, self.autocast = parallel.loss_parallel, parallel.autocast
         if meta_init:
             model.to_empty(device=world.device)
             model.init_weights(spec.seed)
