@@ -168,3 +168,30 @@ def test_fsdp_times_tensor_parallel_matches_one_process(
     """Four processes on a mesh (dp_shard 2, tp 2): FSDP2 shards the TP-sharded parameters again."""
     _torchrun(_manifest(tmp_path, data, "fsdp-tp", 4, tensorParallel=2), 4)
     assert _losses(tmp_path / "fsdp-tp") == pytest.approx(reference, abs=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_matches_one_process_exports_every_block_and_resumes_elsewhere(
+    tmp_path: Path, data: dict[str, str], reference: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two stages (1F1B, two pieces per micro-batch): the loss is on the last stage only, the gradient
+    norm is summed over the stages, the export gathers both stages' blocks, and the checkpoint (each
+    stage saved its own blocks) resumes on one process."""
+    from safetensors import safe_open
+
+    manifest = _manifest(tmp_path, data, "pp", 2, pipelineParallel=2)
+    doc = yaml.safe_load(manifest.read_text())
+    doc["spec"]["export"]["huggingface"] = True
+    manifest.write_text(yaml.safe_dump(doc))
+    _torchrun(manifest, 2)
+    assert _losses(tmp_path / "pp") == pytest.approx(reference, abs=TOLERANCE)
+    with safe_open(str(tmp_path / "pp" / "model" / "model.safetensors"), "pt") as exported:
+        names = set(exported.keys())
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= names
+    assert {n.split(".")[2] for n in names if n.startswith("model.layers.")} == {"0", "1"}
+
+    _resume_from(tmp_path / "pp", 2, tmp_path / "one")
+    _one_process(_manifest(tmp_path, data, "one", 1), monkeypatch)
+    rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    resumed = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    assert [resumed[3], resumed[4]] == pytest.approx(reference[2:], abs=TOLERANCE)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lmforge_jobs.entry import ConfigError
-from lmforge_jobs.pretrain.model import HFObjective, Transformer, blocks_of
+from lmforge_jobs.pretrain.model import HFObjective, Transformer, block_list, blocks_of
 
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -131,20 +131,19 @@ def apply_tp(model: Transformer, tp_mesh: Any, loss_parallel: bool) -> None:
         parallelize_module,
     )
 
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-            "model.norm": SequenceParallel(),
-            "lm_head": ColwiseParallel(
-                input_layouts=Shard(1),
-                output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                use_local_output=not loss_parallel,
-            ),
-        },
-    )
-    for block in model.model.layers:
+    outer: dict[str, Any] = {}
+    if model.model.embed_tokens is not None:  # a pipeline stage may hold neither end
+        outer["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.lm_head is not None:
+        outer["model.norm"] = SequenceParallel()
+        outer["lm_head"] = ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    if outer:
+        parallelize_module(model, tp_mesh, outer)
+    for block in model.model.layers.values():
         parallelize_module(
             block,
             tp_mesh,
@@ -175,6 +174,103 @@ def loss_context(loss_parallel: bool) -> Any:
     return context()
 
 
+# ------------------------------------------------------------------------------------- pipeline parallel
+def stage_ids(pp_rank: int, pp: int, schedule: str, per_rank: int) -> list[int]:
+    """The pipeline stages (model chunks, 0 = embedding end) this rank runs: round-robin for the looped
+    and interleaved schedules, a V (``rank`` and ``2·pp − 1 − rank``) for ZBVZeroBubble and DualPipeV."""
+    if per_rank == 1:
+        return [pp_rank]
+    if schedule in ("ZBVZeroBubble", "DualPipeV"):
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(per_rank)]
+
+
+class StageView(nn.Module):
+    """One pipeline stage: some consecutive blocks of the rank's model, with the embedding on the first
+    stage and the final norm and output projection on the last. It holds the rank model's own modules
+    (no copy), so the rank model keeps the state-dict names of the whole model for checkpoints."""
+
+    def __init__(self, model: Transformer, keys: list[str], first: bool, last: bool):
+        super().__init__()
+        self.embed_tokens = model.model.embed_tokens if first else None
+        self.layers = nn.ModuleDict({k: model.model.layers[k] for k in keys})
+        self.norm = model.model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        self._owner = [model]  # a list: not registered as a child (its rope buffer is all we read)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.embed_tokens is not None:
+            h = self.embed_tokens(h)
+        rope = self._owner[0].rope
+        for block in self.layers.values():
+            h = block(h, rope)
+        if self.lm_head is not None:
+            h = self.lm_head(self.norm(h))
+        return h
+
+
+def split_pipeline(
+    model: Transformer, dims: MeshDims, pp_rank: int, schedule: str, per_rank: int
+) -> dict[int, list[str]]:
+    """Delete from ``model`` what this pipeline rank does not run; the blocks (keys) of each stage it runs."""
+    stages = dims.pp * per_rank
+    per_stage = model.args.layers // stages
+    mine = stage_ids(pp_rank, dims.pp, schedule, per_rank)
+    keys = {sid: [str(i) for i in range(sid * per_stage, (sid + 1) * per_stage)] for sid in mine}
+    kept = {k for ks in keys.values() for k in ks}
+    for key in [k for k in model.model.layers if k not in kept]:
+        del model.model.layers[key]
+    if 0 not in mine:
+        model.model.embed_tokens = None
+    if stages - 1 not in mine:
+        model.model.norm = None
+        model.lm_head = None
+    return keys
+
+
+@dataclass
+class Pipeline:
+    """This rank's stages and the schedule that runs them (``step`` trains a micro-batch, ``eval`` scores one)."""
+
+    schedule: Any
+    stage_ids: list[int]
+    stages: int
+    pp_group: Any
+
+    @property
+    def first(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def last(self) -> bool:
+        return self.stages - 1 in self.stage_ids
+
+
+def build_pipeline(
+    views: list[StageView],
+    ids: list[int],
+    stages: int,
+    mesh: Any,
+    device: torch.device,
+    schedule: str,
+    micro_batches: int,
+    loss_fn: Any,
+) -> Pipeline:
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+    group = mesh["pp"].get_group()
+    built = [
+        PipelineStage(view, sid, stages, device, group=group) for view, sid in zip(views, ids, strict=True)
+    ]
+    cls = get_schedule_class(schedule)
+    # scale_grads off: ``loss_fn`` already divides by the pieces (and accumulation steps), as the loop does
+    # for unpipelined micro-batches, so the gradients are scaled once, the same way on every mesh
+    stage = built[0] if issubclass(cls, PipelineScheduleSingle) else built
+    runner = cls(stage, n_microbatches=micro_batches, loss_fn=loss_fn, scale_grads=False)
+    return Pipeline(runner, ids, stages, group)
+
+
 # ----------------------------------------------------------------------------- checkpointing and compile
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in the backward pass (keeps only block inputs)."""
@@ -184,13 +280,14 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     layers = blocks_of(model)
-    for i, block in enumerate(layers):
-        layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    keys = list(layers.keys()) if isinstance(layers, nn.ModuleDict) else range(len(layers))
+    for key in keys:
+        layers[key] = checkpoint_wrapper(layers[key], preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module) -> None:
     """Compile every block in place (names in the state dict do not change); the blocks share one graph."""
-    for block in blocks_of(model):
+    for block in block_list(model):
         block.compile(fullgraph=isinstance(model, Transformer))
 
 
@@ -200,11 +297,25 @@ def apply_fsdp(model: nn.Module, mesh: Any, bf16: bool) -> None:
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
-    blocks = list(blocks_of(model))
+    blocks = block_list(model)
     for i, block in enumerate(blocks):
         # the last block's parameters are needed at once for the backward: no point resharding them
         fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
     fully_shard(model, **kwargs)
+
+
+def apply_fsdp_stages(model: nn.Module, views: list[StageView], mesh: Any, bf16: bool) -> None:
+    """FSDP2 under pipeline parallel: each block, then each stage as a root (the stages, not the rank's
+    model, are what the schedule calls, so their embedding, norm and output projection are theirs)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
+    for view in views:
+        for block in view.layers.values():
+            # pipeline schedules run a stage's backward well after its forward: keep the shards resharded
+            fully_shard(block, reshard_after_forward=True, **kwargs)
+        fully_shard(view, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- in order
@@ -215,6 +326,7 @@ class Parallelized:
     model: nn.Module
     mesh: Any
     loss_parallel: bool
+    pipeline: Pipeline | None
     autocast: bool
     """Whether the loop autocasts to bf16 (FSDP2 casts parameters itself, MixedPrecisionPolicy)."""
 
@@ -227,10 +339,23 @@ def parallelize(
     bf16: bool,
     compile: bool,
     activation_checkpointing: bool,
+    rank: int = 0,
+    pipeline_schedule: str = "1F1B",
+    stages_per_rank: int = 1,
+    micro_batches: int = 1,
+    loss_fn: Any = None,
 ) -> Parallelized:
-    """TP → activation checkpointing → compile → FSDP2 (or DDP), for the mesh ``dims``."""
+    """PP split → TP → activation checkpointing → compile → FSDP2 (or DDP) → pipeline schedule, for the
+    mesh ``dims`` (torchtitan's order). ``loss_fn(output, labels)`` is the last pipeline stage's loss."""
     mesh = build_mesh(dims, device.type)
     loss_parallel = False
+    views: list[StageView] = []
+    ids: list[int] = []
+    if dims.pp > 1:
+        assert isinstance(model, Transformer)  # the spec refuses pipelineParallel for the HF architectures
+        pp_rank = dims.coordinate(rank)["pp"]
+        stage_keys = split_pipeline(model, dims, pp_rank, pipeline_schedule, stages_per_rank)
+        ids = list(stage_keys)
     if dims.tp > 1:
         assert isinstance(model, Transformer)  # the spec refuses tensorParallel for the HF architectures
         # loss parallel keeps the (batch, seq, vocab) logits sharded; the tied-embedding case would need the
@@ -241,26 +366,42 @@ def parallelize(
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
+    if ids:  # after checkpointing and compile replaced the blocks: the stages run the wrapped ones
+        assert isinstance(model, Transformer)
+        last = dims.pp * stages_per_rank - 1
+        views = [StageView(model, stage_keys[sid], sid == 0, sid == last) for sid in ids]
     sharded = mesh is not None and dims.dp_shard * dims.cp * dims.dp_replicate > 1
-    if sharded:
+    if sharded and views:
+        apply_fsdp_stages(model, views, fsdp_mesh(mesh, dims), bf16)
+    elif sharded:
         apply_fsdp(model, fsdp_mesh(mesh, dims), bf16)
     elif dims.world > 1 and not dims.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
-    return Parallelized(model, mesh, loss_parallel, autocast=bf16 and not sharded)
+    pipeline = None
+    if views:
+        pipeline = build_pipeline(
+            views, ids, dims.pp * stages_per_rank, mesh, device, pipeline_schedule, micro_batches, loss_fn
+        )
+    return Parallelized(model, mesh, loss_parallel, pipeline, autocast=bf16 and not sharded)
 
 
 __all__ = [
     "MeshDims",
     "Parallelized",
+    "Pipeline",
+    "StageView",
     "apply_activation_checkpointing",
     "apply_compile",
     "apply_fsdp",
     "apply_tp",
     "build_mesh",
+    "build_pipeline",
     "fsdp_mesh",
     "loss_context",
     "parallelize",
+    "split_pipeline",
+    "stage_ids",
 ]
