@@ -153,3 +153,35 @@ def test_the_data_parallel_degree_is_what_the_other_degrees_leave() -> None:
     assert resource is not None
     par = resource.spec.parallelism
     assert par.world_size == 8 and par.data_parallel_degree == 2 and par.pipeline_micro_batches == 2
+
+
+# ------------------------------------------------------------------------------ what needs a GPU (runtime)
+def test_fp8_and_context_parallel_are_refused_on_the_cpu_naming_the_field() -> None:
+    import torch
+
+    from lmforge_jobs.entry import ConfigError
+    from lmforge_jobs.pretrain.parallelize import MeshDims, check_gpu_only
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError) as refused:
+        check_gpu_only(MeshDims(), "fp8", cpu)
+    assert refused.value.field == "precision" and "torchao" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        check_gpu_only(MeshDims(cp=2, fsdp=True), "bf16", cpu)
+    assert refused.value.field == "parallelism.contextParallel" and "CUDA" in str(refused.value)
+    check_gpu_only(MeshDims(tp=2, fsdp=True), "bf16", cpu)  # tensor parallel runs on gloo
+
+
+def test_fp8_is_a_pretrain_precision_only() -> None:
+    doc = _doc()
+    doc["spec"]["precision"] = "fp8"
+    assert _pydantic_field(doc) is None and admission_errors(doc) == []
+
+
+def test_the_mesh_tells_each_rank_its_data_parallel_coordinate() -> None:
+    from lmforge_jobs.pretrain.parallelize import MeshDims
+
+    dims = MeshDims(pp=2, dp_shard=2, tp=2, fsdp=True)
+    # row-major over (pp, dp_replicate, dp_shard, cp, tp): tp neighbours read the same data
+    assert [dims.dp_rank(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert dims.coordinate(5) == {"tp": 1, "cp": 0, "dp_shard": 0, "dp_replicate": 0, "pp": 1}

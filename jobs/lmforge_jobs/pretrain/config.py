@@ -242,6 +242,14 @@ class Batch(Spec):
     """Sequences per process per forward pass."""
 
 
+class TrainPrecision(str, Enum):
+    """Numeric precision of pre-training (the shared precisions plus fp8)."""
+
+    bf16 = Precision.bf16.value
+    fp32 = Precision.fp32.value
+    fp8 = "fp8"  # torchao float8 training: bf16 mixed precision with the linear layers' matmuls in float8
+
+
 class Strategy(str, Enum):
     ddp = "ddp"
     fsdp = "fsdp"
@@ -554,8 +562,8 @@ class PretrainRunSpec(Spec):
     """AdamW and learning-rate schedule."""
     batch: Batch = Batch()
     """Global batch in tokens and micro-batch in sequences."""
-    precision: Precision = Precision.bf16
-    """bf16 mixed precision or fp32."""
+    precision: TrainPrecision = TrainPrecision.bf16
+    """bf16 mixed precision, fp32, or fp8 (bf16 with float8 matmuls through torchao; Hopper or newer GPUs)."""
     parallelism: TrainParallelism = TrainParallelism()
     """Nodes, GPUs, DDP or FSDP, compile, activation checkpointing."""
     checkpoint: Checkpoint = Checkpoint()

@@ -174,6 +174,79 @@ def loss_context(loss_parallel: bool) -> Any:
     return context()
 
 
+# ---------------------------------------------------------------------------------- context parallel, fp8
+def check_gpu_only(dims: MeshDims, precision: str, device: torch.device) -> None:
+    """Refuse, naming the field, what needs a GPU this process does not have (before any rendezvous)."""
+    if dims.cp > 1 and device.type != "cuda":
+        raise ConfigError(
+            "parallelism.contextParallel",
+            f"contextParallel {dims.cp} needs CUDA GPUs: ring attention (torch's context_parallel) replaces the "
+            "flash and memory-efficient scaled_dot_product_attention kernels, which CPUs do not have",
+        )
+    if precision != "fp8":
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            "precision",
+            "precision fp8 needs an NVIDIA GPU of compute capability 8.9 or newer "
+            "(Ada, Hopper: H100/H200) and torchao; this process runs on the CPU",
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ConfigError(
+            "precision",
+            f"precision fp8 needs compute capability 8.9 or newer (Ada, Hopper: H100/H200); "
+            f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use bf16",
+        )
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "precision", "precision fp8 needs torchao (float8 training): install torchao in the jobs image"
+        ) from None
+    if dims.tp > 1:
+        raise ConfigError(
+            "precision",
+            "precision fp8 with tensorParallel needs torchao's float8 tensor-parallel plans, not wired yet: use "
+            "bf16 or FSDP and pipeline parallel only",
+        )
+
+
+def apply_fp8(model: nn.Module) -> None:
+    """torchao float8 training: the blocks' linear layers run their matmuls in float8 with dynamic scaling
+    (weights, activations and gradients scaled per tensor); the output projection stays bf16, as in
+    torchtitan, and so do layers whose sizes are not multiples of 16 (the float8 GEMM's requirement)."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def wanted(module: nn.Module, fqn: str) -> bool:
+        return (
+            isinstance(module, nn.Linear)
+            and fqn != "lm_head"
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
+
+    convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=wanted)
+
+
+def cp_context(mesh: Any, dims: MeshDims, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """Context parallel for one forward and backward: the batch and the RoPE table are cut along the
+    sequence into 2·cp load-balanced chunks (each rank gets one early and one late chunk, so causal work
+    is even) and SDPA becomes ring attention over the cp group. GPU only (:func:`check_gpu_only`)."""
+    if dims.cp <= 1:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.experimental import context_parallel
+
+    rope = model.rope if isinstance(model, Transformer) else None
+    buffers = [batch["input_ids"], batch["labels"], *([rope] if rope is not None else [])]
+    return context_parallel(
+        mesh["cp"],
+        buffers=buffers,
+        buffer_seq_dims=[1] * len(buffers),
+        no_restore_buffers={batch["input_ids"], batch["labels"]},
+    )
+
+
 # ------------------------------------------------------------------------------------- pipeline parallel
 def stage_ids(pp_rank: int, pp: int, schedule: str, per_rank: int) -> list[int]:
     """The pipeline stages (model chunks, 0 = embedding end) this rank runs: round-robin for the looped
@@ -395,10 +468,13 @@ __all__ = [
     "StageView",
     "apply_activation_checkpointing",
     "apply_compile",
+    "apply_fp8",
     "apply_fsdp",
     "apply_tp",
     "build_mesh",
     "build_pipeline",
+    "check_gpu_only",
+    "cp_context",
     "fsdp_mesh",
     "loss_context",
     "parallelize",

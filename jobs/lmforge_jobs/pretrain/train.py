@@ -32,7 +32,14 @@ from lmforge_jobs.pretrain.config import PretrainRunSpec
 from lmforge_jobs.pretrain.inputs import Inputs, build_inputs
 from lmforge_jobs.pretrain.metrics import GpuStats, ThroughputWindow, flops_per_token, peak_flops, perplexity
 from lmforge_jobs.pretrain.model import build_model, count_parameters, next_token_loss
-from lmforge_jobs.pretrain.parallelize import MeshDims, loss_context, parallelize
+from lmforge_jobs.pretrain.parallelize import (
+    MeshDims,
+    apply_fp8,
+    check_gpu_only,
+    cp_context,
+    loss_context,
+    parallelize,
+)
 from lmforge_jobs.resolve import expected_outputs
 from lmforge_jobs.spec import EXIT_STOPPED
 from lmforge_jobs.telemetry import Telemetry
@@ -169,6 +176,7 @@ def run(resource: Resource[Any, Any], args: Any) -> int:
     dims = MeshDims.from_spec(spec.parallelism, int(os.environ.get("WORLD_SIZE", "1")))
     check_batch(spec, dims.dp)  # before any rendezvous: fail fast
     world = setup_world(spec)
+    check_gpu_only(dims, spec.precision.value, world.device)
     try:
         return Trainer(spec, world).train()
     finally:
@@ -336,9 +344,9 @@ class Trainer:
         if self.set_gradient_sync is not None:
             self.set_gradient_sync(last)
         skip_sync = self.no_sync() if self.no_sync is not None and not last else contextlib.nullcontext()
-        with skip_sync, loss_context(self.loss_parallel):
+        batch = self.to_device(self.train_batches.train(self.state.step, micro))
+        with skip_sync, cp_context(self.mesh, self.dims, self.model, batch), loss_context(self.loss_parallel):
             with self.autocast_context():
-                batch = self.to_device(self.train_batches.train(self.state.step, micro))
                 loss = self.model(**batch) / self.accumulation
             loss.backward()
         return plain(loss.detach().float())
@@ -588,11 +596,13 @@ class Trainer:
                     raise ConfigError("model.init", str(exc)) from None
             model.to(world.device)
         parameters = count_parameters(model)
+        if spec.precision.value == "fp8":  # before tensor parallel and FSDP, as torchtitan converts
+            apply_fp8(model)
         parallel = parallelize(
             model,
             dims=self.dims,
             device=world.device,
-            bf16=spec.precision.value == "bf16",
+            bf16=spec.precision.value in ("bf16", "fp8"),
             compile=self.compile,
             activation_checkpointing=spec.parallelism.activation_checkpointing,
             rank=world.rank,
