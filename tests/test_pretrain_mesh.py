@@ -1,5 +1,5 @@
 """Model parallelism on CPU with gloo, several torchrun processes: tensor parallel (with sequence and loss
-parallel), FSDP × TP and pipeline parallel train the same tiny model to the same losses as one process,
+parallel), FSDP × TP, HSDP and pipeline parallel (1F1B, Interleaved1F1B) train the same tiny model to the same losses as one process,
 and a checkpoint saved under one mesh resumes under another.
 
 Tolerance: every run draws the same initial weights from the seed and reads the same global batch, so the
@@ -195,3 +195,30 @@ def test_pipeline_parallel_matches_one_process_exports_every_block_and_resumes_e
     rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     resumed = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert [resumed[3], resumed[4]] == pytest.approx(reference[2:], abs=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_hsdp_replicas_of_fsdp_shards_match_one_process(
+    tmp_path: Path, data: dict[str, str], reference: list[float]
+) -> None:
+    """Four processes: two replicas (dataParallelReplicate) of a model sharded over two (dp_shard)."""
+    _torchrun(_manifest(tmp_path, data, "hsdp", 4, dataParallelReplicate=2), 4)
+    assert _losses(tmp_path / "hsdp") == pytest.approx(reference, abs=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_interleaved_pipeline_matches_one_process(
+    tmp_path: Path, data: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interleaved1F1B: four layers in four stages, two per rank (0 and 2 on rank 0, 1 and 3 on rank 1)."""
+
+    def four_layers(manifest: Path) -> Path:
+        doc = yaml.safe_load(manifest.read_text())
+        doc["spec"]["model"]["layers"] = 4
+        manifest.write_text(yaml.safe_dump(doc))
+        return manifest
+
+    _one_process(four_layers(_manifest(tmp_path, data, "one", 1)), monkeypatch)
+    mesh = {"pipelineParallel": 2, "pipelineSchedule": "Interleaved1F1B", "microBatches": 2}
+    _torchrun(four_layers(_manifest(tmp_path, data, "interleaved", 2, **mesh)), 2)
+    assert _losses(tmp_path / "interleaved") == pytest.approx(_losses(tmp_path / "one"), abs=TOLERANCE)
