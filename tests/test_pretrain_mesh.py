@@ -1,5 +1,5 @@
 """Model parallelism on CPU with gloo, several torchrun processes: tensor parallel (with sequence and loss
-parallel), FSDP × TP, HSDP and pipeline parallel (1F1B, Interleaved1F1B) train the same tiny model to the same losses as one process,
+parallel), FSDP × TP, HSDP and pipeline parallel (1F1B, Interleaved1F1B, with FSDP or TP) train the same tiny model to the same losses as one process,
 and a checkpoint saved under one mesh resumes under another.
 
 Tolerance: every run draws the same initial weights from the seed and reads the same global batch, so the
@@ -222,3 +222,17 @@ def test_interleaved_pipeline_matches_one_process(
     mesh = {"pipelineParallel": 2, "pipelineSchedule": "Interleaved1F1B", "microBatches": 2}
     _torchrun(four_layers(_manifest(tmp_path, data, "interleaved", 2, **mesh)), 2)
     assert _losses(tmp_path / "interleaved") == pytest.approx(_losses(tmp_path / "one"), abs=TOLERANCE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mesh",
+    [{"pipelineParallel": 2}, {"pipelineParallel": 2, "tensorParallel": 2}],
+    ids=["pp-x-fsdp", "pp-x-tp"],
+)
+def test_pipeline_combined_with_fsdp_or_tensor_parallel_matches_one_process(
+    tmp_path: Path, data: dict[str, str], reference: list[float], mesh: dict[str, int]
+) -> None:
+    """Four processes: two stages, each FSDP-sharded over two ranks or tensor-parallel over two."""
+    _torchrun(_manifest(tmp_path, data, "mesh", 4, **mesh), 4)
+    assert _losses(tmp_path / "mesh") == pytest.approx(reference, abs=TOLERANCE)
