@@ -33,7 +33,7 @@ import torch
 
 from lmforge_jobs.pretrain.metrics import flops_per_token, peak_flops
 from lmforge_jobs.pretrain.model import ModelArgs, Transformer
-from lmforge_jobs.pretrain.parallelize import parallelize
+from lmforge_jobs.pretrain.parallelize import MeshDims, parallelize
 
 SHAPES = {
     # GPT-2 small's size: SwiGLU 3·768·2048 has the parameters of GPT-2's 2·768·3072 MLP.
@@ -109,13 +109,12 @@ def lmforge_step(args: ModelArgs, device: torch.device, bf16: bool, compile: boo
     model.to(device)
     model = parallelize(
         model,
-        strategy="ddp",
-        world=1,
+        dims=MeshDims(),
         device=device,
         bf16=bf16,
         compile=compile,
         activation_checkpointing=False,
-    )
+    ).model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:

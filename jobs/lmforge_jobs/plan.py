@@ -130,13 +130,18 @@ class Memory:
         return self.states + self.activations + self.logits
 
 
+def _mixed(precision: Any) -> bool:
+    """bf16 mixed precision, or fp8 (bf16 mixed precision whose matmuls cast to float8 on the fly)."""
+    return str(getattr(precision, "value", precision)) in ("bf16", "fp8")
+
+
 def state_bytes_per_param(precision: Precision) -> dict[str, int]:
     """Bytes per parameter of the model and optimizer states for AdamW.
 
     bf16 mixed precision: 2 (bf16 weights) + 4 (fp32 master weights) + 2 (bf16 gradients) + 8 (fp32 Adam m
     and v) = 16. fp32: 4 + 0 + 4 + 8 = 16 as well.
     """
-    if precision == Precision.bf16:
+    if _mixed(precision):
         return {"weights": 2, "master_weights": 4, "gradients": 2, "optimizer": 8}
     return {"weights": 4, "master_weights": 0, "gradients": 4, "optimizer": 8}
 
@@ -173,7 +178,7 @@ def logits_bytes(
 ) -> float:
     """Logits of one micro-batch: bf16 logits plus their fp32 copy for the cross-entropy (6 B per entry);
     in fp32 the logits and the log-softmax the cross-entropy keeps for its backward (8 B)."""
-    per_entry = 6 if precision == Precision.bf16 else 8
+    per_entry = 6 if _mixed(precision) else 8
     return shape.seq_len * micro_batch * vocab * per_entry
 
 
@@ -197,6 +202,10 @@ class Plan:
     micro_batch_size: int
     activation_checkpointing: bool
     memory: Memory
+    mesh: dict[str, int]
+    """Degree of each mesh dimension (pp, dp_replicate, dp_shard, cp, tp)."""
+    bubble_fraction: float
+    """Share of a step the pipeline stages sit idle (0 without pipeline parallel)."""
     device_memory_gib: float
     peak_tflops: float
     mfu: float
@@ -263,31 +272,57 @@ def plan_pretrain(
     per_token = flops_per_token(shape, vocab_size)
     flops = per_token * tokens
 
-    world = spec.parallelism.world_size
-    sharded = spec.parallelism.strategy == Strategy.fsdp
+    par = spec.parallelism
+    world = par.world_size
+    sharded = par.strategy == Strategy.fsdp
+    tp, pp, cp = par.tensor_parallel, par.pipeline_parallel, par.context_parallel
+    fsdp_degree = (world // par.mesh_product) * cp if sharded else 1  # FSDP shards over dp_shard × cp
     per_param = state_bytes_per_param(spec.precision)
-    divisor = world if sharded else 1
+    # the parameters of the busiest pipeline stage: its share of the blocks plus one end (embedding on the
+    # first, output projection on the last; tied embeddings are refused with pipeline parallel)
+    held = n if pp == 1 else count.non_embedding / pp + count.embedding / 2
+    divisor = tp * fsdp_degree
     mb = spec.batch.micro_batch_size
-    ckpt = spec.parallelism.activation_checkpointing
-    act_bytes = 2 if spec.precision == Precision.bf16 else 4
-    act_full = activation_bytes(
-        shape, mb, checkpointing=False, flash_attention=flash_attention, bytes_per_value=act_bytes
+    pieces = par.pipeline_micro_batches if pp > 1 else 1
+    piece = mb / pieces
+    ckpt = par.activation_checkpointing
+    act_bytes = 2 if _mixed(spec.precision) else 4
+    # what one rank holds of one piece: 1/cp of each sequence; tensor parallel with sequence parallel
+    # splits every activation of a block over tp (Korthikanti et al. 2022: 34·s·b·h/t per layer)
+    stage_shape = shape.model_copy(
+        update={"layers": max(1, shape.layers // pp), "seq_len": shape.seq_len // cp}
     )
-    act_ckpt = activation_bytes(
-        shape, mb, checkpointing=True, flash_attention=flash_attention, bytes_per_value=act_bytes
+    act_full = (
+        activation_bytes(
+            stage_shape, 1, checkpointing=False, flash_attention=flash_attention, bytes_per_value=act_bytes
+        )
+        * piece
+        / tp
     )
+    act_ckpt = (
+        activation_bytes(
+            stage_shape, 1, checkpointing=True, flash_attention=flash_attention, bytes_per_value=act_bytes
+        )
+        * piece
+        / tp
+    )
+    # 1F1B keeps up to pp pieces in flight on the first stage before their backwards start
+    in_flight = min(pp, pieces) if pp > 1 else 1
+    act_full, act_ckpt = act_full * in_flight, act_ckpt * in_flight
     memory = Memory(
-        weights=n * per_param["weights"] / divisor,
-        master_weights=n * per_param["master_weights"] / divisor,
-        gradients=n * per_param["gradients"] / divisor,
-        optimizer=n * per_param["optimizer"] / divisor,
+        weights=held * per_param["weights"] / divisor,
+        master_weights=held * per_param["master_weights"] / divisor,
+        gradients=held * per_param["gradients"] / divisor,
+        optimizer=held * per_param["optimizer"] / divisor,
         activations=act_ckpt if ckpt else act_full,
         activations_no_checkpointing=act_full,
         activations_checkpointing=act_ckpt,
-        logits=logits_bytes(shape, mb, vocab, spec.precision),
+        # one piece's logits at a time, 1/cp of the positions, 1/tp of the vocabulary (loss parallel)
+        logits=logits_bytes(stage_shape, 1, vocab, spec.precision) * piece / tp,
     )
+    bubble = bubble_fraction(pp, pieces, par.pipeline_schedule.stages_per_rank)
 
-    gpu_hours = flops / (peak * 1e12 * mfu) / 3600
+    gpu_hours = flops / (peak * 1e12 * mfu) / 3600 / (1 - bubble)
     wall = gpu_hours / world
     cost = gpu_hours * price_per_gpu_hour if price_per_gpu_hour is not None else None
 
@@ -311,7 +346,7 @@ def plan_pretrain(
         if mb > 1:
             hints.append("lower batch.microBatchSize")
         if sharded:
-            hints.append("add GPUs")
+            hints.append("add GPUs, or tensor/pipeline parallel (lmforge plan --suggest)")
         reason = (
             f"needs ~{need:.1f} GiB per GPU but {dev.name} has {dev.memory_gib:g} GiB "
             f"({usable:.1f} GiB usable)" + ("; " + ", ".join(hints) if hints else "")
@@ -335,6 +370,14 @@ def plan_pretrain(
         micro_batch_size=mb,
         activation_checkpointing=ckpt,
         memory=memory,
+        mesh={
+            "pp": pp,
+            "dp_replicate": par.data_parallel_replicate,
+            "dp_shard": world // par.mesh_product,
+            "cp": cp,
+            "tp": tp,
+        },
+        bubble_fraction=bubble,
         device_memory_gib=dev.memory_gib,
         peak_tflops=peak,
         mfu=mfu,
@@ -394,6 +437,51 @@ def law_optimal(flops: float, law: ScalingFit) -> ComputeOptimal:
     return ComputeOptimal(
         flops=flops, parameters=pred.params, tokens=pred.tokens, loss=loss, method=law_label(law)
     )
+
+
+def bubble_fraction(pp: int, pieces: int, stages_per_rank: int = 1) -> float:
+    """Idle share of a pipelined step: (p − 1) / (v·m + p − 1) for p stages, m pieces and v model chunks per
+    rank (Narayanan et al. 2021: 1F1B and GPipe have v = 1, interleaving divides the bubble by v). The
+    zero-bubble schedules do better; this is their upper bound."""
+    if pp <= 1:
+        return 0.0
+    return (pp - 1) / (stages_per_rank * pieces + pp - 1)
+
+
+def suggest_mesh(
+    spec: PretrainRunSpec, vocab_size: int | None = None, gpu: str = "h100", **plan_args: Any
+) -> tuple[dict[str, int], Plan] | None:
+    """The smallest tensor × pipeline parallel degrees (FSDP over the rest, tensor parallel within a node)
+    whose plan fits ``gpu``, trying activation checkpointing before a larger mesh; None when none fits."""
+    par = spec.parallelism
+    gpus = max(1, par.gpus_per_node)
+    candidates = []
+    for tp in (d for d in range(1, gpus + 1) if gpus % d == 0):
+        for pp in (d for d in range(1, par.world_size // tp + 1) if (par.world_size // tp) % d == 0):
+            for ckpt in (par.activation_checkpointing, True):
+                candidates.append((tp * pp, pp, tp, ckpt))
+    for _, pp, tp, ckpt in sorted(set(candidates)):
+        update = {
+            "strategy": "fsdp",
+            "tensorParallel": tp,
+            "pipelineParallel": pp,
+            "activationCheckpointing": ckpt,
+        }
+        doc = spec.model_dump(by_alias=True, exclude_none=True)
+        doc["parallelism"] = {**doc["parallelism"], **update}
+        doc["parallelism"].pop("dataParallelShard", None)
+        try:
+            candidate = type(spec).model_validate(doc)
+        except ValueError:  # the model cannot be cut that way (heads, layers, batch)
+            continue
+        planned = plan_pretrain(candidate, vocab_size, gpu, **plan_args)
+        if planned.fits:
+            return {
+                "tensorParallel": tp,
+                "pipelineParallel": pp,
+                "activationCheckpointing": int(ckpt),
+            }, planned
+    return None
 
 
 # ------------------------------------------------------------------------------- compute-optimal sizes
@@ -507,8 +595,9 @@ def explain(plan: Plan) -> str:
     """A readable summary of the plan with the memory accounting explained."""
     m = plan.memory
     g = GiB
-    shard = f"/ {plan.world_size} GPUs (FSDP)" if plan.strategy == "fsdp" else "(replicated, DDP)"
-    per = state_bytes_per_param(Precision(plan.precision))
+    mesh = " × ".join(f"{k} {v}" for k, v in plan.mesh.items() if v > 1) or "one GPU"
+    shard = f"(mesh {mesh})" if plan.strategy == "fsdp" else "(replicated, DDP)"
+    per = state_bytes_per_param(plan.precision)
     rows = [
         ("parameters", f"{plan.parameters:,} ({_si(plan.parameters)})"),
         ("  embedding", f"{plan.embedding_parameters:,}  (vocab {plan.vocab_size:,})"),
@@ -521,6 +610,8 @@ def explain(plan: Plan) -> str:
         ("GPU-hours", f"{plan.gpu_hours:,.1f}"),
         ("wall clock", f"{plan.wall_clock_hours:,.1f} h ({plan.wall_clock_hours / 24:.1f} days)"),
     ]
+    if plan.bubble_fraction:
+        rows.append(("pipeline bubble", f"{plan.bubble_fraction:.1%} of each step idle (in the GPU-hours)"))
     if plan.cost is not None:
         rows.append(("cost", f"{plan.cost:,.0f}"))
     rows += [

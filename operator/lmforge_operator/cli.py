@@ -4,6 +4,7 @@ lmforge validate PATH...      check manifests (files or directories); exit 1 wit
 lmforge crds [--out DIR]      write the CustomResourceDefinitions generated from the spec models
 lmforge crds --check [DIR]    exit 1 when DIR differs from what would be generated
 lmforge plan FILE...          compute plan of each PretrainRun (parameters, FLOPs, memory, GPU-hours)
+lmforge plan --suggest FILE   ... and the smallest tensor × pipeline parallel mesh that fits the GPUs
 lmforge plan --gpu-hours H    compute-optimal parameters and tokens for a budget (Chinchilla)
     [--law FILE]              plan with a scaling law fitted by `python -m lmforge_jobs.scaling fit`
 lmforge run PATH...           run a manifest set on this machine, in dependency order (no cluster)
@@ -167,10 +168,33 @@ def _plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    suggested = {}
+    if args.suggest:
+        for run in runs:
+            found = planner.suggest_mesh(run.spec, vocab_size=args.vocab, gpu=args.gpu, mfu=args.mfu)
+            suggested[run.ref] = (
+                None if found is None else {**found[0], "memoryPerGpuGiB": found[1].memory_per_gpu_gib}
+            )
     if args.json:
-        print(json.dumps({ref: p.to_dict() for ref, p in out.items()}, indent=2))
+        doc = {ref: p.to_dict() for ref, p in out.items()}
+        for ref, mesh in suggested.items():
+            doc[ref]["suggestedMesh"] = mesh
+        print(json.dumps(doc, indent=2))
     else:
-        print("\n\n".join(f"{ref}\n{planner.explain(p)}" for ref, p in out.items()))
+        texts = []
+        for ref, p in out.items():
+            text = f"{ref}\n{planner.explain(p)}"
+            if ref in suggested:
+                mesh = suggested[ref]
+                text += "\n" + (
+                    f"suggested mesh: strategy fsdp, tensorParallel {mesh['tensorParallel']}, pipelineParallel "
+                    f"{mesh['pipelineParallel']}, activationCheckpointing {bool(mesh['activationCheckpointing'])}"
+                    f" (~{mesh['memoryPerGpuGiB']:.1f} GiB per GPU)"
+                    if mesh
+                    else "suggested mesh: none fits these GPUs; add nodes or GPUs per node"
+                )
+            texts.append(text)
+        print("\n\n".join(texts))
     return EXIT_OK
 
 
@@ -336,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price", type=float, default=None, help="price per GPU-hour, for the cost")
     p.add_argument("--vocab", type=int, default=None, help="tokenizer size when vocabSize is auto")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--suggest", action="store_true", help="also the smallest tensor × pipeline parallel mesh that fits"
+    )
     p.add_argument("--gpu-hours", type=float, default=None, help="compute budget in GPU-hours")
     p.add_argument(
         "--method",

@@ -95,7 +95,7 @@ CASES: list[tuple[str, str, dict[str, Any], str, bool]] = [
         True,
     ),
     ("architecture", "PretrainRun", {"spec.model.architecture": "rnn"}, "spec.model.architecture", True),
-    ("precision", "PretrainRun", {"spec.precision": "fp8"}, "spec.precision", True),
+    ("precision", "PretrainRun", {"spec.precision": "fp16"}, "spec.precision", True),
     ("strategy", "PretrainRun", {"spec.parallelism.strategy": "zero3"}, "spec.parallelism.strategy", True),
     ("schedule", "PretrainRun", {"spec.optimizer": {"schedule": "step"}}, "spec.optimizer.schedule", True),
     ("zero-layers", "PretrainRun", {"spec.model.layers": 0}, "spec.model.layers", True),

@@ -245,20 +245,139 @@ class Batch(Spec):
     """Sequences per process per forward pass."""
 
 
+class TrainPrecision(str, Enum):
+    """Numeric precision of pre-training (the shared precisions plus fp8)."""
+
+    bf16 = Precision.bf16.value
+    fp32 = Precision.fp32.value
+    fp8 = "fp8"  # torchao float8 training: bf16 mixed precision with the linear layers' matmuls in float8
+
+
 class Strategy(str, Enum):
     ddp = "ddp"
     fsdp = "fsdp"
 
 
+class PipelineSchedule(str, Enum):
+    """torch.distributed.pipelining schedules (``get_schedule_class`` names)."""
+
+    one_f_one_b = "1F1B"
+    gpipe = "GPipe"
+    interleaved_1f1b = "Interleaved1F1B"
+    looped_bfs = "LoopedBFS"
+    interleaved_zero_bubble = "InterleavedZeroBubble"
+    zbv_zero_bubble = "ZBVZeroBubble"
+    dual_pipe_v = "DualPipeV"
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Model chunks each pipeline rank holds: one for the single-stage schedules, two (virtual stages)
+        for the looped, interleaved and V-shaped ones (ZBV and DualPipeV need exactly two)."""
+        return 1 if self in (PipelineSchedule.one_f_one_b, PipelineSchedule.gpipe) else 2
+
+
+MESH_PRODUCT = (
+    "(has(self.dataParallelReplicate) ? self.dataParallelReplicate : 1)"
+    " * (has(self.tensorParallel) ? self.tensorParallel : 1)"
+    " * (has(self.pipelineParallel) ? self.pipelineParallel : 1)"
+    " * (has(self.contextParallel) ? self.contextParallel : 1)"
+)
+"""CEL: the mesh's degrees other than dataParallelShard (guarded: rules must hold on written defaults)."""
+WORLD = "(self.nodes * (self.gpusPerNode > 0 ? self.gpusPerNode : 1))"
+
+
 class TrainParallelism(NodeParallelism):
-    """Nodes, GPUs and how the model is spread over them."""
+    """Nodes, GPUs and how the model is spread over them: a device mesh of data-parallel (replicate ×
+    shard), context-, tensor- and pipeline-parallel degrees whose product is nodes × gpusPerNode."""
+
+    __cel__ = (
+        Cel(
+            f"{WORLD} % ({MESH_PRODUCT}) == 0",
+            "dataParallelReplicate × tensorParallel × pipelineParallel × contextParallel must divide "
+            "nodes × gpusPerNode",
+            field="tensorParallel",
+        ),
+        Cel(
+            f"!has(self.dataParallelShard) || self.dataParallelShard * {MESH_PRODUCT} == {WORLD}",
+            "dataParallelReplicate × dataParallelShard × tensorParallel × pipelineParallel × contextParallel "
+            "must equal nodes × gpusPerNode",
+            field="dataParallelShard",
+        ),
+        Cel(
+            "(has(self.strategy) && self.strategy == 'fsdp') || (!has(self.dataParallelShard)"
+            f" && {MESH_PRODUCT} == 1)",
+            "strategy ddp replicates the whole model: dataParallelShard, dataParallelReplicate, tensorParallel, "
+            "pipelineParallel and contextParallel need strategy fsdp",
+            field="strategy",
+        ),
+    )
 
     strategy: Strategy = Strategy.ddp
-    """ddp (replicated model) or fsdp (FSDP2, sharded parameters, gradients and optimizer state)."""
+    """ddp (replicated model) or fsdp (FSDP2, sharded parameters, gradients and optimizer state); the mesh
+    degrees below need fsdp."""
+    data_parallel_shard: Annotated[int, Field(ge=1, le=65536)] | None = None
+    """FSDP degree (parameters sharded over this many ranks); unset: whatever the other degrees leave."""
+    data_parallel_replicate: Annotated[int, Field(ge=1, le=65536)] = 1
+    """HSDP: replicas of the FSDP-sharded model (e.g. one per node, sharded within the node)."""
+    tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    """Tensor-parallel degree: attention heads and MLP columns split over this many ranks, with sequence
+    parallelism on the norms; keep it within a node (NVLink)."""
+    pipeline_parallel: Annotated[int, Field(ge=1, le=128)] = 1
+    """Pipeline stages: the layer stack split over this many ranks (torch.distributed.pipelining)."""
+    pipeline_schedule: PipelineSchedule = PipelineSchedule.one_f_one_b
+    """Pipeline schedule: 1F1B, GPipe, or Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble,
+    DualPipeV (two model chunks per pipeline rank)."""
+    micro_batches: Annotated[int, Field(ge=1, le=4096)] | None = None
+    """Pipeline micro-batches each micro-batch of batch.microBatchSize sequences is cut into; defaults to
+    pipelineParallel. More shrink the bubble, (stages − 1) / (microBatches + stages − 1) for 1F1B."""
+    context_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    """Context-parallel degree: each sequence split over this many ranks (ring attention, GPU only)."""
     compile: bool = True
     """Compile the model with torch.compile."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+
+    @property
+    def mesh_product(self) -> int:
+        """Every degree but dataParallelShard."""
+        return (
+            self.data_parallel_replicate
+            * self.tensor_parallel
+            * self.pipeline_parallel
+            * self.context_parallel
+        )
+
+    @property
+    def data_parallel_degree(self) -> int:
+        """Ranks that see different data (replicate × shard)."""
+        return self.world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
+
+    @property
+    def pipeline_micro_batches(self) -> int:
+        return self.micro_batches or self.pipeline_parallel
+
+    @model_validator(mode="after")
+    def _mesh(self) -> TrainParallelism:
+        world, rest = self.world_size, self.mesh_product
+        if world % rest:
+            raise SpecError(
+                "tensorParallel",
+                f"dataParallelReplicate × tensorParallel × pipelineParallel × contextParallel ({rest}) must "
+                f"divide nodes × gpusPerNode ({world})",
+            )
+        if self.data_parallel_shard is not None and self.data_parallel_shard * rest != world:
+            raise SpecError(
+                "dataParallelShard",
+                f"dataParallelReplicate × dataParallelShard × tensorParallel × pipelineParallel × "
+                f"contextParallel ({self.data_parallel_shard * rest}) must equal nodes × gpusPerNode ({world})",
+            )
+        if self.strategy == Strategy.ddp and (self.data_parallel_shard is not None or rest != 1):
+            raise SpecError(
+                "strategy",
+                "strategy ddp replicates the whole model: dataParallelShard, dataParallelReplicate, "
+                "tensorParallel, pipelineParallel and contextParallel need strategy fsdp",
+            )
+        return self
 
 
 class Checkpoint(Spec):
@@ -303,6 +422,63 @@ class Export(Spec):
     """Push the export to the hub."""
 
 
+def _degree(name: str) -> str:
+    """CEL for a mesh degree of spec.parallelism, 1 when unset (rules must hold on written defaults)."""
+    return f"(has(self.parallelism.{name}) ? self.parallelism.{name} : 1)"
+
+
+STAGES_PER_RANK = "(!has(self.parallelism.pipelineSchedule) || self.parallelism.pipelineSchedule in ['1F1B', 'GPipe'] ? 1 : 2)"
+
+
+def check_mesh(model: ModelShape, batch: Batch, par: TrainParallelism) -> None:
+    """The model and batch can be cut the way the mesh asks (CEL twins on PretrainRunSpec)."""
+    tp, pp, cp = par.tensor_parallel, par.pipeline_parallel, par.context_parallel
+    if model.heads % tp or model.n_kv_heads % tp:
+        raise SpecError(
+            "parallelism.tensorParallel",
+            f"model.heads ({model.heads}) and model.kvHeads ({model.n_kv_heads}) must be divisible by "
+            f"parallelism.tensorParallel ({tp}): each rank holds whole attention heads",
+        )
+    if model.ffn_size % tp:
+        raise SpecError(
+            "parallelism.tensorParallel",
+            f"model.ffnHidden ({model.ffn_size}) must be divisible by parallelism.tensorParallel ({tp})",
+        )
+    chunks = pp * par.pipeline_schedule.stages_per_rank
+    if model.layers % chunks:
+        raise SpecError(
+            "parallelism.pipelineParallel",
+            f"model.layers ({model.layers}) must be divisible by parallelism.pipelineParallel × model chunks "
+            f"per rank ({pp} × {par.pipeline_schedule.stages_per_rank} for {par.pipeline_schedule.value})",
+        )
+    if model.seq_len % (2 * cp):
+        raise SpecError(
+            "model.seqLen",
+            f"model.seqLen ({model.seq_len}) must be divisible by 2 × parallelism.contextParallel ({2 * cp}): "
+            "each rank holds two load-balanced chunks of every sequence",
+        )
+    if (pp > 1 or tp > 1) and model.tie_embeddings:
+        raise SpecError(
+            "model.tieEmbeddings",
+            "model.tieEmbeddings cannot be used with parallelism.pipelineParallel or tensorParallel: the "
+            "embedding and the output projection live on different stages or are split along different "
+            "dimensions",
+        )
+    micro = par.pipeline_micro_batches
+    if pp > 1 and (batch.micro_batch_size % micro or micro < pp):
+        raise SpecError(
+            "parallelism.microBatches",
+            f"parallelism.microBatches ({micro}) must divide batch.microBatchSize ({batch.micro_batch_size}) "
+            f"and be at least pipelineParallel ({pp})",
+        )
+    if model.architecture != Architecture.decoder and tp * pp * cp > 1:
+        raise SpecError(
+            "parallelism",
+            f"tensorParallel, pipelineParallel and contextParallel apply to architecture decoder only, not "
+            f"{model.architecture.value}",
+        )
+
+
 class PretrainRunSpec(Spec):
     """Pre-train a transformer from scratch (or continue pre-training a hub model) on a Corpus."""
 
@@ -310,8 +486,10 @@ class PretrainRunSpec(Spec):
         Cel("has(self.corpus) != has(self.data)", "exactly one of corpus, data must be set"),
         Cel(
             "self.batch.globalTokens % (self.model.seqLen * self.batch.microBatchSize * self.parallelism.nodes"
-            " * (self.parallelism.gpusPerNode > 0 ? self.parallelism.gpusPerNode : 1)) == 0",
-            "batch.globalTokens must be a multiple of model.seqLen × batch.microBatchSize × nodes × gpusPerNode",
+            " * (self.parallelism.gpusPerNode > 0 ? self.parallelism.gpusPerNode : 1)"
+            f" / ({_degree('tensorParallel')} * {_degree('pipelineParallel')} * {_degree('contextParallel')})) == 0",
+            "batch.globalTokens must be a multiple of model.seqLen × batch.microBatchSize × data-parallel ranks "
+            "(nodes × gpusPerNode / (tensorParallel × pipelineParallel × contextParallel))",
             field="batch.globalTokens",
         ),
         Cel(
@@ -321,6 +499,53 @@ class PretrainRunSpec(Spec):
             field="optimizer.warmupSteps",
         ),
         GPU_CONSISTENT,
+        Cel(
+            f"self.model.heads % {_degree('tensorParallel')} == 0"
+            f" && (!has(self.model.kvHeads) || self.model.kvHeads % {_degree('tensorParallel')} == 0)",
+            "model.heads and model.kvHeads must be divisible by parallelism.tensorParallel",
+            field="parallelism.tensorParallel",
+        ),
+        Cel(
+            f"(has(self.model.ffnHidden) ? self.model.ffnHidden : (8 * self.model.hidden / 3 + 255) / 256 * 256)"
+            f" % {_degree('tensorParallel')} == 0",
+            "model.ffnHidden (default: 8/3·hidden rounded up to 256) must be divisible by "
+            "parallelism.tensorParallel",
+            field="parallelism.tensorParallel",
+        ),
+        Cel(
+            f"self.model.layers % ({_degree('pipelineParallel')} * {STAGES_PER_RANK}) == 0",
+            "model.layers must be divisible by parallelism.pipelineParallel × model chunks per rank (2 for the "
+            "interleaved and V schedules)",
+            field="parallelism.pipelineParallel",
+        ),
+        Cel(
+            f"self.model.seqLen % (2 * {_degree('contextParallel')}) == 0",
+            "model.seqLen must be divisible by 2 × parallelism.contextParallel (load-balanced causal shards)",
+            field="model.seqLen",
+        ),
+        Cel(
+            f"{_degree('pipelineParallel')} * {_degree('tensorParallel')} == 1"
+            " || !has(self.model.tieEmbeddings) || !self.model.tieEmbeddings",
+            "model.tieEmbeddings cannot be used with parallelism.pipelineParallel or tensorParallel: the "
+            "embedding and the output projection live on different stages or are split along different "
+            "dimensions",
+            field="model.tieEmbeddings",
+        ),
+        Cel(
+            f"{_degree('pipelineParallel')} == 1 || (has(self.parallelism.microBatches)"
+            " ? self.batch.microBatchSize % self.parallelism.microBatches == 0"
+            " && self.parallelism.microBatches >= self.parallelism.pipelineParallel"
+            " : self.batch.microBatchSize % self.parallelism.pipelineParallel == 0)",
+            "parallelism.microBatches (default: pipelineParallel) must divide batch.microBatchSize and be at least "
+            "pipelineParallel",
+            field="parallelism.microBatches",
+        ),
+        Cel(
+            "!has(self.model.architecture) || self.model.architecture == 'decoder' || "
+            f"{_degree('tensorParallel')} * {_degree('pipelineParallel')} * {_degree('contextParallel')} == 1",
+            "tensorParallel, pipelineParallel and contextParallel apply to architecture decoder only",
+            field="parallelism",
+        ),
     )
 
     corpus: ResourceRef | None = None
@@ -335,8 +560,8 @@ class PretrainRunSpec(Spec):
     """AdamW and learning-rate schedule."""
     batch: Batch = Batch()
     """Global batch in tokens and micro-batch in sequences."""
-    precision: Precision = Precision.bf16
-    """bf16 mixed precision or fp32."""
+    precision: TrainPrecision = TrainPrecision.bf16
+    """bf16 mixed precision, fp32, or fp8 (bf16 with float8 matmuls through torchao; Hopper or newer GPUs)."""
     parallelism: TrainParallelism = TrainParallelism()
     """Nodes, GPUs, DDP or FSDP, compile, activation checkpointing."""
     checkpoint: Checkpoint = Checkpoint()
@@ -365,12 +590,14 @@ class PretrainRunSpec(Spec):
     @model_validator(mode="after")
     def _rules(self) -> PretrainRunSpec:
         exactly_one(self, ("corpus", "data"))
-        per_step = self.model.seq_len * self.batch.micro_batch_size * self.parallelism.world_size
+        check_mesh(self.model, self.batch, self.parallelism)
+        per_step = self.model.seq_len * self.batch.micro_batch_size * self.parallelism.data_parallel_degree
         if self.batch.global_tokens % per_step:
             raise SpecError(
                 "batch.globalTokens",
                 f"batch.globalTokens ({self.batch.global_tokens}) must be a multiple of model.seqLen × "
-                f"batch.microBatchSize × nodes × gpusPerNode = {per_step}",
+                f"batch.microBatchSize × data-parallel ranks (nodes × gpusPerNode / (tensorParallel × "
+                f"pipelineParallel × contextParallel)) = {per_step}",
             )
         steps = self.budget.steps
         if steps is not None and self.optimizer.warmup_steps > steps:

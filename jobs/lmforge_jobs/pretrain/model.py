@@ -119,9 +119,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallel the projections give this rank's heads only
+        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         cos, sin = rope[0, :s].to(q.dtype), rope[1, :s].to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
@@ -155,9 +156,11 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.layers))
-        self.norm = RMSNorm(args.hidden, args.norm_eps)
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(args.vocab_size, args.hidden)
+        # keyed by index (the same state-dict names as a ModuleList): a pipeline stage deletes the blocks
+        # it does not hold and the rest keep their names
+        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.layers)})
+        self.norm: RMSNorm | None = RMSNorm(args.hidden, args.norm_eps)
 
 
 def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -174,6 +177,11 @@ def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
+def _canonical(name: str) -> str:
+    """A parameter's name in the plain model (without activation-checkpointing or compile wrappers)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
 class Transformer(nn.Module):
     """Decoder-only causal LM: ``model(input_ids)`` gives logits, ``model(input_ids, labels)`` the loss."""
 
@@ -181,7 +189,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.model = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden, args.vocab_size, bias=False)
+        self.lm_head: nn.Linear | None = nn.Linear(args.hidden, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer(
@@ -192,30 +200,45 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
         """Normal(0, 0.02) weights; residual output projections scaled by 1/√(2·layers) (GPT-2).
 
-        Works on parameters already sharded by FSDP2 (DTensors, e.g. after a meta-device build): every
-        rank draws each full tensor from the same CPU generator and keeps its own shard, so the weights
-        are those of the unsharded model with the same seed, one parameter in memory at a time.
+        Works on parameters already sharded by FSDP2 or tensor parallel (DTensors, e.g. after a meta-device
+        build) and on a pipeline stage that holds only some blocks: every rank draws each full tensor of the
+        whole model, in the whole model's order, from the same CPU generator and keeps what it holds, so
+        the weights are those of the unsharded model with the same seed, one parameter in memory at a time.
         """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         resid_std = std / (2 * self.args.layers) ** 0.5
         self.rope.copy_(rope_tables(self.args.head_dim, self.args.seq_len, self.args.rope_theta))
-        for name, p in self.named_parameters():
+        held = {_canonical(name): p for name, p in self.named_parameters()}
+        with torch.device("meta"):
+            whole = Transformer(self.args)
+        for name, p in whole.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 full = torch.ones(p.shape)
             else:
                 s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 full = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, s, generator=gen)
-            _copy_full(p, full)
+            if name in held:
+                _copy_full(held[name], full)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, seq, vocab); with ``labels`` the mean next-token cross-entropy instead."""
-        h = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
+        """Logits (batch, seq, vocab); with ``labels`` the mean next-token cross-entropy instead.
+
+        A pipeline stage without the embedding takes hidden states instead of ``input_ids``, and one
+        without the output projection returns hidden states."""
+        h = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else input_ids
+        for layer in self.model.layers.values():
             h = layer(h, self.rope)
+        if self.lm_head is None:
+            return h
         logits = self.lm_head(self.model.norm(h))
         if labels is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return next_token_loss(logits, labels)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled positions (-100: ignored)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
 
 # ------------------------------------------------------------------------ encoder / encoder-decoder (HF)
@@ -327,11 +350,16 @@ def build_model(args: ModelArgs) -> nn.Module:
     return HFObjective(args)
 
 
-def blocks_of(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks (units of activation checkpointing, compile and FSDP sharding)."""
+def blocks_of(model: nn.Module) -> nn.ModuleDict | nn.ModuleList:
+    """The transformer blocks (units of activation checkpointing, compile and FSDP sharding), by index."""
     if isinstance(model, Transformer):
         return model.model.layers
     return model.blocks  # type: ignore[return-value]
+
+
+def block_list(model: nn.Module) -> list[nn.Module]:
+    blocks = blocks_of(model)
+    return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -344,8 +372,10 @@ __all__ = [
     "HFObjective",
     "ModelArgs",
     "Transformer",
+    "block_list",
     "blocks_of",
     "build_model",
     "count_parameters",
     "hf_config",
+    "next_token_loss",
 ]

@@ -31,8 +31,15 @@ from lmforge_jobs.pretrain import export as exp
 from lmforge_jobs.pretrain.config import PretrainRunSpec
 from lmforge_jobs.pretrain.inputs import Inputs, build_inputs
 from lmforge_jobs.pretrain.metrics import GpuStats, ThroughputWindow, flops_per_token, peak_flops, perplexity
-from lmforge_jobs.pretrain.model import build_model, count_parameters
-from lmforge_jobs.pretrain.parallelize import parallelize, uses_autocast
+from lmforge_jobs.pretrain.model import build_model, count_parameters, next_token_loss
+from lmforge_jobs.pretrain.parallelize import (
+    MeshDims,
+    apply_fp8,
+    check_gpu_only,
+    cp_context,
+    loss_context,
+    parallelize,
+)
 from lmforge_jobs.resolve import expected_outputs
 from lmforge_jobs.spec import EXIT_STOPPED
 from lmforge_jobs.telemetry import Telemetry
@@ -122,6 +129,11 @@ def setup_world(spec: PretrainRunSpec) -> World:
     return World(rank, local, size, device)
 
 
+def plain(loss: torch.Tensor) -> torch.Tensor:
+    """The loss as a plain tensor: a loss-parallel cross-entropy gives a replicated DTensor."""
+    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) after each step."""
 
@@ -143,13 +155,15 @@ class StopFlag:
 
 
 def check_batch(spec: PretrainRunSpec, processes: int) -> int:
-    """Gradient-accumulation steps; a ConfigError when the processes cannot split the global batch."""
+    """Gradient-accumulation steps; a ConfigError when the data-parallel ``processes`` (those that read
+    different data: all of them but the tensor-, pipeline- and context-parallel groups) cannot split the
+    global batch."""
     per_pass = spec.model.seq_len * spec.batch.micro_batch_size * processes
     if spec.batch.global_tokens % per_pass:
         raise ConfigError(
             "batch.globalTokens",
-            f"{spec.batch.global_tokens} is not a multiple of seqLen × microBatchSize × {processes} processes "
-            f"= {per_pass}: the GPU (process) count must divide the global batch",
+            f"{spec.batch.global_tokens} is not a multiple of seqLen × microBatchSize × {processes} data-parallel "
+            f"processes = {per_pass}: the data-parallel process count must divide the global batch",
         )
     return spec.batch.global_tokens // per_pass
 
@@ -159,8 +173,10 @@ def run(resource: Resource[Any, Any], args: Any) -> int:
     spec: PretrainRunSpec = resource.spec
     if spec.data is None:
         raise ConfigError("data", "data (tokens, tokenizer) must be given or resolved from corpus")
-    check_batch(spec, int(os.environ.get("WORLD_SIZE", "1")))  # before any rendezvous: fail fast
+    dims = MeshDims.from_spec(spec.parallelism, int(os.environ.get("WORLD_SIZE", "1")))
+    check_batch(spec, dims.dp)  # before any rendezvous: fail fast
     world = setup_world(spec)
+    check_gpu_only(dims, spec.precision.value, world.device)
     try:
         return Trainer(spec, world).train()
     finally:
@@ -207,15 +223,17 @@ class Trainer:
         self.output = str(spec.output).rstrip("/")
         self.remote_output = ckpt.is_remote(str(spec.output))
         self.local_output = None if self.remote_output else Path(self.output.removeprefix("file://"))
-        self.accumulation = check_batch(spec, world.size)
-        inputs = build_inputs(spec, world.rank, world.size, self.accumulation)
+        self.dims = MeshDims.from_spec(spec.parallelism, world.size)
+        self.accumulation = check_batch(spec, self.dims.dp)
+        # ranks that compute a loss (the last pipeline stage's); tensor-parallel ranks hold the same one
+        self.loss_ranks = world.size // self.dims.pp
+        inputs = build_inputs(spec, self.dims.dp_rank(world.rank), self.dims.dp, self.accumulation)
         self.model_args = inputs.model_args
         self.train_batches, self.eval_batches = inputs.train_batches, inputs.held_out_batches
 
         self.strategy = spec.parallelism.strategy.value
         self.compile = spec.parallelism.compile and os.environ.get("LMFORGE_COMPILE", "1") != "0"
         self.model, self.parameters = self.build_parallel_model(inputs)
-        self.autocast = uses_autocast(self.strategy, world.size, spec.precision.value == "bf16")
         self.optimizer = build_optimizer(self.model, spec)
         self.total_steps = total_steps(spec, self.parameters)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -233,6 +251,7 @@ class Trainer:
             "tokenizer": str(exp.tokenizer_json(spec.data.tokenizer).parent),
             "precision": spec.precision.value,
             "worldSize": world.size,
+            "mesh": self.dims.sizes,
         }
         self.resume()
 
@@ -281,16 +300,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.world.device, dtype=torch.float32)
         for micro in range(self.accumulation):
             loss_sum += self.forward_backward_step(micro)
-        grad_clip = self.spec.optimizer.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.trainable, grad_clip if grad_clip > 0 else float("inf")
-        )
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = self.clip_gradients()
         report = torch.stack([loss_sum, torch.tensor(float(stop_requested), device=self.world.device)])
         if self.world.distributed:
             dist.all_reduce(report)
-        mean_loss, stop_votes = float(report[0]) / self.world.size, float(report[1])
+        mean_loss, stop_votes = float(report[0]) / self.loss_ranks, float(report[1])
         if self.guard.check(mean_loss, float(grad_norm)):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -301,18 +315,67 @@ class Trainer:
         self.last_loss = mean_loss
         return StepResult(mean_loss, float(grad_norm), stop_votes > 0)
 
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the global gradient norm to optimizer.gradClip (0: only measure it); the norm before."""
+        grad_clip = self.spec.optimizer.grad_clip
+        max_norm = grad_clip if grad_clip > 0 else float("inf")
+        if self.pipeline is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+            return plain(grad_norm)  # a DTensor under FSDP2 and tensor parallel
+        # each pipeline rank holds some of the parameters: the norm is summed over the stages
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        norm = (
+            plain(torch.nn.utils.get_total_norm(grads))
+            if grads
+            else torch.zeros((), device=self.world.device)
+        )
+        squared = norm.float() ** 2
+        dist.all_reduce(squared, group=self.pipeline.pp_group)
+        total = squared.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(self.trainable, max_norm, total)
+        return total
+
     def forward_backward_step(self, micro: int) -> torch.Tensor:
         """Forward and backward of one micro-batch of the current step; gradients are synchronised across
         ranks only on the last one. Returns its share of the step's loss."""
+        if self.pipeline is not None:
+            return self.pipeline_step(micro)
         last = micro == self.accumulation - 1
         if self.set_gradient_sync is not None:
             self.set_gradient_sync(last)
         skip_sync = self.no_sync() if self.no_sync is not None and not last else contextlib.nullcontext()
-        with skip_sync, self.autocast_context():
-            batch = self.to_device(self.train_batches.train(self.state.step, micro))
-            loss = self.model(**batch) / self.accumulation
-        loss.backward()
-        return loss.detach().float()
+        batch = self.to_device(self.train_batches.train(self.state.step, micro))
+        with skip_sync, cp_context(self.mesh, self.dims, self.model, batch), loss_context(self.loss_parallel):
+            with self.autocast_context():
+                loss = self.model(**batch) / self.accumulation
+            loss.backward()
+        return plain(loss.detach().float())
+
+    def pipeline_step(self, micro: int) -> torch.Tensor:
+        """One micro-batch through the pipeline schedule, cut into parallelism.microBatches pieces (the
+        schedule runs the forwards and backwards); its loss on the last stage, zero elsewhere."""
+        batch = self.to_device(self.train_batches.train(self.state.step, micro))
+        return self.run_pipeline(batch, train=True)
+
+    def run_pipeline(self, batch: dict[str, torch.Tensor], train: bool) -> torch.Tensor:
+        assert self.pipeline is not None
+        losses: list[torch.Tensor] = []
+        inputs = (batch["input_ids"],) if self.pipeline.first else ()
+        target = batch["labels"] if self.pipeline.last else None
+        with loss_context(self.loss_parallel), self.autocast_context():
+            if train:
+                self.pipeline.schedule.step(*inputs, target=target, losses=losses)
+            else:
+                self.pipeline.schedule.eval(*inputs, target=target, losses=losses)
+        if not losses:
+            return torch.zeros((), device=self.world.device)
+        return plain(torch.stack([plain(loss) for loss in losses]).sum().detach().float())
+
+    def pipeline_loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss of one pipeline piece, as its share of the step's loss (the pieces and
+        micro-steps of a step sum to its mean loss)."""
+        pieces = self.spec.parallelism.pipeline_micro_batches
+        return next_token_loss(output, labels) / (self.accumulation * pieces)
 
     # ------------------------------------------------------------------------------ metrics and eval
     def report_metrics(self, result: StepResult) -> None:
@@ -356,13 +419,18 @@ class Trainer:
         self.model.eval()
         batches = self.eval_batches.held_out_batches(self.spec.eval.batches)
         loss_sum = torch.zeros((), device=self.world.device, dtype=torch.float64)
-        with torch.no_grad(), self.autocast_context():
+        with torch.no_grad():
             for index in range(batches):
-                loss_sum += self.model(**self.to_device(self.eval_batches.held_out(index))).double()
+                batch = self.to_device(self.eval_batches.held_out(index))
+                if self.pipeline is not None:  # the schedule's loss is divided by the accumulation steps
+                    loss_sum += self.run_pipeline(batch, train=False).double() * self.accumulation
+                    continue
+                with loss_context(self.loss_parallel), self.autocast_context():
+                    loss_sum += plain(self.model(**batch)).double()
         self.model.train()
         if self.world.distributed:
             dist.all_reduce(loss_sum)
-        return float(loss_sum) / (batches * self.world.size)
+        return float(loss_sum) / (batches * self.loss_ranks)
 
     # --------------------------------------------------------------------------------------- checkpoints
     def checkpoint_due(self) -> bool:
@@ -424,7 +492,7 @@ class Trainer:
                 f"{args.architecture} model, {self.parameters:,} parameters, vocab {args.vocab_size}; "
                 f"{self.total_steps} steps × {self.spec.batch.global_tokens} tokens ({self.accumulation} "
                 f"accumulation × {self.world.size} processes); device {self.world.device.type}; "
-                f"{self.strategy}{' + compile' if self.compile else ''}",
+                f"{self.strategy} ({self.dims.describe()}){' + compile' if self.compile else ''}",
                 flush=True,
             )
         self.telemetry.update(
@@ -469,9 +537,17 @@ class Trainer:
         in <output>/model (uploaded when the output is remote), its int8 copy beside it, and push it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        pipelined = self.pipeline is not None
+        # cpu_offload keeps the gathered weights on rank 0 only; under pipeline parallel every rank keeps
+        # its stages' and sends them to rank 0
         full = get_model_state_dict(
-            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=not pipelined)
         )
+        if pipelined:  # each pipeline rank holds some blocks: rank 0 gathers them all
+            full = {name: tensor.cpu() for name, tensor in full.items()}
+            parts: list[Any] | None = [None] * self.world.size if self.world.rank == 0 else None
+            dist.gather_object(full, parts, dst=0)
+            full = {name: tensor for part in parts or [] for name, tensor in part.items()}
         if self.world.rank != 0:
             return
         import tempfile
@@ -520,15 +596,23 @@ class Trainer:
                     raise ConfigError("model.init", str(exc)) from None
             model.to(world.device)
         parameters = count_parameters(model)
-        model = parallelize(
+        if spec.precision.value == "fp8":  # before tensor parallel and FSDP, as torchtitan converts
+            apply_fp8(model)
+        parallel = parallelize(
             model,
-            strategy=self.strategy,
-            world=world.size,
+            dims=self.dims,
             device=world.device,
-            bf16=spec.precision.value == "bf16",
+            bf16=spec.precision.value in ("bf16", "fp8"),
             compile=self.compile,
             activation_checkpointing=spec.parallelism.activation_checkpointing,
+            rank=world.rank,
+            pipeline_schedule=spec.parallelism.pipeline_schedule.value,
+            stages_per_rank=spec.parallelism.pipeline_schedule.stages_per_rank,
+            micro_batches=spec.parallelism.pipeline_micro_batches,
+            loss_fn=self.pipeline_loss,
         )
+        model, self.mesh, self.pipeline = parallel.model, parallel.mesh, parallel.pipeline
+        self.loss_parallel, self.autocast = parallel.loss_parallel, parallel.autocast
         if meta_init:
             model.to_empty(device=world.device)
             model.init_weights(spec.seed)
