@@ -148,6 +148,19 @@ def in_memory(kind: str, n: int, workers: int) -> dict[str, Any]:
     return asyncio.run(run())
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (MiB): VmHWM of its own address space. Not getrusage's
+    ru_maxrss, which Linux carries across execve, so a bench started by a large process (a long pytest
+    run) would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--resources", type=int, default=1000, help="resources to create (default 1000)")
@@ -247,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             steady_reconciles = reconciles(op) - before_late
             steady_calls = [c for c in cluster.calls_since(since) if c.by_operator]
             errors = sum(1 for c in cluster.calls if c.by_operator and c.status >= 500)
-    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rss_peak = peak_rss_mib()
     try:
         rss_now = os.sysconf("SC_PAGE_SIZE") * int(Path("/proc/self/statm").read_text().split()[1]) / 2**20
     except (OSError, ValueError, IndexError):
