@@ -189,6 +189,8 @@ class LocalRunner:
     env: dict[str, str] = field(default_factory=dict)
     s3_endpoint: str | None = None
     """``--s3-endpoint``: the S3 endpoint of every job, before spec.storage.endpoint (local.storage)."""
+    stop_when: Any = None
+    """Called with the running job's run directory at every poll; True stops the job (a pruned trial)."""
 
     def run(self, resources: list[Resource[Any, Any]]) -> list[Outcome]:
         ordered = order(resources, self.workdir)
@@ -232,6 +234,10 @@ class LocalRunner:
         return resolve(resource, outputs, output)
 
     def run_one(self, resource: Resource[Any, Any]) -> Outcome:
+        if not KINDS[resource.kind].job:
+            from lmforge_operator.local.sweep import run_sweep
+
+            return run_sweep(self, resource)
         kind, name = resource.kind, resource.name
         run_dir = resource_dir(self.workdir, kind, name)
         try:
@@ -336,6 +342,10 @@ class LocalRunner:
                 launch.stop(self.stop_grace_seconds)
             code = launch.poll()
             self._progress(resource, status, run_dir)
+            if code is None and not stopped and self.stop_when is not None and self.stop_when(run_dir):
+                stopped = True
+                launch.stop(self.stop_grace_seconds)
+                code = launch.poll()
         self._progress(resource, status, run_dir)
         return code
 
