@@ -10,6 +10,7 @@ reference                                    resolved form
 PretrainRun ``corpus: {name}``               ``data: {tokens, heldOut, tokenizer}`` from the Corpus outputs
 ModelRef ``pretrainRun`` / ``alignmentRun``  ``{path: outputs.model}`` (AlignmentRun base and rewardModel,
                                              Evaluation model, judge.reference, arena.opponents)
+ModelRef ``sweep``                           ``{path: outputs.model}`` of the Sweep: its best trial's model
 Evaluation ``perplexity.corpus``             ``perplexity.data: <Corpus outputs.heldOut>``
 Evaluation ``checkpoints: every``            also ``checkpointDir: <PretrainRun outputs.checkpoint>``
 ===========================================  ===============================================================
@@ -206,7 +207,7 @@ def resolve(
         if target is None:
             return
         path = outputs_of(field, target, "model")
-        for key in ("pretrainRun", "alignmentRun"):
+        for key in ("pretrainRun", "alignmentRun", "sweep"):
             ref_doc.pop(key, None)
         ref_doc["path"] = path
 

@@ -253,3 +253,24 @@ def test_lmforge_run_prunes_bad_trials_and_finds_the_learning_rate(tmp_path: Pat
     [again] = LocalRunner(workdir=workdir, gpus=0).run([parsed])
     assert again.phase == "Succeeded"
     assert json.loads((workdir / "sweep" / "lr" / "status.json").read_text())["trials"] == status["trials"]
+
+
+def test_a_reference_to_a_sweep_resolves_to_its_best_trials_model() -> None:
+    from lmforge_jobs.resolve import UnresolvedReference, resolve
+
+    evaluation = resource(
+        "Evaluation",
+        "best",
+        {"model": {"sweep": "lr"}, "benchmarks": [{"task": "hellaswag"}], "output": "/o"},
+    )
+    parsed, problems = parse_resource(evaluation)
+    assert problems == [] and admission_errors(evaluation) == []
+    assert [ref for _, ref, _ in dependencies(parsed)] == [("Sweep", "lr")]
+    best = {"model": "/w/pretrainrun/lr-t003/model", "checkpoint": "/w/pretrainrun/lr-t003/checkpoints"}
+    resolved = resolve(parsed, {("Sweep", "lr"): best}, "/o")
+    assert resolved.spec.model.path == best["model"] and resolved.spec.model.sweep is None
+    with pytest.raises(UnresolvedReference, match=r"Sweep/lr has no outputs\.model"):
+        resolve(parsed, {}, "/o")
+    both = copy.deepcopy(evaluation)
+    both["spec"]["model"]["pretrainRun"] = "gpt"
+    assert python_problems(both) and admission_errors(both)
