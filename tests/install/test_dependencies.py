@@ -63,10 +63,11 @@ IMPORTS: dict[str, dict[str, str]] = {
     },
     "align": {"trl": "trl", "peft": "peft", "datasets": "datasets", "pyarrow": "pyarrow"},
     "eval": {"lm_eval": "lm-eval", "datasets": "datasets", "pyarrow": "pyarrow"},
+    "sweep": {"optuna": "optuna"},
 }
 # Imported through a declared package on a path the jobs take; checked to import, not to be declared.
 TRANSITIVE = {"data": {"justext": "jusText", "lxml.html.clean": "lxml_html_clean"}}
-SIDES = {"operator": ("operator", "run"), "jobs": ("data", "train", "align", "eval")}
+SIDES = {"operator": ("operator", "run"), "jobs": ("data", "train", "align", "eval", "sweep")}
 
 
 def _name(requirement: str) -> str:
