@@ -274,3 +274,16 @@ def test_a_reference_to_a_sweep_resolves_to_its_best_trials_model() -> None:
     both = copy.deepcopy(evaluation)
     both["spec"]["model"]["pretrainRun"] = "gpt"
     assert python_problems(both) and admission_errors(both)
+
+
+def test_lmforge_status_says_how_far_a_sweep_is(tmp_path: Path) -> None:
+    from lmforge_operator.local import status_rows
+
+    folder = tmp_path / "sweep" / "lr"
+    folder.mkdir(parents=True)
+    status = {"phase": "Running", "trialsDone": 2, "trialsTotal": 6}
+    (folder / "status.json").write_text(json.dumps(status))
+    assert status_rows(tmp_path)[1][-1] == "2/6 trials"
+    status["best"] = {"name": "lr-t001", "objective": 3.14159, "parameters": {}, "outputs": {}}
+    (folder / "status.json").write_text(json.dumps(status))
+    assert status_rows(tmp_path)[1][-1] == "2/6 trials, best lr-t001: 3.142"

@@ -69,7 +69,7 @@ def run_trial(runner: LocalRunner, sweep: Any, search: Any, trial: Any) -> tuple
         outcome = runner.run_one(child)
     finally:
         runner.stop_when = None
-    if pruning.pruned:
+    if pruning.pruned and outcome.phase != "Succeeded":  # not one that ended before the signal landed
         status = read_status(runner.workdir, child.kind, child.name) or {}
         message = f"pruned by Sweep/{sweep.name}: {metric} {pruning.last:.4g} at step {pruning.step}"
         status_helpers.set_state(status, "Failed", TRIAL_PRUNED, message)
