@@ -1,4 +1,4 @@
-"""The four kinds of lmforge resource and what is fixed about each, in one table.
+"""The kinds of lmforge resource and what is fixed about each, in one table.
 
 Everything keyed by kind reads :data:`KINDS`: the CRD generator (plural, singular, short names), the
 operator's watches and RBAC rules, the Job builder (job module, component label, grace period, torchrun),
@@ -32,6 +32,8 @@ class Kind:
     """Runs under torchrun (one process per GPU, several nodes)."""
     grace_seconds: int
     """Seconds between SIGTERM and SIGKILL: a training rank finishes its step and saves a checkpoint."""
+    job: bool = True
+    """Runs a job of its own; False: it runs other resources as its children (a Sweep's trials)."""
 
     @property
     def singular(self) -> str:
@@ -51,6 +53,7 @@ _TABLE = (
     Kind("PretrainRun",  "pretrainruns",  ("ptr",),    "pretrain", "pretrain", "train",       True,        600),
     Kind("AlignmentRun", "alignmentruns", ("alr",),    "align",    "align",    "align",       True,        600),
     Kind("Evaluation",   "evaluations",   ("lmev",),   "evaluate", "evaluate", "eval",        False,       120),
+    Kind("Sweep",        "sweeps",        ("swp",),    "sweep",    "sweep",    "sweep",       False,       120, job=False),
 )
 # fmt: on
 KINDS: dict[str, Kind] = {kind.name: kind for kind in _TABLE}

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from lmforge_jobs.align.config import AlignmentRunSpec, AlignmentRunStatus
 from lmforge_jobs.data.config import CorpusSpec, CorpusStatus
 from lmforge_jobs.evaluate.config import EvaluationSpec, EvaluationStatus
 from lmforge_jobs.pretrain.config import PretrainRunSpec, PretrainRunStatus
 from lmforge_jobs.spec import GROUP_VERSION, SpecError
+from lmforge_jobs.sweep.config import TRIAL_SUFFIX_LENGTH, SweepSpec, SweepStatus
 
 # A resource name becomes the prefix of Job, Service and pod names (pod hostnames are DNS-1123 labels of
 # at most 63 characters, and the operator appends suffixes such as "-tokenize-12-abcde").
@@ -77,8 +78,27 @@ class Evaluation(Resource[EvaluationSpec, EvaluationStatus]):
     kind: Literal["Evaluation"]
 
 
+class Sweep(Resource[SweepSpec, SweepStatus]):
+    kind: Literal["Sweep"]
+
+    @model_validator(mode="after")
+    def _trial_names_fit(self) -> Sweep:
+        # its trials are named <sweep>-t<NNN>, and those names obey NAME_MAX_LENGTH too
+        if len(self.name) > name_max_length(self.kind):
+            raise SpecError(
+                "metadata.name",
+                f"at most {name_max_length(self.kind)} characters: trials are named <sweep>-t<NNN>",
+            )
+        return self
+
+
+def name_max_length(kind: str) -> int:
+    """The longest name a resource of ``kind`` may have: a Sweep's trials add ``-t<NNN>`` to its name."""
+    return NAME_MAX_LENGTH - TRIAL_SUFFIX_LENGTH if kind == "Sweep" else NAME_MAX_LENGTH
+
+
 MODELS: dict[str, type[Resource[Any, Any]]] = {
-    model.__name__: model for model in (Corpus, PretrainRun, AlignmentRun, Evaluation)
+    model.__name__: model for model in (Corpus, PretrainRun, AlignmentRun, Evaluation, Sweep)
 }
 """The model (spec and status) of each kind; the rest of what is fixed about a kind is in
 :data:`lmforge_jobs.kinds.KINDS`, in the same order."""

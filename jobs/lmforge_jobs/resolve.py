@@ -10,6 +10,7 @@ reference                                    resolved form
 PretrainRun ``corpus: {name}``               ``data: {tokens, heldOut, tokenizer}`` from the Corpus outputs
 ModelRef ``pretrainRun`` / ``alignmentRun``  ``{path: outputs.model}`` (AlignmentRun base and rewardModel,
                                              Evaluation model, judge.reference, arena.opponents)
+ModelRef ``sweep``                           ``{path: outputs.model}`` of the Sweep: its best trial's model
 Evaluation ``perplexity.corpus``             ``perplexity.data: <Corpus outputs.heldOut>``
 Evaluation ``checkpoints: every``            also ``checkpointDir: <PretrainRun outputs.checkpoint>``
 ===========================================  ===============================================================
@@ -100,6 +101,9 @@ def _model_refs(resource: Resource[Any, Any]) -> list[tuple[str, ModelRef]]:
 
 def dependencies(resource: Resource[Any, Any]) -> list[tuple[str, Ref, str]]:
     """(field path, (kind, name), the phase the target must reach) for every reference in the spec."""
+    if resource.kind == "Sweep":  # its trials' references: the template's
+        template = trial_resource(resource, resource.name, {})
+        return [(f"template.spec.{field}", ref, needs) for field, ref, needs in dependencies(template)]
     spec = resource.spec
     deps: list[tuple[str, Ref, str]] = []
     if resource.kind == "PretrainRun" and spec.corpus is not None:
@@ -113,6 +117,25 @@ def dependencies(resource: Resource[Any, Any]) -> list[tuple[str, Ref, str]]:
     if resource.kind == "Evaluation" and spec.perplexity is not None and spec.perplexity.corpus is not None:
         deps.append(("perplexity.corpus", ("Corpus", spec.perplexity.corpus.name), NEEDS_SUCCEEDED))
     return deps
+
+
+def trial_resource(sweep: Resource[Any, Any], name: str, parameters: dict[str, Any]) -> Resource[Any, Any]:
+    """A Sweep's trial ``name``: its template with ``parameters`` (path → value) written in, its output
+    ``<sweep spec.output>/<name>`` when the sweep sets one (else the trial kind's default)."""
+    from lmforge_jobs.manifest import MODELS
+    from lmforge_jobs.sweep.config import apply_parameters
+
+    template = sweep.spec.template
+    spec = apply_parameters(template.spec, parameters)
+    if sweep.spec.output is not None:
+        spec["output"] = _join(str(sweep.spec.output), name)
+    else:
+        spec.pop("output", None)  # each trial its own folder, never the template's shared one
+    metadata = {"name": name, "labels": {"lmforge.io/sweep": sweep.name}}
+    if sweep.metadata.namespace:
+        metadata["namespace"] = sweep.metadata.namespace
+    document = {"apiVersion": sweep.api_version, "kind": template.kind, "metadata": metadata, "spec": spec}
+    return MODELS[template.kind].model_validate(document)
 
 
 def references(resource: Resource[Any, Any]) -> list[Ref]:
@@ -184,7 +207,7 @@ def resolve(
         if target is None:
             return
         path = outputs_of(field, target, "model")
-        for key in ("pretrainRun", "alignmentRun"):
+        for key in ("pretrainRun", "alignmentRun", "sweep"):
             ref_doc.pop(key, None)
         ref_doc["path"] = path
 

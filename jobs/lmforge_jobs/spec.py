@@ -357,12 +357,13 @@ class ResourceRef(Spec):
 
 
 class ModelRef(Spec):
-    """A model: the output of another run, a Hugging Face hub id, or a storage URI. Exactly one."""
+    """A model: the output of another run or of a sweep's best trial, a Hugging Face hub id, or a storage URI.
+    Exactly one."""
 
     __cel__ = (
         Cel(
-            cel_exactly_one(("pretrainRun", "alignmentRun", "huggingface", "path")),
-            "exactly one of pretrainRun, alignmentRun, huggingface, path must be set",
+            cel_exactly_one(("pretrainRun", "alignmentRun", "sweep", "huggingface", "path")),
+            "exactly one of pretrainRun, alignmentRun, sweep, huggingface, path must be set",
         ),
         Cel(
             "!has(self.revision) || has(self.huggingface)",
@@ -375,6 +376,8 @@ class ModelRef(Spec):
     """Name of a PretrainRun whose exported model is used."""
     alignment_run: Name | None = None
     """Name of an AlignmentRun whose output model is used."""
+    sweep: Name | None = None
+    """Name of a Sweep whose best trial's output model is used (once the sweep has succeeded)."""
     huggingface: HubId | None = None
     """Hugging Face hub model id, e.g. meta-llama/Llama-3.2-1B."""
     path: Uri | None = None
@@ -386,7 +389,7 @@ class ModelRef(Spec):
 
     @model_validator(mode="after")
     def _rules(self) -> ModelRef:
-        exactly_one(self, ("pretrain_run", "alignment_run", "huggingface", "path"))
+        exactly_one(self, ("pretrain_run", "alignment_run", "sweep", "huggingface", "path"))
         if self.revision is not None and self.huggingface is None:
             raise SpecError("revision", "revision applies only to huggingface")
         return self
@@ -397,6 +400,8 @@ class ModelRef(Spec):
             return ("PretrainRun", self.pretrain_run)
         if self.alignment_run:
             return ("AlignmentRun", self.alignment_run)
+        if self.sweep:
+            return ("Sweep", self.sweep)
         return None
 
 

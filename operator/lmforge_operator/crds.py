@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from lmforge_jobs.kinds import KINDS
-from lmforge_jobs.manifest import MODELS, NAME_MAX_LENGTH, NAME_PATTERN
+from lmforge_jobs.manifest import MODELS, NAME_PATTERN, name_max_length
 from lmforge_jobs.spec import API_GROUP, API_VERSION, Cel, Spec
 
 
@@ -69,6 +69,14 @@ COLUMNS: dict[str, tuple[dict[str, Any], ...]] = {
         _col("Perplexity", ".status.results.perplexity", "number"),
         _col("Win rate", ".status.results.judge.winRate", "number"),
         _PROGRESS,
+        _AGE,
+    ),
+    "Sweep": (
+        _PHASE,
+        _col("Trials", ".status.trialsDone", "integer", description="Trials finished"),
+        _col("Total", ".status.trialsTotal", "integer", description="Trials the sweep runs"),
+        _col("Best", ".status.best.objective", "number", description="Objective of the best trial"),
+        _col("Best trial", ".status.best.name", priority=1),
         _AGE,
     ),
 }
@@ -224,6 +232,7 @@ def resource_schema(kind: str) -> dict[str, Any]:
     status_model = next(a for a in status_model.__args__ if a is not type(None))  # Optional[Status]
     spec = openapi_schema(spec_model)
     status = openapi_schema(status_model)
+    longest = name_max_length(kind)
     return {
         "type": "object",
         "description": spec_model.__doc__.strip().splitlines()[0],
@@ -237,9 +246,9 @@ def resource_schema(kind: str) -> dict[str, Any]:
         },
         "x-kubernetes-validations": [
             {
-                "rule": f"self.metadata.name.matches('{NAME_PATTERN}') && size(self.metadata.name) <= {NAME_MAX_LENGTH}",
+                "rule": f"self.metadata.name.matches('{NAME_PATTERN}') && size(self.metadata.name) <= {longest}",
                 "message": f"metadata.name must be a lowercase DNS label starting with a letter, at most "
-                f"{NAME_MAX_LENGTH} characters (child Jobs and pods add suffixes)",
+                f"{longest} characters (child Jobs and pods add suffixes)",
             }
         ],
     }

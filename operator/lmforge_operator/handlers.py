@@ -174,7 +174,8 @@ def _register(kind: str, plural: str) -> None:
 
 
 for _kind in KINDS.values():
-    _register(_kind.name, _kind.plural)
+    if _kind.job:  # a Sweep's trials are not reconciled on a cluster yet: only `lmforge run` runs them
+        _register(_kind.name, _kind.plural)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="observe-jobs")

@@ -24,7 +24,7 @@ PLURALS = tuple(kind.plural for kind in KINDS.values())
 READ = ["get", "list", "watch"]
 
 RULES: list[dict[str, Any]] = [
-    # The four custom resources: watched (kopf lists and watches them). The operator registers only watch-
+    # The custom resources: watched (kopf lists and watches them). The operator registers only watch-
     # event handlers, so kopf never patches them (no finalizer, no progress or last-handled annotations).
     {"apiGroups": [API_GROUP], "resources": list(PLURALS), "verbs": READ},
     # Their status: merge-patched by the operator, never read through the subresource.

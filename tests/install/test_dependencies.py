@@ -73,10 +73,11 @@ IMPORTS: dict[str, dict[str, str]] = {
         "fsspec": "fsspec",  # --results in object storage
         "s3fs": "s3fs",
     },
+    "sweep": {"optuna": "optuna"},
 }
 # Imported through a declared package on a path the jobs take; checked to import, not to be declared.
 TRANSITIVE = {"data": {"justext": "jusText", "lxml.html.clean": "lxml_html_clean"}}
-SIDES = {"operator": ("operator", "run"), "jobs": ("data", "train", "align", "eval", "arena")}
+SIDES = {"operator": ("operator", "run"), "jobs": ("data", "train", "align", "eval", "arena", "sweep")}
 
 
 def _name(requirement: str) -> str:

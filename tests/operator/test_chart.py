@@ -406,7 +406,7 @@ def test_chart_crds_are_the_generated_ones() -> None:
 
 def test_crds_templated_with_install_and_keep(helm: str) -> None:
     crds = by_kind(render(helm), "CustomResourceDefinition")
-    assert sorted(c["spec"]["names"]["kind"] for c in crds) == sorted(KINDS)
+    assert sorted(c["spec"]["names"]["kind"] for c in crds) == sorted((*KINDS, "Sweep"))
     for crd in crds:
         source = yaml.load(
             (CHART / "files" / "crds" / f"{crd['metadata']['name']}.yaml").read_text(), _LOADER
@@ -418,7 +418,7 @@ def test_crds_templated_with_install_and_keep(helm: str) -> None:
         }
         assert source["metadata"]["labels"].items() <= crd["metadata"]["labels"].items()
     unkept = by_kind(render(helm, {"crds": {"keep": False}}), "CustomResourceDefinition")
-    assert len(unkept) == 4 and all("annotations" not in c["metadata"] for c in unkept)
+    assert len(unkept) == len(crds) and all("annotations" not in c["metadata"] for c in unkept)
     assert by_kind(render(helm, {"crds": {"install": False}}), "CustomResourceDefinition") == []
     # The templates are the only CRD source: Helm's crds/ folder is installed once and never upgraded.
     assert not (CHART / "crds").exists()

@@ -17,6 +17,7 @@ CRD_FILES = {
     "PretrainRun": "pretrainruns",
     "AlignmentRun": "alignmentruns",
     "Evaluation": "evaluations",
+    "Sweep": "sweeps",
 }
 
 

@@ -189,6 +189,10 @@ class LocalRunner:
     env: dict[str, str] = field(default_factory=dict)
     s3_endpoint: str | None = None
     """``--s3-endpoint``: the S3 endpoint of every job, before spec.storage.endpoint (local.storage)."""
+    stop_when: Any = None
+    """Called with the running job's run directory at every poll; True stops the job (a pruned trial)."""
+    stopped_early: bool = False
+    """The last job run was stopped because ``stop_when`` said so."""
 
     def run(self, resources: list[Resource[Any, Any]]) -> list[Outcome]:
         ordered = order(resources, self.workdir)
@@ -232,6 +236,10 @@ class LocalRunner:
         return resolve(resource, outputs, output)
 
     def run_one(self, resource: Resource[Any, Any]) -> Outcome:
+        if not KINDS[resource.kind].job:
+            from lmforge_operator.local.sweep import run_sweep
+
+            return run_sweep(self, resource)
         kind, name = resource.kind, resource.name
         run_dir = resource_dir(self.workdir, kind, name)
         try:
@@ -290,6 +298,7 @@ class LocalRunner:
         launch = Launch(
             f"{kind.lower()}-{name}", command(job, manifest.resolve(), processes), env, run_dir / "logs"
         )
+        self.stopped_early = False
         try:
             code = self._wait(resource, launch, status, run_dir)
         finally:
@@ -305,6 +314,9 @@ class LocalRunner:
         elif self.interrupted:
             message = "interrupted; run again to resume from the last checkpoint"
             phase = status_helpers.set_state(status, "Failed", status_helpers.INTERRUPTED, message)
+        elif self.stopped_early:
+            message = "stopped early"
+            phase = status_helpers.set_state(status, "Failed", status_helpers.JOB_FAILED, message)
         else:
             log = launch.log_tail(20)
             progress = read_progress(run_dir) or {}
@@ -336,6 +348,10 @@ class LocalRunner:
                 launch.stop(self.stop_grace_seconds)
             code = launch.poll()
             self._progress(resource, status, run_dir)
+            if code is None and not stopped and self.stop_when is not None and self.stop_when(run_dir):
+                stopped = self.stopped_early = True
+                launch.stop(self.stop_grace_seconds)
+                code = launch.poll()
         self._progress(resource, status, run_dir)
         return code
 

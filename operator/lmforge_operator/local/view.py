@@ -55,6 +55,10 @@ def summary(kind: str, status: dict[str, Any]) -> str:
         return f"kept {documents.get('kept', 0)}/{documents.get('read', 0)} documents"
     if kind == "Evaluation" and status.get("results", {}).get("perplexity") is not None:
         return f"perplexity {status['results']['perplexity']:.3f}"
+    if kind == "Sweep" and status.get("trialsTotal"):
+        best = status.get("best")
+        done = f"{status.get('trialsDone', 0)}/{status['trialsTotal']} trials"
+        return f"{done}, best {best['name']}: {best['objective']:.4g}" if best else done
     return ""
 
 
