@@ -219,3 +219,33 @@ def test_a_corpus_with_resiliparse_and_fastwarc(tmp_path: Path) -> None:
     docs = read_jsonl_gz(out / "documents" / "train") + read_jsonl_gz(out / "documents" / "held-out")
     assert len(docs) > 20
     assert all("<html" not in d["text"] for d in docs)
+
+
+@pytest.mark.slow
+def test_the_data_benchmark_runs(tmp_path: Path) -> None:
+    """bench/data.py on a tiny shape: every extractor × reader, the plain script, MinHash, tokenization."""
+    import json
+    import subprocess
+    import sys
+
+    from data_fixtures import ROOT, job_env
+
+    args = ["--limit", "6", "--rounds", "1", "--minhash-docs", "200", "--skip-quality"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "data.py"), *args],
+        capture_output=True,
+        text=True,
+        env=job_env(),
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert set(result["stage1"]) == {
+        "trafilatura+warcio",
+        "trafilatura+fastwarc",
+        "resiliparse+warcio",
+        "resiliparse+fastwarc",
+    }
+    assert all(v["documentsPerSecondPerCore"] > 0 for v in result["stage1"].values())
+    assert result["minhashSignaturesPerSecondPerCore"] > 0
