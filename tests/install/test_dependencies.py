@@ -37,6 +37,8 @@ IMPORTS: dict[str, dict[str, str]] = {
         "lxml_html_clean": "lxml_html_clean",
         "inscriptis": "inscriptis",
         "warcio": "warcio",
+        "resiliparse": "resiliparse",
+        "fastwarc": "fastwarc",
         "cchardet": "faust-cchardet",
         "tldextract": "tldextract",
         "fasttext": "fasttext-numpy2-wheel",

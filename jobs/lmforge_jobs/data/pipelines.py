@@ -30,8 +30,10 @@ from datatrove.pipeline.writers import JsonlWriter
 from lmforge_jobs import storage
 from lmforge_jobs.data import blocks
 from lmforge_jobs.data.config import FILTER_KINDS, CorpusSpec
+from lmforge_jobs.data.extractors import ResiliparseExtractor
 from lmforge_jobs.data.layout import Layout, join
 from lmforge_jobs.data.preflight import expand_paths
+from lmforge_jobs.data.readers import warc_reader
 from lmforge_jobs.secrets import read_secret
 
 # A step, or (key, step) for a step the stage's Counts tallies.
@@ -182,7 +184,7 @@ def source_reader(c: Context, index: int) -> PipelineStep | None:
         )
     folder, files = expand_paths(source, index)
     if kind == "warc":
-        return blocks.WarcSourceReader(folder, files, limit=limit, default_metadata=meta)
+        return warc_reader(cfg.reader)(folder, files, limit=limit, default_metadata=meta)
     reader = {"jsonl": blocks.JsonlSourceReader, "parquet": blocks.ParquetSourceReader}[kind]
     return reader(folder, files, limit=limit, default_metadata=meta, text_key=cfg.text_key, id_key=cfg.id_key)
 
@@ -192,6 +194,9 @@ EXTRACTORS: dict[str, Callable[[CorpusSpec], PipelineStep]] = {
         favour_precision=spec.extract.favour_precision, timeout=spec.extract.timeout_seconds
     ),
     "inscriptis": lambda spec: blocks.InscriptisExtractor(timeout=spec.extract.timeout_seconds),
+    "resiliparse": lambda spec: ResiliparseExtractor(
+        main_content=spec.extract.main_content, timeout=spec.extract.timeout_seconds
+    ),
 }
 
 

@@ -121,6 +121,14 @@ def check_extractor(spec: CorpusSpec) -> None:
         ) from None
 
 
+def check_warc_reader(reader: str, field: str) -> None:
+    """An explicitly chosen fastwarc must import (``auto`` falls back to warcio)."""
+    from lmforge_jobs.data.readers import fastwarc_available
+
+    if reader == "fastwarc" and not fastwarc_available():
+        raise ConfigError(field, "fastwarc could not be imported: install it, or set reader: warcio")
+
+
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -150,6 +158,7 @@ def preflight(spec: CorpusSpec, stage: str | None = None) -> None:
         folder, files = expand_paths(source, i)
         if source.kind == "warc":
             check_warc(folder, files, f"sources[{i}].warc.paths")
+            check_warc_reader(source.warc.reader.value, f"sources[{i}].warc.reader")
     if any(source.kind == "warc" for source in spec.sources):
         check_extractor(spec)
     for i, flt in enumerate(spec.filters):
