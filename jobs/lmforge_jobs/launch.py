@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED
 
@@ -41,6 +42,28 @@ POLL_SECONDS = 0.2
 STOP_SECONDS = 30.0
 """How long torchrun may take to stop its workers after a configuration error before it is killed."""
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT while a worker trains (a ``with`` block installs the handlers and restores the
+    previous ones): the training loop checks it after each step, agreed across ranks, saves a checkpoint
+    and exits 143 (``EXIT_STOPPED``)."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.set = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def record_exit(code: int) -> None:

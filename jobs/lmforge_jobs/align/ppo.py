@@ -48,7 +48,8 @@ from lmforge_jobs.align import checkpoints
 from lmforge_jobs.align.config import AlignmentRunSpec
 from lmforge_jobs.align.data import Split
 from lmforge_jobs.align.models import peft_config
-from lmforge_jobs.align.trainers import StopFlag, Stopped, any_rank
+from lmforge_jobs.align.trainers import Stopped, any_rank
+from lmforge_jobs.launch import StopFlag
 from lmforge_jobs.telemetry import Telemetry
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 from lmforge_jobs.align import checkpoints
 from lmforge_jobs.align.config import AlignmentRunSpec, Method
 from lmforge_jobs.align.data import Split
+from lmforge_jobs.launch import StopFlag
 from lmforge_jobs.telemetry import Telemetry
 
 # TRL log key → status metric. Held-out (eval_) numbers take the contract's names: they are what the
@@ -173,26 +173,6 @@ class Stopped(Exception):
         self.step = step
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT while training; :func:`stop_callback` acts on it after the current step."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.set = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def any_rank(flag: bool, device: Any) -> bool:
     """True when ``flag`` is up in any process: every rank must save and stop at the same step."""
     import torch
@@ -324,7 +304,6 @@ def run_trl(
 
 __all__ = [
     "METRIC_NAMES",
-    "StopFlag",
     "Stopped",
     "any_rank",
     "make_callback",

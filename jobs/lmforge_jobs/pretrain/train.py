@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge_jobs.entry import ConfigError
-from lmforge_jobs.launch import record_exit
+from lmforge_jobs.launch import StopFlag, record_exit
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.pretrain import checkpoint as ckpt
 from lmforge_jobs.pretrain import export as exp
@@ -132,26 +131,6 @@ def setup_world(spec: PretrainRunSpec) -> World:
 def plain(loss: torch.Tensor) -> torch.Tensor:
     """The loss as a plain tensor: a loss-parallel cross-entropy gives a replicated DTensor."""
     return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) after each step."""
-
-    def __init__(self) -> None:
-        self.set = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.set = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def check_batch(spec: PretrainRunSpec, processes: int) -> int:
