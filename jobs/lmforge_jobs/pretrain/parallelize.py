@@ -202,7 +202,8 @@ def check_gpu_only(dims: MeshDims, precision: str, device: torch.device) -> None
         import torchao.float8  # noqa: F401
     except ImportError:
         raise ConfigError(
-            "precision", "precision fp8 needs torchao (float8 training): install torchao in the jobs image"
+            "precision",
+            "precision fp8 needs torchao (float8 training): a jobs image with lmforge[fp8] installed",
         ) from None
     if dims.tp > 1:
         raise ConfigError(
