@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from data_fixtures import job_env
+from data_fixtures import job_env, tagged_processes
 from manifests import tiny_pretrain, write_manifest
 
 from lmforge_jobs.launch import EXIT_DIR_ENV, final_code, record_exit, recorded_config_error, recorded_exits
@@ -76,7 +77,13 @@ def test_config_error_under_torchrun_exits_64_without_restarts(tmp_path: Path) -
             _, err = proc.communicate(timeout=180)
             code: int | None = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun
+            # its workers run in sessions of their own and hold the stderr pipe: kill them too, or
+            # communicate() waits for them forever
+            for pid, cmdline in tagged_processes(os.environ["LMFORGE_TEST_SESSION"]).items():
+                if str(script) in cmdline:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
             _, err = proc.communicate()
             code = None
         return code, err, {int(p.name.split("-")[1]) for p in starts.iterdir()}
