@@ -405,6 +405,19 @@ class ModelRef(Spec):
         return None
 
 
+# An extended resource name as the API server accepts it: a DNS subdomain prefix, then a qualified name.
+ExtendedResourceName = Annotated[
+    str,
+    StringConstraints(
+        min_length=3,
+        max_length=317,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/"
+        r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+    ),
+]
+"""A device plugin's resource, e.g. nvidia.com/gpu, nvidia.com/mig-1g.10gb, amd.com/gpu."""
+
+
 class Resources(Spec):
     """Compute resources of each pod (requests = limits)."""
 
@@ -423,6 +436,10 @@ class Resources(Spec):
     """Memory per pod, e.g. 16Gi."""
     gpu: Annotated[int, Field(ge=0, le=64)] | None = None
     """GPUs per pod (nvidia.com/gpu); must equal parallelism.gpusPerNode where that exists (its default)."""
+    gpu_resource: ExtendedResourceName | None = None
+    """Device plugin resource the GPUs are asked for as, in place of nvidia.com/gpu (same count): a MIG
+    profile under the NVIDIA device plugin's mixed strategy, e.g. nvidia.com/mig-1g.10gb (one per pod: a
+    CUDA process uses a single MIG device), or another vendor's, e.g. amd.com/gpu."""
     ephemeral_storage: PositiveQuantity | None = None
     """Local scratch disk per pod, e.g. 100Gi."""
 

@@ -45,8 +45,12 @@ disruptions (preemption, node drain) in their retry budget, replace a pod only o
 
 With ``spec.scheduling.gang`` (volcano, coscheduling) a **PodGroup** named as the Job, minMember = its pods
 running at once, comes before the Job, whose pods join it (:func:`build_pod_group`). Last, the operator's
-default pod template of the kind and ``spec.template`` are merged into the pods (:func:`pod_template`,
-:mod:`lmforge_operator.podtemplate`: strategic merge, refusals naming the field).
+default pod template of the kind, ``spec.template`` and a Corpus stage's ``spec.stages.<stage>.template``
+are merged into the pods (:func:`pod_template`, :mod:`lmforge_operator.podtemplate`: strategic merge,
+refusals naming the field); a stage's ``resources`` replace the fields of ``spec.resources`` they set.
+GPUs are asked for as ``nvidia.com/gpu``, or as ``resources.gpuResource`` (a MIG profile such as
+``nvidia.com/mig-1g.10gb``) in its place, the count unchanged (:func:`gpu_resource`). :func:`refusals` lists
+what the operator would refuse in a resource, without a cluster (``lmforge validate``).
 
 A problem found while building (an unusable ``pvc://`` URI, two Secret references that would share an
 environment variable) raises :class:`BuildError` with the spec field; the handlers report it as the
@@ -97,6 +101,9 @@ OPERATOR_LABELS = {"app.kubernetes.io/name": "lmforge", "app.kubernetes.io/compo
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by the API server (1.21+)
 
 GPU_RESOURCE = "nvidia.com/gpu"
+# A MIG device under the NVIDIA device plugin's mixed strategy: nvidia.com/mig-<compute slices>g.<memory>gb.
+MIG_PREFIX = "nvidia.com/mig-"
+MIG_PROFILE = re.compile(r"^nvidia\.com/mig-[1-7]g\.[1-9][0-9]*gb$")
 # Object storage (lmforge_jobs.storage reads LMFORGE_S3_ENDPOINT first; botocore reads AWS_*; google-auth
 # reads GOOGLE_APPLICATION_CREDENTIALS).
 S3_ENDPOINT_ENV = "LMFORGE_S3_ENDPOINT"
@@ -115,6 +122,7 @@ VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 COSCHEDULING_API = "scheduling.x-k8s.io/v1alpha1"
 COSCHEDULING_SCHEDULER = "scheduler-plugins-scheduler"  # the scheduler-plugins chart's default name
 COSCHEDULING_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
+DEFAULT_SCHEDULER = "default-scheduler"
 
 # Retry budgets. Training: pod failures across all nodes before the Job fails (disruptions do not count);
 # torchrun re-forms the group around a replaced pod up to TORCHRUN_MAX_RESTARTS times. Corpus: retries of
@@ -624,13 +632,65 @@ def shutdown_timeout(kind: str) -> int:
     return max(grace // 2, grace - SHUTDOWN_MARGIN_SECONDS)
 
 
-def gpus_per_pod(resource: Resource[Any, Any]) -> int:
-    """nvidia.com/gpu of each pod: spec.resources.gpu, else parallelism.gpusPerNode (0 for a Corpus)."""
-    if resource.spec.resources.gpu is not None:
-        return int(resource.spec.resources.gpu)
+def stage_settings(resource: Resource[Any, Any], stage: Stage | None) -> Any:
+    """``spec.stages.<stage>`` of a Corpus (None when unset, or for other kinds)."""
+    if stage is None or resource.kind != "Corpus":
+        return None
+    return (resource.spec.stages or {}).get(stage.name)
+
+
+def effective_resources(resource: Resource[Any, Any], stage: Stage | None = None) -> Any:
+    """``spec.resources``, with the fields ``spec.stages.<stage>.resources`` sets replacing its own."""
+    base = resource.spec.resources
+    settings = stage_settings(resource, stage)
+    if settings is None or settings.resources is None:
+        return base
+    return base.model_copy(update=settings.resources.model_dump(exclude_none=True))
+
+
+def gpus_per_pod(resource: Resource[Any, Any], stage: Stage | None = None) -> int:
+    """GPUs of each pod: spec.resources.gpu (a Corpus stage's own first), else parallelism.gpusPerNode (0
+    for a Corpus)."""
+    spec = effective_resources(resource, stage)
+    if spec.gpu is not None:
+        return int(spec.gpu)
     if resource.kind == "Corpus":
         return 0
     return _parallelism(resource)[1]
+
+
+def gpu_resource(resource: Resource[Any, Any], stage: Stage | None = None) -> str:
+    """The resource name the GPUs are asked for as: ``resources.gpuResource`` (e.g. a MIG profile), else
+    nvidia.com/gpu. Raises BuildError for a name no device plugin serves that way: a malformed MIG profile,
+    more than one MIG device per pod (a CUDA process uses one MIG device, and torchrun's workers would all
+    land on the first), or a name given without any GPU asked for."""
+    spec = effective_resources(resource, stage)
+    name = spec.gpu_resource
+    if name is None:
+        return GPU_RESOURCE
+    settings = stage_settings(resource, stage)
+    own = settings is not None and settings.resources is not None and settings.resources.gpu_resource
+    field = (
+        f"stages.{stage.name}.resources.gpuResource" if own and stage is not None else "resources.gpuResource"
+    )
+    domain = name.split("/", 1)[0]
+    if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
+        raise BuildError(field, f"{name!r} is not a device plugin's resource (kubernetes.io is reserved)")
+    if name.startswith(MIG_PREFIX) and not MIG_PROFILE.match(name):
+        raise BuildError(
+            field,
+            f"{name!r} is not a MIG profile: nvidia.com/mig-<slices>g.<memory>gb, e.g. nvidia.com/mig-1g.10gb",
+        )
+    gpus = gpus_per_pod(resource, stage)
+    if gpus == 0:
+        raise BuildError(field, f"names the GPUs' resource ({name}) but the pods ask for no GPU")
+    if name.startswith(MIG_PREFIX) and gpus > 1:
+        raise BuildError(
+            field,
+            f"{gpus} MIG devices per pod: a CUDA process uses one MIG device, so torchrun's {gpus} workers "
+            "would share the first; ask for one per pod (parallelism.gpusPerNode: 1) and scale with nodes",
+        )
+    return name
 
 
 def command(resource: Resource[Any, Any], job: str, stage: Stage | None = None) -> list[str]:
@@ -662,8 +722,8 @@ def command(resource: Resource[Any, Any], job: str, stage: Stage | None = None) 
     return ["python", *tail]
 
 
-def _resources(resource: Resource[Any, Any]) -> dict[str, Any]:
-    spec = resource.spec.resources
+def _resources(resource: Resource[Any, Any], stage: Stage | None = None) -> dict[str, Any]:
+    spec = effective_resources(resource, stage)
     amounts: dict[str, str] = {}
     if spec.cpu is not None:
         amounts["cpu"] = str(spec.cpu)
@@ -671,9 +731,12 @@ def _resources(resource: Resource[Any, Any]) -> dict[str, Any]:
         amounts["memory"] = str(spec.memory)
     if spec.ephemeral_storage is not None:
         amounts["ephemeral-storage"] = str(spec.ephemeral_storage)
-    gpus = gpus_per_pod(resource)
+    gpus = gpus_per_pod(resource, stage)
     if gpus:
-        amounts[GPU_RESOURCE] = str(gpus)
+        # a MIG profile (resources.gpuResource) replaces nvidia.com/gpu: the pod asks for one or the other
+        amounts[gpu_resource(resource, stage)] = str(gpus)
+    elif spec.gpu_resource is not None:
+        gpu_resource(resource, stage)  # refuses a GPU resource named with no GPU asked for
     # requests = limits: Guaranteed QoS when cpu and memory are given, and GPUs must be equal anyway
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
@@ -763,6 +826,47 @@ def spec_template(resource: Resource[Any, Any]) -> dict[str, Any] | None:
     return template.to_yaml_dict() if template is not None else None
 
 
+def stage_template(resource: Resource[Any, Any], stage: Stage | None) -> dict[str, Any] | None:
+    """``spec.stages.<stage>.template`` of a Corpus as a camelCase dict (None when unset)."""
+    settings = stage_settings(resource, stage)
+    template = settings.template if settings is not None else None
+    return template.to_yaml_dict() if template is not None else None
+
+
+def template_layers(
+    resource: Resource[Any, Any],
+    stage: Stage | None = None,
+    template_defaults: Mapping[str, Any] | None = None,
+) -> list[tuple[str, Mapping[str, Any] | None]]:
+    """The pod templates merged into a Job's pods, in order (later wins), each with the field it is named
+    by in refusals: the operator's defaults, ``spec.template``, a Corpus stage's own template."""
+    layers: list[tuple[str, Mapping[str, Any] | None]] = [
+        ("operator podTemplate.defaults", template_defaults),
+        ("template", spec_template(resource)),
+    ]
+    if stage is not None and resource.kind == "Corpus":
+        layers.append((f"stages.{stage.name}.template", stage_template(resource, stage)))
+    return layers
+
+
+def _check_gang_scheduler(resource: Resource[Any, Any], layers: Sequence[tuple[str, Any]]) -> None:
+    """With gang scheduling, a template may run the pods under another name of the gang scheduler (one
+    installed under its own name), never under the default scheduler: it ignores PodGroups, so the pods
+    would start one by one and a multi-node run could hold half its GPUs waiting for the rest."""
+    how = gang(resource)
+    if how == "none":
+        return
+    for where, template in layers:
+        name = ((template or {}).get("spec") or {}).get("schedulerName")
+        if name == DEFAULT_SCHEDULER:
+            raise BuildError(
+                f"{where}.spec.schedulerName",
+                f"scheduling.gang is {how}: the default scheduler ignores PodGroups; leave schedulerName unset "
+                f"({VOLCANO_SCHEDULER if how == 'volcano' else COSCHEDULING_SCHEDULER}) or name the gang "
+                "scheduler",
+            )
+
+
 def _gang_template(resource: Resource[Any, Any], group: str) -> dict[str, Any] | None:
     """How a Job's pods join their PodGroup ``group``: the scheduler, and its label or annotation."""
     how = gang(resource)
@@ -784,23 +888,23 @@ def pod_template(
     pod: Mapping[str, Any],
     job: str,
     *,
+    stage: Stage | None = None,
     template_defaults: Mapping[str, Any] | None = None,
     allow_privileged: bool = False,
 ) -> dict[str, Any]:
     """The Job ``job``'s pod template: lmforge's ``pod``, then the gang-scheduling settings, the operator's
-    defaults for the kind and ``spec.template`` merged in that order (later wins). Raises BuildError naming
-    the field of a template that would break the Job or weaken Pod Security."""
+    defaults for the kind, ``spec.template`` and (a Corpus) ``spec.stages.<stage>.template`` merged in that
+    order (later wins). Raises BuildError naming the field of a template that would break the Job, weaken
+    Pod Security or take the pods from their gang scheduler."""
     from lmforge_operator import podtemplate
 
     out = dict(pod)
     gang_settings = _gang_template(resource, job)
     if gang_settings:
         out = podtemplate.merge_one(out, gang_settings)
-    return podtemplate.merge(
-        out,
-        [("operator podTemplate.defaults", template_defaults), ("template", spec_template(resource))],
-        allow_privileged=allow_privileged,
-    )
+    layers = template_layers(resource, stage, template_defaults)
+    _check_gang_scheduler(resource, layers)
+    return podtemplate.merge(out, layers, allow_privileged=allow_privileged)
 
 
 def build_pod_group(
@@ -821,15 +925,30 @@ def build_pod_group(
         min(resource.spec.parallelism.workers, completions) if resource.kind == "Corpus" else completions
     )
     spec: dict[str, Any] = {"minMember": members}
-    template = (spec_template(resource) or {}).get("spec") or {}
-    if how == "volcano" and template.get("priorityClassName"):
-        spec["priorityClassName"] = template["priorityClassName"]
+    priority = None
+    for _, template in template_layers(resource, stage)[1:]:
+        priority = ((template or {}).get("spec") or {}).get("priorityClassName") or priority
+    if how == "volcano" and priority:
+        spec["priorityClassName"] = priority
     return {
         "apiVersion": VOLCANO_API if how == "volcano" else COSCHEDULING_API,
         "kind": "PodGroup",
         "metadata": _metadata(resource, name, owner, stage),
         "spec": spec,
     }
+
+
+def _check_stage_names(resource: Resource[Any, Any]) -> None:
+    """Every key of a Corpus' ``spec.stages`` names a stage this Corpus runs (a stage its spec does not
+    enable would silently never get its settings)."""
+    from lmforge_jobs.data.stages import stage_names
+
+    runs = stage_names(resource.spec)
+    for name in resource.spec.stages or {}:
+        if name not in runs:
+            raise BuildError(
+                f"stages.{name}", f"this Corpus runs no {name} stage; its stages: {', '.join(runs)}"
+            )
 
 
 def build_job(
@@ -863,6 +982,8 @@ def build_job(
     """
     if resource.kind == "Corpus" and stage is None:
         raise ValueError("a Corpus Job is built per stage: pass stage=")
+    if resource.kind == "Corpus":
+        _check_stage_names(resource)
     doc = (
         dict(resolved_doc)
         if resolved_doc is not None
@@ -908,7 +1029,7 @@ def build_job(
     }
     if object_storage.env_from:
         container["envFrom"] = object_storage.env_from
-    requirements = _resources(resource)
+    requirements = _resources(resource, stage)
     if requirements:
         container["resources"] = requirements
 
@@ -934,7 +1055,7 @@ def build_job(
         pod_spec["serviceAccountName"] = service_account
     if torchrun:
         pod_spec["subdomain"] = service_name(resource)
-    if gpus_per_pod(resource):
+    if gpus_per_pod(resource, stage):
         pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 
     meta = _metadata(resource, name, owner, stage)
@@ -955,6 +1076,7 @@ def build_job(
             resource,
             {"metadata": template_meta, "spec": pod_spec},
             name,
+            stage=stage,
             template_defaults=template_defaults,
             allow_privileged=allow_privileged,
         ),
@@ -967,6 +1089,42 @@ def build_job(
     if queue:
         job_spec["suspend"] = True  # Kueue admits (unsuspends) it when the queue has quota
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def refusals(
+    resource: Resource[Any, Any],
+    *,
+    template_defaults: Mapping[str, Any] | None = None,
+    allow_privileged: bool = False,
+) -> list[BuildError]:
+    """What the operator would refuse when building ``resource``'s Jobs (every stage of a Corpus), found by
+    building them as it does, without a cluster: templates that break the Job or weaken Pod Security, a
+    template taking the pods from their gang scheduler, a GPU resource no device plugin serves that way,
+    stage settings for a stage the Corpus does not run. Empty for kinds that run no Job of their own
+    (a Sweep). ``lmforge validate`` reports these."""
+    if not KINDS[resource.kind].job:
+        return []
+    if resource.kind == "Corpus":
+        from lmforge_jobs.data.stages import stages
+
+        steps: list[Stage | None] = list(stages(resource.spec))
+    else:
+        steps = [None]
+    found: list[BuildError] = []
+    for stage in steps:
+        try:
+            build_job(
+                resource,
+                None,
+                image="validate",
+                stage=stage,
+                template_defaults=template_defaults,
+                allow_privileged=allow_privileged,
+            )
+        except BuildError as exc:
+            if all((e.field, e.message) != (exc.field, exc.message) for e in found):
+                found.append(exc)
+    return found
 
 
 def children(
@@ -1032,8 +1190,11 @@ __all__ = [
     "configmap_name",
     "default_image",
     "dump_spec",
+    "effective_resources",
     "effective_storage",
     "gang",
+    "gpu_resource",
+    "gpus_per_pod",
     "image_for",
     "job_manifest",
     "job_name",
@@ -1043,11 +1204,15 @@ __all__ = [
     "needs_service",
     "owner_reference",
     "pod_template",
+    "refusals",
     "secret_env",
     "secret_refs",
     "selector",
     "service_name",
     "spec_template",
+    "stage_settings",
+    "stage_template",
     "storage_env",
+    "template_layers",
     "uses_torchrun",
 ]

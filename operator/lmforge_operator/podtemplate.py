@@ -1,5 +1,6 @@
-"""Pod templates: a resource's ``spec.template`` (and the operator's defaults for its kind) merged into the pod
-template of a Job the builders made, with Kubernetes' strategic-merge semantics. Pure functions::
+"""Pod templates: a resource's ``spec.template`` (and the operator's defaults for its kind before it, a Corpus
+stage's ``spec.stages.<stage>.template`` after it) merged into the pod template of a Job the builders made,
+with Kubernetes' strategic-merge semantics. Pure functions::
 
     pod = job["spec"]["template"]                        # {"metadata": ..., "spec": ...} from build_job
     pod = merge(pod, [("template", spec_template)], allow_privileged=False)
@@ -22,8 +23,9 @@ A container named ``main`` is the job's; any other name is a native sidecar (an 
 from lmforge's restricted security context. What would break the Job is refused (always), naming the field under
 ``spec``: the job container's command, args, image, ports or probes; a sidecar port on the metrics or
 rendezvous port; the ``spec`` volume (the resource's ConfigMap) and its mount at /etc/lmforge; lmforge's own
-labels, ``lmforge.io/`` annotations and ``LMFORGE_*`` / ``PET_*`` variables; cpu, memory, ephemeral-storage
-and nvidia.com/gpu (spec.resources and spec.parallelism say those). What would weaken the restricted Pod
+labels, ``lmforge.io/`` annotations and ``LMFORGE_*`` / ``PET_*`` variables; cpu, memory, ephemeral-storage,
+nvidia.com/gpu and MIG devices (spec.resources and spec.parallelism say those: ``resources.gpuResource``
+names a MIG profile, which replaces nvidia.com/gpu). What would weaken the restricted Pod
 Security Standard is refused unless the operator allows privileged pods (the chart's
 ``podTemplate.allowPrivileged``): hostNetwork, hostPID, hostPath volumes, privileged containers, privilege
 escalation, added capabilities (NET_BIND_SERVICE aside), capabilities not dropped, running as root,
@@ -43,6 +45,7 @@ from lmforge_operator.builders import (
     LABEL_NAME,
     LABEL_STAGE,
     METRICS_PORT,
+    MIG_PREFIX,
     QUEUE_LABEL,
     RDZV_PORT,
     SPEC_DIR,
@@ -165,6 +168,14 @@ def check(template: Mapping[str, Any], where: str = "template", *, allow_privile
                             (
                                 f"{cat}.resources.{part}[{key}]",
                                 "set by spec.resources (and nvidia.com/gpu by spec.parallelism.gpusPerNode)",
+                            )
+                        )
+                    elif str(key).startswith(MIG_PREFIX):
+                        refusals.append(
+                            (
+                                f"{cat}.resources.{part}[{key}]",
+                                "a MIG device is asked for with spec.resources.gpuResource, which replaces "
+                                "nvidia.com/gpu (beside it, the pod would ask for a whole GPU too)",
                             )
                         )
         else:

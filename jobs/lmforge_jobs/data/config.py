@@ -475,8 +475,46 @@ class CorpusParallelism(Spec):
         return self
 
 
+# Every stage a Corpus may run, by name (lmforge_jobs.data.stages orders the ones a spec enables; a test keeps
+# the two equal). The names are the keys of spec.stages, the lmforge.io/stage label and the Jobs' suffixes.
+STAGE_NAMES = (
+    "extract",
+    "exact-sigs",
+    "exact-dups",
+    "exact-filter",
+    "minhash-sigs",
+    "minhash-buckets",
+    "minhash-clusters",
+    "minhash-filter",
+    "tokenizer",
+    "tokenize",
+    "stats",
+)
+
+
+class StageSettings(Spec):
+    """Settings of one stage's pods, over the Corpus-wide ones."""
+
+    template: PodTemplate | None = None
+    """Pod template merged over spec.template for this stage's pods only (e.g. the extract stage on CPU spot
+    nodes); the same merge and the same refusals."""
+    resources: Resources | None = None
+    """Resources of this stage's pods: each field set replaces spec.resources' (e.g. more memory for the
+    tokenizer)."""
+
+
 class CorpusSpec(Spec):
     """A text corpus: read, cleaned, deduplicated, tokenizer-trained and tokenised."""
+
+    __cel__ = (
+        Cel(
+            "!has(self.stages) || self.stages.all(k, k in ["
+            + ", ".join(f"'{n}'" for n in STAGE_NAMES)
+            + "])",
+            "stages: keys must be stage names (" + ", ".join(STAGE_NAMES) + ")",
+            field="stages",
+        ),
+    )
 
     sources: Annotated[list[Source], Field(min_length=1, max_length=64)]
     """Inputs; at least one."""
@@ -510,6 +548,17 @@ class CorpusSpec(Spec):
     """Pod template merged into the pods (placement, priority, registries, volumes, devices, env)."""
     scheduling: Scheduling | None = None
     """Gang scheduling of the pods (Volcano or coscheduling PodGroup); unset: none."""
+    stages: Annotated[dict[str, StageSettings], Field(max_length=len(STAGE_NAMES))] | None = None
+    """Per-stage pod settings by stage name (extract, exact-sigs, ..., tokenizer, tokenize, stats), e.g.
+    {extract: {template: ...}, tokenizer: {resources: {memory: 64Gi}}}: applied to that stage's Jobs only."""
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, value: dict[str, StageSettings] | None) -> dict[str, StageSettings] | None:
+        for name in value or {}:
+            if name not in STAGE_NAMES:
+                raise SpecError(name, f"no such stage; stages: {', '.join(STAGE_NAMES)}")
+        return value
 
 
 # ------------------------------------------------------------------------------------------------ status
