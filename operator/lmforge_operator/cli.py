@@ -1,6 +1,8 @@
 """The ``lmforge`` command line.
 
-lmforge validate PATH...      check manifests (files or directories); exit 1 with every problem
+lmforge validate PATH...      check manifests (files or directories); exit 1 with every problem, 64 with
+    [--allow-privileged]      what the operator would refuse (pod templates, GPU resources, stages) as
+    [--pod-template-defaults FILE]   `error: spec.<field>: <why>`; the options: the chart's podTemplate values
 lmforge crds [--out DIR]      write the CustomResourceDefinitions generated from the spec models
 lmforge crds --check [DIR]    exit 1 when DIR differs from what would be generated
 lmforge plan FILE...          compute plan of each PretrainRun (parameters, FLOPs, memory, GPU-hours)
@@ -23,11 +25,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE
+EXIT_REFUSED = 64  # what the operator would refuse: the jobs' configuration-error code (EX_USAGE)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -44,8 +48,38 @@ def _validate(args: argparse.Namespace) -> int:
     if not resources:
         print("no lmforge resources found in " + " ".join(args.paths), file=sys.stderr)
         return EXIT_INVALID
+    # What the operator refuses when it builds the Jobs, found by the same builders, with the chart's
+    # podTemplate settings given as options.
+    from lmforge_operator import builders
+    from lmforge_operator.controller.config import Config
+
+    defaults: dict[str, Any] = {}
+    if args.pod_template_defaults:
+        import yaml
+
+        defaults = yaml.safe_load(Path(args.pod_template_defaults).read_text(encoding="utf-8")) or {}
+    try:
+        templates = Config(
+            pod_template_defaults=defaults, pod_template_allow_privileged=args.allow_privileged
+        ).template_defaults()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    refused = 0
     for resource in resources:
-        print(f"ok  {resource.ref}")
+        found = builders.refusals(
+            resource,
+            template_defaults=templates.get(resource.kind),
+            allow_privileged=args.allow_privileged,
+        )
+        for exc in found:
+            print(f"error: spec.{exc.field}: {exc.message} ({resource.ref})", file=sys.stderr)
+        refused += bool(found)
+        if not found:
+            print(f"ok  {resource.ref}")
+    if refused:
+        print(f"{refused} resource(s) the operator would refuse", file=sys.stderr)
+        return EXIT_REFUSED
     return EXIT_OK
 
 
@@ -346,6 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="validate lmforge manifests (files or directories)")
     p.add_argument("paths", nargs="+", help="YAML files or directories (searched recursively)")
+    p.add_argument(
+        "--allow-privileged",
+        action="store_true",
+        help="as the chart's podTemplate.allowPrivileged: pod templates may weaken Pod Security",
+    )
+    p.add_argument(
+        "--pod-template-defaults",
+        metavar="FILE",
+        help="YAML of the chart's podTemplate.defaults ({Kind: template}), merged under each spec.template",
+    )
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("crds", help="write the CustomResourceDefinitions")

@@ -5,9 +5,11 @@ Kueue examples. Rendered objects are checked with tests/support/k8s_validate.py.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from crdcheck import admission_errors
 from k8s_validate import problems, restricted_problems
 
@@ -16,6 +18,7 @@ from lmforge_jobs.data.stages import stage_names, stages
 from lmforge_jobs.manifest import parse_resource
 from lmforge_operator import builders
 from lmforge_operator.builders import BuildError
+from lmforge_operator.cli import main as cli
 
 IMAGE = "registry.example/lmforge-jobs:1.2.3"
 MIG = "nvidia.com/mig-1g.10gb"
@@ -304,3 +307,65 @@ def test_gang_scheduling_refuses_the_default_scheduler() -> None:
     assert field == "template.spec.schedulerName" and "ignores PodGroups" in why
     doc["spec"]["template"]["spec"]["schedulerName"] = "volcano-gpu"  # a second Volcano under its own name
     assert builders.refusals(parsed(doc)) == []
+
+
+# ------------------------------------------------------------------------------------- lmforge validate
+def write(tmp_path: Path, doc: dict[str, Any], name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        (pretrain(template={"spec": {"hostPID": True}}), "spec.template.spec.hostPID"),
+        (
+            corpus(
+                stages={
+                    "extract": {"template": {"spec": {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}}}
+                }
+            ),
+            "spec.stages.extract.template.spec.volumes[0].hostPath",
+        ),
+    ],
+)
+def test_validate_reports_pod_security_refusals_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], doc: dict[str, Any], field: str
+) -> None:
+    path = write(tmp_path, doc)
+    assert cli(["validate", str(path)]) == 64
+    err = capsys.readouterr().err
+    assert f"error: {field}: " in err and "allowPrivileged" in err
+    assert cli(["validate", "--allow-privileged", str(path)]) == 0
+    assert "ok  " in capsys.readouterr().out
+
+
+def test_validate_reports_every_operator_refusal_and_keeps_schema_errors_at_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, pretrain(resources={"gpuResource": "nvidia.com/mig-1g10gb"}), "mig.yaml")
+    gang = pretrain(
+        scheduling={"gang": "coscheduling"}, template={"spec": {"schedulerName": "default-scheduler"}}
+    )
+    gang["metadata"]["name"] = "gang"
+    write(tmp_path, gang, "gang.yaml")
+    write(tmp_path, corpus(), "fine.yaml")
+    assert cli(["validate", str(tmp_path)]) == 64
+    captured = capsys.readouterr()
+    assert "error: spec.resources.gpuResource: 'nvidia.com/mig-1g10gb' is not a MIG profile" in captured.err
+    assert "error: spec.template.spec.schedulerName: " in captured.err
+    assert "ok  Corpus/web" in captured.out
+    # a schema problem is still exit 1 (the operator's checks need a valid resource)
+    write(tmp_path, pretrain(resources={"gpuResource": "no domain"}), "mig.yaml")
+    assert cli(["validate", str(tmp_path / "mig.yaml")]) == 1
+
+
+def test_validate_applies_the_charts_defaults(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, pretrain())
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text(yaml.safe_dump({"PretrainRun": {"spec": {"hostNetwork": True}}}))
+    assert cli(["validate", "--pod-template-defaults", str(defaults), str(path)]) == 64
+    assert "error: podTemplate.defaults.PretrainRun.spec.hostNetwork: " in capsys.readouterr().err
+    args = ["validate", "--allow-privileged", "--pod-template-defaults", str(defaults), str(path)]
+    assert cli(args) == 0
