@@ -746,7 +746,8 @@ def test_job_pods_built_by_the_operator_are_selected(helm: str) -> None:
     from lmforge_jobs.manifest import load_resources
     from lmforge_operator import builders
 
-    resources, problems = load_resources([ROOT / "examples" / "kueue"])
+    # the top folder only: topology/ holds a second run, on its own queue
+    resources, problems = load_resources(sorted((ROOT / "examples" / "kueue").glob("*.yaml")))
     assert problems == []
     run = next(r for r in resources if r.kind == "PretrainRun")
     body = {
@@ -866,7 +867,8 @@ def test_kueue_example_wires_a_run_to_its_queue() -> None:
     cluster_queue, local_queue = kueue["ClusterQueue"], kueue["LocalQueue"]
     assert local_queue["spec"]["clusterQueue"] == cluster_queue["metadata"]["name"]
 
-    resources, problems = load_resources([ROOT / "examples" / "kueue"])
+    # the top folder only: topology/ holds a second run, on its own queue
+    resources, problems = load_resources(sorted((ROOT / "examples" / "kueue").glob("*.yaml")))
     assert problems == []
     (run,) = [r for r in resources if r.kind == "PretrainRun"]
     assert run.spec.queue == local_queue["metadata"]["name"]

@@ -5,6 +5,7 @@ Kueue examples. Rendered objects are checked with tests/support/k8s_validate.py.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,11 @@ import pytest
 import yaml
 from crdcheck import admission_errors
 from k8s_validate import problems, restricted_problems
+from repo import ROOT
 
 from lmforge_jobs.data.config import STAGE_NAMES
 from lmforge_jobs.data.stages import stage_names, stages
-from lmforge_jobs.manifest import parse_resource
+from lmforge_jobs.manifest import load_yaml_documents, parse_resource
 from lmforge_operator import builders
 from lmforge_operator.builders import BuildError
 from lmforge_operator.cli import main as cli
@@ -369,3 +371,65 @@ def test_validate_applies_the_charts_defaults(tmp_path: Path, capsys: pytest.Cap
     assert "error: podTemplate.defaults.PretrainRun.spec.hostNetwork: " in capsys.readouterr().err
     args = ["validate", "--allow-privileged", "--pod-template-defaults", str(defaults), str(path)]
     assert cli(args) == 0
+
+
+# ------------------------------------------------------------------------------------------- Kueue examples
+KUEUE = ROOT / "examples" / "kueue"
+KUEUE_KINDS = {"ResourceFlavor", "ClusterQueue", "LocalQueue", "Topology"}
+
+
+def _docs(folder: Path) -> list[dict[str, Any]]:
+    return [d for f in sorted(folder.rglob("*.yaml")) for d in load_yaml_documents(f.read_text())]
+
+
+def test_kueue_examples_are_valid_objects(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (KUEUE / "README.md").is_file()
+    docs = _docs(KUEUE)
+    kinds = {d["kind"] for d in docs}
+    assert KUEUE_KINDS | {"Namespace", "PretrainRun", "Configuration"} <= kinds
+    for doc in docs:
+        group = doc["apiVersion"].split("/")[0]
+        if doc["kind"] in KUEUE_KINDS:
+            assert doc["apiVersion"] == "kueue.x-k8s.io/v1beta1", doc["kind"]
+            assert doc["metadata"]["name"] and isinstance(doc["spec"], dict)
+        elif doc["kind"] == "Configuration":
+            assert doc["apiVersion"] == "config.kueue.x-k8s.io/v1beta1"
+            wait = doc["waitForPodsReady"]
+            assert wait["enable"] is True and wait["blockAdmission"] is True and wait["timeout"]
+            assert wait["requeuingStrategy"]["timestamp"] in ("Eviction", "Creation")
+        elif group != "lmforge.io":
+            assert problems(doc) == [], doc["kind"]
+    flavors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ResourceFlavor"}
+    queues = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterQueue"}
+    topologies = {d["metadata"]["name"] for d in docs if d["kind"] == "Topology"}
+    for queue in queues.values():  # every flavor a queue uses exists, and every TAS flavor's topology
+        for group in queue["spec"]["resourceGroups"]:
+            for flavor in group["flavors"]:
+                assert flavor["name"] in flavors
+    assert all(f["spec"].get("topologyName", next(iter(topologies))) in topologies for f in flavors.values())
+    local = {
+        (d["metadata"]["namespace"], d["metadata"]["name"]): d for d in docs if d["kind"] == "LocalQueue"
+    }
+    for doc in docs:
+        if doc["kind"] == "PretrainRun":
+            assert (doc["metadata"]["namespace"], doc["spec"]["queue"]) in local
+            assert (
+                local[(doc["metadata"]["namespace"], doc["spec"]["queue"])]["spec"]["clusterQueue"] in queues
+            )
+    assert cli(["validate", str(KUEUE)]) == 0, capsys.readouterr().err
+
+
+def test_kueue_examples_render_queued_jobs_with_the_topology_request() -> None:
+    runs = [d for d in _docs(KUEUE) if d["kind"] == "PretrainRun"]
+    assert len(runs) == 2
+    for doc in runs:
+        res = parsed(copy.deepcopy(doc))
+        job = builders.build_job(res, None, image=IMAGE)
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == doc["spec"]["queue"]
+        assert job["spec"]["suspend"] is True
+        annotations = job["spec"]["template"]["metadata"]["annotations"]
+        if doc["metadata"]["name"] == "gpt-1b":
+            assert (
+                annotations["kueue.x-k8s.io/podset-required-topology"] == "cloud.provider.com/topology-block"
+            )
+        assert problems(job) == []
