@@ -433,3 +433,26 @@ def test_kueue_examples_render_queued_jobs_with_the_topology_request() -> None:
                 annotations["kueue.x-k8s.io/podset-required-topology"] == "cloud.provider.com/topology-block"
             )
         assert problems(job) == []
+
+
+# ------------------------------------------------------------------------------------------ the docs' YAML
+def _docs_block(opening: str) -> dict[str, Any]:
+    import re
+
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if b.startswith(opening)]
+    return yaml.safe_load(block)["spec"]
+
+
+def test_the_docs_stage_and_mig_examples_render_as_described() -> None:
+    spec = _docs_block("# a Corpus\n")
+    jobs = jobs_by_stage(corpus(**spec))
+    extract = jobs["extract"]
+    assert pod(extract)["nodeSelector"] == {"pool": "cpu", "capacity": "spot"}
+    assert env(extract)["LOG_LEVEL"] == "debug" and env(jobs["tokenize"])["LOG_LEVEL"] == "info"
+    assert main_container(jobs["tokenizer"])["resources"]["limits"] == {"cpu": "4", "memory": "64Gi"}
+    assert problems(extract) == []
+    spec = _docs_block("# a PretrainRun on 1g.10gb")
+    job = builders.build_job(parsed(pretrain(**spec)), None, image=IMAGE)
+    assert main_container(job)["resources"]["limits"] == {MIG: "1", "cpu": "4", "memory": "32Gi"}
+    assert job["spec"]["completions"] == 8
