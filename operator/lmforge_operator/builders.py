@@ -735,8 +735,9 @@ def _resources(resource: Resource[Any, Any], stage: Stage | None = None) -> dict
     if gpus:
         # a MIG profile (resources.gpuResource) replaces nvidia.com/gpu: the pod asks for one or the other
         amounts[gpu_resource(resource, stage)] = str(gpus)
-    elif spec.gpu_resource is not None:
-        gpu_resource(resource, stage)  # refuses a GPU resource named with no GPU asked for
+    elif spec.gpu_resource is not None and resource.kind != "Corpus":
+        # a GPU resource named with no GPU asked for (a Corpus may name it for the stages that ask)
+        gpu_resource(resource, stage)
     # requests = limits: Guaranteed QoS when cpu and memory are given, and GPUs must be equal anyway
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 

@@ -292,6 +292,16 @@ def test_a_stage_may_ask_for_a_mig_device() -> None:
     assert MIG not in main_container(jobs["extract"])["resources"]["limits"]
     doc = corpus(stages={"tokenizer": {"resources": {"gpu": 2, "gpuResource": MIG}}})
     assert refusal(doc)[0] == "stages.tokenizer.resources.gpuResource"
+    # named Corpus-wide, used by the one stage asking for a GPU; the others ask for none and are fine
+    jobs = jobs_by_stage(
+        corpus(resources={"gpuResource": MIG}, stages={"tokenizer": {"resources": {"gpu": 1}}})
+    )
+    assert main_container(jobs["tokenizer"])["resources"]["limits"] == {MIG: "1"}
+    assert "resources" not in main_container(jobs["extract"])
+    doc = corpus(
+        resources={"gpuResource": "nvidia.com/mig-1g10gb"}, stages={"tokenizer": {"resources": {"gpu": 1}}}
+    )
+    assert refusal(doc)[0] == "resources.gpuResource"
 
 
 def test_gpu_resource_syntax_is_checked_by_the_model_and_the_crd() -> None:
