@@ -460,17 +460,14 @@ def test_operator_runs_a_sweep_on_kmock(cluster: Cluster) -> None:
         cluster.create(doc, ns)
         sweep = cluster.get("Sweep", "lr", ns)
         assert sweep is not None
-        names = cluster.wait(
-            lambda: sorted(o["metadata"]["name"] for o in cluster.list("PretrainRun", ns)) or None,
-            20,
-            "trials",
-        )
-        assert names == ["lr-t000", "lr-t001"]  # maxParallel
+        cluster.wait(lambda: len(cluster.list("PretrainRun", ns)) >= 2, 20, "two trials")
+        status = cluster.wait_phase("Sweep", "lr", "Running", ns)
+        assert [t["name"] for t in status["trials"]] == ["lr-t000", "lr-t001"]  # maxParallel
+        names = sorted(o["metadata"]["name"] for o in cluster.list("PretrainRun", ns))
+        assert names == ["lr-t000", "lr-t001"]
         child = cluster.get("PretrainRun", "lr-t000", ns)
         assert child is not None
         assert child["metadata"]["ownerReferences"][0]["uid"] == sweep["metadata"]["uid"]
-        status = cluster.wait_phase("Sweep", "lr", "Running", ns)
-        assert [t["name"] for t in status["trials"]] == ["lr-t000", "lr-t001"]
 
         # The trials run as any PretrainRun: their Jobs, played here, end with the objective.
         _finish_trial(cluster, ns, "lr-t000", losses["lr-t000"])
@@ -501,3 +498,35 @@ def test_operator_runs_a_sweep_on_kmock(cluster: Cluster) -> None:
         assert succeeded["status"] == "True" and "best lr-t001" in succeeded["message"]
         assert sorted(o["metadata"]["name"] for o in cluster.list("PretrainRun", ns)) == sorted(losses)
     assert_rbac(cluster)
+
+
+@pytest.mark.slow
+def test_a_restarted_operator_adopts_the_trials_and_creates_none_twice(cluster: Cluster) -> None:
+    ns = "sweep-restart"
+    doc = sweep_doc(maxTrials=3, maxParallel=2)
+    del doc["metadata"]["uid"]
+    doc["metadata"]["namespace"] = ns
+    since = len(cluster.calls)
+    with Operator(cluster, ns):
+        cluster.create(doc, ns)
+        status = cluster.wait(
+            lambda: len((s := cluster.status("Sweep", "lr", ns)).get("trials") or []) == 2 and s,
+            20,
+            "2 trials",
+        )
+        cluster.wait(lambda: len(cluster.list("PretrainRun", ns)) == 2, 20, "2 trial resources")
+    before = status["trials"]
+    with Operator(cluster, ns):  # a new operator: an empty memory, the same cluster
+        _finish_trial(cluster, ns, "lr-t000", 3.0)
+        cluster.wait(lambda: cluster.get("PretrainRun", "lr-t002", ns), 20, "the third trial")
+        after = cluster.wait_phase("Sweep", "lr", "Running", ns)["trials"]
+        assert [(t["name"], t["parameters"]) for t in after[:2]] == [
+            (t["name"], t["parameters"]) for t in before
+        ]
+        assert len({t["parameters"]["optimizer.lr"] for t in after}) == 3
+    created = [
+        c.name
+        for c in cluster.calls_since(since)
+        if c.method == "POST" and c.path.endswith(f"/namespaces/{ns}/pretrainruns") and c.status < 300
+    ]
+    assert sorted(created) == ["lr-t000", "lr-t001", "lr-t002"]  # each trial created once
