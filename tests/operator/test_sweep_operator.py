@@ -530,3 +530,36 @@ def test_a_restarted_operator_adopts_the_trials_and_creates_none_twice(cluster: 
         if c.method == "POST" and c.path.endswith(f"/namespaces/{ns}/pretrainruns") and c.status < 300
     ]
     assert sorted(created) == ["lr-t000", "lr-t001", "lr-t002"]  # each trial created once
+
+
+def test_a_trials_status_change_queues_its_sweep() -> None:
+    from lmforge_operator.controller.workqueue import WorkQueue
+
+    queue = WorkQueue()
+    doc = sweep_doc()
+    queue.observe(doc, "ADDED")
+    queue._lanes[0].clear()
+    queue._queued.clear()
+    fake = FakeCluster(doc)
+    fake.reconcile()
+    child = fake.children["lr-t000"]
+    queue.observe(child, "ADDED")
+    assert ("Sweep", NS, "lr") in queue.queued() and ("PretrainRun", NS, "lr-t000") in queue.queued()
+    queue._lanes[0].clear()
+    queue._queued.clear()
+    queue.observe(copy.deepcopy(child), "MODIFIED")  # nothing changed: nothing queued
+    assert queue.queued() == []
+    moved = copy.deepcopy(child)
+    moved["status"] = {"progress": {"step": 10}, "metrics": {"evalLoss": 4.0}}
+    queue.observe(moved, "MODIFIED")
+    assert queue.queued() == [("Sweep", NS, "lr")]  # the trial's own reconcile waits for the resync
+    queue._lanes[0].clear()
+    queue._queued.clear()
+    queue.observe(moved, "DELETED")
+    assert queue.queued() == [("Sweep", NS, "lr")]
+    # a resource without an lmforge owner queues nobody else
+    alone = {**copy.deepcopy(child), "metadata": {"name": "solo", "namespace": NS}}
+    queue._lanes[0].clear()
+    queue._queued.clear()
+    queue.observe(alone, "ADDED")
+    assert queue.queued() == [("PretrainRun", NS, "solo")]
