@@ -173,9 +173,8 @@ def _register(kind: str, plural: str) -> None:
             controller.observe(raw, event.get("type"))
 
 
-for _kind in KINDS.values():
-    if _kind.job:  # a Sweep's trials are not reconciled on a cluster yet: only `lmforge run` runs them
-        _register(_kind.name, _kind.plural)
+for _kind in KINDS.values():  # a Sweep's trials are resources of these kinds: their events wake the Sweep
+    _register(_kind.name, _kind.plural)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="observe-jobs")

@@ -18,8 +18,10 @@ from typing import Any
 
 from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.spec import API_GROUP
+from lmforge_jobs.sweep.config import TEMPLATE_KINDS
 
 PLURALS = tuple(kind.plural for kind in KINDS.values())
+TRIAL_PLURALS = tuple(KINDS[kind].plural for kind in TEMPLATE_KINDS)
 
 READ = ["get", "list", "watch"]
 
@@ -33,6 +35,10 @@ RULES: list[dict[str, Any]] = [
     # waits for its Jobs). Setting that flag needs `update` on the owner's finalizers subresource when the
     # API server runs the OwnerReferencesPermissionEnforcement admission plugin; nothing else uses it.
     {"apiGroups": [API_GROUP], "resources": [f"{p}/finalizers" for p in PLURALS], "verbs": ["update"]},
+    # A Sweep's trials: PretrainRuns or AlignmentRuns created if absent under deterministic names (owned by
+    # the Sweep, so the garbage collector deletes them with it); a pruned trial's is deleted. Read from the
+    # watch above, never patched.
+    {"apiGroups": [API_GROUP], "resources": list(TRIAL_PLURALS), "verbs": ["create", "delete"]},
     # Children are created if absent under deterministic names. On 409 the existing child is read by name
     # and kept only if its controller ownerReference has this resource's uid; a child of an earlier
     # resource of the same name is deleted first, never adopted. Jobs are also watched; the Jobs and spec
@@ -99,4 +105,4 @@ def verb_for(method: str, *, named: bool, watch: bool = False) -> str:
     return {"POST": "create", "PUT": "update", "PATCH": "patch"}[method]
 
 
-__all__ = ["LEADER_RULES", "PLURALS", "RULES", "allows", "verb_for"]
+__all__ = ["LEADER_RULES", "PLURALS", "RULES", "TRIAL_PLURALS", "allows", "verb_for"]

@@ -28,7 +28,12 @@ EXTRAS: dict[str, list[str]] = PYPROJECT["project"]["optional-dependencies"]
 BASE = {"yaml": "pyyaml", "pydantic": "pydantic", "pydantic_core": "pydantic"}
 
 IMPORTS: dict[str, dict[str, str]] = {
-    "operator": {"kopf": "kopf", "aiohttp": "aiohttp", "prometheus_client": "prometheus-client"},
+    "operator": {
+        "kopf": "kopf",
+        "aiohttp": "aiohttp",
+        "prometheus_client": "prometheus-client",
+        "optuna": "optuna",  # a Sweep's study (controller/sweeps.py, through lmforge_jobs.sweep.search)
+    },
     "run": {"rich": "rich", "matplotlib": "matplotlib", "torchx": "torchx-nightly"},
     "data": {
         "datatrove": "datatrove",

@@ -7,8 +7,8 @@ Used by tests/operator/ and bench/operator.py::
         cluster.wait(lambda: cluster.jobs())      # poll with a deadline
         cluster.finish_job("ns", "job-name")      # play the Job controller: PATCH .../status
 
-kmock's gaps, handled here: it assigns no uid/resourceVersion/generation (``create`` adds a uid and
-generation 1), replays existing objects as ADDED when a watch connects, ignores label selectors (the
+kmock's gaps, handled here: it assigns no uid/resourceVersion/generation (every POST gets a uid and
+generation 1 here, as the API server would give), replays existing objects as ADDED when a watch connects, ignores label selectors (the
 operator filters again), has no garbage collector and no Job controller (``start_job``/``finish_job``
 patch a Job's status the way the Job controller would, ``fail_job_by_policy`` the way it does when a
 podFailurePolicy rule matches, and ``add_pod`` creates its pods, with any ``pod_status`` the kubelet could
@@ -44,6 +44,7 @@ RESOURCES = {
     "lmforge.io/v1alpha1/pretrainruns": ("PretrainRun", {"status"}),
     "lmforge.io/v1alpha1/alignmentruns": ("AlignmentRun", {"status"}),
     "lmforge.io/v1alpha1/evaluations": ("Evaluation", {"status"}),
+    "lmforge.io/v1alpha1/sweeps": ("Sweep", {"status"}),
     "batch/v1/jobs": ("Job", {"status"}),
     "v1/configmaps": ("ConfigMap", set()),
     "v1/services": ("Service", set()),
@@ -109,6 +110,12 @@ class RecordingEmulator(kmock.KubernetesEmulator):
         # in flight (no reaction here counts requests); the full record is self.calls.
         self.inflight.append(request)
         self._requests[:] = self.inflight
+        if str(request.method.value).upper() == "POST" and isinstance(request.data, dict):
+            # what the API server assigns to every new object (the operator's children need a uid to own
+            # theirs: a Sweep's trials own their Jobs)
+            meta = request.data.setdefault("metadata", {})
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("generation", 1)
         try:
             refused = self._refusal(request)
             response = refused if refused is not None else await super()._handle(request)

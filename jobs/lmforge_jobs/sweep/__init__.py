@@ -4,6 +4,6 @@
   template;
 * :mod:`.search` asks Optuna for trials and tells it their results (samplers, pruners, restart-safe storage).
 
-A Sweep has no job of its own: ``lmforge run`` (and, later, the operator) runs its trials as child
-resources named ``<sweep>-t<NNN>``.
+A Sweep has no job of its own: ``lmforge run`` and the operator (``controller/sweeps.py``) run its
+trials as child resources named ``<sweep>-t<NNN>``.
 """

@@ -19,6 +19,9 @@ TEMPLATE_KINDS = ("PretrainRun", "AlignmentRun")
 
 TRIAL_SUFFIX_LENGTH = len("-t000")
 MAX_TRIALS = 1000
+MAX_INTERMEDIATE = 64
+"""Intermediate values kept per trial in a Sweep's status (the operator reports at most one per twentieth
+of a trial's steps)."""
 
 JsonObject = Annotated[
     dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})
@@ -444,6 +447,9 @@ class TrialStatus(Spec):
     """Last step whose objective was reported."""
     pruned: bool = False
     """Stopped early by the pruner."""
+    intermediate: Annotated[dict[str, float], Field(max_length=MAX_INTERMEDIATE)] | None = None
+    """Intermediate objective by step, as the pruner saw it (on a cluster: the study is rebuilt from
+    this table on every reconcile)."""
 
 
 class BestTrial(Spec):

@@ -54,13 +54,16 @@ class _GridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+def _sampler(spec: SweepSpec, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded with spec.seed (``seed``: another seed, for the operator's per-trial
+    samplers, see :meth:`Search.reseed`)."""
+    seed = spec.seed if seed is None else seed
     if spec.algorithm == Algorithm.grid:
         space = {p.path: p.grid() for p in spec.parameters}
-        return _GridSampler(space, seed=spec.seed)
+        return _GridSampler(space, seed=seed)
     if spec.algorithm == Algorithm.random:
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, max(1, spec.max_trials // 3)))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, spec.max_trials // 3)))
 
 
 def _pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
@@ -89,15 +92,47 @@ def _suggest(trial: optuna.Trial, parameter: Parameter) -> Any:
     return trial.suggest_float(name, parameter.range.min, parameter.range.max, step=parameter.range.step)
 
 
-class Search:
-    """One sweep's Optuna study, kept in ``<run_dir>/optuna.journal``."""
+def distribution(parameter: Parameter) -> optuna.distributions.BaseDistribution:
+    """The distribution :func:`_suggest` asks Optuna for (a trial rebuilt from a status table needs it)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    def __init__(self, name: str, spec: SweepSpec, run_dir: Path):
+    if parameter.values is not None:
+        return CategoricalDistribution(list(parameter.values))
+    if parameter.integer is not None:
+        r = parameter.integer
+        return IntDistribution(r.min, r.max, step=r.step)
+    if parameter.log_uniform is not None:
+        return FloatDistribution(parameter.log_uniform.min, parameter.log_uniform.max, log=True)
+    assert parameter.range is not None
+    return FloatDistribution(parameter.range.min, parameter.range.max, step=parameter.range.step)
+
+
+def trials_total(spec: SweepSpec) -> int:
+    """Trials the sweep runs: maxTrials, or fewer for a smaller grid."""
+    if spec.algorithm == Algorithm.grid:
+        return min(spec.max_trials, math.prod(len(p.grid()) for p in spec.parameters))
+    return spec.max_trials
+
+
+_PHASE_STATES = {
+    TrialPhase.succeeded.value: TrialState.COMPLETE,
+    TrialPhase.pruned.value: TrialState.PRUNED,
+    TrialPhase.failed.value: TrialState.FAIL,
+}
+
+
+class Search:
+    """One sweep's Optuna study, kept in ``<run_dir>/optuna.journal`` (``lmforge run``), or in memory
+    (``run_dir`` None: the operator, which rebuilds it from the Sweep's status with :meth:`restore`)."""
+
+    def __init__(self, name: str, spec: SweepSpec, run_dir: Path | None = None):
         self.name = name
         self.spec = spec
-        run_dir.mkdir(parents=True, exist_ok=True)
-        journal = run_dir / STUDY_FILE.format(digest=spec_hash(spec.to_yaml_dict()))
-        storage = JournalStorage(JournalFileBackend(str(journal)))
+        storage: Any = None  # Optuna's in-memory storage
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            journal = run_dir / STUDY_FILE.format(digest=spec_hash(spec.to_yaml_dict()))
+            storage = JournalStorage(JournalFileBackend(str(journal)))
         self.study = optuna.create_study(
             study_name=name,
             storage=storage,
@@ -106,9 +141,52 @@ class Search:
             direction="minimize" if spec.objective.direction == Direction.minimize else "maximize",
             load_if_exists=True,
         )
-        self.total = spec.max_trials
-        if spec.algorithm == Algorithm.grid:
-            self.total = min(spec.max_trials, math.prod(len(p.grid()) for p in spec.parameters))
+        self.total = trials_total(spec)
+
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Add the trials of a status table (:meth:`status` with ``intermediate``) to an empty study, in
+        order: each is added running with its parameters, its intermediate values are reported again
+        through the pruner (which rebuilds what a pruner keeps of its own, such as ASHA's rungs), and a
+        finished one is told its end. The study then proposes what it would have proposed had it seen
+        those trials itself."""
+        dists = {p.path: distribution(p) for p in self.spec.parameters}
+        for row in sorted(rows, key=lambda r: int(r["number"])):
+            number = int(row["number"])
+            if number != len(self._trials()):
+                raise ValueError(f"status.trials: trial {number} follows trial {len(self._trials()) - 1}")
+            params = {k: v for k, v in (row.get("parameters") or {}).items() if k in dists}
+            self.study.add_trial(
+                optuna.trial.create_trial(
+                    params=params,
+                    distributions={k: dists[k] for k in params},
+                    state=TrialState.RUNNING,
+                )
+            )
+            for step, value in sorted((int(k), float(v)) for k, v in (row.get("intermediate") or {}).items()):
+                live = self._live(number)
+                live.report(value, step)
+                live.should_prune()
+            state = _PHASE_STATES.get(str(row.get("phase")))
+            objective = row.get("objective")
+            if state is None:
+                continue  # still running
+            if (
+                state == TrialState.COMPLETE
+                and isinstance(objective, int | float)
+                and math.isfinite(objective)
+            ):
+                self.study.tell(number, float(objective))
+            else:
+                self.study.tell(
+                    number, state=TrialState.PRUNED if state == TrialState.PRUNED else TrialState.FAIL
+                )
+
+    def reseed(self, seed: int) -> None:
+        """A new sampler seeded with ``seed``. The operator rebuilds the study on every reconcile and asks
+        for trial n with a sampler seeded from (spec.seed, n): a restarted operator, or a reconcile run
+        again, proposes the same trial n, and trials after the first are not proposed by a sampler that
+        has forgotten it ever proposed one (a fresh RandomSampler's first draw)."""
+        self.study.sampler = _sampler(self.spec, seed=seed)
 
     def _trials(self) -> list[optuna.trial.FrozenTrial]:
         return self.study.get_trials(deepcopy=False)
@@ -156,9 +234,12 @@ class Search:
     def finished(self) -> bool:
         return len(self._trials()) >= self.total and not self.unfinished()
 
-    def status(self, outputs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    def status(
+        self, outputs: dict[str, dict[str, Any]] | None = None, *, intermediate: bool = False
+    ) -> dict[str, Any]:
         """The sweep's status (camelCase): the trial table, counts and the best trial with its outputs
-        (``outputs``: each trial's status.outputs, by name)."""
+        (``outputs``: each trial's status.outputs, by name); with ``intermediate``, each trial's
+        intermediate values by step (what :meth:`restore` needs)."""
         phases = {
             TrialState.RUNNING: TrialPhase.running,
             TrialState.WAITING: TrialPhase.running,
@@ -180,6 +261,8 @@ class Search:
             elif t.intermediate_values:
                 last = max(t.intermediate_values)
                 row["objective"], row["step"] = t.intermediate_values[last], last
+            if intermediate and t.intermediate_values:
+                row["intermediate"] = {str(k): v for k, v in sorted(t.intermediate_values.items())}
             rows.append(row)
         status: dict[str, Any] = {
             "trials": rows,
@@ -201,4 +284,4 @@ class Search:
         return status
 
 
-__all__ = ["STUDY_FILE", "Search", "Trial"]
+__all__ = ["STUDY_FILE", "Search", "Trial", "distribution", "trials_total"]

@@ -9,6 +9,7 @@
    (409 is fine);
 3. otherwise mirror the Job's state into the status (mirror.py); a Corpus advances stage by stage
    (corpus_stages.py); an Evaluation with ``checkpoints: every`` runs one Job per round (eval_rounds.py);
+   a Sweep has no Job: its trials are child PretrainRuns or AlignmentRuns (sweeps.py);
 4. patch ``status`` (validated by the kind's status model) only when it changed, post a Kubernetes Event on
    every transition (events.py), and wake the resources that depend on this one.
 
@@ -43,6 +44,7 @@ from lmforge_operator.controller.eval_rounds import reconcile_rounds
 from lmforge_operator.controller.events import post_event, post_note
 from lmforge_operator.controller.mirror import mirror_job, verdict_kept
 from lmforge_operator.controller.outcomes import Failed, Invalid, Outcome, Pending, Waiting
+from lmforge_operator.controller.sweeps import reconcile_sweep
 from lmforge_operator.controller.workqueue import Key, WorkQueue
 from lmforge_operator.kube import ApiError, kind_key
 
@@ -162,6 +164,8 @@ class Controller(WorkQueue):
         from lmforge_operator import builders
 
         owner = builders.owner_reference(body)
+        if kind == "Sweep":
+            return await reconcile_sweep(self, key, resource, status, owner)
         output = resource.spec.output or default_output(kind, name, self.config.storage, ns)
         if kind == "Corpus":
             return await reconcile_corpus(self, key, resource, status, owner)

@@ -1,6 +1,6 @@
 """The cache and the work queue: watch events in, keys out to the workers, a periodic resync.
 
-kopf feeds watch events of the four kinds and of the operator's Jobs into :meth:`WorkQueue.observe` and
+kopf feeds watch events of the lmforge kinds and of the operator's Jobs into :meth:`WorkQueue.observe` and
 :meth:`WorkQueue.observe_job`; those only update an in-memory cache and put the resource's key on the
 queue (a key is queued at most once; a key re-queued while it is being reconciled runs again afterwards).
 Workers take keys off the queue and reconcile them; a failed reconcile is retried with backoff.
@@ -123,7 +123,7 @@ class WorkQueue:
 
     # ------------------------------------------------------------------------------- watch events
     def observe(self, body: dict[str, Any], event_type: str | None) -> None:
-        """A watch event of one of the four kinds."""
+        """A watch event of one of the lmforge kinds."""
         meta = body.get("metadata") or {}
         key = (str(body.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name")))
         if event_type == "DELETED":
@@ -131,11 +131,24 @@ class WorkQueue:
             if self.metrics is not None:
                 self.metrics.phase(*key, None)
             self._wake_dependents(key)
+            self._wake_owner(body)
             return
         prev = self.cache.get(key)
         self.cache[key] = body
         if prev is None or self._significant(prev, body):
             self.enqueue(key)
+        if prev is None or prev.get("status") != body.get("status"):
+            self._wake_owner(body)
+
+    def _wake_owner(self, body: dict[str, Any]) -> None:
+        """Reconcile the lmforge resource that controls ``body`` (a Sweep, of its trial): a trial's
+        progress, metrics and end are what the Sweep reads."""
+        meta = body.get("metadata") or {}
+        for ref in meta.get("ownerReferences") or []:
+            if ref.get("controller") and str(ref.get("apiVersion", "")).startswith("lmforge.io/"):
+                owner = (str(ref.get("kind")), str(meta.get("namespace") or ""), str(ref.get("name")))
+                if owner in self.cache:
+                    self.enqueue(owner)
 
     @staticmethod
     def _significant(prev: dict[str, Any], new: dict[str, Any]) -> bool:
