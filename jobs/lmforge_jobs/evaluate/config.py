@@ -335,6 +335,13 @@ class EvaluationOutputs(Spec):
     """results.json."""
 
 
+class HumanArenaStatus(Spec):
+    """The voting page the operator runs for arena.human."""
+
+    service: Name
+    """Its Service (port 80), the backend for an Ingress or Gateway; or kubectl port-forward svc/SERVICE 8080:80."""
+
+
 class EvaluationStatus(StatusBase):
     """Observed state of an Evaluation."""
 
@@ -344,3 +351,5 @@ class EvaluationStatus(StatusBase):
     """Results per evaluated checkpoint (checkpoints: every)."""
     outputs: EvaluationOutputs | None = None
     """Results files."""
+    human_arena: HumanArenaStatus | None = None
+    """The voting page of arena.human, while the operator runs it."""
