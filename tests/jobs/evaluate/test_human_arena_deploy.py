@@ -138,3 +138,25 @@ def test_the_module_runs_as_an_entry_point() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "LMFORGE_ARENA_RESULTS" in done.stdout
+
+
+def test_the_arena_example_compares_the_quickstarts_models() -> None:
+    """``examples/arena`` (what ./quickstart suggests next) is valid, judges the quickstart's three models,
+    and reads its judge from where the quickstart's default work directory puts tiny-sft."""
+    from repo import ROOT
+
+    from lmforge_jobs.manifest import load_resources
+    from lmforge_jobs.resolve import default_output, dependencies
+
+    resources, problems = load_resources([ROOT / "examples" / "quickstart", ROOT / "examples" / "arena"])
+    assert not problems
+    (arena_eval,) = [r for r in resources if r.name == "tiny-arena"]
+    names = {r.name for r in resources}
+    refs = {ref for _, ref, _ in dependencies(arena_eval)}
+    assert refs == {("AlignmentRun", "tiny-dpo"), ("PretrainRun", "tiny-gpt"), ("AlignmentRun", "tiny-sft")}
+    assert {name for _, name in refs} <= names
+    judge = arena_eval.spec.judge.model.path
+    assert judge == default_output("AlignmentRun", "tiny-sft", "lmforge-runs") + "/model"
+    script = (ROOT / "quickstart").read_text(encoding="utf-8")
+    assert "lmforge run examples/arena" in script
+    assert "lmforge arena serve --results $workdir/evaluation/tiny-arena" in script
