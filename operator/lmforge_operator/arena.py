@@ -94,9 +94,12 @@ def build_deployment(
     image: str,
     results: str,
     storage: Any = None,
+    template_defaults: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The apps/v1 Deployment of the voting page over ``results`` (the Evaluation's output directory).
-    ``storage`` is the operator's default storage section (used when the spec has none), as for the Jobs."""
+    ``storage`` is the operator's default storage section (used when the spec has none), as for the Jobs.
+    Of the pod templates (``template_defaults``, the operator's for Evaluations, then ``spec.template``)
+    only ``imagePullSecrets`` apply, to pull the same image: their placement is the GPU Jobs', not the page's."""
     page = human(resource)
     if page is None:
         raise ValueError(f"{resource.kind}/{resource.name} has no enabled spec.arena.human")
@@ -152,6 +155,10 @@ def build_deployment(
     }
     if object_storage.env_from:
         container["envFrom"] = object_storage.env_from
+    pull_secrets: dict[str, dict[str, Any]] = {}
+    for template in (template_defaults, builders.spec_template(resource)):
+        for ref in ((template or {}).get("spec") or {}).get("imagePullSecrets") or []:
+            pull_secrets[ref["name"]] = {"name": ref["name"]}
     labels = pod_labels(resource)
     spec: dict[str, Any] = {
         "replicas": 1,
@@ -169,6 +176,8 @@ def build_deployment(
             },
         },
     }
+    if pull_secrets:
+        spec["template"]["spec"]["imagePullSecrets"] = list(pull_secrets.values())
     meta = _metadata(resource, owner)
     meta["annotations"][ANNOTATION_DIGEST] = _digest(spec)
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}

@@ -161,6 +161,20 @@ def test_results_on_a_claim_are_mounted_read_only_and_object_storage_settings_ca
     assert_valid(deployment)
 
 
+def test_only_image_pull_secrets_come_from_the_pod_templates() -> None:
+    spec = copy.deepcopy(EVAL)
+    spec["template"] = {
+        "spec": {"imagePullSecrets": [{"name": "team"}], "nodeSelector": {"gpu": "h100"}},
+    }
+    defaults = {"spec": {"imagePullSecrets": [{"name": "registry"}], "tolerations": [{"key": "gpu"}]}}
+    deployment, _ = built(spec, template_defaults=defaults)
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "registry"}, {"name": "team"}]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert_valid(deployment)
+    assert "imagePullSecrets" not in built()[0]["spec"]["template"]["spec"]
+
+
 def test_the_digest_follows_the_spec() -> None:
     first, service = built()
     again, service_again = built()

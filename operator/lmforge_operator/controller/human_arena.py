@@ -138,7 +138,14 @@ async def _apply(
     owner = builders.owner_reference(body)
     image = getattr(resource.spec, "image", None) or ctl.config.image
     wanted = [
-        arena.build_deployment(resource, owner, image=image, results=output, storage=ctl.storage),
+        arena.build_deployment(
+            resource,
+            owner,
+            image=image,
+            results=output,
+            storage=ctl.storage,
+            template_defaults=ctl.template_defaults.get("Evaluation"),
+        ),
         arena.build_service(resource, owner),
     ]
     for obj in wanted:
