@@ -15,7 +15,8 @@ not a batch job, so it runs as a one-replica **Deployment** ``<name>-arena`` beh
 
 Restricted Pod Security like the Jobs (non-root 10001, no privilege escalation, no capabilities,
 RuntimeDefault seccomp, no service account token) plus a read-only root filesystem with an emptyDir ``/tmp``.
-Startup, readiness and liveness probes GET ``/healthz`` (``ok`` when the database answers). The strategy is
+Startup and readiness probes GET ``/healthz`` (``ok`` when the database answers), the liveness probe
+``/livez`` (``ok`` while the process serves: a database outage makes the page unready, never restarts it). The strategy is
 Recreate: a SQLite file has one writer, and a ReadWriteOnce claim one node.
 
 The pods' labels are not the Evaluation's Job selector (no ``lmforge.io/kind``): the Evaluation's headless
@@ -39,7 +40,8 @@ CONTAINER = "arena"
 COMPONENT = "arena"
 VOTES_DIR = "/var/lib/lmforge-arena"
 VOTES_FILE = "human-votes.sqlite"
-HEALTH_PATH = "/healthz"
+HEALTH_PATH = "/healthz"  # ok when the database answers: startup and readiness
+LIVE_PATH = "/livez"  # ok when the process answers: liveness (a database outage must not restart the page)
 LEADERBOARD_PATH = "/leaderboard.json"
 LABEL_ARENA = "lmforge.io/arena"
 ANNOTATION_DIGEST = "lmforge.io/arena-digest"
@@ -129,9 +131,9 @@ def build_deployment(
             volumes.append({"name": "votes", "emptyDir": {}})
         mounts.append({"name": "votes", "mountPath": VOTES_DIR})
 
-    def probe(period: int, failures: int) -> dict[str, Any]:
+    def probe(period: int, failures: int, path: str = HEALTH_PATH) -> dict[str, Any]:
         return {
-            "httpGet": {"path": HEALTH_PATH, "port": PORT_NAME},
+            "httpGet": {"path": path, "port": PORT_NAME},
             "periodSeconds": period,
             "timeoutSeconds": 5,
             "failureThreshold": failures,
@@ -148,7 +150,7 @@ def build_deployment(
         # reading the transcripts (object storage) comes before the server listens: up to 5 minutes
         "startupProbe": probe(5, 60),
         "readinessProbe": probe(10, 3),
-        "livenessProbe": probe(20, 3),
+        "livenessProbe": probe(20, 3, LIVE_PATH),
         "resources": json.loads(json.dumps(RESOURCES)),
         "volumeMounts": [*mounts, *pvc_mounts, *object_storage.mounts],
         "securityContext": container_security,

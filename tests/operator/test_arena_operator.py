@@ -105,8 +105,9 @@ def test_the_objects_are_valid_restricted_and_owned_by_the_evaluation(fields: di
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes[mounts["/tmp"]] == {"name": "tmp", "emptyDir": {}}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     assert c["command"] == ["python", "-m", "lmforge_jobs.evaluate.human"]
     assert OUTPUT not in c["args"]  # spec strings travel in the environment, never in arguments

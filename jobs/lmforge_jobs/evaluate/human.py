@@ -732,6 +732,10 @@ def create_app(arena_state: Arena) -> ASGIApp:
         await run_in_threadpool(state.store.ping)
         return PlainTextResponse("ok")
 
+    async def livez(request: Request) -> Response:
+        # the process answers: a liveness probe must not restart the page because its database is down
+        return PlainTextResponse("ok")
+
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
         detail = getattr(exc, "detail", "") or "error"
@@ -750,6 +754,7 @@ def create_app(arena_state: Arena) -> ASGIApp:
             Route("/leaderboard.json", ratings_json, methods=["GET"]),
             Route("/static/arena.css", css, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/livez", livez, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, 500: server_error},
     )

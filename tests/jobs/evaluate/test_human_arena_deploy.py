@@ -1,6 +1,6 @@
 """The voting page as the operator runs it: ``python -m lmforge_jobs.evaluate.human`` with the results and
 the database from the environment (a Secret as an env var or a mounted file), PostgreSQL URLs pointed at
-psycopg 3, SQLite still the default, and ``/healthz`` for the probes."""
+psycopg 3, SQLite still the default, ``/healthz`` (the database answers) and ``/livez`` for the probes."""
 
 from __future__ import annotations
 
@@ -98,8 +98,9 @@ def test_main_serves_the_results_the_env_names_with_sqlite_on_a_volume(
     assert (served["host"], served["port"]) == ("0.0.0.0", 8080)
     assert (volume / human.DB_FILE).exists()
     client = TestClient(served["app"])
-    health = client.get("/healthz")
-    assert (health.status_code, health.text) == (200, "ok")
+    for probe in ("/healthz", "/livez"):
+        health = client.get(probe)
+        assert (health.status_code, health.text) == (200, "ok")
     board = client.get("/leaderboard.json").json()
     assert {m["name"] for m in board["models"]} == {"sft", "base"}
     assert board["votes"] == 0
@@ -112,12 +113,13 @@ def test_healthz_fails_when_the_database_does_not_answer(results: Path) -> None:
         raise sa.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
 
     state.store.ping = down  # type: ignore[method-assign]
-    response = TestClient(create_app := human.create_app(state), raise_server_exceptions=False).get(
-        "/healthz"
-    )
-    assert create_app is not None
+    client = TestClient(human.create_app(state), raise_server_exceptions=False)
+    response = client.get("/healthz")
     assert response.status_code == 500
     assert "connection refused" not in response.text  # no details for users
+    # liveness does not depend on the database: an outage makes the page unready, never restarts it
+    live = client.get("/livez")
+    assert (live.status_code, live.text) == (200, "ok")
 
 
 def test_main_refuses_missing_results_with_exit_64(
