@@ -66,7 +66,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # torch comes from the base image (it satisfies the train extra's torch>=2.6, so pip keeps it).
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    pip install "$(ls /wheels/lmforge-*.whl)[data,train,align,eval,gcs]" \
+    pip install "$(ls /wheels/lmforge-*.whl)[data,train,align,eval,arena,gcs]" \
  && groupadd --gid 10001 lmforge \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/lmforge --shell /bin/bash lmforge \
  && mkdir -p /workspace \
@@ -74,8 +74,9 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
 
 WORKDIR /workspace
 USER 10001:10001
-# Prometheus endpoint of the job (the pod's container port "metrics"); torchrun's rendezvous uses 29400.
-EXPOSE 9400 29400
+# Prometheus endpoint of the job (the pod's container port "metrics"); torchrun's rendezvous uses 29400;
+# the arena voting page (python -m lmforge_jobs.evaluate.human, arena extra) serves on 8080.
+EXPOSE 9400 29400 8080
 # Arguments are a module and its options; the operator's Jobs set the full command instead
 # (python -m lmforge_jobs.data --manifest /etc/lmforge/spec.yaml --stage NAME, or torchrun ... -m ...).
 ENTRYPOINT ["python", "-m"]

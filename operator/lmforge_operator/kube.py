@@ -27,6 +27,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "Job": ("batch/v1", "jobs"),
     "ConfigMap": ("v1", "configmaps"),
     "Service": ("v1", "services"),
+    "Deployment": ("apps/v1", "deployments"),  # an Evaluation's voting page (arena.human)
     "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "Lease": ("coordination.k8s.io/v1", "leases"),
     "Pod": ("v1", "pods"),

@@ -46,7 +46,12 @@ RULES: list[dict[str, Any]] = [
     # away through ownerReferences (the garbage collector deletes it).
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": [*READ, "create", "delete"]},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create", "delete"]},
+    # Services: the headless one of a torchrun resource, and the ClusterIP one of an Evaluation's voting
+    # page (arena.human), patched when its spec changes, deleted when the page is turned off.
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create", "patch", "delete"]},
+    # The voting page's Deployment (arena.human): created once the Evaluation succeeded, patched when its
+    # spec changes, deleted when the page is turned off (else it goes with the Evaluation).
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "create", "patch", "delete"]},
     # The NetworkPolicy isolating a training resource's pods (created before its Job; off with
     # $LMFORGE_NETWORK_POLICY=false, the chart's networkPolicy.perRun).
     {

@@ -48,6 +48,7 @@ RESOURCES = {
     "batch/v1/jobs": ("Job", {"status"}),
     "v1/configmaps": ("ConfigMap", set()),
     "v1/services": ("Service", set()),
+    "apps/v1/deployments": ("Deployment", set()),
     "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", set()),
     "coordination.k8s.io/v1/leases": ("Lease", set()),
     "v1/pods": ("Pod", {"status"}),

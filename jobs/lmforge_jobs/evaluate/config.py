@@ -18,12 +18,14 @@ from lmforge_jobs.spec import (
     HubId,
     Image,
     ModelRef,
+    Name,
     NodeParallelism,
     PodTemplate,
     Precision,
     ResourceRef,
     Resources,
     Scheduling,
+    SecretKeyRef,
     SecretRef,
     ShortStr,
     Spec,
@@ -149,11 +151,36 @@ class Judge(Spec):
     """Tokens the judge may generate for its verdict ([[A]], [[B]] or [[C]])."""
 
 
+class ArenaStorage(Spec):
+    """Where the voting page keeps its SQLite votes when no database is given."""
+
+    claim_name: Name
+    """PersistentVolumeClaim (ReadWriteOnce is enough: one replica) holding human-votes.sqlite."""
+
+
+class HumanArena(Spec):
+    """A voting page for people on the judged answer pairs (``lmforge arena serve``), run by the operator as a
+    Deployment and Service once the Evaluation has succeeded; its ratings are mirrored into status.results.human.
+    Expose it through an Ingress or Gateway with the cluster's own authentication: the page has no passwords."""
+
+    enabled: bool = True
+    """Run the page; false removes the Deployment and Service (the votes stay in the database)."""
+    database: SecretKeyRef | None = None
+    """Secret key holding the SQLAlchemy URL of the votes (postgresql+psycopg://user:password@host/db); unset:
+    SQLite on storage.claimName, else on an emptyDir that loses the votes when the pod moves."""
+    storage: ArenaStorage | None = None
+    """PersistentVolumeClaim for the SQLite votes (when no database is given)."""
+    rate_limit: Annotated[int, Field(ge=1, le=10000)] = 30
+    """Votes per voter per minute (per replica)."""
+
+
 class Arena(Spec):
     """Bradley–Terry ratings of the model and opponents from pairwise judgments (uses judge's judge and prompts)."""
 
     opponents: Annotated[list[ModelRef], Field(min_length=1, max_length=32)]
     """Further models rated with the evaluated model (and judge.reference)."""
+    human: HumanArena | None = None
+    """A voting page for people on the same answer pairs, run on the cluster by the operator."""
 
 
 class EvaluationSpec(Spec):
@@ -265,6 +292,17 @@ class Rating(Spec):
     """95 % bootstrap interval."""
 
 
+class HumanResults(Spec):
+    """Ratings from people's votes on the arena's voting page (mirrored from it by the operator)."""
+
+    votes: Annotated[int, Field(ge=0)] = 0
+    """Votes cast."""
+    ratings: Annotated[dict[ShortStr, Rating], Field(max_length=64)] = {}
+    """Bradley–Terry ratings per model from the votes."""
+    agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Share of the votes on judged pairs where the judge picked what the person picked."""
+
+
 class Results(Spec):
     """Evaluation results (also written to results.json)."""
 
@@ -282,6 +320,8 @@ class Results(Spec):
     """Judge win rate."""
     arena: Annotated[dict[ShortStr, Rating], Field(max_length=64)] = {}
     """Ratings per model."""
+    human: HumanResults | None = None
+    """Ratings from people's votes (arena.human)."""
     checkpoint: ShortStr | None = None
     """Checkpoint these results are for (checkpoints: every)."""
     step: Annotated[int, Field(ge=0)] | None = None
@@ -295,6 +335,13 @@ class EvaluationOutputs(Spec):
     """results.json."""
 
 
+class HumanArenaStatus(Spec):
+    """The voting page the operator runs for arena.human."""
+
+    service: Name
+    """Its Service (port 80), the backend for an Ingress or Gateway; or kubectl port-forward svc/SERVICE 8080:80."""
+
+
 class EvaluationStatus(StatusBase):
     """Observed state of an Evaluation."""
 
@@ -304,3 +351,5 @@ class EvaluationStatus(StatusBase):
     """Results per evaluated checkpoint (checkpoints: every)."""
     outputs: EvaluationOutputs | None = None
     """Results files."""
+    human_arena: HumanArenaStatus | None = None
+    """The voting page of arena.human, while the operator runs it."""

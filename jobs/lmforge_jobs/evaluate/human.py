@@ -2,6 +2,11 @@
 
     lmforge arena serve --results OUT [--db URL] [--host 127.0.0.1] [--port 8000]
     lmforge arena export --results OUT [--db URL] [--out votes.jsonl]
+    python -m lmforge_jobs.evaluate.human [--results OUT] [--host H] [--port P]   # the jobs image's entry
+
+The module entry point is what the operator runs in the jobs image for an Evaluation's ``arena.human``: the
+results URI comes from ``$LMFORGE_ARENA_RESULTS`` and the database URL from ``$LMFORGE_ARENA_DB`` (a
+``secretKeyRef``) or the file ``$LMFORGE_ARENA_DB_FILE`` names (a mounted Secret), never from arguments.
 
 **Items** are the pairs the LLM judge saw: every line of ``OUT/judgments*.jsonl`` (an Evaluation's
 transcripts, :mod:`.judge`) is one item — a prompt, two models and their answers, and the judge's outcome.
@@ -19,8 +24,9 @@ vote counts, and per model pair the human–judge agreement rate: of the votes o
 the share where the judge's outcome (win, loss or tie, from :mod:`.judge`) equals the person's. "Both bad"
 counts as a tie, for the ratings and for agreement (as Chatbot Arena does).
 
-**Votes** go through SQLAlchemy to ``--db``, else ``$LMFORGE_ARENA_DB`` (on a cluster: a PostgreSQL URL
-such as ``postgresql+psycopg://user:pass@host/db`` from a Secret, with ``psycopg`` in the image), else a
+**Votes** go through SQLAlchemy to ``--db``, else ``$LMFORGE_ARENA_DB`` or the file named by
+``$LMFORGE_ARENA_DB_FILE`` (on a cluster: a PostgreSQL URL such as ``postgresql+psycopg://user:pass@host/db``
+from a Secret; ``postgres://`` and ``postgresql://`` mean psycopg 3, the arena extra's driver), else a
 SQLite file beside the results (``OUT/human-votes.sqlite``). One row per vote: voter, item, prompt, the
 two models as shown (A left, B right), choice, time; ``UNIQUE(voter, item)`` refuses a second vote of the
 same voter on the same item, whichever replica receives it.
@@ -43,6 +49,7 @@ import json
 import os
 import random
 import secrets
+import sys
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -69,6 +76,8 @@ from lmforge_jobs.evaluate import arena
 # operator, importing this module for `lmforge arena`, must not)
 WIN, LOSS, TIE = "win", "loss", "tie"
 DB_ENV = "LMFORGE_ARENA_DB"
+DB_FILE_ENV = "LMFORGE_ARENA_DB_FILE"
+RESULTS_ENV = "LMFORGE_ARENA_RESULTS"
 DB_FILE = "human-votes.sqlite"
 VOTER_COOKIE = "lmforge_arena_voter"
 CSRF_COOKIE = "lmforge_arena_csrf"
@@ -152,10 +161,33 @@ def load_items(results: str | Path) -> list[Item]:
     return list(items.values())
 
 
-def default_db(results: str | Path) -> str:
-    """``$LMFORGE_ARENA_DB``, else a SQLite file beside the results (when they are on a local disk)."""
+def database_url(url: str) -> str:
+    """``url`` with PostgreSQL's bare schemes (``postgres://``, ``postgresql://``: what Postgres operators and
+    hosted databases put in their Secrets) pointed at psycopg 3, the driver the arena extra declares
+    (SQLAlchemy's bare ``postgresql://`` means psycopg2). Other URLs are returned unchanged."""
+    url = url.strip()
+    for scheme in ("postgres://", "postgresql://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
+def configured_db() -> str | None:
+    """The database URL the environment gives: ``$LMFORGE_ARENA_DB``, else the content of the file
+    ``$LMFORGE_ARENA_DB_FILE`` names (a Secret mounted as a file); None when neither is set."""
     if os.environ.get(DB_ENV):
         return os.environ[DB_ENV]
+    if os.environ.get(DB_FILE_ENV):
+        return Path(os.environ[DB_FILE_ENV]).read_text(encoding="utf-8").strip()
+    return None
+
+
+def default_db(results: str | Path) -> str:
+    """``$LMFORGE_ARENA_DB`` (or ``$LMFORGE_ARENA_DB_FILE``'s content), else a SQLite file beside the results
+    (when they are on a local disk)."""
+    configured = configured_db()
+    if configured:
+        return configured
     if storage.is_remote(results):
         raise ValueError(
             f"{results} is in object storage, where no database can live: give --db or ${DB_ENV}"
@@ -218,6 +250,7 @@ class VoteStore:
     missing, so a restarted server (or a second replica) continues with the votes already cast."""
 
     def __init__(self, url: str):
+        url = database_url(url)
         sqlite = url.startswith("sqlite")
         self.engine = sa.create_engine(url, pool_pre_ping=not sqlite)
         if sqlite:
@@ -699,6 +732,10 @@ def create_app(arena_state: Arena) -> ASGIApp:
         await run_in_threadpool(state.store.ping)
         return PlainTextResponse("ok")
 
+    async def livez(request: Request) -> Response:
+        # the process answers: a liveness probe must not restart the page because its database is down
+        return PlainTextResponse("ok")
+
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
         detail = getattr(exc, "detail", "") or "error"
@@ -717,6 +754,7 @@ def create_app(arena_state: Arena) -> ASGIApp:
             Route("/leaderboard.json", ratings_json, methods=["GET"]),
             Route("/static/arena.css", css, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/livez", livez, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, 500: server_error},
     )
@@ -744,6 +782,31 @@ def serve(results: str | Path, db: str | None, host: str, port: int, rate_limit:
     uvicorn.run(create_app(state), host=host, port=port, proxy_headers=True, server_header=False)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lmforge_jobs.evaluate.human``: serve the page; 64 when the results or database are unusable."""
+    import argparse
+
+    from lmforge_jobs.spec import EXIT_CONFIG_ERROR
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lmforge_jobs.evaluate.human", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--results", default=os.environ.get(RESULTS_ENV), help=f"default ${RESULTS_ENV}")
+    parser.add_argument("--db", default=None, help=f"SQLAlchemy URL (default ${DB_ENV}, ${DB_FILE_ENV})")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--rate-limit", type=int, default=30, help="votes per voter per minute")
+    args = parser.parse_args(argv)
+    if not args.results:
+        parser.error(f"give --results or ${RESULTS_ENV}")
+    try:
+        serve(args.results, args.db, args.host, args.port, rate_limit=args.rate_limit)
+    except (FileNotFoundError, ValueError, sa.exc.ArgumentError) as exc:
+        print(f"arena: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
+    return 0
+
+
 __all__ = [
     "Arena",
     "DuplicateVote",
@@ -751,12 +814,19 @@ __all__ = [
     "Vote",
     "VoteStore",
     "agreement",
+    "configured_db",
     "create_app",
+    "database_url",
     "default_db",
     "export_jsonl",
     "human_ratings",
     "leaderboard",
     "load_items",
+    "main",
     "open_arena",
     "serve",
 ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

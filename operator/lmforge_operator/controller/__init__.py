@@ -9,6 +9,8 @@
 - :mod:`.mirror`: Job → status (progress, metrics, termination summary, outputs);
 - :mod:`.corpus_stages`: a Corpus, one Job per stage; :mod:`.eval_rounds`: an Evaluation with
   ``checkpoints: every``, one Job per round;
+- :mod:`.human_arena`: an Evaluation's voting page (``arena.human``): its Deployment and Service, and
+  its ratings into ``status.results.human``;
 - :mod:`.events`: a Kubernetes Event per transition.
 
 There is no finalizer: children carry ownerReferences and the garbage collector deletes them.

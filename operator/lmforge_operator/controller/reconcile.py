@@ -42,6 +42,7 @@ from lmforge_operator.controller.config import Config
 from lmforge_operator.controller.corpus_stages import reconcile_corpus
 from lmforge_operator.controller.eval_rounds import reconcile_rounds
 from lmforge_operator.controller.events import post_event, post_note
+from lmforge_operator.controller.human_arena import job_spec, reconcile_arena
 from lmforge_operator.controller.mirror import mirror_job, verdict_kept
 from lmforge_operator.controller.outcomes import Failed, Invalid, Outcome, Pending, Waiting
 from lmforge_operator.controller.sweeps import reconcile_sweep
@@ -154,6 +155,20 @@ class Controller(WorkQueue):
             return outcome
 
     async def _steps(self, key: Key, body: dict[str, Any], status: dict[str, Any]) -> Outcome:
+        """The resource's steps (:meth:`_job_steps`), then an Evaluation's voting page (human_arena.py),
+        which never changes the outcome."""
+        try:
+            outcome = await self._job_steps(key, body, status)
+        except Outcome as raised:
+            outcome = raised
+        resource = self.parse(key, body)[0] if key[0] == "Evaluation" else None
+        if resource is not None:
+            output = resource.spec.output or default_output(key[0], key[2], self.config.storage, key[1])
+            succeeded = outcome.condition == "Succeeded"
+            await reconcile_arena(self, key, body, resource, status, output, succeeded=succeeded)
+        return outcome
+
+    async def _job_steps(self, key: Key, body: dict[str, Any], status: dict[str, Any]) -> Outcome:
         """Admission, then the children: returns the outcome, or raises it (Waiting, Invalid, Failed)."""
         kind, ns, name = key
         resource = self.admit(key, body, status)
@@ -398,7 +413,7 @@ class Controller(WorkQueue):
 
     @staticmethod
     def _annotate(obj: dict[str, Any], resource: Resource[Any, Any], extra: dict[str, str]) -> None:
-        spec = resource.spec.to_yaml_dict()
+        spec = job_spec(resource)
         annotations = obj.setdefault("metadata", {}).setdefault("annotations", {})
         annotations[SPEC_HASH_ANNOTATION] = spec_hash(spec)
         annotations[SPEC_ANNOTATION] = json.dumps(spec, sort_keys=True, separators=(",", ":"))
@@ -493,7 +508,7 @@ class Controller(WorkQueue):
     def spec_changed(job: dict[str, Any], resource: Resource[Any, Any]) -> str | None:
         """Why the spec no longer matches the one ``job`` was created from (the fields that changed)."""
         annotations = (job.get("metadata") or {}).get("annotations") or {}
-        spec = resource.spec.to_yaml_dict()
+        spec = job_spec(resource)
         if annotations.get(SPEC_HASH_ANNOTATION) in (None, spec_hash(spec)):
             return None
         try:

@@ -219,11 +219,14 @@ class WorkQueue:
     def needs_resync(key: Key, body: dict[str, Any]) -> bool:
         """Whether the periodic resync reconciles this resource: not when it is finished for its current
         generation (Succeeded, Failed, or Invalid for a reason only a spec change or an event it gets
-        anyway can undo), except an Evaluation following checkpoints."""
+        anyway can undo), except an Evaluation following checkpoints or running a voting page."""
         status = body.get("status") or {}
         generation = (body.get("metadata") or {}).get("generation")
         if key[0] == "Evaluation" and (body.get("spec") or {}).get("checkpoints") == "every":
             return True
+        page = ((body.get("spec") or {}).get("arena") or {}).get("human")
+        if key[0] == "Evaluation" and page is not None and page.get("enabled", True):
+            return True  # its voting page's ratings are mirrored on every resync
         if status.get("observedGeneration") != generation:
             return True
         if status.get("phase") in TERMINAL:
