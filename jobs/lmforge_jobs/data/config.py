@@ -25,6 +25,7 @@ from lmforge_jobs.spec import (
     SpecError,
     StatusBase,
     Storage,
+    Tracking,
     Uri,
     cel_exactly_one,
     exactly_one,
@@ -510,6 +511,8 @@ class CorpusSpec(Spec):
     """Pod template merged into the pods (placement, priority, registries, volumes, devices, env)."""
     scheduling: Scheduling | None = None
     """Gang scheduling of the pods (Volcano or coscheduling PodGroup); unset: none."""
+    tracking: Tracking | None = None
+    """Experiment tracking: MLflow, TensorBoard; unset: MLflow whenever MLFLOW_TRACKING_URI is set."""
 
 
 # ------------------------------------------------------------------------------------------------ status
