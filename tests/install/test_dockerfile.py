@@ -137,7 +137,8 @@ def test_extras_are_split_between_the_images() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
     operator, jobs = installed_extras("operator"), installed_extras("jobs")
     assert operator == {"operator"}  # no torch, transformers or datatrove in the operator image
-    assert jobs == {"data", "train", "align", "eval", "gcs"}  # gcs: gs:// through fsspec in the cluster image
+    # gcs: gs:// through fsspec in the cluster image; tracking: MLflow client and TensorBoard for every job
+    assert jobs == {"data", "train", "align", "eval", "gcs", "tracking"}
     assert (operator | jobs) <= set(extras)
     assert not any(re.match(r"(torch|transformers|datatrove)\b", r) for r in extras["operator"])
 
