@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from crdcheck import admission_errors
 from k8s_validate import assert_valid
 from repo import ROOT
 
@@ -104,6 +105,29 @@ def test_a_trial_job_manifest_keeps_its_sweep_label() -> None:
     trial = builders.job_manifest(doc(labels={"lmforge.io/sweep": "lr", "team": "x"}))
     assert trial["metadata"] == {"name": "gpt", "namespace": "team-a", "labels": {"lmforge.io/sweep": "lr"}}
     assert "labels" not in builders.job_manifest(doc(labels={"team": "x"}))["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("tracking", "accepted"),
+    [
+        ({"mlflow": True, "tensorboard": True, "experiment": "team-a/gpt.v2_1"}, True),
+        ({}, True),
+        ({"experiment": "has space"}, False),
+        ({"experiment": "/leading-slash"}, False),
+        ({"experiment": "x" * 129}, False),
+        ({"uri": "http://mlflow:5000"}, False),  # the server is never named in a spec
+        ({"mlflow": "yes please"}, False),
+    ],
+)
+def test_spec_tracking_is_checked_by_pydantic_and_the_crd_alike(
+    tracking: dict[str, Any], accepted: bool
+) -> None:
+    document = doc(tracking=tracking)
+    _, problems = parse_resource(copy.deepcopy(document))
+    assert (not problems) is accepted, problems
+    assert (admission_errors(document) == []) is accepted
+    if not accepted:
+        assert problems[0].field.startswith("spec.tracking")
 
 
 # ------------------------------------------------------------------------------------------------ chart
