@@ -350,3 +350,38 @@ def test_a_backend_failing_mid_run_is_dropped_with_one_warning(
     assert Broken.calls == 1 and out.count("MLflow tracking switched off") == 1
     assert "ConnectionError: server went away" in out
     assert list((tmp_path / "tensorboard").iterdir())  # TensorBoard went on
+
+
+def test_wandb_offline_run_resumes_by_its_kept_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The W&B calls, against a stand-in module (wandb itself is an opt-in extra)."""
+    import types
+
+    calls: list[tuple[str, Any]] = []
+
+    class Run:
+        def log(self, metrics: dict[str, float], step: int) -> None:
+            calls.append(("log", (step, metrics)))
+
+        def finish(self, exit_code: int) -> None:
+            calls.append(("finish", exit_code))
+
+    def init(**kw: Any) -> Run:
+        calls.append(("init", kw))
+        return Run()
+
+    fake = types.ModuleType("wandb")
+    fake.init = init  # type: ignore[attr-defined]
+    fake.util = types.SimpleNamespace(generate_id=lambda: "abc123")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    res = resource(tmp_path, name="wb", labels={tracking.SWEEP_LABEL: "lr"})
+    train(tmp_path, range(1, 3), res)
+    tracking.deactivate("KILLED")
+    fake.util.generate_id = lambda: "another"  # type: ignore[attr-defined]
+    train(tmp_path, range(3, 4), res).finish({})
+    inits = [kw for name, kw in calls if name == "init"]
+    assert [kw["id"] for kw in inits] == ["abc123", "abc123"]  # the resumed job continues the run
+    assert inits[0]["mode"] == "offline" and inits[0]["dir"] == str(tmp_path) and inits[0]["group"] == "lr"
+    assert inits[0]["project"] == "team-lr" and inits[0]["config"]["spec.model.layers"] == "2"
+    assert [args[0] for name, args in calls if name == "log"] == [1, 2, 3]
+    assert [a for n, a in calls if n == "finish"] == [1, 0]  # stopped, then finished
