@@ -401,7 +401,11 @@ class Tracker:
         if results:
             self.log(None, numeric_leaves(dict(results), "results"))
         if "MLflow" in self.backends:
-            self._artifacts(outputs, results)
+            try:
+                self._artifacts(outputs, results)
+            except Exception as exc:  # gathering the files (a model folder gone, a full /tmp)
+                self.backends.pop("MLflow", None)
+                self._warn("MLflow", exc)
         self.end("FINISHED")
 
     def _artifacts(self, outputs: Mapping[str, Any], results: Mapping[str, Any] | None) -> None:
@@ -456,7 +460,11 @@ def activate(resource: Any, report_dir: Path | None = None) -> Tracker | None:
     deactivate()
     if os.environ.get("RANK", "0") != "0" or os.environ.get("JOB_COMPLETION_INDEX", "0") != "0":
         return None  # one process speaks for the job: global rank 0 of the first pod
-    tracker = Tracker(Settings.of(resource), report_dir)
+    try:
+        tracker = Tracker(Settings.of(resource), report_dir)
+    except Exception as exc:  # reading tracking.json, a temporary folder: never a reason to fail the job
+        print(f"warning: no experiment tracking for this run: {type(exc).__name__}: {exc}")
+        return None
     _CURRENT = tracker if tracker.active else None
     return _CURRENT
 
