@@ -385,3 +385,38 @@ def test_wandb_offline_run_resumes_by_its_kept_id(tmp_path: Path, monkeypatch: p
     assert inits[0]["project"] == "team-lr" and inits[0]["config"]["spec.model.layers"] == "2"
     assert [args[0] for name, args in calls if name == "log"] == [1, 2, 3]
     assert [a for n, a in calls if n == "finish"] == [1, 0]  # stopped, then finished
+
+
+@pytest.mark.slow  # a tiny Evaluation (perplexity and an lm-eval task) against a real MLflow server
+def test_an_evaluation_logs_its_results(
+    tmp_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from repo import ROOT
+    from tiny_models import tiny_llama
+
+    from lmforge_jobs.evaluate.__main__ import main
+    from lmforge_jobs.pretrain.testing import synthetic_texts
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.chdir(tmp_path)
+    texts = synthetic_texts(40, seed=3)
+    model = tiny_llama(tmp_path / "model", texts=texts)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:8]), encoding="utf-8")
+    spec = {
+        "model": {"path": str(model)},
+        "perplexity": {"data": str(held), "seqLen": 64, "stride": 32, "batchSize": 4},
+        "benchmarks": [{"taskPath": str(ROOT / "examples" / "tasks" / "tiny_mcq.yaml")}],
+        "precision": "fp32",
+        "output": str(tmp_path / "out"),
+        "tracking": {"experiment": "eval-e2e"},
+    }
+    assert main(["--manifest", str(write_manifest(tmp_path / "ev.yaml", "Evaluation", "ev", spec))]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    run = only_run(mlflow_server, "eval-e2e")
+    assert run.info.status == "FINISHED" and run.data.tags["lmforge.kind"] == "Evaluation"
+    assert run.data.metrics["results.perplexity"] == pytest.approx(results["perplexity"])
+    assert run.data.metrics["results.benchmarks.tiny_mcq.acc"] == results["benchmarks"]["tiny_mcq"]["acc"]
+    assert {"outputs.json", "results.json"} <= {
+        a.path for a in client(mlflow_server).list_artifacts(run.info.run_id)
+    }
