@@ -285,6 +285,12 @@ class Telemetry:
             print(f"warning: cannot write progress.json: {exc}")
         self._last_write = time.monotonic()
 
+    def saved(self) -> None:
+        """A checkpoint was saved: the trackers send what they hold (TensorBoard files on object storage
+        are uploaded), so a run killed now loses no curve a resume cannot redo."""
+        if self.tracker is not None:
+            self.tracker.log(None, {}, force=True)
+
     # -------------------------------------------------------------------------------------------- end
     def finish(self, outputs: Mapping[str, Any], results: Mapping[str, Any] | None = None) -> None:
         """The job succeeded: final progress.json (state Succeeded), outputs.json, termination message."""

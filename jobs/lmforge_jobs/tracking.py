@@ -16,7 +16,8 @@ What is logged where:
   output) and report plots (``*.png``, ``*.html`` in the run directory) when present.
 * **TensorBoard** (``spec.tracking.tensorboard: true``): the same scalars as event files in
   ``<output>/tensorboard/``; an output on object storage gets them written locally and uploaded there
-  periodically, at every forced progress update (a stop, an export) and at the end.
+  at every saved checkpoint (``Telemetry.saved``), every few minutes, at every forced progress update (a
+  stop, an export) and at the end.
 * **W&B** (``WANDB_MODE=offline`` in the environment): an offline run in ``<output>/wandb/`` when
   ``wandb`` is importable (``wandb sync`` uploads it later); otherwise a message says it is not installed.
 

@@ -180,6 +180,10 @@ def test_tensorboard_on_object_storage_is_uploaded_and_kept_on_resume(s3: Any, t
         tel = Telemetry("PretrainRun", None)
         for step in steps:
             tel.update(step=step, metrics={"loss": float(step)})
+        if steps.start == 1:
+            assert not storage.exists(storage.join(output, "tensorboard"))  # not yet: written locally
+            tel.saved()  # a checkpoint: uploaded now
+            assert storage.list_files(storage.join(output, "tensorboard"))
         tracking.deactivate("KILLED")
     local = storage.download_tree(storage.join(output, "tensorboard"), tmp_path / "tb")
     acc = EventAccumulator(str(local))
