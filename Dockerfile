@@ -66,7 +66,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # torch comes from the base image (it satisfies the train extra's torch>=2.6, so pip keeps it).
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    pip install "$(ls /wheels/lmforge-*.whl)[data,train,align,eval,arena,gcs]" \
+    pip install "$(ls /wheels/lmforge-*.whl)[data,train,align,eval,arena,gcs,tracking]" \
  && groupadd --gid 10001 lmforge \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/lmforge --shell /bin/bash lmforge \
  && mkdir -p /workspace \

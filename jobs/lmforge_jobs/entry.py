@@ -16,12 +16,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lmforge_jobs import tracking
 from lmforge_jobs.kinds import KINDS
 from lmforge_jobs.launch import record_exit
 from lmforge_jobs.manifest import ManifestError, Resource, load_spec
 from lmforge_jobs.resolve import default_output, unresolved
-from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_UNAVAILABLE, FieldError, SpecError
-from lmforge_jobs.telemetry import Telemetry
+from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED, EXIT_UNAVAILABLE, FieldError, SpecError
+from lmforge_jobs.telemetry import Telemetry, report_dir
 
 DEFAULT_WORKDIR = "lmforge-runs"
 
@@ -75,9 +76,12 @@ def job_main(
         add_arguments(parser)
     args = parser.parse_args(argv)
     resource = None
+    ended = "FAILED"  # what the tracker's runs are unless the job says otherwise (a crash)
     try:
         resource = load_job_resource(args.manifest, kind)
+        tracking.activate(resource, report_dir(resource.spec.output))  # Telemetry reports to it
         result = run(resource, args)
+        ended = "KILLED" if result == EXIT_STOPPED else "FINISHED"  # a stopped run resumes its own
     except ManifestError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -97,6 +101,8 @@ def job_main(
         if resource is not None and os.environ.get("RANK", "0") == "0":
             Telemetry(kind, resource.spec.output, port="off").fail(error_line(exc), field=f"spec.{exc.field}")
         return EXIT_UNAVAILABLE
+    finally:
+        tracking.deactivate(ended)
     return int(result) if isinstance(result, int) else 0
 
 

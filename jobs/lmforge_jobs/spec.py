@@ -349,6 +349,29 @@ class Storage(Spec):
     by GOOGLE_APPLICATION_CREDENTIALS. Unset: workload identity."""
 
 
+EXPERIMENT_PATTERN = r"^[A-Za-z0-9]([-_./A-Za-z0-9]*[A-Za-z0-9])?$"
+
+
+class Tracking(Spec):
+    """Experiment tracking of the run (:mod:`lmforge_jobs.tracking`): parameters, metrics over steps and
+    artifacts to MLflow, event files to TensorBoard. The MLflow server's address and credentials never
+    appear here: they come from the environment (MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME/PASSWORD or
+    _TOKEN), which the chart's tracking values or the person running ``lmforge run`` set. A tracking
+    server that is down never fails the run."""
+
+    mlflow: bool | None = None
+    """Log to MLflow. Unset: whenever MLFLOW_TRACKING_URI is set; false: never; true: always (a warning
+    when no server is configured)."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to <output>/tensorboard/ (on object storage: written locally, uploaded
+    at each save and at the end)."""
+    experiment: (
+        Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=EXPERIMENT_PATTERN)] | None
+    ) = None
+    """MLflow experiment (letters, digits, - _ . /). Unset: <namespace>/<name> of the resource, or of its
+    Sweep for a trial, whose runs are then children of one parent run per sweep."""
+
+
 class ResourceRef(Spec):
     """Reference to another lmforge resource by name; resolved to its status.outputs."""
 

@@ -24,8 +24,11 @@ Three readers, one set of numbers:
   (``$LMFORGE_TERMINATION_LOG``, else ``/dev/termination-log`` when writable; at most 4096 bytes of JSON)
   when it ends.
 
-Only prometheus_client, the standard library and :mod:`lmforge_jobs.kinds` are imported, so the operator
-can use the name table.
+The same numbers go to the job's experiment trackers (MLflow, TensorBoard, W&B) when
+:func:`lmforge_jobs.tracking.activate` started any (``spec.tracking``, ``$MLFLOW_TRACKING_URI``).
+
+Only prometheus_client, the standard library and lmforge_jobs' own light modules (kinds, storage,
+tracking; their heavy clients load lazily) are imported, so the operator can use the name table.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lmforge_jobs import storage
+from lmforge_jobs import storage, tracking
 from lmforge_jobs.kinds import KINDS
 
 DEFAULT_PORT = 9400
@@ -180,6 +183,8 @@ class Telemetry:
         self._last_write = 0.0
         self._first_step: tuple[int, float] | None = None
         self.port: int | None = None
+        # the job's MLflow / TensorBoard / W&B runs (lmforge_jobs.tracking), when entry activated them
+        self.tracker = tracking.current() if enabled else None
         if enabled:
             wanted = _resolve_port(port)
             if wanted is not None:
@@ -243,6 +248,11 @@ class Telemetry:
             self._set(names["progress"], state["percent"] / 100.0, f"{self.kind} completion (0-1)")
         if step is not None or metrics:
             self._append_history(step, tokens, stage, metrics or {})
+        if self.tracker is not None:
+            tracked = {k: f for k, v in (metrics or {}).items() if (f := _finite(v)) is not None}
+            if tokens is not None and tracked:
+                tracked["tokens"] = float(tokens)
+            self.tracker.log(step, tracked, force=force)
         if force or time.monotonic() - self._last_write >= 1.0:
             self._write_progress()
 
@@ -275,6 +285,12 @@ class Telemetry:
             print(f"warning: cannot write progress.json: {exc}")
         self._last_write = time.monotonic()
 
+    def saved(self) -> None:
+        """A checkpoint was saved: the trackers send what they hold (TensorBoard files on object storage
+        are uploaded), so a run killed now loses no curve a resume cannot redo."""
+        if self.tracker is not None:
+            self.tracker.log(None, {}, force=True)
+
     # -------------------------------------------------------------------------------------------- end
     def finish(self, outputs: Mapping[str, Any], results: Mapping[str, Any] | None = None) -> None:
         """The job succeeded: final progress.json (state Succeeded), outputs.json, termination message."""
@@ -300,6 +316,8 @@ class Telemetry:
         if results is not None:
             summary["results"] = dict(results)
         write_termination_message(summary)
+        if self.tracker is not None:
+            self.tracker.finish(outputs, results)
 
     def _write_outputs(self, outputs: dict[str, Any]) -> None:
         """outputs.json, the completion marker, written whole or not at all: beside the output (a local
@@ -330,6 +348,8 @@ class Telemetry:
         write_termination_message(
             {"state": self.state["state"], "message": message, **({"field": field} if field else {})}
         )
+        if self.tracker is not None:
+            self.tracker.end("FAILED")
 
 
 class _NullGauge:

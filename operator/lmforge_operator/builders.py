@@ -35,7 +35,9 @@ the spec references as a ``secretKeyRef`` environment variable named by
 :func:`lmforge_jobs.secrets.secret_env_name` (``LMFORGE_SECRET_<NAME>_<KEY>``), and the object-storage
 settings of ``spec.storage`` (else the operator's defaults, the chart's ``storage`` values) as
 :func:`storage_env` describes: the endpoint and region as variables, the credentials Secret as ``envFrom``,
-a service-account key for gs:// as a read-only Secret volume.
+a service-account key for gs:// as a read-only Secret volume, and the operator's experiment-tracking
+defaults (the chart's ``tracking.mlflow``): ``MLFLOW_TRACKING_URI`` and a credentials Secret as ``envFrom``
+(:func:`tracking_env`).
 
 Jobs fail fast on exit code 64 (a configuration error, ``lmforge_jobs.spec.EXIT_CONFIG_ERROR``), ignore
 disruptions (preemption, node drain) in their retry budget, replace a pod only once it has fully terminated
@@ -112,6 +114,13 @@ GCS_CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
 GCS_VOLUME = "gcs-credentials"
 GCS_DIR = "/var/run/secrets/lmforge-storage/gcs"
 GCS_FILE = "credentials.json"
+# Experiment tracking (lmforge_jobs.tracking): the chart's tracking.mlflow values reach the operator as the
+# first two variables; the job pods get the server as MLFLOW_TRACKING_URI and the credentials Secret's keys
+# (MLFLOW_TRACKING_USERNAME and _PASSWORD, or _TOKEN) through envFrom.
+TRACKING_URI_SETTING = "LMFORGE_TRACKING_MLFLOW_URI"
+TRACKING_SECRET_SETTING = "LMFORGE_TRACKING_MLFLOW_CREDENTIALS_SECRET"
+MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
+SWEEP_LABEL = "lmforge.io/sweep"  # a Sweep's trial (lmforge_jobs.resolve.trial_resource); its job reads it
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
@@ -458,6 +467,37 @@ def storage_env(storage: Storage | None) -> StorageEnv:
     return out
 
 
+@dataclass(frozen=True)
+class Tracking:
+    """The operator's experiment-tracking defaults for every job pod (the chart's ``tracking.mlflow``)."""
+
+    mlflow_uri: str | None = None
+    """MLflow server of the job pods (their MLFLOW_TRACKING_URI)."""
+    credentials_secret: str | None = None
+    """A Secret in the resource's namespace whose keys become the pods' environment (envFrom)."""
+
+    @classmethod
+    def from_env(cls) -> Tracking:
+        """``$LMFORGE_TRACKING_MLFLOW_URI`` and ``$LMFORGE_TRACKING_MLFLOW_CREDENTIALS_SECRET`` (the chart
+        sets them on the operator's container); unset or empty: none."""
+        return cls(
+            os.environ.get(TRACKING_URI_SETTING, "").strip() or None,
+            os.environ.get(TRACKING_SECRET_SETTING, "").strip() or None,
+        )
+
+
+def tracking_env(tracking: Tracking) -> StorageEnv:
+    """The pod side of the tracking defaults: ``MLFLOW_TRACKING_URI`` and the credentials Secret as
+    ``envFrom`` (the kubelet resolves it; the operator never reads Secrets). Whether a job logs is its own
+    decision (``spec.tracking.mlflow``), so every pod gets them."""
+    out = StorageEnv()
+    if tracking.mlflow_uri:
+        out.env.append({"name": MLFLOW_URI_ENV, "value": literal(tracking.mlflow_uri)})
+        if tracking.credentials_secret:
+            out.env_from.append({"secretRef": {"name": tracking.credentials_secret}})
+    return out
+
+
 class _SpecDumper(yaml.SafeDumper):
     """Quotes every string the manifest loader (YAML 1.2 numbers) would not read back unchanged, so a spec
     string such as ``1e5`` or ``yes`` stays a string in the job."""
@@ -502,6 +542,9 @@ def job_manifest(resolved_doc: Mapping[str, Any]) -> dict[str, Any]:
         "metadata": {k: meta[k] for k in ("name", "namespace") if meta.get(k)},
         "spec": resolved_doc.get("spec") or {},
     }
+    sweep = (meta.get("labels") or {}).get(SWEEP_LABEL)
+    if sweep:  # a trial's tracking groups it under its sweep
+        doc["metadata"]["labels"] = {SWEEP_LABEL: sweep}
     return localize(doc)[0]
 
 
@@ -965,6 +1008,7 @@ def build_job(
     storage: Storage | None = None,
     template_defaults: Mapping[str, Any] | None = None,
     allow_privileged: bool = False,
+    tracking: Tracking | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job running ``resource`` (a Corpus: its ``stage``).
 
@@ -980,6 +1024,8 @@ def build_job(
     ``podTemplate.defaults``): merged into the pods first, then ``spec.template``
     (:mod:`lmforge_operator.podtemplate`; ``allow_privileged`` lets either weaken Pod Security), after the
     gang-scheduling settings of ``spec.scheduling`` (:func:`build_pod_group`).
+    ``tracking``: the operator's experiment-tracking defaults (:func:`tracking_env`); None reads them from
+    the operator's environment (:meth:`Tracking.from_env`, as the chart sets it).
     """
     if resource.kind == "Corpus" and stage is None:
         raise ValueError("a Corpus Job is built per stage: pass stage=")
@@ -992,6 +1038,7 @@ def build_job(
     )
     _, pvc_volumes, pvc_mounts = localize(doc)
     object_storage = storage_env(effective_storage(resource, storage))
+    tracked = tracking_env(tracking if tracking is not None else Tracking.from_env())
     name = job_name(resource, stage, round)
     torchrun = uses_torchrun(resource)
     completions = _completions(resource, stage)
@@ -1014,6 +1061,7 @@ def build_job(
         "env": [
             *_env(resource, doc, stage),
             *object_storage.env,
+            *tracked.env,
             *({"name": k, "value": literal(v)} for k, v in (env or {}).items()),
         ],
         "ports": ports,
@@ -1028,8 +1076,8 @@ def build_job(
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if object_storage.env_from:
-        container["envFrom"] = object_storage.env_from
+    if object_storage.env_from or tracked.env_from:
+        container["envFrom"] = [*object_storage.env_from, *tracked.env_from]
     requirements = _resources(resource, stage)
     if requirements:
         container["resources"] = requirements
@@ -1142,6 +1190,7 @@ def children(
     storage: Storage | None = None,
     template_defaults: Mapping[str, Any] | None = None,
     allow_privileged: bool = False,
+    tracking: Tracking | None = None,
 ) -> list[dict[str, Any]]:
     """Everything to create for the current step, in creation order: ConfigMap, then for torchrun kinds
     the Service and the NetworkPolicy (``isolation=None``: no NetworkPolicy, for clusters without
@@ -1169,6 +1218,7 @@ def children(
             storage=storage,
             template_defaults=template_defaults,
             allow_privileged=allow_privileged,
+            tracking=tracking,
         )
     )
     return objects
@@ -1180,6 +1230,7 @@ __all__ = [
     "BuildError",
     "Isolation",
     "StorageEnv",
+    "Tracking",
     "build_configmap",
     "build_job",
     "build_network_policy",
@@ -1215,5 +1266,6 @@ __all__ = [
     "stage_template",
     "storage_env",
     "template_layers",
+    "tracking_env",
     "uses_torchrun",
 ]

@@ -81,13 +81,19 @@ IMPORTS: dict[str, dict[str, str]] = {
         "s3fs": "s3fs",
     },
     "sweep": {"optuna": "optuna"},
+    "tracking": {"mlflow": "mlflow-skinny", "tensorboard": "tensorboard"},
+    "wandb": {"wandb": "wandb"},  # imported only when WANDB_MODE=offline
     "fp8": {"torchao": "torchao"},  # imported only when a PretrainRun asks for precision fp8 on a GPU
 }
-# Extras CI does not install (GPU-only); their imports are declared and tabled but not imported here.
-NOT_INSTALLED = {"fp8"}
+# Extras CI does not install (GPU-only, or opt-in like wandb); their imports are declared and tabled but
+# not imported here.
+NOT_INSTALLED = {"fp8", "wandb"}
 # Imported through a declared package on a path the jobs take; checked to import, not to be declared.
 TRANSITIVE = {"data": {"justext": "jusText", "lxml.html.clean": "lxml_html_clean"}}
-SIDES = {"operator": ("operator", "run"), "jobs": ("data", "train", "align", "eval", "arena", "sweep", "fp8")}
+SIDES = {
+    "operator": ("operator", "run"),
+    "jobs": ("data", "train", "align", "eval", "arena", "sweep", "fp8", "tracking", "wandb"),
+}
 
 
 def _name(requirement: str) -> str:
@@ -147,7 +153,7 @@ def test_base_dependencies_are_declared() -> None:
 @pytest.mark.parametrize("extra", sorted(IMPORTS))
 def test_the_extra_imports(extra: str) -> None:
     if extra in NOT_INSTALLED:
-        pytest.skip(f"the {extra} extra is for GPU images; CI does not install it")
+        pytest.skip(f"CI does not install the {extra} extra (GPU images or opt-in)")
     failures = []
     for module, dist in {**IMPORTS[extra], **TRANSITIVE.get(extra, {})}.items():
         try:

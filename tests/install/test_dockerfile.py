@@ -137,8 +137,9 @@ def test_extras_are_split_between_the_images() -> None:
     extras = PYPROJECT["project"]["optional-dependencies"]
     operator, jobs = installed_extras("operator"), installed_extras("jobs")
     assert operator == {"operator"}  # no torch, transformers or datatrove in the operator image
-    # gcs: gs:// through fsspec in the cluster image; arena: the voting page the operator runs (arena.human)
-    assert jobs == {"data", "train", "align", "eval", "arena", "gcs"}
+    # gcs: gs:// through fsspec in the cluster image; arena: the voting page the operator runs (arena.human);
+    # tracking: MLflow client and TensorBoard for every job
+    assert jobs == {"data", "train", "align", "eval", "arena", "gcs", "tracking"}
     assert (operator | jobs) <= set(extras)
     assert not any(re.match(r"(torch|transformers|datatrove)\b", r) for r in extras["operator"])
 

@@ -28,6 +28,7 @@ from lmforge_jobs.spec import (
     SpecError,
     StatusBase,
     Storage,
+    Tracking,
     Uri,
     check_gpus,
 )
@@ -281,6 +282,8 @@ class AlignmentRunSpec(Spec):
     """Pod template merged into the pods (placement, priority, registries, volumes, devices, env)."""
     scheduling: Scheduling | None = None
     """Gang scheduling of the pods (Volcano or coscheduling PodGroup); unset: none."""
+    tracking: Tracking | None = None
+    """Experiment tracking: MLflow, TensorBoard; unset: MLflow whenever MLFLOW_TRACKING_URI is set."""
     resources: Resources = Resources()
     """Resources of each node's pod."""
 

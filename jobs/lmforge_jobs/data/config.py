@@ -25,6 +25,7 @@ from lmforge_jobs.spec import (
     SpecError,
     StatusBase,
     Storage,
+    Tracking,
     Uri,
     cel_exactly_one,
     exactly_one,
@@ -551,6 +552,8 @@ class CorpusSpec(Spec):
     stages: Annotated[dict[str, StageSettings], Field(max_length=len(STAGE_NAMES))] | None = None
     """Per-stage pod settings by stage name (extract, exact-sigs, ..., tokenizer, tokenize, stats), e.g.
     {extract: {template: ...}, tokenizer: {resources: {memory: 64Gi}}}: applied to that stage's Jobs only."""
+    tracking: Tracking | None = None
+    """Experiment tracking: MLflow, TensorBoard; unset: MLflow whenever MLFLOW_TRACKING_URI is set."""
 
     @field_validator("stages")
     @classmethod

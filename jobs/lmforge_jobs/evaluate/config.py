@@ -32,6 +32,7 @@ from lmforge_jobs.spec import (
     SpecError,
     StatusBase,
     Storage,
+    Tracking,
     Uri,
     check_gpus,
     exactly_one,
@@ -240,6 +241,8 @@ class EvaluationSpec(Spec):
     """Pod template merged into the pods (placement, priority, registries, volumes, devices, env)."""
     scheduling: Scheduling | None = None
     """Gang scheduling of the pods (Volcano or coscheduling PodGroup); unset: none."""
+    tracking: Tracking | None = None
+    """Experiment tracking: MLflow, TensorBoard; unset: MLflow whenever MLFLOW_TRACKING_URI is set."""
     resources: Resources = Resources()
     """Resources of each pod."""
 

@@ -431,6 +431,7 @@ class Trainer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             self.checkpoints.save(self.state.step, self.checkpoint_state(), self.checkpoint_meta)
+        self.telemetry.saved()
         self.throughput.restart(self.state.step)  # saving is not training time either
 
     def resume(self) -> None:
