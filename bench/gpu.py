@@ -361,10 +361,16 @@ def measure_align(opts: argparse.Namespace, started: float) -> dict[str, Any]:
     method, variant = opts.method.split("/")
     shape = "cpu" if opts.smoke else "gpu"
     work = Path(opts.work)
-    base = align_bench.model_dir(work / "base", align_bench.SHAPES[shape])
+    # the four SFT/DPO measurements train copies of one base model, written by the first
+    shared = work.parent / "align-base"
+    if (shared / "config.json").exists():
+        base = str(shared)
+    else:
+        base = align_bench.model_dir(shared, align_bench.SHAPES[shape])
+    steps, warmup = min(opts.steps, 12), min(opts.warmup, 3)  # bench/align.py's defaults at most
     args = argparse.Namespace(
-        steps=opts.steps + opts.warmup,
-        warmup=opts.warmup,
+        steps=steps + warmup,
+        warmup=warmup,
         batch=4 if opts.smoke else 8,
         max_length=64 if opts.smoke else 512,
         examples=64 if opts.smoke else 512,
@@ -416,10 +422,10 @@ def measurements(smoke: bool) -> list[Measurement]:
         Measurement("pretrain-1b/transformers", "transformers", 45, ["--shape", s1b]),
         Measurement("fsdp2-124m/lmforge", "fsdp2", 70, ["--shape", s124]),
         Measurement("fp8-1b/lmforge", "trainer", 100, ["--shape", s1b, "--precision", "fp8"], fp8_cpu),
-        Measurement("sft/lmforge", "align", 45, ["--method", "sft/lmforge"]),
-        Measurement("sft/trl", "align", 45, ["--method", "sft/trl"]),
-        Measurement("dpo/lmforge", "align", 45, ["--method", "dpo/lmforge"]),
-        Measurement("dpo/trl", "align", 45, ["--method", "dpo/trl"]),
+        Measurement("sft/lmforge", "align", 60, ["--method", "sft/lmforge"]),
+        Measurement("sft/trl", "align", 50, ["--method", "sft/trl"]),
+        Measurement("dpo/lmforge", "align", 60, ["--method", "dpo/lmforge"]),
+        Measurement("dpo/trl", "align", 60, ["--method", "dpo/trl"]),
     ]
 
 
@@ -539,33 +545,45 @@ def build_rows(res: dict[str, dict[str, Any]], info: dict[str, Any], smoke: bool
     peak = info.get("peakTflops")
     s124, s1b = ("smoke", "smoke-untied") if smoke else ("124m", "1b")
     mode = "fp32, eager (smoke)" if smoke else "bf16, compile"
-    flops_124 = res["pretrain-124m/lmforge"].get("flopsPerToken")
-    flops_1b = res["pretrain-1b/lmforge"].get("flopsPerToken")
-    rows = [
-        throughput_row("pretrain-124m/lmforge", f"PretrainRun Trainer, GPT-2-124M shape ({shape_text(s124)}), {mode}",
-                       res["pretrain-124m/lmforge"], flops_124, peak, GOALS["mfu-124m"]),
-        throughput_row("pretrain-124m/transformers", "GPT2LMHeadModel loop, same shape and batch",
-                       res["pretrain-124m/transformers"], flops_124, peak, None),
-        ratio_row("pretrain-124m/ratio", "lmforge ÷ transformers tokens/s at 124M",
-                  res["pretrain-124m/lmforge"], res["pretrain-124m/transformers"], GOALS["speedup-transformers"]),
-        throughput_row("pretrain-1b/lmforge", f"PretrainRun Trainer, Llama-1B shape ({shape_text(s1b)}), {mode}",
-                       res["pretrain-1b/lmforge"], flops_1b, peak, GOALS["mfu-1b"]),
-        throughput_row("pretrain-1b/transformers", "LlamaForCausalLM loop, same shape and batch",
-                       res["pretrain-1b/transformers"], flops_1b, peak, None),
-        ratio_row("pretrain-1b/ratio", "lmforge ÷ transformers tokens/s at 1B",
-                  res["pretrain-1b/lmforge"], res["pretrain-1b/transformers"], GOALS["speedup-transformers"]),
-        ratio_row("fp8-1b/ratio", "precision fp8 (torchao float8) ÷ bf16, the 1B Trainer",
-                  res["fp8-1b/lmforge"], res["pretrain-1b/lmforge"], None),
-        ratio_row("fsdp2-124m/ratio", "FSDP2 (apply_fsdp, world size 1) ÷ plain Trainer at 124M",
-                  res["fsdp2-124m/lmforge"], res["pretrain-124m/lmforge"], None),
-        ratio_row("sft/ratio", "SFT tokens/s: AlignmentRun settings ÷ TRL defaults",
-                  res["sft/lmforge"], res["sft/trl"], GOALS["speedup-trl"]),
-        ratio_row("dpo/ratio", "DPO tokens/s: AlignmentRun settings ÷ TRL defaults",
-                  res["dpo/lmforge"], res["dpo/trl"], GOALS["speedup-trl"]),
+    flops_124 = res["pretrain-124m/lmforge"].get("flopsPerToken") or res["fsdp2-124m/lmforge"].get(
+        "flopsPerToken"
+    )
+    flops_1b = res["pretrain-1b/lmforge"].get("flopsPerToken") or res["fp8-1b/lmforge"].get("flopsPerToken")
+    made: list[tuple[str, str, Any]] = [
+        ("pretrain-124m/lmforge", "", lambda: throughput_row("pretrain-124m/lmforge",
+            f"PretrainRun Trainer, GPT-2-124M shape ({shape_text(s124)}), {mode}",
+            res["pretrain-124m/lmforge"], flops_124, peak, GOALS["mfu-124m"])),
+        ("pretrain-124m/transformers", "", lambda: throughput_row("pretrain-124m/transformers",
+            "GPT2LMHeadModel loop, same shape and batch", res["pretrain-124m/transformers"], flops_124, peak, None)),
+        ("pretrain-124m/ratio", "", lambda: ratio_row("pretrain-124m/ratio", "lmforge ÷ transformers tokens/s at 124M",
+            res["pretrain-124m/lmforge"], res["pretrain-124m/transformers"], GOALS["speedup-transformers"])),
+        ("pretrain-1b/lmforge", "", lambda: throughput_row("pretrain-1b/lmforge",
+            f"PretrainRun Trainer, Llama-1B shape ({shape_text(s1b)}), {mode}",
+            res["pretrain-1b/lmforge"], flops_1b, peak, GOALS["mfu-1b"])),
+        ("pretrain-1b/transformers", "", lambda: throughput_row("pretrain-1b/transformers",
+            "LlamaForCausalLM loop, same shape and batch", res["pretrain-1b/transformers"], flops_1b, peak, None)),
+        ("pretrain-1b/ratio", "", lambda: ratio_row("pretrain-1b/ratio", "lmforge ÷ transformers tokens/s at 1B",
+            res["pretrain-1b/lmforge"], res["pretrain-1b/transformers"], GOALS["speedup-transformers"])),
+        ("fp8-1b/ratio", "", lambda: ratio_row("fp8-1b/ratio", "precision fp8 (torchao float8) ÷ bf16, the 1B Trainer",
+            res["fp8-1b/lmforge"], res["pretrain-1b/lmforge"], None)),
+        ("fsdp2-124m/ratio", "", lambda: ratio_row("fsdp2-124m/ratio",
+            "FSDP2 (apply_fsdp, world size 1) ÷ plain Trainer at 124M",
+            res["fsdp2-124m/lmforge"], res["pretrain-124m/lmforge"], None)),
+        ("sft/ratio", "", lambda: ratio_row("sft/ratio", "SFT tokens/s: AlignmentRun settings ÷ TRL defaults",
+            res["sft/lmforge"], res["sft/trl"], GOALS["speedup-trl"])),
+        ("dpo/ratio", "", lambda: ratio_row("dpo/ratio", "DPO tokens/s: AlignmentRun settings ÷ TRL defaults",
+            res["dpo/lmforge"], res["dpo/trl"], GOALS["speedup-trl"])),
+        ("nvml", "GPU utilisation on the 124M Trainer's Prometheus endpoint (NVML)",
+            lambda: nvml_row(res["pretrain-124m/lmforge"], smoke)),
     ]  # fmt: skip
-    if res["fp8-1b/lmforge"].get("ok"):
+    rows = []
+    for name, what, make in made:
+        try:
+            rows.append(make())
+        except Exception as exc:  # a bug in the report must not lose the other rows
+            rows.append(row(name, what, reason=f"report error: {type(exc).__name__}: {exc}"))
+    if res["fp8-1b/lmforge"].get("ok") and rows[6]["name"] == "fp8-1b/ratio":
         rows[6]["peakMemoryGiB"] = res["fp8-1b/lmforge"].get("peakMemoryGiB")
-    rows.append(nvml_row(res["pretrain-124m/lmforge"], smoke))
     if smoke:  # tiny CPU shapes say nothing about the GPU goals
         for r in rows:
             if r["goal"] and r["met"] is not None:
@@ -653,7 +671,10 @@ def run_all(opts: argparse.Namespace) -> int:
             elif left < 5:
                 results[m.name] = {"ok": False, "skipped": "skipped: time budget (the run's deadline)"}
             else:
-                results[m.name] = launch(m, opts, min(m.budget_s * opts.budget_scale, left), Path(tmp))
+                try:
+                    results[m.name] = launch(m, opts, min(m.budget_s * opts.budget_scale, left), Path(tmp))
+                except Exception as exc:  # the launch itself broke: the row says how, the rest go on
+                    results[m.name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             r = results[m.name]
             shown = f"{tokens_per_second(r):,.0f} tokens/s" if r.get("ok") else why(r)
             print(f"{m.name:28s} {shown}", flush=True)

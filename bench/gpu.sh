@@ -12,15 +12,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEELS=${LMFORGE_WHEELS:-.whl}
-# Python 3.12 manylinux wheels of what a CUDA PyTorch image usually lacks (pins = the development venv's).
+# manylinux wheels of what a CUDA PyTorch image usually lacks (pins = the development venv's); torchao must
+# match the image's torch ($LMFORGE_TORCHAO, e.g. torchao==0.14.1), the Python version the image's
+# ($LMFORGE_WHEELS_PYTHON, default 3.12)
 NEEDED="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 torchao"
+trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 ${LMFORGE_TORCHAO:-torchao}"
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
   dest=${2:-$WHEELS}
   mkdir -p "$dest"
   for spec in $NEEDED; do
-    "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "$PY" -m pip download --no-deps --only-binary=:all: --python-version "${LMFORGE_WHEELS_PYTHON:-3.12}" --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d "$dest" "$spec"
   done

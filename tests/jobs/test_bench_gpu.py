@@ -134,3 +134,41 @@ def test_smoke_run_writes_json_and_markdown(tmp_path: Path) -> None:
     assert table.startswith("# GPU check") and "| row | what | value | MFU | goal | met | note |" in table
     for name in ROW_NAMES:
         assert f"| {name} |" in table
+
+
+@pytest.mark.slow
+def test_measurements_past_their_budget_become_skipped_rows(tmp_path: Path) -> None:
+    """Every measurement killed at a budget of about half a second (compile workers and all), the run's
+    deadline reached part way: still a full report, every row skipped for time or unsupported on cpu."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--smoke",
+            "--out",
+            str(out),
+            "--budget-scale",
+            "0.002",
+            "--deadline",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "gpu.json").read_text())
+    check_rows(report["rows"])
+    measured = report["measurements"]
+    assert measured["pretrain-124m/lmforge"]["skipped"] == "skipped: time budget"
+    assert measured["dpo/trl"]["skipped"].startswith("skipped: time budget")
+    assert "deadline" in measured["dpo/trl"]["skipped"]
+    for r in report["rows"]:
+        assert r["value"] is None
+        assert (
+            "time budget" in r["reason"]
+            or r["reason"].startswith("unsupported on cpu")
+            or (r["name"] == "nvml" and "time budget" in r["reason"])
+        ), r
