@@ -87,6 +87,21 @@ def test_failed_and_timed_out_measurements_become_rows_with_a_reason() -> None:
     assert rows["fp8-1b/ratio"]["reason"] == "skipped: time budget"
     assert "trl" in rows["sft/ratio"]["reason"]
     assert rows["nvml"]["value"] == 0.97 and rows["nvml"]["met"] is True
+    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "cuda": "13.0", "peakTflops": 989.0,
+           "peakSource": "table: H100 SXM dense bf16"}  # fmt: skip
+    table = bench.markdown(
+        {
+            "date": "2026-12-06",
+            "smoke": False,
+            "environment": env,
+            "wallSeconds": 400.0,
+            "rows": list(rows.values()),
+        }
+    )
+    assert (
+        "| pretrain-124m/lmforge |" in table and "163,840 tokens/s | 16.6% | MFU ≥ 45% | not met |" in table
+    )
+    assert "| nvml |" in table and "| met |" in table and "NVIDIA H100 80GB HBM3" in table
     unknown = {r["name"]: r for r in bench.build_rows(results, {"peakTflops": None}, smoke=False)}
     assert unknown["pretrain-124m/lmforge"]["met"] is None
     assert "MFU not computed" in unknown["pretrain-124m/lmforge"]["reason"]
