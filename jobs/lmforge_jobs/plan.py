@@ -182,6 +182,83 @@ def logits_bytes(
     return shape.seq_len * micro_batch * vocab * per_entry
 
 
+# ------------------------------------------------------------------------------------- communication
+@dataclass(frozen=True)
+class Communication:
+    """Bytes one GPU sends per optimizer step, by mesh dimension (ring collectives: a GPU receives as much
+    as it sends). The busiest GPU: a middle pipeline stage, the stage with the most layers."""
+
+    fsdp: float
+    """FSDP2 over dp_shard × cp: the parameters all-gathered for every micro-batch's forward and again for
+    its backward (resharded after the forward), the gradients reduce-scattered once a step (fp32)."""
+    tp: float
+    """Tensor parallel with sequence parallel: per layer and micro-batch 2 all-gathers and 2 reduce-scatters
+    of the block's s·b·h activations in the forward, the same in the backward (+4 with activation
+    checkpointing, the recomputed forward); one of each at the embedding and the output projection."""
+    pp: float
+    """Pipeline parallel: each piece's activations sent forward and their gradients sent backward, once per
+    stage the rank holds."""
+    dp_replicate: float
+    """The gradient all-reduce across replicas: HSDP's replicas of each shard, or DDP's whole model (fp32)."""
+
+    @property
+    def total(self) -> float:
+        return self.fsdp + self.tp + self.pp + self.dp_replicate
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "fsdp": self.fsdp,
+            "tp": self.tp,
+            "pp": self.pp,
+            "dpReplicate": self.dp_replicate,
+            "total": self.total,
+        }
+
+
+def communication_bytes(spec: PretrainRunSpec, count: ParamCount) -> Communication:
+    """Bytes one GPU sends per optimizer step for ``spec``'s mesh (see :class:`Communication`). A ring
+    all-gather or reduce-scatter over n ranks of a tensor of S bytes sends (n − 1)/n · S per rank, an
+    all-reduce twice that. Context parallel's ring attention (K/V exchange) is not counted."""
+    par = spec.parallelism
+    shape = spec.model
+    world = par.world_size
+    tp, pp, cp = par.tensor_parallel, par.pipeline_parallel, par.context_parallel
+    sharded = par.strategy == Strategy.fsdp
+    mixed = _mixed(spec.precision)
+    act_bytes = 2 if mixed else 4
+    param_bytes = 2 if mixed else 4  # FSDP2 gathers the bf16 copy (MixedPrecisionPolicy param_dtype)
+    grad_bytes = 4  # FSDP2 reduces in fp32 (reduce_dtype); DDP's gradients are the fp32 parameters'
+    dp = world // (tp * pp * cp)
+    mb = spec.batch.micro_batch_size
+    accumulation = max(1, spec.batch.global_tokens // (shape.seq_len * mb * dp))
+    held = count.total if pp == 1 else count.non_embedding / pp + count.embedding / 2
+    per_rank_params = held / tp
+
+    fsdp = replicate = 0.0
+    if sharded:
+        shard = (world // par.mesh_product) * cp
+        if shard > 1:
+            gathers = 2 * accumulation * param_bytes * per_rank_params
+            fsdp = (shard - 1) / shard * (gathers + grad_bytes * per_rank_params)
+        r = par.data_parallel_replicate
+        if r > 1:
+            replicate = 2 * (r - 1) / r * grad_bytes * per_rank_params / max(1, shard)
+    elif world > 1:  # DDP: every gradient all-reduced over all processes
+        replicate = 2 * (world - 1) / world * grad_bytes * count.total
+
+    activation = shape.seq_len / cp * mb * shape.hidden * act_bytes  # one micro-batch's residual stream
+    tp_bytes = 0.0
+    if tp > 1:
+        layers = -(-shape.layers // pp)
+        per_layer = 8 + (4 if par.activation_checkpointing else 0)
+        ends = 4 if pp == 1 else 2
+        tp_bytes = accumulation * (tp - 1) / tp * activation * (layers * per_layer + ends)
+    pp_bytes = 0.0
+    if pp > 1:  # the pieces of a micro-batch add up to it; the stage output is sequence-sharded under tp
+        pp_bytes = accumulation * 2 * activation / tp * par.pipeline_schedule.stages_per_rank
+    return Communication(fsdp=fsdp, tp=tp_bytes, pp=pp_bytes, dp_replicate=replicate)
+
+
 # ---------------------------------------------------------------------------------------------- plan
 @dataclass
 class Plan:
@@ -202,6 +279,8 @@ class Plan:
     micro_batch_size: int
     activation_checkpointing: bool
     memory: Memory
+    communication: Communication
+    """Bytes one GPU sends per optimizer step, by mesh dimension."""
     mesh: dict[str, int]
     """Degree of each mesh dimension (pp, dp_replicate, dp_shard, cp, tp)."""
     bubble_fraction: float
@@ -228,6 +307,8 @@ class Plan:
         d["memory"]["states"] = self.memory.states / GiB
         d["memory"]["total"] = self.memory_per_gpu_gib
         d["memoryPerGpuGiB"] = self.memory_per_gpu_gib
+        d["communication"] = self.communication.to_dict()
+        d["communicationBytesPerStep"] = self.communication.total * self.world_size
         return d
 
     def to_status(self) -> Any:
@@ -244,6 +325,7 @@ class Plan:
             fits=self.fits,
             reason=self.reason[:4096],
             law=self.law[:256],
+            communication_bytes_per_gpu=self.communication.to_dict(),  # validated into PlanCommunication
         )
 
 
@@ -370,6 +452,7 @@ def plan_pretrain(
         micro_batch_size=mb,
         activation_checkpointing=ckpt,
         memory=memory,
+        communication=communication_bytes(spec, count),
         mesh={
             "pp": pp,
             "dp_replicate": par.data_parallel_replicate,
@@ -591,6 +674,12 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _comm_parts(comm: Communication) -> str:
+    names = {"fsdp": "FSDP", "tp": "TP", "pp": "PP", "dpReplicate": "replicas"}
+    parts = comm.to_dict()
+    return ", ".join(f"{names[k]} {v / 1e6:,.1f} MB" for k, v in parts.items() if k in names and v)
+
+
 def explain(plan: Plan) -> str:
     """A readable summary of the plan with the memory accounting explained."""
     m = plan.memory
@@ -629,6 +718,12 @@ def explain(plan: Plan) -> str:
         ("  total", f"{m.total / g:8.2f} GiB of {plan.device_memory_gib:g} GiB"),
         ("fits", f"{'yes' if plan.fits else 'NO'}: {plan.reason}"),
     ]
+    comm = plan.communication
+    if comm.total:
+        rows.append(
+            ("communication/GPU/step", f"{comm.total / 1e6:,.1f} MB sent by each GPU ({_comm_parts(comm)})")
+        )
+        rows.append(("  all GPUs", f"{comm.total * plan.world_size / 1e9:,.2f} GB per step"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}".rstrip() for k, v in rows]
     lines += [

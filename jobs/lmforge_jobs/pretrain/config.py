@@ -614,6 +614,21 @@ class PretrainRunSpec(Spec):
 
 
 # ------------------------------------------------------------------------------------------------ status
+class PlanCommunication(Spec):
+    """Bytes one GPU sends per optimizer step (ring collectives: it receives as much), by mesh dimension."""
+
+    fsdp: Annotated[float, Field(ge=0)] = 0.0
+    """FSDP: parameter all-gathers (forward and backward of every micro-batch), gradient reduce-scatter."""
+    tp: Annotated[float, Field(ge=0)] = 0.0
+    """Tensor parallel with sequence parallel: the activation all-gathers and reduce-scatters of every layer."""
+    pp: Annotated[float, Field(ge=0)] = 0.0
+    """Pipeline parallel: activations sent forward and their gradients sent backward."""
+    dp_replicate: Annotated[float, Field(ge=0)] = 0.0
+    """The gradient all-reduce across replicas (HSDP, or DDP's whole model)."""
+    total: Annotated[float, Field(ge=0)] = 0.0
+    """The sum of the above."""
+
+
 class Plan(Spec):
     """The compute plan, computed before the run starts."""
 
@@ -635,6 +650,8 @@ class Plan(Spec):
     """Why it does or does not fit."""
     law: Annotated[str, StringConstraints(max_length=256)] | None = None
     """The scaling law that chose the tokens: chinchilla-2022 (published), or a fitted one."""
+    communication_bytes_per_gpu: PlanCommunication | None = None
+    """Bytes one GPU sends per optimizer step, by mesh dimension and in total."""
 
 
 class TrainMetrics(Spec):

@@ -49,9 +49,58 @@ def local_gpus() -> int:
     return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
 
 
+CPU_PROCESSES_PER_CORE = 4
+"""A CPU mesh may start at most this many gloo processes per core (beyond it a step takes minutes)."""
+
+
+class MeshRefused(Exception):
+    """A mesh this machine cannot run on its CPUs; ``field`` is the spec field to change."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"spec.{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def cpu_mesh(resource: Resource[Any, Any]) -> int | None:
+    """Processes of the CPU mesh a PretrainRun asks for with gpusPerNode 0 (strategy fsdp and nodes ×
+    gpusPerNode above one: each "node" is one gloo process here), None when it asks for none. Raises
+    :class:`MeshRefused` for a mesh the CPU cannot run."""
+    if resource.kind != "PretrainRun":
+        return None
+    spec = resource.spec
+    par = spec.parallelism
+    if par.gpus_per_node != 0 or par.strategy.value != "fsdp" or par.world_size <= 1:
+        return None
+    if spec.precision.value == "fp8":
+        raise MeshRefused(
+            "precision", "fp8 needs NVIDIA GPUs (torchao float8); a CPU mesh trains in fp32 or bf16"
+        )
+    if par.context_parallel > 1:
+        raise MeshRefused(
+            "parallelism.contextParallel",
+            f"{par.context_parallel} needs CUDA GPUs: ring attention replaces the flash and memory-efficient "
+            "attention kernels, which gloo processes on a CPU do not have; use 1 for a CPU mesh",
+        )
+    cores = os.cpu_count() or 1
+    if par.world_size > cores * CPU_PROCESSES_PER_CORE:
+        raise MeshRefused(
+            "parallelism.nodes",
+            f"gpusPerNode 0 runs nodes × 1 = {par.world_size} gloo processes on this machine's {cores} CPU "
+            f"cores, more than {CPU_PROCESSES_PER_CORE} per core; use a smaller mesh",
+        )
+    return int(par.world_size)
+
+
 def processes_for(resource: Resource[Any, Any], gpus: int) -> int:
-    """Local worker processes of a distributed job: one per local GPU the spec asks for, else one."""
-    if not KINDS[resource.kind].distributed or gpus == 0:
+    """Local worker processes of a distributed job: one per local GPU the spec asks for, else one; with
+    gpusPerNode 0, the CPU mesh's processes (:func:`cpu_mesh`)."""
+    if not KINDS[resource.kind].distributed:
+        return 1
+    mesh = cpu_mesh(resource)
+    if mesh is not None:
+        return mesh  # the job refuses a batch its data-parallel ranks cannot split (batch.globalTokens)
+    if gpus == 0:
         return 1
     wanted = resource.spec.parallelism.world_size if resource.spec.parallelism.gpus_per_node else 1
     processes = min(gpus, wanted)

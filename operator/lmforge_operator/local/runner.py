@@ -26,6 +26,7 @@ from lmforge_operator import status as status_helpers
 from lmforge_operator.local.launch import (
     STOP_GRACE_SECONDS,
     Launch,
+    MeshRefused,
     command,
     local_gpus,
     processes_for,
@@ -278,13 +279,20 @@ class LocalRunner:
             plan = self._plan(job)
         if plan:
             status["plan"] = plan
+        try:
+            processes = processes_for(job, self.gpus)
+        except MeshRefused as exc:  # what the job would refuse with exit 64, before any process starts
+            phase = status_helpers.set_state(status, "Invalid", status_helpers.CONFIG_ERROR, str(exc))
+            self._save(resource, status)
+            if self.display:
+                self.display.finished(resource, phase, str(exc))
+            return Outcome(resource, phase, str(exc))
         resumed = (run_dir / "logs").exists()
         status_helpers.set_state(
             status, "Running", status_helpers.JOB_RUNNING, "job resumed" if resumed else "job started"
         )
         self._save(resource, status)
 
-        processes = processes_for(job, self.gpus)
         env = {
             "LMFORGE_METRICS_PORT": "off",
             "PYTHONUNBUFFERED": "1",
