@@ -102,7 +102,11 @@ def _fit_result(approach: int, result: Any, law: Path) -> dict[str, Any]:
     return {
         "approach": approach,
         "parameters": {
-            name: {k: v for k, v in (("value", e.value), ("low", e.low), ("high", e.high)) if v is not None}
+            name: {
+                k: v
+                for k, v in (("value", e.value), ("low", e.low), ("high", e.high))
+                if v is not None and math.isfinite(v)
+            }
             for name, e in result.parameters.items()
             if math.isfinite(e.value)
         },
@@ -112,7 +116,8 @@ def _fit_result(approach: int, result: Any, law: Path) -> dict[str, Any]:
 
 
 def _has_frontier(result: Any) -> bool:
-    return all(math.isfinite(result.value(k)) for k in ("a", "b"))
+    """Every constant finite, the frontier's exponents included (a diverged fit has none)."""
+    return all(math.isfinite(e.value) for e in result.parameters.values())
 
 
 def fit_points(spec: Any, rows: list[dict[str, Any]], run_dir: Path) -> tuple[list[dict[str, Any]], Any]:
@@ -135,7 +140,7 @@ def fit_points(spec: Any, rows: list[dict[str, Any]], run_dir: Path) -> tuple[li
     for approach in approaches:
         try:
             result = scaling.fit(points, approach, bootstrap=spec.bootstrap, seed=spec.seed)
-        except ValueError as exc:
+        except (ValueError, ArithmeticError) as exc:  # too few points, no minimum, a diverged fit
             fits.append({"approach": approach, "error": str(exc)[:4096]})
             continue
         path = result.save(law_file(run_dir, approach))
@@ -227,7 +232,11 @@ def run_study(runner: LocalRunner, study: Any) -> Outcome:
             status["outputs"] = {"law": str((run_dir / LAW_FILE).resolve())}
             message = f"approach {law.approach} law fitted on {len(law.points)} points"
             if study.spec.target_budget:
-                status["target"] = target_prediction(law, study.spec.target_budget)
+                try:
+                    status["target"] = target_prediction(law, study.spec.target_budget)
+                except ArithmeticError as exc:  # the law overflows that far out
+                    message += f"; no prediction at the target ({exc})"
+            if status.get("target"):
                 target = status["target"]
                 message += f"; at {target['flops']:.3g} FLOPs N_opt {target['parameters']:.3g}"
                 if "loss" in target:
