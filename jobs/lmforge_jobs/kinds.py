@@ -33,7 +33,8 @@ class Kind:
     grace_seconds: int
     """Seconds between SIGTERM and SIGKILL: a training rank finishes its step and saves a checkpoint."""
     job: bool = True
-    """Runs a job of its own; False: it runs other resources as its children (a Sweep's trials)."""
+    """Runs a job of its own; False: it runs other resources as its children (a Sweep's trials, a
+    ScalingStudy's points)."""
 
     @property
     def singular(self) -> str:
@@ -48,12 +49,13 @@ class Kind:
 
 # fmt: off
 _TABLE = (
-    #    name            plural           short_names  package     component   metric_prefix  distributed  grace_seconds
-    Kind("Corpus",       "corpora",       ("crp",),    "data",     "corpus",   "data",        False,       120),
-    Kind("PretrainRun",  "pretrainruns",  ("ptr",),    "pretrain", "pretrain", "train",       True,        600),
-    Kind("AlignmentRun", "alignmentruns", ("alr",),    "align",    "align",    "align",       True,        600),
-    Kind("Evaluation",   "evaluations",   ("lmev",),   "evaluate", "evaluate", "eval",        False,       120),
-    Kind("Sweep",        "sweeps",        ("swp",),    "sweep",    "sweep",    "sweep",       False,       120, job=False),
+    #    name            plural            short_names  package          component   metric_prefix  distributed  grace_seconds
+    Kind("Corpus",       "corpora",        ("crp",),    "data",          "corpus",   "data",        False,       120),
+    Kind("PretrainRun",  "pretrainruns",   ("ptr",),    "pretrain",      "pretrain", "train",       True,        600),
+    Kind("AlignmentRun", "alignmentruns",  ("alr",),    "align",         "align",    "align",       True,        600),
+    Kind("Evaluation",   "evaluations",    ("lmev",),   "evaluate",      "evaluate", "eval",        False,       120),
+    Kind("Sweep",        "sweeps",         ("swp",),    "sweep",         "sweep",    "sweep",       False,       120, job=False),
+    Kind("ScalingStudy", "scalingstudies", ("scs",),    "scaling_study", "scaling",  "scaling",     False,       120, job=False),
 )
 # fmt: on
 KINDS: dict[str, Kind] = {kind.name: kind for kind in _TABLE}

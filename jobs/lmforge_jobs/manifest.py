@@ -19,6 +19,7 @@ from lmforge_jobs.align.config import AlignmentRunSpec, AlignmentRunStatus
 from lmforge_jobs.data.config import CorpusSpec, CorpusStatus
 from lmforge_jobs.evaluate.config import EvaluationSpec, EvaluationStatus
 from lmforge_jobs.pretrain.config import PretrainRunSpec, PretrainRunStatus
+from lmforge_jobs.scaling_study import POINT_SUFFIX_LENGTH, ScalingStudySpec, ScalingStudyStatus
 from lmforge_jobs.spec import GROUP_VERSION, SpecError
 from lmforge_jobs.sweep.config import TRIAL_SUFFIX_LENGTH, SweepSpec, SweepStatus
 
@@ -92,13 +93,32 @@ class Sweep(Resource[SweepSpec, SweepStatus]):
         return self
 
 
+class ScalingStudy(Resource[ScalingStudySpec, ScalingStudyStatus]):
+    kind: Literal["ScalingStudy"]
+
+    @model_validator(mode="after")
+    def _point_names_fit(self) -> ScalingStudy:
+        # its points are named <study>-b<II>n<JJ>, and those names obey NAME_MAX_LENGTH too
+        if len(self.name) > name_max_length(self.kind):
+            raise SpecError(
+                "metadata.name",
+                f"at most {name_max_length(self.kind)} characters: points are named <study>-b<II>n<JJ>",
+            )
+        return self
+
+
+CHILD_SUFFIX_LENGTH = {"Sweep": TRIAL_SUFFIX_LENGTH, "ScalingStudy": POINT_SUFFIX_LENGTH}
+"""What the names of a kind's children add to its own name."""
+
+
 def name_max_length(kind: str) -> int:
-    """The longest name a resource of ``kind`` may have: a Sweep's trials add ``-t<NNN>`` to its name."""
-    return NAME_MAX_LENGTH - TRIAL_SUFFIX_LENGTH if kind == "Sweep" else NAME_MAX_LENGTH
+    """The longest name a resource of ``kind`` may have: a Sweep's trials add ``-t<NNN>`` to its name, a
+    ScalingStudy's points ``-b<II>n<JJ>``."""
+    return NAME_MAX_LENGTH - CHILD_SUFFIX_LENGTH.get(kind, 0)
 
 
 MODELS: dict[str, type[Resource[Any, Any]]] = {
-    model.__name__: model for model in (Corpus, PretrainRun, AlignmentRun, Evaluation, Sweep)
+    model.__name__: model for model in (Corpus, PretrainRun, AlignmentRun, Evaluation, Sweep, ScalingStudy)
 }
 """The model (spec and status) of each kind; the rest of what is fixed about a kind is in
 :data:`lmforge_jobs.kinds.KINDS`, in the same order."""

@@ -104,6 +104,9 @@ def dependencies(resource: Resource[Any, Any]) -> list[tuple[str, Ref, str]]:
     if resource.kind == "Sweep":  # its trials' references: the template's
         template = trial_resource(resource, resource.name, {})
         return [(f"template.spec.{field}", ref, needs) for field, ref, needs in dependencies(template)]
+    if resource.kind == "ScalingStudy":  # its points' references: the template's
+        template = point_resource(resource, resource.name, {}, 1)
+        return [(f"template.{field}", ref, needs) for field, ref, needs in dependencies(template)]
     spec = resource.spec
     deps: list[tuple[str, Ref, str]] = []
     if resource.kind == "PretrainRun" and spec.corpus is not None:
@@ -136,6 +139,27 @@ def trial_resource(sweep: Resource[Any, Any], name: str, parameters: dict[str, A
         metadata["namespace"] = sweep.metadata.namespace
     document = {"apiVersion": sweep.api_version, "kind": template.kind, "metadata": metadata, "spec": spec}
     return MODELS[template.kind].model_validate(document)
+
+
+def point_resource(
+    study: Resource[Any, Any], name: str, shape: dict[str, Any], tokens: int
+) -> Resource[Any, Any]:
+    """A ScalingStudy's point ``name``: a PretrainRun, its template with ``shape`` in its model and
+    ``budget: {tokens}``, its output ``<study spec.output>/<name>`` when the study sets one (else the
+    PretrainRun default)."""
+    from lmforge_jobs.manifest import MODELS
+    from lmforge_jobs.scaling_study import point_spec
+
+    spec = point_spec(study.spec.template, shape, tokens)
+    if study.spec.output is not None:
+        spec["output"] = _join(str(study.spec.output), name)
+    else:
+        spec.pop("output", None)  # each point its own folder, never the template's shared one
+    metadata = {"name": name, "labels": {"lmforge.io/scaling-study": study.name}}
+    if study.metadata.namespace:
+        metadata["namespace"] = study.metadata.namespace
+    document = {"apiVersion": study.api_version, "kind": "PretrainRun", "metadata": metadata, "spec": spec}
+    return MODELS["PretrainRun"].model_validate(document)
 
 
 def references(resource: Resource[Any, Any]) -> list[Ref]:

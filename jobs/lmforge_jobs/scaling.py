@@ -576,14 +576,22 @@ def _minimise(starts: Any, x: Any, y: Any, log_loss: Any, delta: float) -> tuple
     return best
 
 
+def _exp(x: float) -> float:
+    """e^x, infinite where a float overflows (a diverged fit, dropped by the finiteness checks)."""
+    return math.exp(x) if x < 709.0 else float("inf")
+
+
 def _law_parameters(theta: Sequence[float]) -> dict[str, float]:
     a, b, e, alpha, beta = (float(v) for v in theta)
-    A, B, E = math.exp(a), math.exp(b), math.exp(e)
+    A, B, E = _exp(a), _exp(b), _exp(e)
     out = {"E": E, "A": A, "B": B, "alpha": alpha, "beta": beta}
     if alpha > 0 and beta > 0:
         out["a"] = beta / (alpha + beta)
         out["b"] = alpha / (alpha + beta)
-        out["G"] = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+        try:
+            out["G"] = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+        except OverflowError:
+            out["G"] = float("inf")
     else:  # no interior optimum: one of the terms does not decrease
         out["a"] = out["b"] = out["G"] = float("nan")
     return out

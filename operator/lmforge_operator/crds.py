@@ -79,6 +79,22 @@ COLUMNS: dict[str, tuple[dict[str, Any], ...]] = {
         _col("Best trial", ".status.best.name", priority=1),
         _AGE,
     ),
+    "ScalingStudy": (
+        _PHASE,
+        _col("Points", ".status.pointsDone", "integer", description="Points finished"),
+        _col("Total", ".status.pointsTotal", "integer", description="Points the study trains"),
+        _col(
+            "Target loss", ".status.target.loss", "number", description="Predicted loss at spec.targetBudget"
+        ),
+        _col(
+            "Target N",
+            ".status.target.parameters",
+            "number",
+            priority=1,
+            description="Compute-optimal N there",
+        ),
+        _AGE,
+    ),
 }
 """Printer columns of each kind (``kubectl get``)."""
 

@@ -18,7 +18,7 @@ from lmforge_jobs.spec import Condition, Phase, derive_phase
 
 ARGOCD = ROOT / "charts" / "lmforge" / "argocd"
 SCRIPT = (ARGOCD / "health.lua").read_text()
-KINDS = ("Corpus", "PretrainRun", "AlignmentRun", "Evaluation", "Sweep")
+KINDS = ("Corpus", "PretrainRun", "AlignmentRun", "Evaluation", "Sweep", "ScalingStudy")
 HEALTH_OF_PHASE = {
     Phase.pending: "Progressing",
     Phase.waiting: "Progressing",

@@ -231,7 +231,9 @@ def test_owner_reference() -> None:
     # Setting blockOwnerDeletion is refused by OwnerReferencesPermissionEnforcement unless the operator may
     # update the owner's finalizers: granted for every kind that owns children.
     for kind, plural in zip(
-        ("Corpus", "PretrainRun", "AlignmentRun", "Evaluation", "Sweep"), rbac.PLURALS, strict=True
+        ("Corpus", "PretrainRun", "AlignmentRun", "Evaluation", "Sweep", "ScalingStudy"),
+        rbac.PLURALS,
+        strict=True,
     ):
         ref = builders.owner_reference({**body, "kind": kind})
         assert ref["blockOwnerDeletion"] and rbac.allows("lmforge.io", f"{plural}/finalizers", "update")

@@ -406,7 +406,7 @@ def test_chart_crds_are_the_generated_ones() -> None:
 
 def test_crds_templated_with_install_and_keep(helm: str) -> None:
     crds = by_kind(render(helm), "CustomResourceDefinition")
-    assert sorted(c["spec"]["names"]["kind"] for c in crds) == sorted((*KINDS, "Sweep"))
+    assert sorted(c["spec"]["names"]["kind"] for c in crds) == sorted((*KINDS, "Sweep", "ScalingStudy"))
     for crd in crds:
         source = yaml.load(
             (CHART / "files" / "crds" / f"{crd['metadata']['name']}.yaml").read_text(), _LOADER

@@ -18,6 +18,7 @@ CRD_FILES = {
     "AlignmentRun": "alignmentruns",
     "Evaluation": "evaluations",
     "Sweep": "sweeps",
+    "ScalingStudy": "scalingstudies",
 }
 
 
@@ -51,8 +52,26 @@ def _program(rule: str) -> Any:
     return _env.program(_env.compile(rule))
 
 
+def as_schema_types(value: Any, schema: dict[str, Any]) -> Any:
+    """``value`` with every number under a ``type: number`` node a float: the API server hands CEL a
+    double there whatever the JSON looked like (``1.0e19`` reads as an integer beyond int64 otherwise)."""
+    if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {
+            k: as_schema_types(v, props.get(k) or (extra if isinstance(extra, dict) else {}))
+            for k, v in value.items()
+        }
+    if isinstance(value, list) and "items" in schema:
+        return [as_schema_types(v, schema["items"]) for v in value]
+    return value
+
+
 def cel_errors(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
     """Messages of every CEL rule that evaluates to false (or fails) on ``value``."""
+    value = as_schema_types(value, schema)
     errors: list[str] = []
     for entry in schema.get("x-kubernetes-validations", []):
         try:

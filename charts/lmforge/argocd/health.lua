@@ -1,4 +1,5 @@
--- Argo CD health check for the lmforge kinds (Corpus, PretrainRun, AlignmentRun, Evaluation, Sweep).
+-- Argo CD health check for the lmforge kinds (Corpus, PretrainRun, AlignmentRun, Evaluation, Sweep,
+-- ScalingStudy).
 -- Same precedence as the printer column's phase (lmforge_jobs.spec.derive_phase):
 -- Invalid > Failed > Succeeded > Running > Waiting. Invalid and Failed are Degraded, Succeeded is Healthy,
 -- Running and Waiting are Progressing, and so is a status the operator has not yet written or that

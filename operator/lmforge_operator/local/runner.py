@@ -237,10 +237,11 @@ class LocalRunner:
         return resolve(resource, outputs, output)
 
     def run_one(self, resource: Resource[Any, Any]) -> Outcome:
-        if not KINDS[resource.kind].job:
+        if not KINDS[resource.kind].job:  # it runs other resources: a Sweep's trials, a study's points
+            from lmforge_operator.local.scaling import run_study
             from lmforge_operator.local.sweep import run_sweep
 
-            return run_sweep(self, resource)
+            return {"Sweep": run_sweep, "ScalingStudy": run_study}[resource.kind](self, resource)
         kind, name = resource.kind, resource.name
         run_dir = resource_dir(self.workdir, kind, name)
         try:

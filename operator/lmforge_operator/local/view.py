@@ -59,6 +59,10 @@ def summary(kind: str, status: dict[str, Any]) -> str:
         best = status.get("best")
         done = f"{status.get('trialsDone', 0)}/{status['trialsTotal']} trials"
         return f"{done}, best {best['name']}: {best['objective']:.4g}" if best else done
+    if kind == "ScalingStudy" and status.get("pointsTotal"):
+        done = f"{status.get('pointsDone', 0)}/{status['pointsTotal']} points"
+        loss = (status.get("target") or {}).get("loss")
+        return f"{done}, predicted loss {loss:.4g} at the target" if loss is not None else done
     return ""
 
 

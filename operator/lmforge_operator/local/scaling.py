@@ -1,0 +1,258 @@
+"""``lmforge run`` of a ScalingStudy: its points, one after the other, each a child PretrainRun named
+``<study>-b<II>n<JJ>`` run by the same runner as any other resource (``WORKDIR/pretrainrun/<point>/``),
+then the scaling-law fits of :mod:`lmforge_jobs.scaling` on their final losses.
+
+The loss of a point is its final held-out loss (``status.metrics.evalLoss``) when every point reported one,
+else its final training loss (``metrics.loss``, the last logged step's): one study never mixes the two, and
+``status.lossMetric`` says which it used. A point's compute is its budget C as written in the spec (so the
+fit groups the points of a budget exactly), its tokens the ones it trained on (whole steps).
+
+The fits go to ``WORKDIR/scalingstudy/<name>/scaling-approach2.json`` and ``scaling-approach3.json``, and
+the one ``lmforge plan --law`` should read to ``scaling.json`` (approach 3 when it was fitted and has a
+frontier, else approach 2); status.outputs.law names it.
+
+Run again, a study skips its finished points (the runner skips an up-to-date PretrainRun), resumes an
+interrupted one from its checkpoint and refits. Points run one at a time, as a Sweep's trials do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lmforge_jobs.resolve import UnresolvedReference, point_resource
+from lmforge_jobs.scaling_study import FitApproach, PointPhase, study_points
+from lmforge_jobs.spec import SpecError
+from lmforge_operator import status as status_helpers
+from lmforge_operator.local.runner import (
+    LocalRunner,
+    Outcome,
+    job_environment,
+    read_status,
+    resource_dir,
+    tokenizer_vocab,
+)
+from lmforge_operator.local.storage import storage_env
+
+LAW_FILE = "scaling.json"
+"""The law ``lmforge plan --law`` reads, in the study's run directory."""
+
+
+def law_file(run_dir: Path, approach: int) -> Path:
+    return run_dir / f"scaling-approach{approach}.json"
+
+
+def _vocab(runner: LocalRunner, study: Any) -> int | None:
+    """The tokenizer's size, for the parameter counts of ``vocabSize: auto`` models (None: the spec's)."""
+    job = runner.resolved(point_resource(study, study.name, {}, 1))
+    if job.spec.data is None:
+        return None
+    with job_environment(storage_env(job, runner.s3_endpoint)):
+        return tokenizer_vocab(job.spec.data.tokenizer)
+
+
+def _row(point: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """A point's status row from its plan and its child's status.json."""
+    phase = child.get("phase")
+    tokens = (child.get("progress") or {}).get("tokens") if phase == "Succeeded" else None
+    tokens = int(tokens or point["tokens"])
+    row = {
+        "name": point["name"],
+        "budget": point["budget"],
+        "shape": point["shape"],
+        "parameters": point["parameters"],
+        "tokens": tokens,
+        "flops": 6.0 * point["parameters"] * tokens,
+        "phase": {
+            "Succeeded": PointPhase.succeeded,
+            "Running": PointPhase.running,
+            "Failed": PointPhase.failed,
+            "Invalid": PointPhase.failed,
+        }.get(phase or "", PointPhase.pending).value,
+    }
+    metrics = child.get("metrics") or {}
+    row["_losses"] = {k: metrics[k] for k in ("evalLoss", "loss") if isinstance(metrics.get(k), int | float)}
+    return row
+
+
+def point_rows(plan: list[dict[str, Any]], children: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The status rows of the planned points, given each one's child status.json, with the study's loss."""
+    rows = [_row(point, child) for point, child in zip(plan, children, strict=True)]
+    metric = loss_metric(rows)
+    for row in rows:
+        if metric in row["_losses"]:
+            row["loss"] = row["_losses"][metric]
+    return rows
+
+
+def _public(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+
+
+def loss_metric(rows: list[dict[str, Any]]) -> str:
+    """evalLoss when every succeeded point reported it, else loss."""
+    done = [r for r in rows if r["phase"] == PointPhase.succeeded.value]
+    return "evalLoss" if done and all("evalLoss" in r["_losses"] for r in done) else "loss"
+
+
+def _fit_result(approach: int, result: Any, law: Path) -> dict[str, Any]:
+    return {
+        "approach": approach,
+        "parameters": {
+            name: {
+                k: v
+                for k, v in (("value", e.value), ("low", e.low), ("high", e.high))
+                if v is not None and math.isfinite(v)
+            }
+            for name, e in result.parameters.items()
+            if math.isfinite(e.value)
+        },
+        "notes": [n[:1024] for n in result.notes[:32]],
+        "law": str(law.resolve()),
+    }
+
+
+def _has_frontier(result: Any) -> bool:
+    """Every constant finite, the frontier's exponents included (a diverged fit has none)."""
+    return all(math.isfinite(e.value) for e in result.parameters.values())
+
+
+def fit_points(spec: Any, rows: list[dict[str, Any]], run_dir: Path) -> tuple[list[dict[str, Any]], Any]:
+    """Fit the requested approaches to the rows; each fit's status entry, and the law written to
+    scaling.json (None when no fit has a frontier)."""
+    from lmforge_jobs import scaling
+
+    metric = loss_metric(rows)
+    points = [
+        scaling.Point(
+            float(r["parameters"]), float(r["tokens"]), float(r["_losses"][metric]), float(r["budget"])
+        )
+        for r in rows
+        if r["phase"] == PointPhase.succeeded.value and metric in r["_losses"]
+    ]
+    approaches = {FitApproach.approach2: (2,), FitApproach.approach3: (3,), FitApproach.both: (2, 3)}[
+        spec.fit
+    ]
+    fits, results = [], {}
+    for approach in approaches:
+        try:
+            result = scaling.fit(points, approach, bootstrap=spec.bootstrap, seed=spec.seed)
+        except (ValueError, ArithmeticError) as exc:  # too few points, no minimum, a diverged fit
+            fits.append({"approach": approach, "error": str(exc)[:4096]})
+            continue
+        path = result.save(law_file(run_dir, approach))
+        fits.append(_fit_result(approach, result, path))
+        results[approach] = result
+    primary = next((results[a] for a in (3, 2) if a in results and _has_frontier(results[a])), None)
+    if primary is not None:
+        shutil.copyfile(law_file(run_dir, primary.approach), run_dir / LAW_FILE)
+    return fits, primary
+
+
+def target_prediction(law: Any, flops: float) -> dict[str, Any]:
+    pred = law.predict(flops)
+    out: dict[str, Any] = {
+        "approach": law.approach,
+        "flops": flops,
+        "parameters": pred.params,
+        "tokens": pred.tokens,
+    }
+    if pred.params_interval:
+        out["parametersInterval"] = list(pred.params_interval)
+    if pred.tokens_interval:
+        out["tokensInterval"] = list(pred.tokens_interval)
+    if pred.loss is not None and math.isfinite(pred.loss):
+        out["loss"] = pred.loss
+        if pred.loss_interval:
+            out["lossInterval"] = list(pred.loss_interval)
+    return out
+
+
+def run_study(runner: LocalRunner, study: Any) -> Outcome:
+    """Run (or resume) every point of ``study``, fit the law and write its status.json."""
+    run_dir = resource_dir(runner.workdir, study.kind, study.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = read_status(runner.workdir, study.kind, study.name) or {}
+    status: dict[str, Any] = {k: v for k, v in previous.items() if k in ("conditions", "startTime")}
+    status["startTime"] = status.get("startTime") or status_helpers.now_iso()
+    try:
+        plan = study_points(study.spec, study.name, _vocab(runner, study))
+    except UnresolvedReference as exc:
+        runner._not_run(study, status_helpers.DEPENDENCY_NOT_READY, str(exc))
+        return Outcome(study, "Waiting", str(exc))
+    except SpecError as exc:
+        message = f"spec.{exc.field}: {exc.message}"
+        phase = status_helpers.set_state(status, "Invalid", status_helpers.CONFIG_ERROR, message)
+        runner._save(study, status)
+        if runner.display:
+            runner.display.finished(study, phase, message)
+        return Outcome(study, phase, message)
+
+    def rows() -> list[dict[str, Any]]:
+        return point_rows(plan, [read_status(runner.workdir, "PretrainRun", p["name"]) or {} for p in plan])
+
+    def save(current: list[dict[str, Any]]) -> None:
+        status["points"] = _public(current)
+        status["pointsTotal"] = len(current)
+        status["pointsDone"] = sum(r["phase"] in ("Succeeded", "Failed") for r in current)
+        runner._save(study, status)
+
+    status_helpers.set_state(status, "Running", status_helpers.JOB_RUNNING, f"{len(plan)} points")
+    save(rows())
+    failed: list[str] = []
+    for point in plan:
+        if runner.interrupted:
+            break
+        outcome = runner.run_one(point_resource(study, point["name"], point["shape"], point["tokens"]))
+        if outcome.phase != "Succeeded" and not runner.interrupted:
+            failed.append(f"{point['name']}: {outcome.message or outcome.phase}")
+        save(rows())
+
+    current = rows()
+    if runner.interrupted:
+        message = "interrupted; run again to resume the study"
+        phase = status_helpers.set_state(status, "Failed", status_helpers.INTERRUPTED, message)
+    elif failed:
+        message = f"{len(failed)} point(s) failed; first {failed[0]}"
+        phase = status_helpers.set_state(status, "Failed", status_helpers.JOB_FAILED, message)
+    else:
+        status["lossMetric"] = loss_metric(current)
+        (run_dir / LAW_FILE).unlink(missing_ok=True)  # a law from an earlier spec must not outlive its fit
+        fits, law = fit_points(study.spec, current, run_dir)
+        status["fits"] = fits
+        status.pop("target", None)
+        if law is None:
+            errors = [f.get("error") or "no compute-optimal frontier" for f in fits]
+            message = f"no law fitted: {errors[0]}"
+            phase = status_helpers.set_state(status, "Failed", status_helpers.JOB_FAILED, message)
+        else:
+            status["outputs"] = {"law": str((run_dir / LAW_FILE).resolve())}
+            message = f"approach {law.approach} law fitted on {len(law.points)} points"
+            if study.spec.target_budget:
+                try:
+                    status["target"] = target_prediction(law, study.spec.target_budget)
+                except ArithmeticError as exc:  # the law overflows that far out
+                    message += f"; no prediction at the target ({exc})"
+            if status.get("target"):
+                target = status["target"]
+                message += f"; at {target['flops']:.3g} FLOPs N_opt {target['parameters']:.3g}"
+                if "loss" in target:
+                    message += f", loss {target['loss']:.4g}"
+            status["completionTime"] = status.get("completionTime") or status_helpers.now_iso()
+            phase = status_helpers.set_state(status, "Succeeded", status_helpers.JOB_SUCCEEDED, message)
+    save(current)
+    (run_dir / "points.jsonl").write_text(
+        "".join(
+            json.dumps({k: v for k, v in r.items() if k != "_losses"} | r["_losses"]) + "\n" for r in current
+        ),
+        encoding="utf-8",
+    )
+    if runner.display:
+        runner.display.finished(study, phase, message)
+    return Outcome(study, phase, message)
+
+
+__all__ = ["LAW_FILE", "fit_points", "loss_metric", "point_rows", "run_study", "target_prediction"]
