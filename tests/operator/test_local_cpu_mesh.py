@@ -57,6 +57,11 @@ def test_without_a_mesh_one_process_as_before(tmp_path: Path) -> None:
     [
         ({"precision": "fp8", **cpu_mesh(nodes=2, tensorParallel=2)}, "precision", "GPU"),
         (cpu_mesh(nodes=2, contextParallel=2), "parallelism.contextParallel", "CUDA"),
+        (
+            cpu_mesh(nodes=2, tensorParallel=2, asyncTensorParallel=True, compile=True),
+            "parallelism.asyncTensorParallel",
+            "CUDA",
+        ),
     ],
 )
 def test_meshes_the_cpu_cannot_run_are_refused_naming_the_field(

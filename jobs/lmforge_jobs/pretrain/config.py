@@ -311,6 +311,13 @@ class TrainParallelism(NodeParallelism):
             "pipelineParallel and contextParallel need strategy fsdp",
             field="strategy",
         ),
+        Cel(
+            "!has(self.asyncTensorParallel) || !self.asyncTensorParallel"
+            " || (has(self.tensorParallel) && self.tensorParallel > 1 && (!has(self.compile) || self.compile))",
+            "asyncTensorParallel overlaps tensor-parallel communication with compute inside compiled graphs: it "
+            "needs tensorParallel > 1 and compile true",
+            field="asyncTensorParallel",
+        ),
     )
 
     strategy: Strategy = Strategy.ddp
@@ -333,6 +340,10 @@ class TrainParallelism(NodeParallelism):
     pipelineParallel. More shrink the bubble, (stages − 1) / (microBatches + stages − 1) for 1F1B."""
     context_parallel: Annotated[int, Field(ge=1, le=64)] = 1
     """Context-parallel degree: each sequence split over this many ranks (ring attention, GPU only)."""
+    async_tensor_parallel: bool = False
+    """Async tensor parallel (GPU only): torch.compile's micro-pipelining splits each tensor-parallel matmul
+    and overlaps its all-gather / reduce-scatter with the matmul's pieces (symmetric memory over NVLink).
+    Needs tensorParallel > 1, compile, and CUDA GPUs of one node per tensor-parallel group."""
     compile: bool = True
     """Compile the model with torch.compile."""
     activation_checkpointing: bool = False
@@ -377,6 +388,13 @@ class TrainParallelism(NodeParallelism):
                 "strategy",
                 "strategy ddp replicates the whole model: dataParallelShard, dataParallelReplicate, "
                 "tensorParallel, pipelineParallel and contextParallel need strategy fsdp",
+            )
+        if self.async_tensor_parallel and (self.tensor_parallel < 2 or not self.compile):
+            raise SpecError(
+                "asyncTensorParallel",
+                "asyncTensorParallel overlaps tensor-parallel communication with compute inside compiled graphs: "
+                f"it needs tensorParallel > 1 (here {self.tensor_parallel}) and compile true (here "
+                f"{str(self.compile).lower()})",
             )
         return self
 

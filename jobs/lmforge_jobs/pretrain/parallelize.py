@@ -175,8 +175,14 @@ def loss_context(loss_parallel: bool) -> Any:
 
 
 # ---------------------------------------------------------------------------------- context parallel, fp8
-def check_gpu_only(dims: MeshDims, precision: str, device: torch.device) -> None:
+def check_gpu_only(dims: MeshDims, precision: str, device: torch.device, async_tp: bool = False) -> None:
     """Refuse, naming the field, what needs a GPU this process does not have (before any rendezvous)."""
+    if async_tp and device.type != "cuda":
+        raise ConfigError(
+            "parallelism.asyncTensorParallel",
+            "asyncTensorParallel needs CUDA GPUs: its micro-pipelined collectives run on NCCL symmetric memory, "
+            "which gloo on CPUs does not have; set it false",
+        )
     if dims.cp > 1 and device.type != "cuda":
         raise ConfigError(
             "parallelism.contextParallel",
@@ -359,6 +365,26 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layers[key] = checkpoint_wrapper(layers[key], preserve_rng_state=False)
 
 
+def enable_async_tp(tp_mesh: Any) -> None:
+    """Async tensor parallel: inductor's micro-pipeline pass rewrites each all-gather → matmul and
+    matmul → reduce-scatter of the compiled tensor-parallel blocks into pieces that overlap communication
+    with compute (torchtitan's ``maybe_enable_async_tp``). Set before the first compiled step. torch up to
+    2.9 also needed symmetric memory enabled per group; later versions do it themselves (and deprecate
+    the call), so it is called only where it is not deprecated."""
+    import warnings
+
+    import torch._inductor.config as inductor_config
+
+    inductor_config._micro_pipeline_tp = True
+    try:
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+    except ImportError:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "no need to call this function anymore"
+        enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+
+
 def apply_compile(model: nn.Module) -> None:
     """Compile every block in place (names in the state dict do not change); the blocks share one graph."""
     for block in block_list(model):
@@ -418,6 +444,7 @@ def parallelize(
     stages_per_rank: int = 1,
     micro_batches: int = 1,
     loss_fn: Any = None,
+    async_tp: bool = False,
 ) -> Parallelized:
     """PP split → TP → activation checkpointing → compile → FSDP2 (or DDP) → pipeline schedule, for the
     mesh ``dims`` (torchtitan's order). ``loss_fn(output, labels)`` is the last pipeline stage's loss."""
@@ -436,6 +463,8 @@ def parallelize(
         # embedding sharded the same way as the output, which RowwiseParallel does not do
         loss_parallel = not model.args.tie_embeddings
         apply_tp(model, mesh["tp"], loss_parallel)
+        if async_tp and compile:
+            enable_async_tp(mesh["tp"])
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -476,6 +505,7 @@ __all__ = [
     "build_pipeline",
     "check_gpu_only",
     "cp_context",
+    "enable_async_tp",
     "fsdp_mesh",
     "loss_context",
     "parallelize",

@@ -155,7 +155,7 @@ def run(resource: Resource[Any, Any], args: Any) -> int:
     dims = MeshDims.from_spec(spec.parallelism, int(os.environ.get("WORLD_SIZE", "1")))
     check_batch(spec, dims.dp)  # before any rendezvous: fail fast
     world = setup_world(spec)
-    check_gpu_only(dims, spec.precision.value, world.device)
+    check_gpu_only(dims, spec.precision.value, world.device, spec.parallelism.async_tensor_parallel)
     try:
         return Trainer(spec, world).train()
     finally:
@@ -590,6 +590,7 @@ class Trainer:
             stages_per_rank=spec.parallelism.pipeline_schedule.stages_per_rank,
             micro_batches=spec.parallelism.pipeline_micro_batches,
             loss_fn=self.pipeline_loss,
+            async_tp=spec.parallelism.async_tensor_parallel,
         )
         model, self.mesh, self.pipeline = parallel.model, parallel.mesh, parallel.pipeline
         self.loss_parallel, self.autocast = parallel.loss_parallel, parallel.autocast

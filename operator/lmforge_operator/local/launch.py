@@ -82,6 +82,12 @@ def cpu_mesh(resource: Resource[Any, Any]) -> int | None:
             f"{par.context_parallel} needs CUDA GPUs: ring attention replaces the flash and memory-efficient "
             "attention kernels, which gloo processes on a CPU do not have; use 1 for a CPU mesh",
         )
+    if par.async_tensor_parallel:
+        raise MeshRefused(
+            "parallelism.asyncTensorParallel",
+            "true needs CUDA GPUs: its micro-pipelined collectives run on NCCL symmetric memory, which gloo "
+            "processes on a CPU do not have; set it false for a CPU mesh",
+        )
     cores = os.cpu_count() or 1
     if par.world_size > cores * CPU_PROCESSES_PER_CORE:
         raise MeshRefused(

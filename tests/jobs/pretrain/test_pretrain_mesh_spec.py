@@ -50,6 +50,8 @@ VALID = [
     {"parallelism": {"nodes": 1, "gpusPerNode": 0, "strategy": "ddp"}},
     {"parallelism": {"gpusPerNode": 1, "strategy": "ddp"}},
     {"parallelism": {"nodes": 1, "gpusPerNode": 0}},  # one CPU process: a mesh of one
+    {"parallelism": {"tensorParallel": 2, "asyncTensorParallel": True}},
+    {"parallelism": {"asyncTensorParallel": False}},
 ]
 
 INVALID = [
@@ -121,6 +123,17 @@ INVALID = [
         "parallelism",
         "decoder only",
     ),
+    # async tensor parallel overlaps TP collectives inside compiled graphs
+    (
+        {"parallelism": {"asyncTensorParallel": True}},
+        "parallelism.asyncTensorParallel",
+        "needs tensorParallel > 1",
+    ),
+    (
+        {"parallelism": {"tensorParallel": 2, "asyncTensorParallel": True, "compile": False}},
+        "parallelism.asyncTensorParallel",
+        "compile true",
+    ),
     # the global batch is split over the data-parallel ranks only
     (
         {"parallelism": {"tensorParallel": 2}, "batch": {"globalTokens": 32 * 8 * 2}},
@@ -169,7 +182,33 @@ def test_fp8_and_context_parallel_are_refused_on_the_cpu_naming_the_field() -> N
     with pytest.raises(ConfigError) as refused:
         check_gpu_only(MeshDims(cp=2, fsdp=True), "bf16", cpu)
     assert refused.value.field == "parallelism.contextParallel" and "CUDA" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        check_gpu_only(MeshDims(tp=2, fsdp=True), "bf16", cpu, async_tp=True)
+    assert refused.value.field == "parallelism.asyncTensorParallel" and "CUDA" in str(refused.value)
     check_gpu_only(MeshDims(tp=2, fsdp=True), "bf16", cpu)  # tensor parallel runs on gloo
+
+
+def test_async_tensor_parallel_turns_on_inductor_micro_pipelining(monkeypatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    from lmforge_jobs.pretrain import parallelize
+
+    groups: list[str] = []
+
+    class Group:
+        group_name = "tp-group"
+
+    class Mesh:
+        def get_group(self) -> Group:
+            return Group()
+
+    import torch.distributed._symmetric_memory as symm
+
+    monkeypatch.setattr(inductor_config, "_micro_pipeline_tp", False)
+    monkeypatch.setattr(symm, "enable_symm_mem_for_group", groups.append)
+    parallelize.enable_async_tp(Mesh())
+    assert inductor_config._micro_pipeline_tp is True
+    assert groups == ["tp-group"]
 
 
 def test_fp8_is_a_pretrain_precision_only() -> None:
