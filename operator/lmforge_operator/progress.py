@@ -7,14 +7,30 @@ On a terminal each resource gets a rich progress bar (stage, step/total, tokens/
 
 from __future__ import annotations
 
+import functools
 import sys
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.telemetry import metric_name, progress_names
 
 PLAIN_EVERY_SECONDS = 5.0
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """One call of the display at a time: a Sweep's trials may run side by side in threads."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 def describe(progress: dict[str, Any]) -> str:
@@ -47,6 +63,7 @@ class Display:
         self._progress = None
         self._tasks: dict[str, Any] = {}
         self._last_plain: dict[str, float] = {}
+        self._lock = threading.RLock()
         if use_rich:
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -61,16 +78,19 @@ class Display:
             )
             self._progress.start()
 
+    @_locked
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
 
+    @_locked
     def print(self, text: str) -> None:
         if self._progress is not None:
             self._progress.console.print(text, highlight=False, markup=False)
         else:
             print(text, file=self.stream, flush=True)
 
+    @_locked
     def started(self, resource: Resource[Any, Any], nproc: int, gpus: int) -> None:
         where = f"{nproc} process(es) on {'GPU' if gpus else 'CPU'}"
         if self._progress is not None:
@@ -79,11 +99,13 @@ class Display:
             )
         self.print(f"▶ {resource.ref}: started ({where})")
 
+    @_locked
     def plan(self, resource: Resource[Any, Any], text: str) -> None:
         self.print(
             f"  compute plan of {resource.ref}:\n" + "\n".join("    " + line for line in text.splitlines())
         )
 
+    @_locked
     def progress(self, resource: Resource[Any, Any], progress: dict[str, Any]) -> None:
         line = describe(progress)
         percent = float(progress.get("percent") or 0.0)
@@ -95,18 +117,22 @@ class Display:
             self._last_plain[resource.ref] = now
             self.print(f"  {resource.ref}: {percent:5.1f}%  {line}")
 
+    @_locked
     def note(self, resource: Resource[Any, Any], text: str) -> None:
         self.print(f"  {resource.ref}: {text}")
 
+    @_locked
     def log(self, resource: Resource[Any, Any], tail: str) -> None:
         if tail.strip():
             self.print(
                 f"  last lines of {resource.ref}'s log:\n" + "\n".join("    " + t for t in tail.splitlines())
             )
 
+    @_locked
     def skipped(self, resource: Resource[Any, Any], why: str) -> None:
         self.print(f"✓ {resource.ref}: {why}, skipped")
 
+    @_locked
     def finished(self, resource: Resource[Any, Any], phase: str, message: str) -> None:
         if self._progress is not None and resource.ref in self._tasks:
             task = self._tasks.pop(resource.ref)

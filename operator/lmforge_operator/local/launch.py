@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,9 +172,11 @@ class Launch:
         self._torchx_handle = self._torchx_runner.run(
             app, scheduler=TORCHX_SCHEDULER, cfg={"log_dir": str(log_dir)}
         )
-        # torchx installs its own SIGINT/SIGTERM handlers; Ctrl-C is ours to handle gracefully
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
+        # torchx installs its own SIGINT/SIGTERM handlers; Ctrl-C is ours to handle gracefully (it does so
+        # only in the main thread: a trial launched from a thread of its own leaves them alone)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handlers[0])
+            signal.signal(signal.SIGTERM, handlers[1])
         self._groups = {process.pid for process in self._job_popens()}
 
     def _start_process(self, args: list[str], env: dict[str, str]) -> None:

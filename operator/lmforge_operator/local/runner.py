@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -105,20 +106,25 @@ def order(resources: list[Resource[Any, Any]], workdir: Path) -> list[Resource[A
 
 
 # ------------------------------------------------------------------------------------------------ status
+_ENVIRONMENT_LOCK = threading.RLock()
+"""One job's variables in os.environ at a time: trials run side by side in threads (local.parallel)."""
+
+
 @contextlib.contextmanager
 def job_environment(env: dict[str, str]) -> Iterator[None]:
     """This process's environment with a job's storage variables on top, for the runner's own reads of
     the job's inputs and results (the same store the job reaches)."""
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with _ENVIRONMENT_LOCK:
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def apply_results(status: dict[str, Any], resource: Resource[Any, Any], output: str) -> None:
@@ -190,10 +196,12 @@ class LocalRunner:
     env: dict[str, str] = field(default_factory=dict)
     s3_endpoint: str | None = None
     """``--s3-endpoint``: the S3 endpoint of every job, before spec.storage.endpoint (local.storage)."""
-    stop_when: Any = None
-    """Called with the running job's run directory at every poll; True stops the job (a pruned trial)."""
-    stopped_early: bool = False
-    """The last job run was stopped because ``stop_when`` said so."""
+    parallel: int | None = None
+    """``--parallel``: a Sweep's trials or a study's points at once, at most (None: what the machine
+    allows, see local.parallel)."""
+    status_lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
+    """Held while a Sweep or ScalingStudy writes its own status.json (its children run in threads)."""
+    _launches: set[Launch] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def run(self, resources: list[Resource[Any, Any]]) -> list[Outcome]:
         ordered = order(resources, self.workdir)
@@ -236,7 +244,10 @@ class LocalRunner:
         output = default_output(resource.kind, resource.name, str(self.workdir.resolve()))
         return resolve(resource, outputs, output)
 
-    def run_one(self, resource: Resource[Any, Any]) -> Outcome:
+    def run_one(self, resource: Resource[Any, Any], *, stop_when: Any = None, slot: Any = None) -> Outcome:
+        """Skip, resume or run one resource and write its status. ``stop_when`` is called with the job's
+        run directory at every poll; True stops the job (a pruned trial). ``slot`` (a
+        local.parallel.Slot) is where it runs when it runs beside others: its GPUs or CPU threads."""
         if not KINDS[resource.kind].job:  # it runs other resources: a Sweep's trials, a study's points
             from lmforge_operator.local.scaling import run_study
             from lmforge_operator.local.sweep import run_sweep
@@ -281,7 +292,8 @@ class LocalRunner:
         if plan:
             status["plan"] = plan
         try:
-            processes = processes_for(job, self.gpus)
+            gpus = len(slot.devices) if slot is not None and slot.devices else self.gpus
+            processes = processes_for(job, gpus)
         except MeshRefused as exc:  # what the job would refuse with exit 64, before any process starts
             phase = status_helpers.set_state(status, "Invalid", status_helpers.CONFIG_ERROR, str(exc))
             self._save(resource, status)
@@ -301,17 +313,19 @@ class LocalRunner:
             **storage_env(job, self.s3_endpoint),
             RUN_DIR_ENV: str(run_dir.resolve()),
             **self.env,
+            **(slot.env() if slot is not None else {}),
         }
         if self.display:
-            self.display.started(resource, processes, self.gpus)
+            self.display.started(resource, processes, gpus)
         launch = Launch(
             f"{kind.lower()}-{name}", command(job, manifest.resolve(), processes), env, run_dir / "logs"
         )
-        self.stopped_early = False
+        self._launches.add(launch)
         try:
-            code = self._wait(resource, launch, status, run_dir)
+            code, stopped_early = self._wait(resource, launch, status, run_dir, stop_when)
         finally:
             launch.kill()  # whatever ended the wait (a second Ctrl-C included), nothing of the job is left
+            self._launches.discard(launch)
 
         if code == 0 and outputs_file.exists() and not self.interrupted:
             status["outputs"] = json.loads(outputs_file.read_text(encoding="utf-8"))
@@ -323,7 +337,7 @@ class LocalRunner:
         elif self.interrupted:
             message = "interrupted; run again to resume from the last checkpoint"
             phase = status_helpers.set_state(status, "Failed", status_helpers.INTERRUPTED, message)
-        elif self.stopped_early:
+        elif stopped_early:
             message = "stopped early"
             phase = status_helpers.set_state(status, "Failed", status_helpers.JOB_FAILED, message)
         else:
@@ -342,12 +356,23 @@ class LocalRunner:
             self.display.finished(resource, phase, message)
         return Outcome(resource, phase, message)
 
+    def kill_running(self) -> None:
+        """SIGKILL to every job still running (a second Ctrl-C while trials run in threads)."""
+        for launch in list(self._launches):
+            launch.kill()
+
     def _wait(
-        self, resource: Resource[Any, Any], launch: Launch, status: dict[str, Any], run_dir: Path
-    ) -> int:
-        """Mirror the job's progress until it exits (stopping it once ``lmforge run`` is interrupted)."""
+        self,
+        resource: Resource[Any, Any],
+        launch: Launch,
+        status: dict[str, Any],
+        run_dir: Path,
+        stop_when: Any = None,
+    ) -> tuple[int, bool]:
+        """Mirror the job's progress until it exits (stopping it once ``lmforge run`` is interrupted, or
+        once ``stop_when`` says so); its exit code and whether ``stop_when`` stopped it."""
         code: int | None = None
-        stopped = False
+        stopped = stopped_early = False
         while code is None:
             time.sleep(self.poll_seconds)
             if self.interrupted and not stopped:
@@ -357,12 +382,12 @@ class LocalRunner:
                 launch.stop(self.stop_grace_seconds)
             code = launch.poll()
             self._progress(resource, status, run_dir)
-            if code is None and not stopped and self.stop_when is not None and self.stop_when(run_dir):
-                stopped = self.stopped_early = True
+            if code is None and not stopped and stop_when is not None and stop_when(run_dir):
+                stopped = stopped_early = True
                 launch.stop(self.stop_grace_seconds)
                 code = launch.poll()
         self._progress(resource, status, run_dir)
-        return code
+        return code, stopped_early
 
     def input_ids(self, resource: Resource[Any, Any]) -> list[list[str]]:
         """(kind, name, run identity, completion time) of each dependency: a dependency that ran again

@@ -59,16 +59,15 @@ class _Pruning:
         return self.pruned
 
 
-def run_trial(runner: LocalRunner, sweep: Any, search: Any, trial: Any) -> tuple[TrialPhase, float | None]:
-    """Run one trial to its end (or until pruned); its phase and objective."""
+def run_trial(
+    runner: LocalRunner, sweep: Any, search: Any, trial: Any, slot: Any = None
+) -> tuple[TrialPhase, float | None]:
+    """Run one trial to its end (or until pruned); its phase and objective. ``slot``: its GPUs or CPU
+    threads when it runs beside other trials (local.parallel)."""
     child = trial_resource(sweep, trial.name, trial.parameters)
     metric = sweep.spec.objective.metric
     pruning = _Pruning(search, trial.number, metric)
-    runner.stop_when = pruning
-    try:
-        outcome = runner.run_one(child)
-    finally:
-        runner.stop_when = None
+    outcome = runner.run_one(child, stop_when=pruning, slot=slot)
     if pruning.pruned and outcome.phase != "Succeeded":  # not one that ended before the signal landed
         status = read_status(runner.workdir, child.kind, child.name) or {}
         message = f"pruned by Sweep/{sweep.name}: {metric} {pruning.last:.4g} at step {pruning.step}"
