@@ -261,7 +261,13 @@ def _run(args: argparse.Namespace) -> int:
             display.print(f"metrics: http://127.0.0.1:{metrics.port}/metrics")
         except OSError as exc:
             display.print(f"metrics endpoint not started: {exc}")
-    runner = LocalRunner(workdir=workdir, display=display, metrics=metrics, s3_endpoint=args.s3_endpoint)
+    runner = LocalRunner(
+        workdir=workdir,
+        display=display,
+        metrics=metrics,
+        s3_endpoint=args.s3_endpoint,
+        parallel=args.parallel,
+    )
     try:
         outcomes = runner.run(resources)
     finally:
@@ -277,6 +283,17 @@ def _run(args: argparse.Namespace) -> int:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK if all(o.phase == "Succeeded" for o in outcomes) else EXIT_INVALID
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number from 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1")
+    return value
 
 
 def _print_rows(workdir: Path) -> None:
@@ -440,6 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="S3-compatible store (MinIO, Ceph, R2) for every s3:// URI, before spec.storage.endpoint and "
         "$LMFORGE_S3_ENDPOINT/$AWS_ENDPOINT_URL; credentials come from the environment (AWS_*, AWS_PROFILE)",
+    )
+    p.add_argument(
+        "--parallel",
+        type=_positive,
+        metavar="N",
+        default=None,
+        help="a Sweep's trials or a ScalingStudy's points at once, at most (and at most spec.maxParallel); "
+        "default: one per free set of GPUs, one at a time on CPU",
     )
     p.set_defaults(func=_run)
 

@@ -12,7 +12,9 @@ the one ``lmforge plan --law`` should read to ``scaling.json`` (approach 3 when 
 frontier, else approach 2); status.outputs.law names it.
 
 Run again, a study skips its finished points (the runner skips an up-to-date PretrainRun), resumes an
-interrupted one from its checkpoint and refits. Points run one at a time, as a Sweep's trials do.
+interrupted one from its checkpoint and refits. Points run side by side as a Sweep's trials do
+(:mod:`.parallel`: at most spec.maxParallel and ``--parallel``, one per free set of GPUs, one at a time on
+CPU unless ``--parallel`` asks for more); the fits wait for every point.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lmforge_jobs.resolve import UnresolvedReference, point_resource
 from lmforge_jobs.scaling_study import FitApproach, PointPhase, study_points
 from lmforge_jobs.spec import SpecError
 from lmforge_operator import status as status_helpers
+from lmforge_operator.local.parallel import gpus_per_child, run_children, slots
 from lmforge_operator.local.runner import (
     LocalRunner,
     Outcome,
@@ -198,18 +201,31 @@ def run_study(runner: LocalRunner, study: Any) -> Outcome:
         status["points"] = _public(current)
         status["pointsTotal"] = len(current)
         status["pointsDone"] = sum(r["phase"] in ("Succeeded", "Failed") for r in current)
-        runner._save(study, status)
+        with runner.status_lock:
+            runner._save(study, status)
 
     status_helpers.set_state(status, "Running", status_helpers.JOB_RUNNING, f"{len(plan)} points")
     save(rows())
     failed: list[str] = []
-    for point in plan:
-        if runner.interrupted:
-            break
-        outcome = runner.run_one(point_resource(study, point["name"], point["shape"], point["tokens"]))
+
+    def child(point: dict[str, Any]) -> Any:
+        return point_resource(study, point["name"], point["shape"], point["tokens"])
+
+    queue = (child(point) for point in plan)
+
+    def run(child: Any, slot: Any) -> Outcome:
+        return runner.run_one(child, slot=slot)
+
+    def done(child: Any, outcome: Outcome) -> None:
         if outcome.phase != "Succeeded" and not runner.interrupted:
-            failed.append(f"{point['name']}: {outcome.message or outcome.phase}")
+            failed.append(f"{child.name}: {outcome.message or outcome.phase}")
         save(rows())
+
+    # maxParallel: the study's spec has it once the jobs side does; until then, one at a time
+    max_parallel = getattr(study.spec, "max_parallel", None) or 1
+    per_child = gpus_per_child([child(point) for point in plan] if runner.gpus else [], runner.gpus)
+    places = slots(max_parallel, runner.parallel, runner.gpus, per_child)
+    run_children(runner, places, lambda: next(queue, None), run, done)
 
     current = rows()
     if runner.interrupted:

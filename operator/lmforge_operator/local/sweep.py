@@ -6,23 +6,48 @@ pruned trial is stopped with SIGTERM (it saves a checkpoint and exits 143) and r
 study lives in ``WORKDIR/sweep/<name>/optuna-<spec digest>.journal``: a sweep run again keeps its finished trials and
 runs the ones an interruption left running again (they resume from their checkpoints).
 
-Trials run one at a time: on a CPU machine two tiny trials already share every core, and on one GPU a
-trial takes the whole device (spec.maxParallel is for clusters).
+Trials run side by side when the machine allows (:mod:`.parallel`: at most spec.maxParallel and
+``--parallel``, one per free set of GPUs, one at a time on CPU unless ``--parallel`` asks for more). The
+trials are asked for in number order, so their numbers and names follow the seed; with several at once a
+sampler such as TPE proposes from the trials finished so far, which depends on which finished first —
+Optuna's own behaviour with parallel workers. The Search is called by one thread at a time.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 from lmforge_jobs.resolve import trial_resource
 from lmforge_jobs.sweep.config import TrialPhase
 from lmforge_operator import status as status_helpers
+from lmforge_operator.local.parallel import gpus_per_child, run_children, slots
 from lmforge_operator.local.runner import LocalRunner, Outcome, read_status, resource_dir
 
 TRIAL_PRUNED = "TrialPruned"
 """Condition reason of a trial the sweep's pruner stopped."""
+
+
+class _Serialized:
+    """A Search whose calls run one at a time: Optuna's ask and tell and the pruner's bookkeeping are
+    not atomic across the threads of trials that run side by side."""
+
+    def __init__(self, search: Any):
+        self._search = search
+        self._lock = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._search, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attribute(*args, **kwargs)
+
+        return call
 
 
 class _Pruning:
@@ -88,7 +113,7 @@ def run_sweep(runner: LocalRunner, sweep: Any) -> Outcome:
     from lmforge_jobs.sweep.search import Search  # optuna: only when a sweep runs
 
     run_dir = resource_dir(runner.workdir, sweep.kind, sweep.name)
-    search = Search(sweep.name, sweep.spec, run_dir)
+    search = _Serialized(Search(sweep.name, sweep.spec, run_dir))
     previous = read_status(runner.workdir, sweep.kind, sweep.name) or {}
     status: dict[str, Any] = {k: v for k, v in previous.items() if k in ("conditions", "startTime")}
     status["startTime"] = status.get("startTime") or status_helpers.now_iso()
@@ -99,22 +124,34 @@ def run_sweep(runner: LocalRunner, sweep: Any) -> Outcome:
         outputs = {
             n: (read_status(runner.workdir, template_kind, n) or {}).get("outputs") or {} for n in names
         }
-        status.update(search.status(outputs))
-        runner._save(sweep, status)
+        with runner.status_lock:
+            status.update(search.status(outputs))
+            runner._save(sweep, status)
 
     if not search.finished():
         status_helpers.set_state(status, "Running", status_helpers.JOB_RUNNING, "trials running")
     save()
     pending = search.unfinished()
-    while not runner.interrupted:
+
+    def next_trial() -> Any:
         trial = pending.pop(0) if pending else search.next_trial()
-        if trial is None:
-            break
-        save()
-        phase, objective = run_trial(runner, sweep, search, trial)
+        if trial is not None:
+            save()
+        return trial
+
+    def run(trial: Any, slot: Any) -> tuple[TrialPhase, float | None]:
+        return run_trial(runner, sweep, search, trial, slot)
+
+    def done(trial: Any, result: tuple[TrialPhase, float | None]) -> None:
         if not runner.interrupted:  # an interrupted trial stays running: the next run resumes it
-            search.finish(trial.number, phase, objective)
+            search.finish(trial.number, *result)
         save()
+
+    template = trial_resource(sweep, f"{sweep.name}-t000", {})
+    places = slots(
+        sweep.spec.max_parallel, runner.parallel, runner.gpus, gpus_per_child([template], runner.gpus)
+    )
+    run_children(runner, places, next_trial, run, done)
 
     if runner.interrupted:
         message = "interrupted; run again to resume the sweep"
