@@ -19,6 +19,7 @@ progress.json, metrics.jsonl and outputs.json into ``WORKDIR/<kind>/<name>/`` (`
 
 * :mod:`.launch` starts a job's processes and stops all of them;
 * :mod:`.runner` orders the resources, skips, resumes or runs each and writes its status;
+* :mod:`.parallel` runs a Sweep's trials or a ScalingStudy's points side by side (``--parallel``);
 * :mod:`.storage` says what of object storage a job's environment gets;
 * :mod:`.view` reads the work directory back: the rows ``lmforge status`` prints.
 
