@@ -194,9 +194,9 @@ def test_on_cpu_trials_run_one_at_a_time_unless_asked(
 def test_each_trial_gets_its_own_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a (pretend) four-GPU machine, two one-GPU trials at once, each seeing only its own GPU."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    fake_jobs(monkeypatch, {}, step_seconds=0.05)
+    fake_jobs(monkeypatch, {}, step_seconds=0.1)  # long enough to overlap on a busy machine
     workdir = tmp_path / "work"
-    doc = sweep(tmp_path, trials=2, steps=4, gpus_per_node=1)
+    doc = sweep(tmp_path, trials=2, steps=10, gpus_per_node=1)
     [outcome] = LocalRunner(workdir=workdir, gpus=4, poll_seconds=0.05).run([doc])
     assert outcome.phase == "Succeeded", outcome.message
     assert sorted(runs(workdir, f"t{n:03d}")[0]["devices"] for n in range(2)) == ["0", "1"]
