@@ -156,6 +156,8 @@ class ScalingStudySpec(Spec):
     """Seed of the bootstrap."""
     output: Uri | None = None
     """Where the points' outputs go (each in <output>/<point>); unset: each point's default folder."""
+    max_parallel: Annotated[int, Field(ge=1, le=MAX_BUDGETS * MAX_SIZES)] | None = None
+    """Points training at once on a cluster (unset: all of them); ``lmforge run`` trains one at a time."""
 
     @model_validator(mode="after")
     def _rules(self) -> ScalingStudySpec:
