@@ -156,6 +156,8 @@ class ScalingStudySpec(Spec):
     """Seed of the bootstrap."""
     output: Uri | None = None
     """Where the points' outputs go (each in <output>/<point>); unset: each point's default folder."""
+    max_parallel: Annotated[int, Field(ge=1, le=MAX_BUDGETS * MAX_SIZES)] | None = None
+    """Points training at once on a cluster (unset: all of them); ``lmforge run`` trains one at a time."""
 
     @model_validator(mode="after")
     def _rules(self) -> ScalingStudySpec:
@@ -435,6 +437,70 @@ class ScalingStudyStatus(StatusBase):
     """law: the scaling-law JSON that lmforge plan --law reads."""
 
 
+# ------------------------------------------------------------------------------- status from the points
+def _row(point: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """A point's status row from its plan (a row of :func:`study_points`) and its child's status (the
+    PretrainRun's status.json under ``lmforge run``, its ``.status`` on a cluster); ``_losses`` holds both
+    losses for the fit."""
+    phase = child.get("phase")
+    tokens = (child.get("progress") or {}).get("tokens") if phase == "Succeeded" else None
+    tokens = int(tokens or point["tokens"])
+    row = {
+        "name": point["name"],
+        "budget": point["budget"],
+        "shape": point["shape"],
+        "parameters": point["parameters"],
+        "tokens": tokens,
+        "flops": 6.0 * point["parameters"] * tokens,
+        "phase": {
+            "Succeeded": PointPhase.succeeded,
+            "Running": PointPhase.running,
+            "Failed": PointPhase.failed,
+            "Invalid": PointPhase.failed,
+        }.get(phase or "", PointPhase.pending).value,
+    }
+    metrics = child.get("metrics") or {}
+    row["_losses"] = {k: metrics[k] for k in ("evalLoss", "loss") if isinstance(metrics.get(k), int | float)}
+    return row
+
+
+def point_rows(plan: list[dict[str, Any]], children: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The status rows of the planned points, given each one's child status, with the study's loss
+    (:func:`loss_metric`): the same rule for ``lmforge run`` and the operator."""
+    rows = [_row(point, child) for point, child in zip(plan, children, strict=True)]
+    metric = loss_metric(rows)
+    for row in rows:
+        if metric in row["_losses"]:
+            row["loss"] = row["_losses"][metric]
+    return rows
+
+
+def loss_metric(rows: list[dict[str, Any]]) -> str:
+    """evalLoss when every succeeded point reported it, else loss."""
+    done = [r for r in rows if r["phase"] == PointPhase.succeeded.value]
+    return "evalLoss" if done and all("evalLoss" in r["_losses"] for r in done) else "loss"
+
+
+def target_prediction(law: Any, flops: float) -> dict[str, Any]:
+    """status.target: the compute-optimal N, D (and loss, approach 3) of ``law`` at ``flops``."""
+    pred = law.predict(flops)
+    out: dict[str, Any] = {
+        "approach": law.approach,
+        "flops": flops,
+        "parameters": pred.params,
+        "tokens": pred.tokens,
+    }
+    if pred.params_interval:
+        out["parametersInterval"] = list(pred.params_interval)
+    if pred.tokens_interval:
+        out["tokensInterval"] = list(pred.tokens_interval)
+    if pred.loss is not None and math.isfinite(pred.loss):
+        out["loss"] = pred.loss
+        if pred.loss_interval:
+            out["lossInterval"] = list(pred.loss_interval)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Check a study and print its points; 64 on a configuration error."""
     import argparse
@@ -476,9 +542,12 @@ __all__ = [
     "ScalingStudyStatus",
     "Sizes",
     "derive_shapes",
+    "loss_metric",
     "main",
     "point_name",
+    "point_rows",
     "point_spec",
     "study_points",
+    "target_prediction",
     "tokens_for",
 ]

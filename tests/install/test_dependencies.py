@@ -33,6 +33,9 @@ IMPORTS: dict[str, dict[str, str]] = {
         "aiohttp": "aiohttp",
         "prometheus_client": "prometheus-client",
         "optuna": "optuna",  # a Sweep's study (controller/sweeps.py, through lmforge_jobs.sweep.search)
+        # a ScalingStudy's fit (controller/scaling_studies.py, through lmforge_jobs.scaling)
+        "numpy": "numpy",
+        "scipy": "scipy",
     },
     "run": {"rich": "rich", "matplotlib": "matplotlib", "torchx": "torchx-nightly"},
     "data": {

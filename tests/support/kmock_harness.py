@@ -45,6 +45,7 @@ RESOURCES = {
     "lmforge.io/v1alpha1/alignmentruns": ("AlignmentRun", {"status"}),
     "lmforge.io/v1alpha1/evaluations": ("Evaluation", {"status"}),
     "lmforge.io/v1alpha1/sweeps": ("Sweep", {"status"}),
+    "lmforge.io/v1alpha1/scalingstudies": ("ScalingStudy", {"status"}),
     "batch/v1/jobs": ("Job", {"status"}),
     "v1/configmaps": ("ConfigMap", set()),
     "v1/services": ("Service", set()),

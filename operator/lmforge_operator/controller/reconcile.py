@@ -9,7 +9,9 @@
    (409 is fine);
 3. otherwise mirror the Job's state into the status (mirror.py); a Corpus advances stage by stage
    (corpus_stages.py); an Evaluation with ``checkpoints: every`` runs one Job per round (eval_rounds.py);
-   a Sweep has no Job: its trials are child PretrainRuns or AlignmentRuns (sweeps.py);
+   a Sweep has no Job: its trials are child PretrainRuns or AlignmentRuns (sweeps.py); nor has a
+   ScalingStudy: its points are child PretrainRuns, fitted in the operator once all have ended
+   (scaling_studies.py);
 4. patch ``status`` (validated by the kind's status model) only when it changed, post a Kubernetes Event on
    every transition (events.py), and wake the resources that depend on this one.
 
@@ -45,6 +47,7 @@ from lmforge_operator.controller.events import post_event, post_note
 from lmforge_operator.controller.human_arena import job_spec, reconcile_arena
 from lmforge_operator.controller.mirror import mirror_job, verdict_kept
 from lmforge_operator.controller.outcomes import Failed, Invalid, Outcome, Pending, Waiting
+from lmforge_operator.controller.scaling_studies import reconcile_study
 from lmforge_operator.controller.sweeps import reconcile_sweep
 from lmforge_operator.controller.workqueue import Key, WorkQueue
 from lmforge_operator.kube import ApiError, kind_key
@@ -181,6 +184,8 @@ class Controller(WorkQueue):
         owner = builders.owner_reference(body)
         if kind == "Sweep":
             return await reconcile_sweep(self, key, resource, status, owner)
+        if kind == "ScalingStudy":
+            return await reconcile_study(self, key, resource, status, owner)
         output = resource.spec.output or default_output(kind, name, self.config.storage, ns)
         if kind == "Corpus":
             return await reconcile_corpus(self, key, resource, status, owner)

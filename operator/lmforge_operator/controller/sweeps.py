@@ -42,8 +42,8 @@ from lmforge_jobs.resolve import trial_resource
 from lmforge_jobs.spec import spec_hash
 from lmforge_jobs.sweep.config import TrialPhase, trial_name
 from lmforge_operator import status as status_helpers
-from lmforge_operator.controller.outcomes import Failed, Invalid, Outcome, Running, Succeeded, Waiting
-from lmforge_operator.kube import ApiError
+from lmforge_operator.controller.children import controller_uid, create_owned, owned_children
+from lmforge_operator.controller.outcomes import Failed, Invalid, Outcome, Running, Succeeded
 
 if TYPE_CHECKING:
     from lmforge_operator.controller.reconcile import Controller
@@ -83,14 +83,6 @@ def trial_seed(spec: Any, namespace: str, name: str, number: int) -> int:
     if spec.algorithm == Algorithm.grid:
         return base % 2**32
     return (base * 1_000_003 + number) % 2**32
-
-
-def controller_uid(obj: dict[str, Any]) -> str | None:
-    """The uid of the object's controller ownerReference (None: it has none)."""
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return ref.get("uid")
-    return None
 
 
 def trial_manifest(
@@ -266,20 +258,12 @@ def own_children(
 ) -> dict[str, dict[str, Any]]:
     """This Sweep's trials in the watch cache, by name; raises Waiting when a resource under a trial's
     name belongs to someone else (an earlier Sweep of the same name: the garbage collector removes it)."""
-    kind = sweep.spec.template.kind
     prefix = f"{sweep.name}-t"
-    found: dict[str, dict[str, Any]] = {}
-    for (k, n, name), body in list(ctrl.cache.items()):
-        if k != kind or n != ns or not name.startswith(prefix) or not name[len(prefix) :].isdigit():
-            continue
-        if uid and controller_uid(body) != uid:
-            raise Waiting(
-                status_helpers.OLD_CHILDREN,
-                f"{kind} {name} exists and is not this Sweep's (owner uid {controller_uid(body)}); "
-                "waiting for it to be deleted",
-            )
-        found[name] = body
-    return found
+
+    def is_trial(name: str) -> bool:
+        return name.startswith(prefix) and name[len(prefix) :].isdigit()
+
+    return owned_children(ctrl, sweep.spec.template.kind, ns, uid, is_trial, "Sweep")
 
 
 async def reconcile_sweep(
@@ -316,27 +300,7 @@ async def reconcile_sweep(
             ctrl.cache[key] = updated
 
     template_kind = sweep.spec.template.kind
-    for obj in plan.create:
-        child = obj["metadata"]["name"]
-        try:
-            _, fresh = await ctrl.api.create(obj, ns)
-        except ApiError as exc:
-            if exc.status >= 500 or exc.status in (404, 408, 409, 429):
-                raise
-            cls = Failed if exc.status == 403 else Invalid
-            raise cls(
-                status_helpers.CHILD_REJECTED,
-                f"the API server refused {template_kind} {child}: {exc.status} {exc.reason}: {exc.message}",
-            ) from None
-        if fresh:
-            log.info("%s/%s/%s: created %s %s", *key, template_kind, child)
-            continue
-        there = await ctrl.api.get(template_kind, ns, child)  # made before; the cache has not seen it yet
-        if there is not None and owner.get("uid") and controller_uid(there) != owner["uid"]:
-            raise Waiting(
-                status_helpers.OLD_CHILDREN,
-                f"{template_kind} {child} exists and is not this Sweep's; waiting for it to be deleted",
-            )
+    await create_owned(ctrl, key, owner, plan.create)
     for child in plan.delete:
         await ctrl.api.delete(template_kind, ns, child)
         log.info("%s/%s/%s: deleted pruned trial %s", *key, child)

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from lmforge_jobs.resolve import UnresolvedReference, point_resource
-from lmforge_jobs.scaling_study import FitApproach, PointPhase, study_points
+from lmforge_jobs.scaling_study import (
+    FitApproach,
+    PointPhase,
+    loss_metric,
+    point_rows,
+    study_points,
+    target_prediction,
+)
 from lmforge_jobs.spec import SpecError
 from lmforge_operator import status as status_helpers
 from lmforge_operator.local.parallel import gpus_per_child, run_children, slots
@@ -57,48 +64,8 @@ def _vocab(runner: LocalRunner, study: Any) -> int | None:
         return tokenizer_vocab(job.spec.data.tokenizer)
 
 
-def _row(point: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """A point's status row from its plan and its child's status.json."""
-    phase = child.get("phase")
-    tokens = (child.get("progress") or {}).get("tokens") if phase == "Succeeded" else None
-    tokens = int(tokens or point["tokens"])
-    row = {
-        "name": point["name"],
-        "budget": point["budget"],
-        "shape": point["shape"],
-        "parameters": point["parameters"],
-        "tokens": tokens,
-        "flops": 6.0 * point["parameters"] * tokens,
-        "phase": {
-            "Succeeded": PointPhase.succeeded,
-            "Running": PointPhase.running,
-            "Failed": PointPhase.failed,
-            "Invalid": PointPhase.failed,
-        }.get(phase or "", PointPhase.pending).value,
-    }
-    metrics = child.get("metrics") or {}
-    row["_losses"] = {k: metrics[k] for k in ("evalLoss", "loss") if isinstance(metrics.get(k), int | float)}
-    return row
-
-
-def point_rows(plan: list[dict[str, Any]], children: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The status rows of the planned points, given each one's child status.json, with the study's loss."""
-    rows = [_row(point, child) for point, child in zip(plan, children, strict=True)]
-    metric = loss_metric(rows)
-    for row in rows:
-        if metric in row["_losses"]:
-            row["loss"] = row["_losses"][metric]
-    return rows
-
-
 def _public(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
-
-
-def loss_metric(rows: list[dict[str, Any]]) -> str:
-    """evalLoss when every succeeded point reported it, else loss."""
-    done = [r for r in rows if r["phase"] == PointPhase.succeeded.value]
-    return "evalLoss" if done and all("evalLoss" in r["_losses"] for r in done) else "loss"
 
 
 def _fit_result(approach: int, result: Any, law: Path) -> dict[str, Any]:
@@ -153,25 +120,6 @@ def fit_points(spec: Any, rows: list[dict[str, Any]], run_dir: Path) -> tuple[li
     if primary is not None:
         shutil.copyfile(law_file(run_dir, primary.approach), run_dir / LAW_FILE)
     return fits, primary
-
-
-def target_prediction(law: Any, flops: float) -> dict[str, Any]:
-    pred = law.predict(flops)
-    out: dict[str, Any] = {
-        "approach": law.approach,
-        "flops": flops,
-        "parameters": pred.params,
-        "tokens": pred.tokens,
-    }
-    if pred.params_interval:
-        out["parametersInterval"] = list(pred.params_interval)
-    if pred.tokens_interval:
-        out["tokensInterval"] = list(pred.tokens_interval)
-    if pred.loss is not None and math.isfinite(pred.loss):
-        out["loss"] = pred.loss
-        if pred.loss_interval:
-            out["lossInterval"] = list(pred.loss_interval)
-    return out
 
 
 def run_study(runner: LocalRunner, study: Any) -> Outcome:
