@@ -10,7 +10,9 @@ and two RMSNorm weights; a final RMSNorm; an lm_head that is untied unless ``tie
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmforge_jobs.pretrain.config import Architecture, ModelShape, PretrainRunSpec, Strategy
@@ -476,13 +478,61 @@ def plan_pretrain(
 
 # --------------------------------------------------------------------------------- which law plans
 def load_law(path: str) -> ScalingFit:
-    """A scaling law fitted by ``lmforge_jobs.scaling`` (its JSON); a ValueError says what is wrong."""
+    """A scaling law fitted by ``lmforge_jobs.scaling``: its JSON (``scaling.json`` of ``lmforge run``), or
+    a ScalingStudy as the API server returns it (``kubectl get scalingstudy NAME -o json|yaml``: the fit
+    the operator made, from ``status.fits``); a ValueError says what is wrong."""
     from lmforge_jobs.scaling import ScalingFit
 
-    law = ScalingFit.load(path)
+    study = _study_document(path)
+    law = ScalingFit.load(path) if study is None else law_from_study(study, Path(path).name)
     if not all(math.isfinite(law.value(k)) for k in ("a", "b")):
         raise ValueError(f"{path}: the fitted law has no compute-optimal frontier (a or b is not finite)")
     return law
+
+
+def _study_document(path: str) -> dict[str, Any] | None:
+    """The ScalingStudy object in ``path`` (JSON or YAML), None when it holds something else."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return None  # ScalingFit.load says why
+    try:
+        doc = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError:
+        return None
+    return doc if isinstance(doc, dict) and doc.get("kind") == "ScalingStudy" else None
+
+
+def law_from_study(study: Mapping[str, Any], source: str = "") -> ScalingFit:
+    """The law a ScalingStudy's ``status`` holds: the fit its ``status.target`` predicted with (approach 3
+    when it was fitted, else 2), on the succeeded points of ``status.points``."""
+    from lmforge_jobs.scaling import FORMAT, ScalingFit
+
+    name = (study.get("metadata") or {}).get("name", "?")
+    status = study.get("status") or {}
+    fits = {
+        f.get("approach"): f for f in status.get("fits") or [] if f.get("parameters") and not f.get("error")
+    }
+    if not fits:
+        raise ValueError(
+            f"{source}: ScalingStudy/{name} has no fitted law in its status (phase {status.get('phase')})"
+        )
+    chosen = (status.get("target") or {}).get("approach")
+    approach = chosen if chosen in fits else max(fits)
+    points = [
+        {"params": p["parameters"], "tokens": p["tokens"], "loss": p["loss"], "compute": p.get("flops")}
+        for p in status.get("points") or []
+        if p.get("phase") == "Succeeded" and p.get("loss") is not None
+    ]
+    doc = {
+        "format": FORMAT,
+        "approach": approach,
+        "parameters": fits[approach]["parameters"],
+        "points": points,
+    }
+    return ScalingFit.from_dict(doc, source=f"{source or 'ScalingStudy'} (ScalingStudy/{name})")
 
 
 def law_label(law: ScalingFit | None) -> str:

@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--law",
         metavar="FILE",
         default=None,
-        help="a fitted scaling law (JSON from `python -m lmforge_jobs.scaling fit`) instead of the published "
+        help="a fitted scaling law (JSON from `python -m lmforge_jobs.scaling fit` or `lmforge run` of a ScalingStudy, "
+        "or a ScalingStudy from `kubectl get scalingstudy NAME -o json`) instead of the published "
         "constants: it sizes --gpu-hours budgets and sets the tokens of tokensPerParameter budgets",
     )
     p.set_defaults(func=_plan)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -183,6 +184,37 @@ def test_once_every_point_ended_the_law_is_fitted_into_the_status() -> None:
     assert status["points"][0]["loss"] == pytest.approx(
         law(plan.rows[0]["parameters"], plan.rows[0]["tokens"])
     )
+
+
+def test_lmforge_plan_reads_the_law_from_the_study_as_kubectl_prints_it(tmp_path: Path) -> None:
+    """`kubectl get scalingstudy iso -o json` (or -o yaml) is a law `lmforge plan --law` reads: the fit
+    the study's status.target used, predicting what status.target says."""
+    import json
+
+    import yaml
+
+    from lmforge_jobs.plan import load_law
+
+    fake = FakeCluster(study_doc())
+    plan = _all_ended(fake)
+    status = dict(plan.status)
+    fitted(fake.study, plan.rows, status, *fit_rows(fake.study.spec, plan.rows))
+    doc = {**study_doc(), "status": status}
+    for path, text in (
+        (tmp_path / "iso.json", json.dumps(doc)),
+        (tmp_path / "iso.yaml", yaml.safe_dump(doc)),
+    ):
+        path.write_text(text)
+        law_read = load_law(str(path))
+        assert law_read.approach == status["target"]["approach"] == 3
+        assert len(law_read.points) == 6 and "ScalingStudy/iso" in law_read.describe()
+        predicted = law_read.predict(status["target"]["flops"])
+        assert predicted.params == pytest.approx(status["target"]["parameters"], rel=1e-6)
+        assert predicted.tokens == pytest.approx(status["target"]["tokens"], rel=1e-6)
+    unfitted = {**study_doc(), "status": {"phase": "Running", "points": status["points"]}}
+    (tmp_path / "running.json").write_text(json.dumps(unfitted))
+    with pytest.raises(ValueError, match="no fitted law"):
+        load_law(str(tmp_path / "running.json"))
 
 
 def test_the_training_loss_is_used_when_a_point_has_no_held_out_loss() -> None:
