@@ -61,4 +61,12 @@ _TABLE = (
 KINDS: dict[str, Kind] = {kind.name: kind for kind in _TABLE}
 """Every kind, in pipeline order (the order ``lmforge status`` lists them)."""
 
-__all__ = ["KINDS", "Kind"]
+SWEEP_LABEL = "lmforge.io/sweep"
+"""Label of a Sweep's trial run (and its Jobs and pods): the Sweep's name."""
+STUDY_LABEL = "lmforge.io/scaling-study"
+"""Label of a ScalingStudy's point run (and its Jobs and pods): the study's name."""
+PARENT_LABELS = (SWEEP_LABEL, STUDY_LABEL)
+"""The labels a child run of an experiment carries, passed on to its Jobs and pods (Prometheus series and
+tracking group by them)."""
+
+__all__ = ["KINDS", "PARENT_LABELS", "STUDY_LABEL", "SWEEP_LABEL", "Kind"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from lmforge_jobs.kinds import KINDS
+from lmforge_jobs.kinds import KINDS, STUDY_LABEL, SWEEP_LABEL
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.spec import FieldError, ModelRef
 
@@ -134,7 +134,7 @@ def trial_resource(sweep: Resource[Any, Any], name: str, parameters: dict[str, A
         spec["output"] = _join(str(sweep.spec.output), name)
     else:
         spec.pop("output", None)  # each trial its own folder, never the template's shared one
-    metadata = {"name": name, "labels": {"lmforge.io/sweep": sweep.name}}
+    metadata = {"name": name, "labels": {SWEEP_LABEL: sweep.name}}
     if sweep.metadata.namespace:
         metadata["namespace"] = sweep.metadata.namespace
     document = {"apiVersion": sweep.api_version, "kind": template.kind, "metadata": metadata, "spec": spec}
@@ -155,7 +155,7 @@ def point_resource(
         spec["output"] = _join(str(study.spec.output), name)
     else:
         spec.pop("output", None)  # each point its own folder, never the template's shared one
-    metadata = {"name": name, "labels": {"lmforge.io/scaling-study": study.name}}
+    metadata = {"name": name, "labels": {STUDY_LABEL: study.name}}
     if study.metadata.namespace:
         metadata["namespace"] = study.metadata.namespace
     document = {"apiVersion": study.api_version, "kind": "PretrainRun", "metadata": metadata, "spec": spec}

@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from lmforge_jobs import storage
+from lmforge_jobs.kinds import SWEEP_LABEL
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 WANDB_MODE_ENV = "WANDB_MODE"
-SWEEP_LABEL = "lmforge.io/sweep"
 STATE_FILE = "tracking.json"
 TENSORBOARD_DIR = "tensorboard"
 MAX_PARAM_LENGTH = 500

@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lmforge_jobs.kinds import KINDS
+from lmforge_jobs.kinds import KINDS, PARENT_LABELS, SWEEP_LABEL
 from lmforge_jobs.manifest import Resource, load_yaml_documents
 from lmforge_jobs.secrets import secret_env_name
 from lmforge_jobs.spec import EXIT_CONFIG_ERROR, EXIT_STOPPED, GROUP_VERSION, FieldError, Storage
@@ -120,7 +120,6 @@ GCS_FILE = "credentials.json"
 TRACKING_URI_SETTING = "LMFORGE_TRACKING_MLFLOW_URI"
 TRACKING_SECRET_SETTING = "LMFORGE_TRACKING_MLFLOW_CREDENTIALS_SECRET"
 MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
-SWEEP_LABEL = "lmforge.io/sweep"  # a Sweep's trial (lmforge_jobs.resolve.trial_resource); its job reads it
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
@@ -225,8 +224,12 @@ def job_name(
 
 # ----------------------------------------------------------------------------------------------- labels
 def labels(resource: Resource[Any, Any], stage: Stage | None = None) -> dict[str, str]:
-    """The labels every child of ``resource`` carries (the chart's PodMonitor selects on part-of)."""
+    """The labels every child of ``resource`` carries (the chart's PodMonitor selects on part-of); a trial
+    of a Sweep or a point of a ScalingStudy passes its parent's label on (the PodMonitor turns it into the
+    ``lmforge_sweep`` / ``lmforge_study`` label of its series)."""
+    parents = {k: v for k, v in resource.metadata.labels.items() if k in PARENT_LABELS}
     out = {
+        **parents,
         "app.kubernetes.io/name": "lmforge",
         "app.kubernetes.io/part-of": "lmforge",
         "app.kubernetes.io/managed-by": "lmforge-operator",

@@ -699,7 +699,8 @@ def relabel(rules: list[dict[str, Any]], pod_labels: dict[str, str]) -> dict[str
             return None
         if action == "replace" and match:
             labels[rule["targetLabel"]] = match.expand(rule.get("replacement", "$1").replace("$", "\\"))
-    return {k: v for k, v in labels.items() if not k.startswith("__")}
+    # a label whose value is empty does not exist for Prometheus (a replace of an absent source sets "")
+    return {k: v for k, v in labels.items() if not k.startswith("__") and v != ""}
 
 
 def test_monitors_select_the_operator_and_the_job_pods(helm: str) -> None:
@@ -736,6 +737,15 @@ def test_monitors_select_the_operator_and_the_job_pods(helm: str) -> None:
         if target is not None:
             assert target["lmforge_kind"] == kind and target["lmforge_name"] == "run"
             assert target["lmforge_stage"] == "dedup"  # the dashboard groups by these three
+            assert "lmforge_sweep" not in target and "lmforge_study" not in target
+    # a Sweep's trial and a ScalingStudy's point: the experiment's name becomes a label of the series
+    for parent, label in (
+        ("lmforge.io/sweep", "lmforge_sweep"),
+        ("lmforge.io/scaling-study", "lmforge_study"),
+    ):
+        pod = {**_job_pod_labels("pretrain", "PretrainRun"), parent: "lr"}
+        target = relabel(relabelings, pod)
+        assert target is not None and target[label] == "lr" and target["lmforge_name"] == "run"
 
     scoped = one(render(helm, {**SCENARIOS["namespaced"], "podMonitor": {"enabled": True}}), "PodMonitor")
     assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
@@ -791,6 +801,9 @@ REQUIRED_PANELS = {
     "Eval loss": {"lmforge_eval_loss"},
     "ETA per run": {"lmforge_train_eta_seconds", "lmforge_data_eta_seconds"},
     "Documents/s per corpus stage": {"lmforge_data_documents_per_second"},
+    "Sweep trials: held-out loss": {"lmforge_eval_loss"},
+    "Scaling study points: loss": {"lmforge_train_loss"},
+    "Experiments by phase": {"lmforge_operator_resources"},
 }
 _METRIC_IN_EXPR = re.compile(r"\b(lmforge_[a-z0-9_]+)\{")
 
@@ -840,6 +853,8 @@ def test_dashboard_configmap_and_panels(helm: str) -> None:
         assert metrics <= used, title
     stage_panel = panels["Documents/s per corpus stage"]["targets"][0]["expr"]
     assert "lmforge_stage" in stage_panel
+    assert 'lmforge_sweep!=""' in panels["Sweep trials: held-out loss"]["targets"][0]["expr"]
+    assert 'lmforge_study!=""' in panels["Scaling study points: loss"]["targets"][0]["expr"]
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     assert by_kind(render(helm, {"dashboard": {"enabled": False}}), "ConfigMap") == []

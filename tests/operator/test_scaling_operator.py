@@ -116,6 +116,12 @@ def test_points_are_named_built_as_lmforge_run_builds_them_and_owned() -> None:
     assert ref["controller"] and ref["blockOwnerDeletion"]
     assert obj["metadata"]["labels"]["lmforge.io/scaling-study"] == "iso"
     assert obj["metadata"]["namespace"] == NS and obj["metadata"]["annotations"][SPEC_DIGEST_ANNOTATION]
+    # the point's Job and pods carry the study's label: Prometheus series get lmforge_study from it
+    job = builders.build_job(
+        parsed({**obj, "metadata": {**obj["metadata"], "uid": "uid-p"}}), None, image="j:t"
+    )
+    for meta in (job["metadata"], job["spec"]["template"]["metadata"]):
+        assert meta["labels"]["lmforge.io/scaling-study"] == "iso"
 
 
 def test_without_max_parallel_every_point_starts_at_once() -> None:

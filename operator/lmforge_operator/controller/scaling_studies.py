@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lmforge_jobs.kinds import STUDY_LABEL
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.resolve import point_resource
 from lmforge_jobs.scaling_study import (
@@ -56,8 +57,6 @@ if TYPE_CHECKING:
     from lmforge_operator.controller.reconcile import Controller
     from lmforge_operator.controller.workqueue import Key
 
-STUDY_LABEL = "lmforge.io/scaling-study"
-"""Label of a point: its study's name (:func:`lmforge_jobs.resolve.point_resource` sets it)."""
 SPEC_DIGEST_ANNOTATION = "lmforge.io/scaling-study-spec-digest"
 """Annotation of a point: the digest of the study spec it was created from (a changed spec is refused)."""
 ENDED = (PointPhase.succeeded.value, PointPhase.failed.value)

@@ -37,6 +37,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lmforge_jobs.kinds import SWEEP_LABEL
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.resolve import trial_resource
 from lmforge_jobs.spec import spec_hash
@@ -51,8 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmforge.operator")
 
-SWEEP_LABEL = "lmforge.io/sweep"
-"""Label of a trial: its Sweep's name."""
 TRIAL_ANNOTATION = "lmforge.io/trial"
 """Annotation of a trial: ``{"number": n, "parameters": {...}}`` (JSON), what an adopting reconcile reads."""
 SPEC_DIGEST_ANNOTATION = "lmforge.io/sweep-spec-digest"
