@@ -481,6 +481,57 @@ def loss_metric(rows: list[dict[str, Any]]) -> str:
     return "evalLoss" if done and all("evalLoss" in r["_losses"] for r in done) else "loss"
 
 
+def fit_entry(approach: int, result: Any) -> dict[str, Any]:
+    """status.fits[] of a fitted approach: its finite constants with their intervals, and its notes."""
+    parameters = {
+        name: {
+            k: v
+            for k, v in (("value", e.value), ("low", e.low), ("high", e.high))
+            if v is not None and math.isfinite(v)
+        }
+        for name, e in result.parameters.items()
+        if math.isfinite(e.value)
+    }
+    return {"approach": approach, "parameters": parameters, "notes": [n[:1024] for n in result.notes[:32]]}
+
+
+def fit_study(spec: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[int, Any], Any]:
+    """The approaches ``spec.fit`` asks for, fitted on the succeeded rows with the study's loss
+    (:func:`loss_metric`): each fit's status entry (or its error: too few points, no minimum, a diverged
+    fit), the fitted results by approach, and the law to predict with — approach 3 when it was fitted and
+    has a frontier (every constant finite), else approach 2, None when no fit has one. The same rule for
+    ``lmforge run`` and the operator; CPU-bound (the bootstrap)."""
+    from lmforge_jobs import scaling
+
+    metric = loss_metric(rows)
+    points = [
+        scaling.Point(
+            float(r["parameters"]), float(r["tokens"]), float(r["_losses"][metric]), float(r["budget"])
+        )
+        for r in rows
+        if r["phase"] == PointPhase.succeeded.value and metric in r["_losses"]
+    ]
+    approaches = {FitApproach.approach2: (2,), FitApproach.approach3: (3,), FitApproach.both: (2, 3)}[
+        spec.fit
+    ]
+    fits: list[dict[str, Any]] = []
+    results: dict[int, Any] = {}
+    for approach in approaches:
+        try:
+            result = scaling.fit(points, approach, bootstrap=spec.bootstrap, seed=spec.seed)
+        except (ValueError, ArithmeticError) as exc:
+            fits.append({"approach": approach, "error": str(exc)[:4096]})
+            continue
+        fits.append(fit_entry(approach, result))
+        results[approach] = result
+
+    def has_frontier(result: Any) -> bool:
+        return all(math.isfinite(e.value) for e in result.parameters.values())
+
+    law = next((results[a] for a in (3, 2) if a in results and has_frontier(results[a])), None)
+    return fits, results, law
+
+
 def target_prediction(law: Any, flops: float) -> dict[str, Any]:
     """status.target: the compute-optimal N, D (and loss, approach 3) of ``law`` at ``flops``."""
     pred = law.predict(flops)
@@ -542,6 +593,8 @@ __all__ = [
     "ScalingStudyStatus",
     "Sizes",
     "derive_shapes",
+    "fit_entry",
+    "fit_study",
     "loss_metric",
     "main",
     "point_name",

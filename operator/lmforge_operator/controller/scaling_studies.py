@@ -32,7 +32,6 @@ changed after its points were created is refused (SpecChanged), as a Sweep is.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,8 +40,8 @@ from lmforge_jobs.kinds import STUDY_LABEL
 from lmforge_jobs.manifest import Resource
 from lmforge_jobs.resolve import point_resource
 from lmforge_jobs.scaling_study import (
-    FitApproach,
     PointPhase,
+    fit_study,
     loss_metric,
     point_rows,
     study_points,
@@ -137,47 +136,11 @@ def plan_study(
     return plan
 
 
-def _estimates(result: Any) -> dict[str, dict[str, float]]:
-    return {
-        name: {
-            k: v
-            for k, v in (("value", e.value), ("low", e.low), ("high", e.high))
-            if v is not None and math.isfinite(v)
-        }
-        for name, e in result.parameters.items()
-        if math.isfinite(e.value)
-    }
-
-
 def fit_rows(spec: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
-    """The requested fits on the succeeded rows (each fit's status entry), and the law to predict with:
-    approach 3 when it was fitted and has a frontier, else approach 2 (None: no fit has one). CPU-bound
-    (the bootstrap): the reconcile runs it in a worker thread."""
-    from lmforge_jobs import scaling
-
-    metric = loss_metric(rows)
-    points = [
-        scaling.Point(
-            float(r["parameters"]), float(r["tokens"]), float(r["_losses"][metric]), float(r["budget"])
-        )
-        for r in rows
-        if r["phase"] == PointPhase.succeeded.value and metric in r["_losses"]
-    ]
-    approaches = {FitApproach.approach2: (2,), FitApproach.approach3: (3,), FitApproach.both: (2, 3)}[
-        spec.fit
-    ]
-    fits, results = [], {}
-    for approach in approaches:
-        try:
-            result = scaling.fit(points, approach, bootstrap=spec.bootstrap, seed=spec.seed)
-        except (ValueError, ArithmeticError) as exc:  # too few points, no minimum, a diverged fit
-            fits.append({"approach": approach, "error": str(exc)[:4096]})
-            continue
-        notes = [n[:1024] for n in result.notes[:32]]
-        fits.append({"approach": approach, "parameters": _estimates(result), "notes": notes})
-        results[approach] = result
-    has_frontier = {a: all(math.isfinite(e.value) for e in r.parameters.values()) for a, r in results.items()}
-    law = next((results[a] for a in (3, 2) if has_frontier.get(a)), None)
+    """Each requested fit's status entry, and the law to predict with (None: no fit has a frontier):
+    :func:`lmforge_jobs.scaling_study.fit_study`. CPU-bound (the bootstrap): the reconcile runs it in a
+    worker thread."""
+    fits, _, law = fit_study(spec, rows)
     return fits, law
 
 

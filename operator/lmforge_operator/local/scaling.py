@@ -20,15 +20,13 @@ CPU unless ``--parallel`` asks for more); the fits wait for every point.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 from lmforge_jobs.resolve import UnresolvedReference, point_resource
 from lmforge_jobs.scaling_study import (
-    FitApproach,
-    PointPhase,
+    fit_study,
     loss_metric,
     point_rows,
     study_points,
@@ -68,58 +66,18 @@ def _public(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
 
 
-def _fit_result(approach: int, result: Any, law: Path) -> dict[str, Any]:
-    return {
-        "approach": approach,
-        "parameters": {
-            name: {
-                k: v
-                for k, v in (("value", e.value), ("low", e.low), ("high", e.high))
-                if v is not None and math.isfinite(v)
-            }
-            for name, e in result.parameters.items()
-            if math.isfinite(e.value)
-        },
-        "notes": [n[:1024] for n in result.notes[:32]],
-        "law": str(law.resolve()),
-    }
-
-
-def _has_frontier(result: Any) -> bool:
-    """Every constant finite, the frontier's exponents included (a diverged fit has none)."""
-    return all(math.isfinite(e.value) for e in result.parameters.values())
-
-
 def fit_points(spec: Any, rows: list[dict[str, Any]], run_dir: Path) -> tuple[list[dict[str, Any]], Any]:
-    """Fit the requested approaches to the rows; each fit's status entry, and the law written to
-    scaling.json (None when no fit has a frontier)."""
-    from lmforge_jobs import scaling
-
-    metric = loss_metric(rows)
-    points = [
-        scaling.Point(
-            float(r["parameters"]), float(r["tokens"]), float(r["_losses"][metric]), float(r["budget"])
-        )
-        for r in rows
-        if r["phase"] == PointPhase.succeeded.value and metric in r["_losses"]
-    ]
-    approaches = {FitApproach.approach2: (2,), FitApproach.approach3: (3,), FitApproach.both: (2, 3)}[
-        spec.fit
-    ]
-    fits, results = [], {}
-    for approach in approaches:
-        try:
-            result = scaling.fit(points, approach, bootstrap=spec.bootstrap, seed=spec.seed)
-        except (ValueError, ArithmeticError) as exc:  # too few points, no minimum, a diverged fit
-            fits.append({"approach": approach, "error": str(exc)[:4096]})
-            continue
-        path = result.save(law_file(run_dir, approach))
-        fits.append(_fit_result(approach, result, path))
-        results[approach] = result
-    primary = next((results[a] for a in (3, 2) if a in results and _has_frontier(results[a])), None)
-    if primary is not None:
-        shutil.copyfile(law_file(run_dir, primary.approach), run_dir / LAW_FILE)
-    return fits, primary
+    """Fit the requested approaches to the rows (:func:`lmforge_jobs.scaling_study.fit_study`); each fit's
+    status entry with the file it was written to, and the law written to scaling.json (None when no fit
+    has a frontier)."""
+    fits, results, law = fit_study(spec, rows)
+    for entry in fits:
+        result = results.get(entry["approach"])
+        if result is not None:
+            entry["law"] = str(result.save(law_file(run_dir, entry["approach"])).resolve())
+    if law is not None:
+        shutil.copyfile(law_file(run_dir, law.approach), run_dir / LAW_FILE)
+    return fits, law
 
 
 def run_study(runner: LocalRunner, study: Any) -> Outcome:
