@@ -3,7 +3,8 @@
 Everything keyed by kind reads :data:`KINDS`: the CRD generator (plural, singular, short names), the
 operator's watches and RBAC rules, the Job builder (job module, component label, grace period, torchrun),
 ``lmforge run`` and ``lmforge status`` (job module, work folder, listing order), the jobs' own ``main``
-and telemetry (metric prefix). The spec and status models of each kind are its Resource class in
+and telemetry (metric prefix). :data:`STATUS_METRICS` is the other table keyed by kind: the numbers each reports
+in status.metrics. The spec and status models of each kind are its Resource class in
 :data:`lmforge_jobs.manifest.MODELS`, keyed by the same names.
 
 This module imports nothing from lmforge: every layer may read it.
@@ -59,4 +60,22 @@ _TABLE = (
 KINDS: dict[str, Kind] = {kind.name: kind for kind in _TABLE}
 """Every kind, in pipeline order (the order ``lmforge status`` lists them)."""
 
-__all__ = ["KINDS", "Kind"]
+STATUS_METRICS: dict[str, tuple[str, ...]] = {
+    "Corpus": ("documentsPerSecond",),
+    "PretrainRun": ("loss", "evalLoss", "perplexity", "tokensPerSecond", "mfu", "gpuUtilization"),
+    "AlignmentRun": (
+        "loss",
+        "evalLoss",
+        "tokensPerSecond",
+        "rewardAccuracy",
+        "rewardMargin",
+        "meanReward",
+        "kl",
+    ),
+}
+"""The numbers each kind reports in status.metrics (camelCase, in its status model's order): the operator
+copies these from a job's telemetry into its status, and a Sweep's objective must be one its template kind
+reports. Spelled out here because the status models cannot be read while they are being defined (the Sweep's
+CRD rule needs the names); a test checks the table against the models."""
+
+__all__ = ["KINDS", "STATUS_METRICS", "Kind"]
