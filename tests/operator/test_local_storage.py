@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from manifests import resource, tiny_pretrain
 
 from lmforge_jobs.manifest import parse_resource
 from lmforge_operator.cli import main
@@ -28,25 +29,8 @@ CLOSED = "http://127.0.0.1:1"  # nothing listens there: a job sent to it cannot 
 
 
 def pretrain_doc(name: str, data: dict[str, str], output: str, **spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "data": dict(data),
-        "model": {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "ffnHidden": 192, "seqLen": 32},
-        "budget": {"steps": 8},
-        "optimizer": {"lr": 3.0e-3, "warmupSteps": 2},
-        "batch": {"globalTokens": 1024, "microBatchSize": 8},
-        "precision": "fp32",
-        "parallelism": {"nodes": 1, "gpusPerNode": 0, "compile": False},
-        "checkpoint": {"everySteps": 4, "keep": 3},
-        "eval": {"everySteps": 4, "batches": 2},
-        "output": output,
-        **spec,
-    }
-    return {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "PretrainRun",
-        "metadata": {"name": name},
-        "spec": base,
-    }
+    """The tiny CPU PretrainRun keeping three checkpoints, with ``spec``'s changes."""
+    return resource("PretrainRun", name, tiny_pretrain(data, output, **{"checkpoint": {"keep": 3}, **spec}))
 
 
 def write(tmp_path: Path, doc: dict[str, Any]) -> Path:

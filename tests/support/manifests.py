@@ -59,7 +59,7 @@ def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tiny_pretrain(data: dict[str, str], output: Path, /, **changes: Any) -> dict[str, Any]:
+def tiny_pretrain(data: dict[str, str], output: Path | str, /, **changes: Any) -> dict[str, Any]:
     """A PretrainRun spec that trains in seconds on CPU (8 steps of 1024 tokens), with ``changes`` (which
     may name ``data`` or ``output`` too)."""
     base: dict[str, Any] = {
