@@ -122,6 +122,7 @@ def test_quickstart_chain_on_s3_matches_the_local_run(tmp_path: Path, s3) -> Non
     assert again.stdout.count("up to date, skipped") == len(CHAIN), again.stdout
 
 
+@pytest.mark.slow
 def test_a_missing_bucket_is_a_configuration_error_naming_the_field(tmp_path: Path, s3) -> None:  # type: ignore[no-untyped-def]
     s3.client.upload_file(str(DATA / "python-docs.warc.gz"), s3.bucket, "data/python-docs.warc.gz")
     _on_s3(s3.uri, tmp_path / "manifests")

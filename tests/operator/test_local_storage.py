@@ -124,6 +124,7 @@ def _run(tmp_path: Path, doc: dict[str, Any], *flags: str) -> int:
     return main([*args, *flags, str(write(tmp_path, doc))])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["flag", "spec"])
 def test_the_endpoint_reaches_the_job(
     tmp_path: Path, s3, monkeypatch: pytest.MonkeyPatch, quiet_env: None, source: str
@@ -155,6 +156,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     )
 
 
+@pytest.mark.slow
 def test_lmforge_run_with_the_output_on_s3_succeeds_and_skips_on_rerun(
     tmp_path: Path, data: dict[str, str], s3, quiet_env: None
 ) -> None:  # type: ignore[no-untyped-def]

@@ -117,6 +117,7 @@ def objects(s3: Any, prefix: str) -> dict[str, tuple[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_corpus_on_s3_equals_the_local_one_and_feeds_pretraining(tmp_path: Path, s3: Any) -> None:
     files = small_sources(tmp_path)
     for f in files:
