@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from repo import ROOT
 
 HEAVY = ("torch", "transformers", "datatrove", "trl", "peft")
@@ -44,7 +45,10 @@ def test_job_configs_are_light() -> None:
     assert loaded.isdisjoint(HEAVY), loaded & set(HEAVY)
 
 
+@pytest.mark.slow
 def test_jobs_import_no_operator() -> None:
+    """At run time, as import-linter's contract says statically (test_import_linter_contracts); slow: it
+    imports every job module, torch, transformers, trl and datatrove with them."""
     loaded = _imported_after(_modules("lmforge_jobs"))
     assert "lmforge_operator" not in loaded and "kopf" not in loaded
 

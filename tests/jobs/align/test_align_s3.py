@@ -135,6 +135,7 @@ def test_checkpoints_publish_marker_last_prune_and_restore(s3, tmp_path: Path) -
 
 
 # ------------------------------------------------------------------------------- stop, resume, outputs
+@pytest.mark.slow
 def test_sft_on_s3_stops_on_sigterm_and_a_fresh_pod_resumes(  # type: ignore[no-untyped-def]
     s3, tmp_path: Path, base: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -222,6 +223,7 @@ def test_unmerged_adapter_on_s3_as_the_next_base(  # type: ignore[no-untyped-def
         assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ppo_on_s3_stops_on_sigterm_and_resumes(  # type: ignore[no-untyped-def]
     s3, tmp_path: Path, base: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -331,7 +331,7 @@ def _jsonl(path: Path, texts: list[str]) -> Path:
     [
         "missing-source",
         "unreadable-warc",
-        "truncated-warc",
+        pytest.param("truncated-warc", marks=pytest.mark.slow),
         "missing-language-model",
         "vocab-too-small",
         "missing-pretrained-tokenizer",

@@ -259,10 +259,10 @@ def test_quickstart_corpus_on_s3_matches_the_local_run(tmp_path: Path, s3: Any) 
     "case",
     [
         "missing-source-object",
-        "missing-source-bucket",
+        pytest.param("missing-source-bucket", marks=pytest.mark.slow),
         "missing-output-bucket",
         "wrong-credentials",
-        "wrong-credentials-for-the-source",
+        pytest.param("wrong-credentials-for-the-source", marks=pytest.mark.slow),
     ],
 )
 def test_storage_failures_name_the_field_and_never_the_secret(
