@@ -20,16 +20,6 @@ from tiny_models import tiny_llama
 DATA = ROOT / "examples" / "data"
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(key, "1")
-    monkeypatch.setenv("LMFORGE_METRICS_PORT", "off")
-    monkeypatch.delenv("LMFORGE_TERMINATION_LOG", raising=False)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny Llama whose tokenizer has no chat template, like a PretrainRun export."""
