@@ -10,6 +10,11 @@ import kubernetes_validate.utils
 
 sys.path.insert(0, str(Path(__file__).parent / "support"))
 
+# numpy's and scipy's OpenBLAS on two threads spend more time spinning than computing on the tiny matrices
+# the tests use (the scaling fits took two to four times the CPU); one thread, here and in the jobs the tests
+# start. Set before anything imports numpy. Torch keeps its own threads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # Every process a test starts inherits this, so one that outlives its test is found even after its
 # parent died and init adopted it (see data_fixtures.tagged_processes and the autouse fixture in
 # tests/jobs/data/conftest.py).
