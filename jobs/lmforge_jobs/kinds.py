@@ -3,7 +3,8 @@
 Everything keyed by kind reads :data:`KINDS`: the CRD generator (plural, singular, short names), the
 operator's watches and RBAC rules, the Job builder (job module, component label, grace period, torchrun),
 ``lmforge run`` and ``lmforge status`` (job module, work folder, listing order), the jobs' own ``main``
-and telemetry (metric prefix). The spec and status models of each kind are its Resource class in
+and telemetry (metric prefix). :data:`STATUS_METRICS` is the other table keyed by kind: the numbers each reports
+in status.metrics. The spec and status models of each kind are its Resource class in
 :data:`lmforge_jobs.manifest.MODELS`, keyed by the same names.
 
 This module imports nothing from lmforge: every layer may read it.
@@ -69,4 +70,22 @@ PARENT_LABELS = (SWEEP_LABEL, STUDY_LABEL)
 """The labels a child run of an experiment carries, passed on to its Jobs and pods (Prometheus series and
 tracking group by them)."""
 
-__all__ = ["KINDS", "PARENT_LABELS", "STUDY_LABEL", "SWEEP_LABEL", "Kind"]
+STATUS_METRICS: dict[str, tuple[str, ...]] = {
+    "Corpus": ("documentsPerSecond",),
+    "PretrainRun": ("loss", "evalLoss", "perplexity", "tokensPerSecond", "mfu", "gpuUtilization"),
+    "AlignmentRun": (
+        "loss",
+        "evalLoss",
+        "tokensPerSecond",
+        "rewardAccuracy",
+        "rewardMargin",
+        "meanReward",
+        "kl",
+    ),
+}
+"""The numbers each kind reports in status.metrics (camelCase, in its status model's order): the operator
+copies these from a job's telemetry into its status, and a Sweep's objective must be one its template kind
+reports. Spelled out here because the status models cannot be read while they are being defined (the Sweep's
+CRD rule needs the names); a test checks the table against the models."""
+
+__all__ = ["KINDS", "PARENT_LABELS", "STATUS_METRICS", "STUDY_LABEL", "SWEEP_LABEL", "Kind"]

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lmforge_jobs.data.config import CorpusStage
+from lmforge_jobs.kinds import STATUS_METRICS
 from lmforge_jobs.manifest import MODELS
 from lmforge_jobs.spec import Condition, derive_phase
 
@@ -310,24 +311,9 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return values
 
 
-METRIC_FIELDS = {
-    "PretrainRun": {"loss", "evalLoss", "perplexity", "tokensPerSecond", "mfu", "gpuUtilization"},
-    "AlignmentRun": {
-        "loss",
-        "evalLoss",
-        "tokensPerSecond",
-        "rewardAccuracy",
-        "rewardMargin",
-        "meanReward",
-        "kl",
-    },
-    "Corpus": {"documentsPerSecond"},
-}
-
-
 def metrics_for_status(kind: str, metrics: dict[str, float]) -> dict[str, Any] | None:
     """The job's metrics in the shape of the kind's status.metrics (align extras → methodMetrics)."""
-    known = METRIC_FIELDS.get(kind)
+    known = STATUS_METRICS.get(kind)
     if known is None or not metrics:
         return None
     out: dict[str, Any] = {k: v for k, v in metrics.items() if k in known}
@@ -425,7 +411,7 @@ def progress_from_metrics(kind: str, values: dict[str, float]) -> dict[str, Any]
     if ratio is not None and ratio == ratio:
         out["percent"] = round(min(100.0, max(0.0, ratio * 100.0)), 2)
     metrics = {}
-    for key in sorted(METRIC_FIELDS.get(kind, ())):
+    for key in sorted(STATUS_METRICS.get(kind, ())):
         v = values.get(metric_name(kind, key))
         if v is not None and v == v and abs(v) != float("inf"):
             metrics[key] = v
@@ -435,7 +421,6 @@ def progress_from_metrics(kind: str, values: dict[str, float]) -> dict[str, Any]
 
 
 __all__ = [
-    "METRIC_FIELDS",
     "JobState",
     "apply_progress",
     "condition",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from repo import ROOT
 
 HEAVY = ("torch", "transformers", "datatrove", "trl", "peft")
@@ -20,32 +21,45 @@ def _modules(package: str) -> list[str]:
     ]
 
 
-def _imported_after(modules: list[str]) -> set[str]:
-    code = (
-        "import sys, importlib\n"
-        f"for m in {modules!r}: importlib.import_module(m)\n"
-        "print('\\n'.join(sorted({n.split('.')[0] for n in sys.modules})))\n"
-    )
+def _imported_after(*groups: list[str]) -> list[set[str]]:
+    """The top-level packages loaded in a fresh interpreter after it imported each group in turn."""
+    code = "import sys, importlib\n"
+    for modules in groups:
+        code += f"for m in {modules!r}: importlib.import_module(m)\n"
+        code += "print(' '.join(sorted({n.split('.')[0] for n in sys.modules})))\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return set(proc.stdout.split())
+    return [set(line.split()) for line in proc.stdout.splitlines()]
 
 
-def test_operator_imports_no_ml_library() -> None:
-    loaded = _imported_after(_modules("lmforge_operator"))
+def _job_configs() -> list[str]:
+    return [m for m in _modules("lmforge_jobs") if m.endswith((".config", ".spec", ".manifest"))]
+
+
+@pytest.fixture(scope="module")
+def light() -> dict[str, set[str]]:
+    """One interpreter imports every operator module, then every job config module (one start, not two)."""
+    operator, configs = _imported_after(_modules("lmforge_operator"), _job_configs())
+    return {"operator": operator, "configs": configs}
+
+
+def test_operator_imports_no_ml_library(light: dict[str, set[str]]) -> None:
+    loaded = light["operator"]
     assert "lmforge_operator" in loaded
     assert loaded.isdisjoint(HEAVY), loaded & set(HEAVY)
 
 
-def test_job_configs_are_light() -> None:
+def test_job_configs_are_light(light: dict[str, set[str]]) -> None:
     """The operator composes CRDs from the job configs, so those must stay import-light too."""
-    configs = [m for m in _modules("lmforge_jobs") if m.endswith((".config", ".spec", ".manifest"))]
-    assert len(configs) >= 6
-    loaded = _imported_after(configs)
+    assert len(_job_configs()) >= 6
+    loaded = light["configs"]
     assert loaded.isdisjoint(HEAVY), loaded & set(HEAVY)
 
 
+@pytest.mark.slow
 def test_jobs_import_no_operator() -> None:
-    loaded = _imported_after(_modules("lmforge_jobs"))
+    """At run time, as import-linter's contract says statically (test_import_linter_contracts); slow: it
+    imports every job module, torch, transformers, trl and datatrove with them."""
+    (loaded,) = _imported_after(_modules("lmforge_jobs"))
     assert "lmforge_operator" not in loaded and "kopf" not in loaded
 
 

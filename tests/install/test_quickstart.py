@@ -9,7 +9,6 @@ DPO reward margin. A third run finds everything up to date.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from data_fixtures import offline_env
 from repo import ROOT
 
 KINDS = {"corpus": "tiny-web", "pretrainrun": "tiny-gpt", "evaluation": "tiny-eval"}
@@ -25,18 +25,6 @@ KINDS = {"corpus": "tiny-web", "pretrainrun": "tiny-gpt", "evaluation": "tiny-ev
 
 def _lmforge() -> str:
     return shutil.which("lmforge") or str(Path(sys.executable).parent / "lmforge")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        TORCHINDUCTOR_COMPILE_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 def _status(workdir: Path, kind: str, name: str) -> dict:
@@ -64,7 +52,7 @@ def test_quickstart_interrupt_resume_complete(tmp_path: Path) -> None:
     workdir = tmp_path / "runs"
     cmd = [_lmforge(), "run", "examples/quickstart", "--workdir", str(workdir), "--plain"]
     log = open(tmp_path / "run1.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=offline_env(), stdout=log, stderr=subprocess.STDOUT)
     progress = workdir / "pretrainrun" / "tiny-gpt" / "progress.json"
     deadline = time.monotonic() + 240
     step = 0
@@ -90,7 +78,7 @@ def test_quickstart_interrupt_resume_complete(tmp_path: Path) -> None:
     stats_mtime = (workdir / "corpus" / "tiny-web" / "stats.json").stat().st_mtime
     interrupted_at = max(_steps(workdir / "pretrainrun" / "tiny-gpt" / "metrics.jsonl"))
 
-    run2 = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    run2 = subprocess.run(cmd, cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=600)
     assert run2.returncode == 0, (run2.stdout + run2.stderr)[-4000:]
     assert "Corpus/tiny-web: up to date, skipped" in run2.stdout
     assert (workdir / "corpus" / "tiny-web" / "stats.json").stat().st_mtime == stats_mtime
@@ -130,7 +118,7 @@ def test_quickstart_interrupt_resume_complete(tmp_path: Path) -> None:
     assert results["perplexity"] < untrained, (results["perplexity"], untrained)
     assert trained["metrics"]["loss"] < 5.0
 
-    run3 = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    run3 = subprocess.run(cmd, cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=300)
     assert run3.returncode == 0, run3.stderr[-2000:]
     assert run3.stdout.count("up to date, skipped") == 5, run3.stdout
     status_out = subprocess.run(

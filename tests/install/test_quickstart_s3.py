@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from data_fixtures import offline_env
 from repo import ROOT
 
 QUICKSTART = ROOT / "examples" / "quickstart"
@@ -37,21 +37,9 @@ def _lmforge() -> str:
     return shutil.which("lmforge") or str(Path(sys.executable).parent / "lmforge")
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)  # carries the s3 fixture's AWS_* test credentials and LMFORGE_S3_ENDPOINT
-    env.update(
-        TORCHINDUCTOR_COMPILE_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
 def _run(manifests: Path, workdir: Path) -> subprocess.CompletedProcess[str]:
     cmd = [_lmforge(), "run", str(manifests), "--workdir", str(workdir), "--plain"]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
+    return subprocess.run(cmd, cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=1200)
 
 
 def _status(workdir: Path, kind: str, name: str) -> dict[str, Any]:
@@ -134,6 +122,7 @@ def test_quickstart_chain_on_s3_matches_the_local_run(tmp_path: Path, s3) -> Non
     assert again.stdout.count("up to date, skipped") == len(CHAIN), again.stdout
 
 
+@pytest.mark.slow
 def test_a_missing_bucket_is_a_configuration_error_naming_the_field(tmp_path: Path, s3) -> None:  # type: ignore[no-untyped-def]
     s3.client.upload_file(str(DATA / "python-docs.warc.gz"), s3.bucket, "data/python-docs.warc.gz")
     _on_s3(s3.uri, tmp_path / "manifests")

@@ -17,7 +17,9 @@ from repo import ROOT
 BENCH = ROOT / "bench" / "operator.py"
 
 
-@pytest.mark.parametrize("kind", ["Evaluation", "PretrainRun"])
+# PretrainRun (torchrun children: ConfigMap, Service, NetworkPolicy, Job) in the default suite; the bench's
+# default kind in the slow one.
+@pytest.mark.parametrize("kind", [pytest.param("Evaluation", marks=pytest.mark.slow), "PretrainRun"])
 def test_bench_operator_creates_a_job_per_resource(kind: str) -> None:
     args = ["--kind", kind, "--resources", "4", "--latency-resources", "4", "--timeout", "30", "--json"]
     args += ["--latency-rate", "4", "--resync-seconds", "0.3"]  # the late ones span several resyncs

@@ -9,8 +9,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import manifests
 import pytest
 from k8s_validate import VERSIONS, assert_valid, model_class, problems, restricted_problems
+from manifests import BUILT_CORPUS, BUILT_PRETRAIN
 from repo import ROOT
 
 from lmforge_jobs.data.stages import stages
@@ -75,33 +77,11 @@ def argv(job: dict[str, Any]) -> list[str]:
 
 
 def pretrain_doc(**spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "data": {"tokens": "s3://bucket/tokens/train", "tokenizer": "s3://bucket/tokenizer"},
-        "model": {"layers": 2, "hidden": 64, "heads": 4, "seqLen": 64, "vocabSize": 512},
-        "budget": {"steps": 1000},
-        "batch": {"globalTokens": 8192, "microBatchSize": 4},
-        "parallelism": {"nodes": 2, "gpusPerNode": 4},
-        "output": "s3://bucket/runs/gpt",
-    }
-    base.update(spec)
-    return {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "PretrainRun",
-        "metadata": {"name": "gpt"},
-        "spec": base,
-    }
+    return manifests.resource("PretrainRun", "gpt", {**copy.deepcopy(BUILT_PRETRAIN), **spec})
 
 
 def corpus_doc(**spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "sources": [{"jsonl": {"paths": ["s3://bucket/docs/*.jsonl.gz"]}}],
-        "dedup": {"exact": True},
-        "output": "s3://bucket/corpora/web",
-        "parallelism": {"tasks": 8, "workers": 3},
-        "resources": {"cpu": "2", "memory": "4Gi"},
-    }
-    base.update(spec)
-    return {"apiVersion": "lmforge.io/v1alpha1", "kind": "Corpus", "metadata": {"name": "web"}, "spec": base}
+    return manifests.resource("Corpus", "web", {**copy.deepcopy(BUILT_CORPUS), **spec})
 
 
 def evaluation_doc(**spec: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from manifests import resource, tiny_pretrain
 
 from lmforge_jobs.manifest import parse_resource
 from lmforge_operator.cli import main
@@ -28,25 +29,8 @@ CLOSED = "http://127.0.0.1:1"  # nothing listens there: a job sent to it cannot 
 
 
 def pretrain_doc(name: str, data: dict[str, str], output: str, **spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "data": dict(data),
-        "model": {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "ffnHidden": 192, "seqLen": 32},
-        "budget": {"steps": 8},
-        "optimizer": {"lr": 3.0e-3, "warmupSteps": 2},
-        "batch": {"globalTokens": 1024, "microBatchSize": 8},
-        "precision": "fp32",
-        "parallelism": {"nodes": 1, "gpusPerNode": 0, "compile": False},
-        "checkpoint": {"everySteps": 4, "keep": 3},
-        "eval": {"everySteps": 4, "batches": 2},
-        "output": output,
-        **spec,
-    }
-    return {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "PretrainRun",
-        "metadata": {"name": name},
-        "spec": base,
-    }
+    """The tiny CPU PretrainRun keeping three checkpoints, with ``spec``'s changes."""
+    return resource("PretrainRun", name, tiny_pretrain(data, output, **{"checkpoint": {"keep": 3}, **spec}))
 
 
 def write(tmp_path: Path, doc: dict[str, Any]) -> Path:
@@ -140,6 +124,7 @@ def _run(tmp_path: Path, doc: dict[str, Any], *flags: str) -> int:
     return main([*args, *flags, str(write(tmp_path, doc))])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["flag", "spec"])
 def test_the_endpoint_reaches_the_job(
     tmp_path: Path, s3, monkeypatch: pytest.MonkeyPatch, quiet_env: None, source: str
@@ -171,6 +156,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     )
 
 
+@pytest.mark.slow
 def test_lmforge_run_with_the_output_on_s3_succeeds_and_skips_on_rerun(
     tmp_path: Path, data: dict[str, str], s3, quiet_env: None
 ) -> None:  # type: ignore[no-untyped-def]

@@ -314,6 +314,7 @@ def test_example_set_runs_in_dependency_order(cluster: Cluster) -> None:
 
 
 # ------------------------------------------------------------------------------------------ restart safety
+@pytest.mark.slow
 def test_operator_killed_mid_reconcile_restarts_without_duplicates(cluster: Cluster) -> None:
     ns = "restart"
     corpus = next(d for d in _example_resources() if d["kind"] == "Corpus")

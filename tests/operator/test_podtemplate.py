@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from k8s_validate import problems, restricted_problems
 from kmock_harness import Cluster, Operator
+from manifests import BUILT_CORPUS, BUILT_PRETRAIN, resource
 from repo import ROOT
 
 from lmforge_jobs.data.stages import stages
@@ -28,33 +29,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 # ------------------------------------------------------------------------------------------------ helpers
 def pretrain(**spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "data": {"tokens": "s3://bucket/tokens/train", "tokenizer": "s3://bucket/tokenizer"},
-        "model": {"layers": 2, "hidden": 64, "heads": 4, "seqLen": 64, "vocabSize": 512},
-        "budget": {"steps": 1000},
-        "batch": {"globalTokens": 8192, "microBatchSize": 4},
-        "parallelism": {"nodes": 2, "gpusPerNode": 4},
-        "output": "s3://bucket/runs/gpt",
-        **spec,
-    }
-    return {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "PretrainRun",
-        "metadata": {"name": "gpt"},
-        "spec": base,
-    }
+    return resource("PretrainRun", "gpt", {**copy.deepcopy(BUILT_PRETRAIN), **spec})
 
 
 def corpus(**spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "sources": [{"jsonl": {"paths": ["s3://bucket/docs/*.jsonl.gz"]}}],
-        "dedup": {"exact": True},
-        "output": "s3://bucket/corpora/web",
-        "parallelism": {"tasks": 8, "workers": 3},
-        "resources": {"cpu": "2", "memory": "4Gi"},
-        **spec,
-    }
-    return {"apiVersion": "lmforge.io/v1alpha1", "kind": "Corpus", "metadata": {"name": "web"}, "spec": base}
+    return resource("Corpus", "web", {**copy.deepcopy(BUILT_CORPUS), **spec})
 
 
 def parsed(doc: dict[str, Any]) -> Any:

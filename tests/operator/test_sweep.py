@@ -13,9 +13,10 @@ import pytest
 from crdcheck import admission_errors
 from manifests import resource, tiny_pretrain
 
+from lmforge_jobs.kinds import STATUS_METRICS
 from lmforge_jobs.manifest import parse_resource
 from lmforge_jobs.resolve import dependencies, trial_resource
-from lmforge_jobs.sweep.config import _REPORTED, TrialPhase, apply_parameters, reported_metrics
+from lmforge_jobs.sweep.config import TEMPLATE_KINDS, TrialPhase, apply_parameters, reported_metrics
 from lmforge_jobs.sweep.search import Search
 
 TEMPLATE = {
@@ -114,8 +115,9 @@ def test_trial_names_fit_the_name_limit() -> None:
     assert python_problems(doc) == [] and admission_errors(doc) == []
 
 
-def test_the_crd_rule_knows_the_metrics_the_models_report() -> None:
-    assert {kind: reported_metrics(kind) for kind in _REPORTED} == _REPORTED
+def test_the_metric_table_is_what_the_status_models_report() -> None:
+    assert {kind: reported_metrics(kind) for kind in STATUS_METRICS} == STATUS_METRICS
+    assert set(TEMPLATE_KINDS) <= set(STATUS_METRICS)
 
 
 def test_validate_command_refuses_a_bad_sweep(tmp_path: Path) -> None:

@@ -114,18 +114,27 @@ def write_manifest(path: Path, output: Path, spec: dict[str, Any]) -> Path:
     return path
 
 
-def job_env(*drop: str) -> dict[str, str]:
-    """The environment of a job a test starts as a process (any job, not only the Corpus one): this
-    process's, offline, one thread, no metrics port, unbuffered, and without a Job's index, a
-    termination log or the variables named in ``drop``."""
+def offline_env() -> dict[str, str]:
+    """The environment of a command a test starts as a process (``lmforge run`` as a user would): this
+    process's (the s3 fixture's credentials and endpoint included), offline, unbuffered, one compile
+    thread."""
     env = dict(os.environ)
     env.update(
-        OMP_NUM_THREADS="1",
+        TORCHINDUCTOR_COMPILE_THREADS="1",
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
-        LMFORGE_METRICS_PORT="off",
+        TRANSFORMERS_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )
+    return env
+
+
+def job_env(*drop: str) -> dict[str, str]:
+    """The environment of a job a test starts as a process (any job, not only the Corpus one):
+    :func:`offline_env` with one thread, no metrics port, and without a Job's index, a termination log
+    or the variables named in ``drop``."""
+    env = offline_env()
+    env.update(OMP_NUM_THREADS="1", LMFORGE_METRICS_PORT="off")
     for key in ("JOB_COMPLETION_INDEX", "LMFORGE_TERMINATION_LOG", *drop):
         env.pop(key, None)
     return env

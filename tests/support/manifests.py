@@ -28,6 +28,24 @@ CORPUS = {
     "parallelism": {"tasks": 4, "workers": 2},
 }
 
+# What the builder tests render (nothing runs): a PretrainRun "gpt" on 2 nodes × 4 GPUs and a Corpus "web",
+# data and outputs in a bucket.
+BUILT_PRETRAIN = {
+    "data": {"tokens": "s3://bucket/tokens/train", "tokenizer": "s3://bucket/tokenizer"},
+    "model": {"layers": 2, "hidden": 64, "heads": 4, "seqLen": 64, "vocabSize": 512},
+    "budget": {"steps": 1000},
+    "batch": {"globalTokens": 8192, "microBatchSize": 4},
+    "parallelism": {"nodes": 2, "gpusPerNode": 4},
+    "output": "s3://bucket/runs/gpt",
+}
+BUILT_CORPUS = {
+    "sources": [{"jsonl": {"paths": ["s3://bucket/docs/*.jsonl.gz"]}}],
+    "dedup": {"exact": True},
+    "output": "s3://bucket/corpora/web",
+    "parallelism": {"tasks": 8, "workers": 3},
+    "resources": {"cpu": "2", "memory": "4Gi"},
+}
+
 # An Evaluation of every checkpoint of the PretrainRun "gpt", as it lands.
 EVERY_CHECKPOINT = {
     "model": {"pretrainRun": "gpt"},
@@ -59,7 +77,7 @@ def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tiny_pretrain(data: dict[str, str], output: Path, /, **changes: Any) -> dict[str, Any]:
+def tiny_pretrain(data: dict[str, str], output: Path | str, /, **changes: Any) -> dict[str, Any]:
     """A PretrainRun spec that trains in seconds on CPU (8 steps of 1024 tokens), with ``changes`` (which
     may name ``data`` or ``output`` too)."""
     base: dict[str, Any] = {

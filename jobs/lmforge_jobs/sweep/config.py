@@ -2,7 +2,7 @@
 
 A trial is the template with its parameters written at their paths (:func:`trial_spec`); a path must
 name a field of the template kind's spec (``optimizer.lr``, ``budget.steps``), and the objective a metric
-the template kind reports in status.metrics (:func:`reported_metrics`).
+the template kind reports in status.metrics (:data:`lmforge_jobs.kinds.STATUS_METRICS`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, StringConstraints, ValidationError, WithJsonSchema, model_validator
 
+from lmforge_jobs.kinds import STATUS_METRICS
 from lmforge_jobs.spec import Cel, Spec, SpecError, StatusBase, Uri, cel_exactly_one
 
 TEMPLATE_KINDS = ("PretrainRun", "AlignmentRun")
@@ -286,29 +287,13 @@ class EarlyStopping(Spec):
     """1/reduction_factor of the trials go on at each rung (asha)."""
 
 
-# The trial kinds' status.metrics, spelled out for the CRD's rule (this module cannot read the kinds'
-# models while lmforge_jobs.manifest imports it); a test checks it against reported_metrics.
-_REPORTED = {
-    "PretrainRun": ("loss", "evalLoss", "perplexity", "tokensPerSecond", "mfu", "gpuUtilization"),
-    "AlignmentRun": (
-        "loss",
-        "evalLoss",
-        "tokensPerSecond",
-        "rewardAccuracy",
-        "rewardMargin",
-        "meanReward",
-        "kl",
-    ),
-}
-
-
 class SweepSpec(Spec):
     """A hyperparameter search: trials of a template run, each with parameters chosen by an Optuna sampler."""
 
     __cel__ = (
         Cel(
             " && ".join(
-                f"(self.template.kind != '{kind}' || self.objective.metric in {list(_REPORTED[kind])})"
+                f"(self.template.kind != '{kind}' || self.objective.metric in {list(STATUS_METRICS[kind])})"
                 for kind in TEMPLATE_KINDS
             ),
             "objective.metric must be a metric the template kind reports in status.metrics",
@@ -367,7 +352,7 @@ class SweepSpec(Spec):
                     f"parameters[{i}]",
                     "grid needs discrete parameters: values, integer, or a range with a step",
                 )
-        metrics = reported_metrics(kind)
+        metrics = STATUS_METRICS[kind]
         if self.objective.metric not in metrics:
             raise SpecError(
                 "objective.metric",

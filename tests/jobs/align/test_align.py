@@ -20,16 +20,6 @@ from tiny_models import tiny_llama
 DATA = ROOT / "examples" / "data"
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(key, "1")
-    monkeypatch.setenv("LMFORGE_METRICS_PORT", "off")
-    monkeypatch.delenv("LMFORGE_TERMINATION_LOG", raising=False)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny Llama whose tokenizer has no chat template, like a PretrainRun export."""
@@ -392,6 +382,7 @@ def test_ppo_raises_reward_with_bounded_kl(tmp_path: Path, base: str, reward_run
     AutoModelForCausalLM.from_pretrained(out / "model")
 
 
+@pytest.mark.slow
 def test_ppo_lora_reference_is_the_disabled_adapter(
     tmp_path: Path, base: str, rough_reward_run: Path
 ) -> None:
@@ -435,6 +426,7 @@ def test_ppo_lora_reference_is_the_disabled_adapter(
     assert torch.allclose(a, c, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ppo_resume_continues(
     tmp_path: Path, base: str, rough_reward_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -468,6 +460,7 @@ def test_ppo_resume_continues(
 
 
 # ------------------------------------------------------------------------------------------- synthetic
+@pytest.mark.slow
 def test_synthetic_sft_from_teacher(tmp_path: Path, base: str) -> None:
     teacher = tiny_llama(tmp_path / "teacher", seed=3)
     spec = {
@@ -640,6 +633,7 @@ def test_ppo_gae_masks_padding_and_matches_hand_computation() -> None:
     assert response_mask(torch.tensor([[5, 2, 2, 2]]), eos_id=2, pad_id=2).tolist() == [[1, 1, 0, 0]]
 
 
+@pytest.mark.slow
 def test_ppo_ratio_is_one_before_the_update_even_with_dropout(
     tmp_path: Path, base: str, rough_reward_run: Path
 ) -> None:

@@ -30,13 +30,8 @@ HYPER = {"lr": 1.0e-3, "maxSteps": 4, "batchSize": 4, "microBatchSize": 4, "maxL
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(key, "1")
-    monkeypatch.setenv("LMFORGE_METRICS_PORT", "off")
-    monkeypatch.delenv("LMFORGE_TERMINATION_LOG", raising=False)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
+def _scratch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Offline as every AlignmentRun test (conftest.py), with this test's own cache, scratch and secrets."""
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LMFORGE_SCRATCH", str(tmp_path / "scratch"))
     monkeypatch.setenv("LMFORGE_SECRETS_DIR", str(tmp_path / "no-secrets"))
@@ -135,6 +130,7 @@ def test_checkpoints_publish_marker_last_prune_and_restore(s3, tmp_path: Path) -
 
 
 # ------------------------------------------------------------------------------- stop, resume, outputs
+@pytest.mark.slow
 def test_sft_on_s3_stops_on_sigterm_and_a_fresh_pod_resumes(  # type: ignore[no-untyped-def]
     s3, tmp_path: Path, base: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -222,6 +218,7 @@ def test_unmerged_adapter_on_s3_as_the_next_base(  # type: ignore[no-untyped-def
         assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ppo_on_s3_stops_on_sigterm_and_resumes(  # type: ignore[no-untyped-def]
     s3, tmp_path: Path, base: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:

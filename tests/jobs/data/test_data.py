@@ -2,7 +2,9 @@
 
 One uninterrupted ``--stage all`` run (module fixture) is checked against the planted cases of
 ``examples/data/make_warc.py``; a second run, stage by stage with one rank SIGKILLed, must skip the
-completed ranks and produce the same bytes.
+completed ranks and produce the same bytes. Both runs extract the whole WARC with trafilatura and are
+``slow`` (``python -m pytest -m slow``); ``test_data_sources.py`` runs the job end to end on small inputs in
+the default suite.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ def test_stages_follow_the_spec() -> None:
 
 
 # -------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_counts_add_up_and_outputs_are_complete(corpus: Path) -> None:
     stats = json.loads((corpus / "stats.json").read_text())
     assert stats["read"] == stats["kept"] + sum(stats["removedBy"].values())
@@ -175,6 +178,7 @@ def test_counts_add_up_and_outputs_are_complete(corpus: Path) -> None:
     }
 
 
+@pytest.mark.slow
 def test_planted_pages_are_removed_by_the_right_step(corpus: Path) -> None:
     stats = json.loads((corpus / "stats.json").read_text())
     extracted = _urls(corpus / "work" / "extract")
@@ -203,6 +207,7 @@ def test_planted_pages_are_removed_by_the_right_step(corpus: Path) -> None:
     assert stats["removedBy"]["nearDuplicates"] == len(make_warc.NEAR_DUPLICATES)
 
 
+@pytest.mark.slow
 def test_pii_is_replaced(corpus: Path) -> None:
     docs = _kept(corpus)
     text = "\n".join(d["text"] for d in docs)
@@ -214,6 +219,7 @@ def test_pii_is_replaced(corpus: Path) -> None:
     assert all("email@example.com" in t and "0.0.0.0" in t for t in redacted)
 
 
+@pytest.mark.slow
 def test_tokenizer_loads_offline_and_shards_round_trip(corpus: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -232,6 +238,7 @@ def test_tokenizer_loads_offline_and_shards_round_trip(corpus: Path) -> None:
             assert ids[:-1] == tok(doc["text"])["input_ids"]
 
 
+@pytest.mark.slow
 def test_held_out_split_is_deterministic_and_disjoint(corpus: Path) -> None:
     from lmforge_jobs.data.blocks import stable_fraction
 
@@ -324,7 +331,7 @@ def _jsonl(path: Path, texts: list[str]) -> Path:
     [
         "missing-source",
         "unreadable-warc",
-        "truncated-warc",
+        pytest.param("truncated-warc", marks=pytest.mark.slow),
         "missing-language-model",
         "vocab-too-small",
         "missing-pretrained-tokenizer",

@@ -22,7 +22,16 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; PR
 STAGE = ("--stage", "extract", "--rank", "all")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+# SIGTERM (what Kubernetes sends) in the default suite, the other two in the slow one.
+@pytest.mark.parametrize(
+    "signum",
+    [
+        pytest.param(signal.SIGKILL, marks=pytest.mark.slow),
+        signal.SIGTERM,
+        pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+    ],
+    ids=lambda s: s.name,
+)
 def test_a_stopped_job_leaves_no_worker_behind(signum: signal.Signals, tmp_path: Path) -> None:
     out = tmp_path / "out"
     web = tmp_path / "web"  # two archives per rank: work enough to be caught with every worker running

@@ -117,6 +117,7 @@ def objects(s3: Any, prefix: str) -> dict[str, tuple[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_corpus_on_s3_equals_the_local_one_and_feeds_pretraining(tmp_path: Path, s3: Any) -> None:
     files = small_sources(tmp_path)
     for f in files:
@@ -258,10 +259,10 @@ def test_quickstart_corpus_on_s3_matches_the_local_run(tmp_path: Path, s3: Any) 
     "case",
     [
         "missing-source-object",
-        "missing-source-bucket",
+        pytest.param("missing-source-bucket", marks=pytest.mark.slow),
         "missing-output-bucket",
         "wrong-credentials",
-        "wrong-credentials-for-the-source",
+        pytest.param("wrong-credentials-for-the-source", marks=pytest.mark.slow),
     ],
 )
 def test_storage_failures_name_the_field_and_never_the_secret(

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from manifests import tiny_pretrain
+from manifests import write_manifest as write_resource
 from repo import ROOT
 from tiny_models import tiny_llama
 from transformers import AutoTokenizer
@@ -79,15 +80,8 @@ def upload(local: str | Path, uri: str) -> str:
 
 
 def write_manifest(tmp: Path, spec: dict, name: str = "ev") -> Path:
-    doc = {
-        "apiVersion": "lmforge.io/v1alpha1",
-        "kind": "Evaluation",
-        "metadata": {"name": name},
-        "spec": {"precision": "fp32", "batchSize": 4, **spec},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return path
+    spec = {"precision": "fp32", "batchSize": 4, **spec}
+    return write_resource(tmp / f"{name}.yaml", "Evaluation", name, spec, sort_keys=False)
 
 
 def evaluation(inputs: dict[str, str], output: str) -> dict:
@@ -313,21 +307,18 @@ def test_follows_a_run_in_s3_until_it_finishes(s3, tmp_path: Path) -> None:  # t
     from lmforge_jobs.pretrain.testing import make_token_data
 
     data = make_token_data(tmp_path / "data", vocab_size=320, documents=60, held_out=8)
-    spec = {
-        "data": data,
-        "model": {"layers": 1, "hidden": 32, "heads": 2, "kvHeads": 2, "ffnHidden": 64, "seqLen": 32},
-        "budget": {"steps": 4},
-        "optimizer": {"lr": 3.0e-3, "warmupSteps": 1},
-        "batch": {"globalTokens": 256, "microBatchSize": 8},
-        "precision": "fp32",
-        "parallelism": {"nodes": 1, "gpusPerNode": 0, "compile": False},
-        "checkpoint": {"everySteps": 2, "keep": 5},
-        "eval": {"everySteps": 100, "batches": 1},
-        "output": str(tmp_path / "run"),
-    }
-    doc = {"apiVersion": "lmforge.io/v1alpha1", "kind": "PretrainRun", "metadata": {"name": "run"}}
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**doc, "spec": spec}))
-    assert pretrain_main(["--manifest", str(tmp_path / "run.yaml")]) == 0
+    spec = tiny_pretrain(
+        data,
+        tmp_path / "run",
+        model={"layers": 1, "hidden": 32, "heads": 2, "kvHeads": 2, "ffnHidden": 64},
+        budget={"steps": 4},
+        optimizer={"warmupSteps": 1},
+        batch={"globalTokens": 256},
+        checkpoint={"everySteps": 2, "keep": 5},
+        eval={"everySteps": 100, "batches": 1},
+    )
+    manifest = write_resource(tmp_path / "run.yaml", "PretrainRun", "run", spec)
+    assert pretrain_main(["--manifest", str(manifest)]) == 0
     held_out = upload(data["heldOut"], f"{s3.uri}/corpus/held-out")
     run = f"{s3.uri}/runs/run"
 
