@@ -56,6 +56,33 @@ def test_cluster_examples_resolve_to_uris() -> None:
     assert resolved.spec.data.tokenizer == f"/runs/corpus/{corpus_name}/tokenizer"
 
 
+def test_the_realistic_experiments_run_on_the_cluster_corpus() -> None:
+    """examples/sweep/02 and examples/scaling/02 sit beside examples/cluster: every trial and point they
+    create refers to the cluster's Corpus and resolves to its URIs."""
+    from lmforge_jobs.resolve import point_resource, trial_resource
+    from lmforge_jobs.scaling_study import study_points
+
+    resources = _by_ref(
+        [
+            ROOT / "examples" / "cluster",
+            ROOT / "examples" / "sweep" / "02-llama-lr.yaml",
+            ROOT / "examples" / "scaling" / "02-llama-iso.yaml",
+        ]
+    )
+    outputs = _outputs({ref: r for ref, r in resources.items() if ref[0] not in ("Sweep", "ScalingStudy")})
+    sweep, study = resources[("Sweep", "llama-lr")], resources[("ScalingStudy", "llama-iso")]
+    children = [trial_resource(sweep, "llama-lr-t000", {"optimizer.lr": 1e-3, "optimizer.warmupSteps": 200})]
+    points = study_points(study.spec, study.name, 32000)
+    assert len(points) == 20
+    children += [point_resource(study, p["name"], p["shape"], p["tokens"]) for p in points[:2]]
+    for child in children:
+        assert [dep for dep in references(child)] == [("Corpus", "web-en")]
+        resolved = resolve(child, outputs, default_output(child.kind, child.name, "/runs"))
+        assert unresolved(resolved) == [], child.name
+        assert resolved.spec.data.tokens == "/runs/corpus/web-en/tokens/train"
+    assert children[0].spec.optimizer.lr == 1e-3 and children[0].spec.optimizer.warmup_steps == 200
+
+
 def test_model_references_become_paths_and_every_gets_checkpoint_dir() -> None:
     doc = {
         "apiVersion": "lmforge.io/v1alpha1",

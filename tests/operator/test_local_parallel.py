@@ -283,13 +283,10 @@ def test_a_studys_points_run_side_by_side(tmp_path: Path, monkeypatch: pytest.Mo
         {"layers": 1, "hidden": 32, "heads": 4, "kvHeads": 2, "ffnHidden": 96},
         {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "ffnHidden": 192},
     ]
+    # maxParallel unset: every point may run at once; --parallel 2 is what limits them here
     spec = {"template": template, "budgets": [1.8e9, 3.6e9], "shapes": shapes}
     study, problems = parse_resource(resource("ScalingStudy", "iso", spec))
     assert not problems, problems
-    if not hasattr(study.spec, "max_parallel"):  # the field the spec gains; until then, set here
-        object.__setattr__(study.spec, "max_parallel", 2)
-    else:
-        study.spec.max_parallel = 2
     workdir = tmp_path / "work"
     runner(workdir, parallel=2).run([study])
     status = json.loads((workdir / "scalingstudy" / "iso" / "status.json").read_text())

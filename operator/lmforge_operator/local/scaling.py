@@ -127,8 +127,8 @@ def run_study(runner: LocalRunner, study: Any) -> Outcome:
             failed.append(f"{child.name}: {outcome.message or outcome.phase}")
         save(rows())
 
-    # maxParallel: the study's spec has it once the jobs side does; until then, one at a time
-    max_parallel = getattr(study.spec, "max_parallel", None) or 1
+    # maxParallel unset: every point may run at once, as on a cluster; the hardware and --parallel decide
+    max_parallel = study.spec.max_parallel or len(plan)
     per_child = gpus_per_child([child(point) for point in plan] if runner.gpus else [], runner.gpus)
     places = slots(max_parallel, runner.parallel, runner.gpus, per_child)
     run_children(runner, places, lambda: next(queue, None), run, done)
