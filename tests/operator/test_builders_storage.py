@@ -6,25 +6,19 @@ and the pods and chart objects checked offline with kubernetes-validate (tests/k
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from crdcheck import admission_errors
+from helm import helm_template
 from k8s_validate import assert_valid, restricted_problems
-from repo import ROOT
 
 from lmforge_jobs.manifest import parse_resource
 from lmforge_jobs.spec import ENDPOINT_PATTERN, Storage, check_endpoint
 from lmforge_operator import builders
 from lmforge_operator.controller import Config
 
-CHART = ROOT / "charts" / "lmforge"
 IMAGE = "registry.example/lmforge-jobs:1.2.3"
 UID = "6f1c1d6e-0000-4000-8000-000000000002"
 
@@ -286,37 +280,6 @@ def test_training_network_policy_leaves_egress_to_the_store_open() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- chart
-def _helm() -> str:
-    for candidate in (
-        os.environ.get("LMFORGE_HELM"),
-        str(ROOT / ".ci" / "bin" / "helm"),
-        shutil.which("helm"),
-    ):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail("no helm binary: run `bash .ci/get-helm.sh` or set LMFORGE_HELM (see DEVELOPERS.md)")
-    pytest.skip("no helm binary: run `bash .ci/get-helm.sh` or set LMFORGE_HELM")
-
-
-def helm_template(values: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    with tempfile.TemporaryDirectory(prefix="lmforge-helm-") as home:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HELM_")}
-        env.update(
-            HOME=home, HELM_CONFIG_HOME=f"{home}/c", HELM_CACHE_HOME=f"{home}/k", HELM_DATA_HOME=f"{home}/d"
-        )
-        path = Path(home) / "values.yaml"
-        path.write_text(yaml.safe_dump(values))
-        return subprocess.run(
-            [_helm(), "template", "lmforge", str(CHART), "-n", "lmforge-system", "--values", str(path)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            check=False,
-        )
-
-
 def operator_env(values: dict[str, Any]) -> dict[str, str]:
     proc = helm_template(values)
     assert proc.returncode == 0, proc.stderr

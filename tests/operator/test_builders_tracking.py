@@ -5,24 +5,18 @@ manifest keeps the label that groups its MLflow run under the sweep."""
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from crdcheck import admission_errors
+from helm import helm_template
 from k8s_validate import assert_valid
-from repo import ROOT
 
 from lmforge_jobs.manifest import parse_resource
 from lmforge_jobs.spec import Storage
 from lmforge_operator import builders
 
-CHART = ROOT / "charts" / "lmforge"
 IMAGE = "registry.example/lmforge-jobs:1.2.3"
 URI = "http://mlflow.mlflow.svc:5000"
 SETTINGS = (builders.TRACKING_URI_SETTING, builders.TRACKING_SECRET_SETTING)
@@ -131,37 +125,6 @@ def test_spec_tracking_is_checked_by_pydantic_and_the_crd_alike(
 
 
 # ------------------------------------------------------------------------------------------------ chart
-def _helm() -> str:
-    for candidate in (
-        os.environ.get("LMFORGE_HELM"),
-        str(ROOT / ".ci" / "bin" / "helm"),
-        shutil.which("helm"),
-    ):
-        if candidate and Path(candidate).exists():
-            return candidate
-    if os.environ.get("CI") == "true":
-        pytest.fail("no helm binary: run `bash .ci/get-helm.sh` or set LMFORGE_HELM (see DEVELOPERS.md)")
-    pytest.skip("no helm binary: run `bash .ci/get-helm.sh` or set LMFORGE_HELM")
-
-
-def helm_template(values: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    with tempfile.TemporaryDirectory(prefix="lmforge-helm-") as home:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("HELM_")}
-        environ.update(
-            HOME=home, HELM_CONFIG_HOME=f"{home}/c", HELM_CACHE_HOME=f"{home}/k", HELM_DATA_HOME=f"{home}/d"
-        )
-        path = Path(home) / "values.yaml"
-        path.write_text(yaml.safe_dump(values))
-        return subprocess.run(
-            [_helm(), "template", "lmforge", str(CHART), "-n", "lmforge-system", "--values", str(path)],
-            capture_output=True,
-            text=True,
-            env=environ,
-            timeout=120,
-            check=False,
-        )
-
-
 def operator_env(values: dict[str, Any]) -> dict[str, str]:
     proc = helm_template(values)
     assert proc.returncode == 0, proc.stderr

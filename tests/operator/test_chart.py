@@ -10,15 +10,10 @@ against the restricted Pod Security Standard; the dashboard's queries against th
 
 from __future__ import annotations
 
-import atexit
 import copy
 import functools
 import json
-import os
 import re
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +22,9 @@ import k8s_validate
 import kubernetes_validate
 import pytest
 import yaml
+from helm import CHART, NAMESPACE, RELEASE, helm_template, require_helm, run_helm
 from repo import ROOT
 
-CHART = ROOT / "charts" / "lmforge"
-RELEASE, NAMESPACE = "lmforge", "lmforge-system"
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
 _MIN_K8S = re.fullmatch(
     r">=(\d+\.\d+\.\d+)-0", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
@@ -55,43 +49,6 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------------------------------ helm
-def _helm_binary(root: Path = ROOT) -> str | None:
-    for candidate in (
-        os.environ.get("LMFORGE_HELM"),
-        str(root / ".ci" / "bin" / "helm"),
-        shutil.which("helm"),
-    ):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def require_helm(root: Path = ROOT) -> str:
-    """The helm binary; without one, skip locally but fail under CI=true (CI installs it first)."""
-    binary = _helm_binary(root)
-    if binary is None:
-        message = "no helm binary: run `bash .ci/get-helm.sh` or set LMFORGE_HELM (see DEVELOPERS.md)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
-
-
-@functools.lru_cache(maxsize=1)
-def _helm_env() -> dict[str, str]:
-    # helm writes its config, cache and registry data under HOME: give it a private writable one.
-    home = tempfile.mkdtemp(prefix="lmforge-helm-")
-    atexit.register(shutil.rmtree, home, True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HELM_")}
-    env.update(
-        HOME=home,
-        HELM_CONFIG_HOME=f"{home}/config",
-        HELM_CACHE_HOME=f"{home}/cache",
-        HELM_DATA_HOME=f"{home}/data",
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
 def helm() -> str:
     return require_helm()
@@ -108,20 +65,9 @@ def test_missing_helm_fails_under_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         require_helm(tmp_path)
 
 
-def _run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [helm, *args], capture_output=True, text=True, env=_helm_env(), timeout=60, check=False
-    )
-
-
 @functools.lru_cache(maxsize=32)
 def _template(helm: str, values_json: str) -> tuple[int, str, str]:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(json.loads(values_json), fh)
-    try:
-        proc = _run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--values", fh.name)
-    finally:
-        os.unlink(fh.name)
+    proc = helm_template(json.loads(values_json), helm)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -165,7 +111,7 @@ def chart_meta() -> dict[str, Any]:
 def test_helm_lint_strict(helm: str, scenario: str, tmp_path: Path) -> None:
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump(SCENARIOS[scenario]))
-    proc = _run_helm(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, "--values", str(values))
+    proc = run_helm(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, "--values", str(values))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 chart(s) failed" in proc.stdout
 
@@ -949,11 +895,11 @@ def test_operator_settings_reach_its_config(helm: str, monkeypatch: pytest.Monke
 
 def test_install_notes(helm: str) -> None:
     """`helm install --dry-run=client` (no cluster) renders NOTES.txt for both RBAC modes."""
-    proc = _run_helm(helm, "install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client")
+    proc = run_helm(helm, "install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client")
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "watches all namespaces" in notes and "pvc://lmforge-storage" in notes
-    proc = _run_helm(
+    proc = run_helm(
         helm, "install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client",
         "--set", "rbac.namespaced=true", "--set", "crds.install=false", "--set", "watchNamespaces={team-a}",
     )  # fmt: skip

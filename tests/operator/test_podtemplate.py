@@ -686,41 +686,13 @@ def test_superseded_evaluation_rounds_take_their_pod_groups_with_them() -> None:
 
 def test_chart_passes_the_defaults_to_the_operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
-    import os
-    import shutil
-    import subprocess
 
     import yaml
+    from helm import helm_template
 
-    root = ROOT
-    helm = os.environ.get("LMFORGE_HELM") or shutil.which("helm") or str(root / ".ci" / "bin" / "helm")
-    if not Path(helm).exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("helm is needed (bash .ci/get-helm.sh)")
-        pytest.skip("no helm binary")
-    env = {**os.environ, "HOME": str(tmp_path)}
-    for var in ("HELM_CONFIG_HOME", "HELM_CACHE_HOME", "HELM_DATA_HOME"):
-        env[var] = str(tmp_path / var)
-    values = tmp_path / "values.yaml"
-    values.write_text(
-        yaml.safe_dump({"podTemplate": {"allowPrivileged": True, "defaults": {"PretrainRun": DEFAULTS}}})
-    )
-    out = subprocess.run(
-        [
-            helm,
-            "template",
-            "lmforge",
-            str(root / "charts" / "lmforge"),
-            "-n",
-            "lmforge-system",
-            "-f",
-            str(values),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    proc = helm_template({"podTemplate": {"allowPrivileged": True, "defaults": {"PretrainRun": DEFAULTS}}})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     (deployment,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"]
     container_env = {
         e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]

@@ -1,0 +1,98 @@
+"""The helm binary the chart tests run, and `helm template` of the chart with given values.
+
+helm comes from `.ci/get-helm.sh` (or LMFORGE_HELM, or PATH); without one a test is skipped locally and
+fails under CI=true, where it must exist. helm writes config, cache and registry data under HOME, so
+every run gets a private writable one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from repo import ROOT
+
+CHART = ROOT / "charts" / "lmforge"
+RELEASE, NAMESPACE = "lmforge", "lmforge-system"
+MISSING = "no helm binary: run `bash .ci/get-helm.sh` or set LMFORGE_HELM (see DEVELOPERS.md)"
+
+
+def helm_binary(root: Path = ROOT) -> str | None:
+    for candidate in (
+        os.environ.get("LMFORGE_HELM"),
+        str(root / ".ci" / "bin" / "helm"),
+        shutil.which("helm"),
+    ):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def require_helm(root: Path = ROOT) -> str:
+    """The helm binary; without one, skip locally but fail under CI=true (CI installs it first)."""
+    binary = helm_binary(root)
+    if binary is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(MISSING)
+        pytest.skip(MISSING)
+    return binary
+
+
+@functools.lru_cache(maxsize=1)
+def helm_env() -> dict[str, str]:
+    """The environment helm runs in: a private HOME and none of the caller's HELM_* settings."""
+    home = tempfile.mkdtemp(prefix="lmforge-helm-")
+    atexit.register(shutil.rmtree, home, True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HELM_")}
+    env.update(
+        HOME=home,
+        HELM_CONFIG_HOME=f"{home}/config",
+        HELM_CACHE_HOME=f"{home}/cache",
+        HELM_DATA_HOME=f"{home}/data",
+    )
+    return env
+
+
+def run_helm(helm: str, *args: str, timeout: int = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [helm, *args], capture_output=True, text=True, env=helm_env(), timeout=timeout, check=False
+    )
+
+
+def helm_template(values: dict[str, Any], helm: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`helm template` of the chart with ``values`` (the values schema is checked by helm)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(values, fh)
+    try:
+        return run_helm(
+            helm or require_helm(),
+            "template",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--values",
+            fh.name,
+        )
+    finally:
+        os.unlink(fh.name)
+
+
+__all__ = [
+    "CHART",
+    "NAMESPACE",
+    "RELEASE",
+    "helm_binary",
+    "helm_env",
+    "helm_template",
+    "require_helm",
+    "run_helm",
+]
