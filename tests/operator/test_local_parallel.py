@@ -159,7 +159,7 @@ def sweep_status(workdir: Path) -> dict[str, Any]:
 
 
 def runner(workdir: Path, **kwargs: Any) -> LocalRunner:
-    return LocalRunner(workdir=workdir, gpus=0, poll_seconds=0.05, stop_grace_seconds=5.0, **kwargs)
+    return LocalRunner(workdir=workdir, gpus=0, poll_seconds=0.02, stop_grace_seconds=5.0, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- slots
@@ -221,7 +221,7 @@ def test_each_trial_gets_its_own_gpus(tmp_path: Path, monkeypatch: pytest.Monkey
     fake_jobs(monkeypatch, {}, step_seconds=0.05, together=2)
     workdir = tmp_path / "work"
     doc = sweep(tmp_path, trials=2, steps=3, gpus_per_node=1)
-    [outcome] = LocalRunner(workdir=workdir, gpus=4, poll_seconds=0.05).run([doc])
+    [outcome] = LocalRunner(workdir=workdir, gpus=4, poll_seconds=0.02).run([doc])
     assert outcome.phase == "Succeeded", outcome.message
     assert sorted(runs(workdir, f"t{n:03d}")[0]["devices"] for n in range(2)) == ["0", "1"]
     assert most_at_once(intervals(workdir, 2)) == 2
