@@ -92,11 +92,15 @@ def fake_jobs(
     step_seconds: float = 0.1,
     together: int = 1,
     slower: dict[str, float] | None = None,
+    torchx: bool = True,
 ) -> None:
     """Every job the runner starts is the stand-in: ``losses`` by trial suffix (``t002``), else 1.0; its
     steps take ``step_seconds`` (``slower``: by trial suffix); it takes its first step once ``together``
-    jobs have started."""
+    jobs have started. ``torchx=False``: started as plain subprocesses, as where torchx is not installed
+    (cheaper, for the tests of what runs when; the interrupt and GPU tests launch through torchx)."""
     pace = {**(slower or {}), "*": step_seconds}
+    if not torchx:
+        monkeypatch.setitem(sys.modules, "torchx", None)
 
     def command(job: Any, manifest: Path, processes: int) -> list[str]:
         return [sys.executable, "-c", JOB, str(manifest), json.dumps(losses), json.dumps(pace), str(together)]
@@ -184,7 +188,11 @@ def test_gpu_slots_follow_the_visible_devices(monkeypatch: pytest.MonkeyPatch) -
 # ------------------------------------------------------------------------------------------ a sweep
 def test_two_trials_overlap_and_never_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_jobs(
-        monkeypatch, {"t000": 3.0, "t001": 2.0, "t002": 1.5, "t003": 0.5}, step_seconds=0.05, together=2
+        monkeypatch,
+        {"t000": 3.0, "t001": 2.0, "t002": 1.5, "t003": 0.5},
+        step_seconds=0.05,
+        together=2,
+        torchx=False,
     )
     workdir = tmp_path / "work"
     [outcome] = runner(workdir, parallel=2).run([sweep(tmp_path, steps=3, maxParallel=3)])
@@ -207,7 +215,7 @@ def test_two_trials_overlap_and_never_more(tmp_path: Path, monkeypatch: pytest.M
 def test_on_cpu_trials_run_one_at_a_time_unless_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake_jobs(monkeypatch, {}, step_seconds=0.05)
+    fake_jobs(monkeypatch, {}, step_seconds=0.05, torchx=False)
     workdir = tmp_path / "work"
     [outcome] = runner(workdir).run([sweep(tmp_path, trials=2, steps=3)])
     assert outcome.phase == "Succeeded", outcome.message
@@ -237,6 +245,7 @@ def test_pruning_stops_the_bad_trial_among_parallel_ones(
         {"t000": 1.0, "t001": 1.2, "t002": 5.0, "t003": 0.9},
         step_seconds=0.03,
         slower={"t002": 0.3},
+        torchx=False,
     )
     workdir = tmp_path / "work"
     doc = sweep(tmp_path, steps=10, earlyStopping={"pruner": "median", "startupTrials": 2})
@@ -301,7 +310,7 @@ def test_the_cli_takes_a_parallel_option(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ a scaling study
 def test_a_studys_points_run_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_jobs(monkeypatch, {}, step_seconds=0.05, together=3)
+    fake_jobs(monkeypatch, {}, step_seconds=0.05, together=3, torchx=False)
     template = tiny_pretrain(
         {"tokens": str(tmp_path / "tokens"), "tokenizer": str(tmp_path / "tokenizer")},
         tmp_path / "unused",
