@@ -290,7 +290,7 @@ def test_an_interrupt_stops_every_running_trial_and_a_rerun_resumes_them(
         assert any(c["reason"] == "Interrupted" for c in child["conditions"])
     assert [row["phase"] for row in sweep_status(workdir)["trials"]] == ["Running", "Running"]
 
-    fake_jobs(monkeypatch, {"t000": 2.0, "t001": 1.0}, step_seconds=0.01)  # the rest of the steps, quickly
+    fake_jobs(monkeypatch, {"t000": 2.0, "t001": 1.0}, step_seconds=0.002)  # the rest of the steps, quickly
     [again] = runner(workdir, parallel=2).run([doc])
     assert again.phase == "Succeeded", again.message
     for n in range(2):

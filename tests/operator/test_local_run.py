@@ -306,7 +306,7 @@ def test_stop_leaves_no_process_of_the_job(tmp_path: Path, monkeypatch, schedule
     assert os.getpgid(same_group) == job and os.getpgid(own_session) == own_session
     assert launch.process_groups() == {job, own_session}
     started = time.monotonic()
-    launch.stop(grace=0.2)
+    launch.stop(grace=0.1)
     assert [pid for pid in (job, same_group, own_session) if _running(pid)] == []
     assert time.monotonic() - started < 15
     assert launch.poll() not in (None, 0)
@@ -318,7 +318,7 @@ def test_sigterm_stops_the_run_and_its_job_tree(tmp_path: Path, monkeypatch) -> 
     pid_dir = tmp_path / "pids"
     monkeypatch.setattr(local_runner, "command", lambda job, manifest, processes: _tree_command(pid_dir))
     corpus = next(r for r in _quickstart() if r.kind == "Corpus")
-    runner = LocalRunner(workdir=tmp_path / "runs", gpus=0, poll_seconds=0.05, stop_grace_seconds=0.2)
+    runner = LocalRunner(workdir=tmp_path / "runs", gpus=0, poll_seconds=0.02, stop_grace_seconds=0.1)
     pids: list[int] = []
 
     def terminate_once_started() -> None:
