@@ -264,15 +264,15 @@ time.sleep(600)
 JOB = """
 import subprocess, sys, time
 pid_dir, worker = sys.argv[1:]
-subprocess.Popen([sys.executable, "-c", worker, pid_dir + "/same-group"])
-subprocess.Popen([sys.executable, "-c", worker, pid_dir + "/own-session"], start_new_session=True)
+subprocess.Popen([sys.executable, "-S", "-c", worker, pid_dir + "/same-group"])
+subprocess.Popen([sys.executable, "-S", "-c", worker, pid_dir + "/own-session"], start_new_session=True)
 time.sleep(600)
 """
 
 
 def _tree_command(pid_dir: Path) -> list[str]:
     pid_dir.mkdir(parents=True, exist_ok=True)
-    return [sys.executable, "-c", JOB, str(pid_dir), WORKER]
+    return [sys.executable, "-S", "-c", JOB, str(pid_dir), WORKER]  # -S: only the standard library, sooner
 
 
 def _wait_for_tree(pid_dir: Path) -> list[int]:
