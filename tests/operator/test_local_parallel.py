@@ -243,8 +243,8 @@ def test_pruning_stops_the_bad_trial_among_parallel_ones(
     fake_jobs(
         monkeypatch,
         {"t000": 1.0, "t001": 1.2, "t002": 5.0, "t003": 0.9},
-        step_seconds=0.03,
-        slower={"t002": 0.3},
+        step_seconds=0.02,
+        slower={"t002": 0.2},
         torchx=False,
     )
     workdir = tmp_path / "work"
