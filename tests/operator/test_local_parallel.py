@@ -1,7 +1,9 @@
 """`lmforge run` of a Sweep with trials side by side: at most N at once, each with its own GPUs or CPU
 threads, a consistent sweep status, pruning of the right trial, and Ctrl-C stopping every running trial
 to be resumed by the next run. The trials are a stand-in job (a short Python script that writes what a
-PretrainRun writes: progress.json, metrics.jsonl, outputs.json, a checkpoint on SIGTERM)."""
+PretrainRun writes: progress.json, metrics.jsonl, outputs.json, a checkpoint on SIGTERM). Where a test needs
+trials to overlap, the stand-in first waits until that many trials have started (or 10 s), rather than
+taking long steps."""
 
 from __future__ import annotations
 
@@ -23,14 +25,15 @@ from lmforge_operator.local import runner as local_runner
 from lmforge_operator.local.parallel import ALONE, Slot, slots
 
 JOB = r"""
-import json, os, signal, sys, time
+import glob, json, os, signal, sys, time
 import yaml
 
-manifest, losses, step_seconds = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+manifest, losses, pace, together = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 doc = yaml.safe_load(open(manifest))
 name, steps = doc["metadata"]["name"], doc["spec"]["budget"].get("steps", 3)  # a study's point: tokens
 run_dir = os.environ["LMFORGE_RUN_DIR"]
 loss = losses.get(name[-4:], 1.0)
+step_seconds = pace.get(name[-4:], pace["*"])
 checkpoint = os.path.join(run_dir, "checkpoint")
 first = int(open(checkpoint).read()) if os.path.exists(checkpoint) else 0
 step = first
@@ -53,6 +56,13 @@ def stop(signum, frame):
     sys.exit(143)
 
 
+def started_so_far():  # how many of the runner's jobs (this one's siblings, and itself) ever started
+    count = 0
+    for path in glob.glob(os.path.join(os.path.dirname(run_dir), "*", "runs.jsonl")):
+        count += '"started"' in open(path).read()
+    return count
+
+
 signal.signal(signal.SIGTERM, stop)
 record(
     started=time.time(),
@@ -60,6 +70,9 @@ record(
     threads=os.environ.get("OMP_NUM_THREADS"),
     devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
 )
+deadline = time.time() + 10  # run alone, the job goes on after this: the test's overlap check fails
+while started_so_far() < together and time.time() < deadline:
+    time.sleep(0.01)
 for step in range(first + 1, steps + 1):
     time.sleep(step_seconds)
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
@@ -73,11 +86,24 @@ record(finished=time.time())
 """
 
 
-def fake_jobs(monkeypatch: pytest.MonkeyPatch, losses: dict[str, float], step_seconds: float = 0.1) -> None:
-    """Every job the runner starts is the stand-in: ``losses`` by trial suffix (``t002``), else 1.0."""
+def fake_jobs(
+    monkeypatch: pytest.MonkeyPatch,
+    losses: dict[str, float],
+    step_seconds: float = 0.1,
+    together: int = 1,
+    slower: dict[str, float] | None = None,
+    torchx: bool = True,
+) -> None:
+    """Every job the runner starts is the stand-in: ``losses`` by trial suffix (``t002``), else 1.0; its
+    steps take ``step_seconds`` (``slower``: by trial suffix); it takes its first step once ``together``
+    jobs have started. ``torchx=False``: started as plain subprocesses, as where torchx is not installed
+    (cheaper, for the tests of what runs when; the interrupt and GPU tests launch through torchx)."""
+    pace = {**(slower or {}), "*": step_seconds}
+    if not torchx:
+        monkeypatch.setitem(sys.modules, "torchx", None)
 
     def command(job: Any, manifest: Path, processes: int) -> list[str]:
-        return [sys.executable, "-c", JOB, str(manifest), json.dumps(losses), str(step_seconds)]
+        return [sys.executable, "-c", JOB, str(manifest), json.dumps(losses), json.dumps(pace), str(together)]
 
     monkeypatch.setattr(local_runner, "command", command)
 
@@ -137,7 +163,7 @@ def sweep_status(workdir: Path) -> dict[str, Any]:
 
 
 def runner(workdir: Path, **kwargs: Any) -> LocalRunner:
-    return LocalRunner(workdir=workdir, gpus=0, poll_seconds=0.05, stop_grace_seconds=5.0, **kwargs)
+    return LocalRunner(workdir=workdir, gpus=0, poll_seconds=0.02, stop_grace_seconds=5.0, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- slots
@@ -161,9 +187,15 @@ def test_gpu_slots_follow_the_visible_devices(monkeypatch: pytest.MonkeyPatch) -
 
 # ------------------------------------------------------------------------------------------ a sweep
 def test_two_trials_overlap_and_never_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_jobs(monkeypatch, {"t000": 3.0, "t001": 2.0, "t002": 1.5, "t003": 0.5})
+    fake_jobs(
+        monkeypatch,
+        {"t000": 3.0, "t001": 2.0, "t002": 1.5, "t003": 0.5},
+        step_seconds=0.05,
+        together=2,
+        torchx=False,
+    )
     workdir = tmp_path / "work"
-    [outcome] = runner(workdir, parallel=2).run([sweep(tmp_path, maxParallel=3)])
+    [outcome] = runner(workdir, parallel=2).run([sweep(tmp_path, steps=3, maxParallel=3)])
     assert outcome.phase == "Succeeded", outcome.message
     spans = intervals(workdir, 4)
     assert len(spans) == 4 and most_at_once(spans) == 2, spans
@@ -183,7 +215,7 @@ def test_two_trials_overlap_and_never_more(tmp_path: Path, monkeypatch: pytest.M
 def test_on_cpu_trials_run_one_at_a_time_unless_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake_jobs(monkeypatch, {}, step_seconds=0.05)
+    fake_jobs(monkeypatch, {}, step_seconds=0.05, torchx=False)
     workdir = tmp_path / "work"
     [outcome] = runner(workdir).run([sweep(tmp_path, trials=2, steps=3)])
     assert outcome.phase == "Succeeded", outcome.message
@@ -194,10 +226,10 @@ def test_on_cpu_trials_run_one_at_a_time_unless_asked(
 def test_each_trial_gets_its_own_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a (pretend) four-GPU machine, two one-GPU trials at once, each seeing only its own GPU."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    fake_jobs(monkeypatch, {}, step_seconds=0.1)  # long enough to overlap on a busy machine
+    fake_jobs(monkeypatch, {}, step_seconds=0.05, together=2)
     workdir = tmp_path / "work"
-    doc = sweep(tmp_path, trials=2, steps=10, gpus_per_node=1)
-    [outcome] = LocalRunner(workdir=workdir, gpus=4, poll_seconds=0.05).run([doc])
+    doc = sweep(tmp_path, trials=2, steps=3, gpus_per_node=1)
+    [outcome] = LocalRunner(workdir=workdir, gpus=4, poll_seconds=0.02).run([doc])
     assert outcome.phase == "Succeeded", outcome.message
     assert sorted(runs(workdir, f"t{n:03d}")[0]["devices"] for n in range(2)) == ["0", "1"]
     assert most_at_once(intervals(workdir, 2)) == 2
@@ -207,8 +239,14 @@ def test_pruning_stops_the_bad_trial_among_parallel_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Trials 0 and 1 finish (the median's startup trials); of trials 2 and 3, running together, only
-    the one worse than their median is stopped."""
-    fake_jobs(monkeypatch, {"t000": 1.0, "t001": 1.2, "t002": 5.0, "t003": 0.9})
+    the one worse than their median is stopped (its slow steps leave ample time to stop it before its end)."""
+    fake_jobs(
+        monkeypatch,
+        {"t000": 1.0, "t001": 1.2, "t002": 5.0, "t003": 0.9},
+        step_seconds=0.02,
+        slower={"t002": 0.2},
+        torchx=False,
+    )
     workdir = tmp_path / "work"
     doc = sweep(tmp_path, steps=10, earlyStopping={"pruner": "median", "startupTrials": 2})
     [outcome] = runner(workdir, parallel=2).run([doc])
@@ -230,11 +268,12 @@ def test_an_interrupt_stops_every_running_trial_and_a_rerun_resumes_them(
     doc = sweep(tmp_path, trials=2, steps=20)
 
     def interrupt_once_both_run() -> None:
+        """Once each trial has taken a step, long before its last."""
         deadline = time.monotonic() + 30
-        while not all(runs(workdir, f"t{n:03d}") for n in range(2)):
+        metrics = [workdir / "pretrainrun" / f"lr-t{n:03d}" / "metrics.jsonl" for n in range(2)]
+        while not all(path.exists() and path.stat().st_size for path in metrics):
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        time.sleep(0.4)  # a few steps each
         os.kill(os.getpid(), signal.SIGINT)
 
     sender = threading.Thread(target=interrupt_once_both_run, daemon=True)
@@ -251,6 +290,7 @@ def test_an_interrupt_stops_every_running_trial_and_a_rerun_resumes_them(
         assert any(c["reason"] == "Interrupted" for c in child["conditions"])
     assert [row["phase"] for row in sweep_status(workdir)["trials"]] == ["Running", "Running"]
 
+    fake_jobs(monkeypatch, {"t000": 2.0, "t001": 1.0}, step_seconds=0.002)  # the rest of the steps, quickly
     [again] = runner(workdir, parallel=2).run([doc])
     assert again.phase == "Succeeded", again.message
     for n in range(2):
@@ -270,7 +310,7 @@ def test_the_cli_takes_a_parallel_option(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ a scaling study
 def test_a_studys_points_run_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_jobs(monkeypatch, {}, step_seconds=0.05)
+    fake_jobs(monkeypatch, {}, step_seconds=0.05, together=3, torchx=False)
     template = tiny_pretrain(
         {"tokens": str(tmp_path / "tokens"), "tokenizer": str(tmp_path / "tokenizer")},
         tmp_path / "unused",
@@ -283,17 +323,18 @@ def test_a_studys_points_run_side_by_side(tmp_path: Path, monkeypatch: pytest.Mo
         {"layers": 1, "hidden": 32, "heads": 4, "kvHeads": 2, "ffnHidden": 96},
         {"layers": 2, "hidden": 64, "heads": 4, "kvHeads": 2, "ffnHidden": 192},
     ]
-    # maxParallel unset: every point may run at once; --parallel 2 is what limits them here
-    spec = {"template": template, "budgets": [1.8e9, 3.6e9], "shapes": shapes}
+    # maxParallel unset: every point may run at once; --parallel 3 is what limits them here (the fit, by
+    # approach 2 alone, is not what is checked: it is quick)
+    spec = {"template": template, "budgets": [1.8e9, 3.6e9], "shapes": shapes, "fit": "approach2"}
     study, problems = parse_resource(resource("ScalingStudy", "iso", spec))
     assert not problems, problems
     workdir = tmp_path / "work"
-    runner(workdir, parallel=2).run([study])
+    runner(workdir, parallel=3).run([study])
     status = json.loads((workdir / "scalingstudy" / "iso" / "status.json").read_text())
     names = [point["name"] for point in status["points"]]
     assert len(names) == 6 and [p["phase"] for p in status["points"]] == ["Succeeded"] * 6
     assert status["pointsDone"] == 6
-    assert most_at_once(intervals(workdir, names)) == 2
+    assert most_at_once(intervals(workdir, names)) == 3
 
 
 # ---------------------------------------------------------------------------------------- real trials

@@ -250,8 +250,9 @@ def test_report_and_status_table(tmp_path: Path, capsys) -> None:
 
 # ------------------------------------------------------------------------------------ stopping a job
 # A job process with two workers that ignore SIGTERM (like workers busy saving): only the SIGKILL after the
-# grace period ends them. One shares the job's process group, the other leads a session of its own, as
-# torchrun's workers do. Each worker writes "<job pid> <its pid>" to its file once it ignores SIGTERM.
+# grace period ends them (a short one: what is checked does not depend on its length). One shares the job's
+# process group, the other leads a session of its own, as torchrun's workers do. Each worker writes
+# "<job pid> <its pid>" to its file once it ignores SIGTERM.
 WORKER = """
 import os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -263,15 +264,15 @@ time.sleep(600)
 JOB = """
 import subprocess, sys, time
 pid_dir, worker = sys.argv[1:]
-subprocess.Popen([sys.executable, "-c", worker, pid_dir + "/same-group"])
-subprocess.Popen([sys.executable, "-c", worker, pid_dir + "/own-session"], start_new_session=True)
+subprocess.Popen([sys.executable, "-S", "-c", worker, pid_dir + "/same-group"])
+subprocess.Popen([sys.executable, "-S", "-c", worker, pid_dir + "/own-session"], start_new_session=True)
 time.sleep(600)
 """
 
 
 def _tree_command(pid_dir: Path) -> list[str]:
     pid_dir.mkdir(parents=True, exist_ok=True)
-    return [sys.executable, "-c", JOB, str(pid_dir), WORKER]
+    return [sys.executable, "-S", "-c", JOB, str(pid_dir), WORKER]  # -S: only the standard library, sooner
 
 
 def _wait_for_tree(pid_dir: Path) -> list[int]:
@@ -280,7 +281,7 @@ def _wait_for_tree(pid_dir: Path) -> list[int]:
     deadline = time.monotonic() + 60
     while not all(f.exists() for f in files):
         assert time.monotonic() < deadline, "the job tree did not start"
-        time.sleep(0.05)
+        time.sleep(0.02)
     (job, first), (_, second) = ([int(pid) for pid in f.read_text().split()] for f in files)
     return [job, first, second]
 
@@ -305,7 +306,7 @@ def test_stop_leaves_no_process_of_the_job(tmp_path: Path, monkeypatch, schedule
     assert os.getpgid(same_group) == job and os.getpgid(own_session) == own_session
     assert launch.process_groups() == {job, own_session}
     started = time.monotonic()
-    launch.stop(grace=1.0)
+    launch.stop(grace=0.1)
     assert [pid for pid in (job, same_group, own_session) if _running(pid)] == []
     assert time.monotonic() - started < 15
     assert launch.poll() not in (None, 0)
@@ -317,7 +318,7 @@ def test_sigterm_stops_the_run_and_its_job_tree(tmp_path: Path, monkeypatch) -> 
     pid_dir = tmp_path / "pids"
     monkeypatch.setattr(local_runner, "command", lambda job, manifest, processes: _tree_command(pid_dir))
     corpus = next(r for r in _quickstart() if r.kind == "Corpus")
-    runner = LocalRunner(workdir=tmp_path / "runs", gpus=0, poll_seconds=0.05, stop_grace_seconds=1.0)
+    runner = LocalRunner(workdir=tmp_path / "runs", gpus=0, poll_seconds=0.02, stop_grace_seconds=0.1)
     pids: list[int] = []
 
     def terminate_once_started() -> None:

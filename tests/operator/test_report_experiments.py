@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from lmforge_jobs.scaling import fit
 from lmforge_operator.report import build_report
 
@@ -41,7 +43,7 @@ def scaling_workdir(workdir: Path) -> Path:
     points = [(r["parameters"], r["tokens"], r["budget"], r["loss"]) for r in rows]
     folder.mkdir(parents=True)
     fit(points, 2, bootstrap=0).save(folder / "scaling-approach2.json")
-    law = fit(points, 3, bootstrap=10)
+    law = fit(points, 3, bootstrap=3)  # enough for an interval
     law.save(folder / "scaling-approach3.json")
     law.save(folder / "scaling.json")
     pred = law.predict(1e16)
@@ -80,16 +82,37 @@ def images(page: str) -> dict[str, str]:
     return {alt: data for alt, data in found}
 
 
-def test_the_report_draws_a_scaling_study(tmp_path: Path) -> None:
-    scaling_workdir(tmp_path)
-    page = build_report(tmp_path).read_text()
+@pytest.fixture(scope="module")
+def scaling_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, list[Any]]]:
+    """A finished study's report, fitted and drawn once for this module's tests, which only read it: its
+    work directory, the page, and what went on the axes (each call of plot, scatter and errorbar)."""
+    import matplotlib.axes
+
+    workdir = tmp_path_factory.mktemp("scaling")
+    scaling_workdir(workdir)
+    drawn: dict[str, list[Any]] = {"plot": [], "scatter": [], "errorbar": []}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for method in drawn:
+            original = getattr(matplotlib.axes.Axes, method)
+
+            def spy(self, *args, _original=original, _method=method, **kwargs):
+                drawn[_method].append((args, kwargs))
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(matplotlib.axes.Axes, method, spy)
+        page = build_report(workdir).read_text()
+    return workdir, page, drawn
+
+
+def test_the_report_draws_a_scaling_study(scaling_report: tuple[Path, str, dict[str, list[Any]]]) -> None:
+    workdir, page, _ = scaling_report
     assert "<h2>Experiments</h2>" in page and "<h3>ScalingStudy/iso</h3>" in page
     figures = images(page)
     isoflops = "ScalingStudy/iso: loss against model size at each compute budget, with the fitted minima"
     frontier = "ScalingStudy/iso: compute-optimal N against compute, extrapolated to the target budget"
     assert isoflops in figures and frontier in figures
     assert len(figures[isoflops]) > 1000 and len(figures[frontier]) > 1000
-    assert (tmp_path / "report" / "scalingstudy-iso-isoflops.png").is_file()
+    assert (workdir / "report" / "scalingstudy-iso-isoflops.png").is_file()
     # the fits' table: parameters, the failed fit's error (escaped) and the prediction at the target
     assert "<td>approach 3</td><td>alpha</td>" in page
     assert "&lt;b&gt;not bracketed&lt;/b&gt;" in page and "<b>not bracketed" not in page
@@ -97,26 +120,16 @@ def test_the_report_draws_a_scaling_study(tmp_path: Path) -> None:
     assert "<td>target 1e+16 FLOPs</td><td>predicted loss</td>" in page
 
 
-def test_the_isoflop_plot_draws_each_budgets_parabola_and_minimum(tmp_path: Path, monkeypatch) -> None:
+def test_the_isoflop_plot_draws_each_budgets_parabola_and_minimum(
+    scaling_report: tuple[Path, str, dict[str, list[Any]]],
+) -> None:
     """What goes on the axes: a curve and a starred minimum per budget, the frontier through to the target."""
-    import matplotlib.axes
-
-    folder = scaling_workdir(tmp_path)
-    drawn: dict[str, list[Any]] = {"plot": [], "scatter": [], "errorbar": []}
-    for method in drawn:
-        original = getattr(matplotlib.axes.Axes, method)
-
-        def spy(self, *args, _original=original, _method=method, **kwargs):
-            drawn[_method].append((args, kwargs))
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(matplotlib.axes.Axes, method, spy)
-    build_report(tmp_path)
+    workdir, _, drawn = scaling_report
     stars = [args for args, kwargs in drawn["scatter"] if kwargs.get("marker") == "*"]
     assert len(stars) == len(BUDGETS)
     from lmforge_jobs.scaling import ScalingFit
 
-    approach2 = ScalingFit.load(folder / "scaling-approach2.json")
+    approach2 = ScalingFit.load(workdir / "scalingstudy" / "iso" / "scaling-approach2.json")
     assert sorted(s[0][0] for s in stars) == sorted(i.params_opt for i in approach2.isoflops)
     curves = [args for args, _ in drawn["plot"]]
     assert len(curves) == len(BUDGETS) + 1  # a parabola per budget, and the frontier
