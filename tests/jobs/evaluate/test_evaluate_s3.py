@@ -298,7 +298,7 @@ def test_missing_objects_buckets_and_credentials_name_the_field(
 
 # ------------------------------------------------------------------------------------- checkpoints: every
 @pytest.mark.slow
-def test_follows_a_run_in_s3_until_it_finishes(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_follows_a_run_in_s3_until_it_finishes(s3, tmp_path: Path, poll_clock) -> None:  # type: ignore[no-untyped-def]
     """A PretrainRun whose output is in the bucket: each complete checkpoint is evaluated as it lands (the
     same numbers as from a local copy), until the run's outputs.json appears; the history is in
     results.json there, and a rerun resumes. The run's objects are written by another client (another
@@ -362,7 +362,10 @@ def test_follows_a_run_in_s3_until_it_finishes(s3, tmp_path: Path) -> None:  # t
     while time.monotonic() < deadline and not history():
         time.sleep(0.2)
     assert [h["step"] for h in history()] == [2]
-    time.sleep(1.5)  # a poll or two: the run has not finished, the job waits
+    while time.monotonic() < deadline and poll_clock.polls < 2:
+        time.sleep(0.01)
+    # two polls found nothing new: the run has not finished, the job waits
+    assert poll_clock.polls >= 2
     assert thread.is_alive() and s3.keys("eval/") == ["eval/results.json"]
     put("checkpoints/step-00000004", "outputs.json")
     thread.join(timeout=120)
