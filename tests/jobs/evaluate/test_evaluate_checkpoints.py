@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from manifests import tiny_pretrain, write_manifest
@@ -87,7 +88,9 @@ def test_finished_run_every_checkpoint_once(tmp_path: Path, run: dict[str, Path]
     assert time.monotonic() - start < 10
 
 
-def test_follows_a_running_pretrain_run_until_it_finishes(tmp_path: Path, run: dict[str, Path]) -> None:
+def test_follows_a_running_pretrain_run_until_it_finishes(
+    tmp_path: Path, run: dict[str, Path], poll_clock: Any
+) -> None:
     live = tmp_path / "live"
     (live / "checkpoints").mkdir(parents=True)
     shutil.copytree(run["run"] / "checkpoints" / "tokenizer", live / "checkpoints" / "tokenizer")
@@ -105,9 +108,12 @@ def test_follows_a_running_pretrain_run_until_it_finishes(tmp_path: Path, run: d
     thread.start()
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and len(results(tmp_path).get("history", [])) < 1:
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert [h["step"] for h in results(tmp_path)["history"]] == [2]
-    time.sleep(1.5)  # a poll or two: the run is not finished, the job keeps waiting
+    while time.monotonic() < deadline and poll_clock.polls < 2:
+        time.sleep(0.01)
+    # two polls found nothing new: the run is not finished, the job keeps waiting
+    assert poll_clock.polls >= 2
     assert thread.is_alive() and not (tmp_path / "out" / "outputs.json").exists()
     assert json.loads((tmp_path / "out" / "progress.json").read_text())["stage"] == "waiting for checkpoints"
     (partial / "COMPLETE").write_text("")  # the save completes, then the run finishes
@@ -118,13 +124,14 @@ def test_follows_a_running_pretrain_run_until_it_finishes(tmp_path: Path, run: d
 
 
 def test_gives_up_when_the_run_stalls(
-    tmp_path: Path, run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, run: dict[str, Path], capsys: pytest.CaptureFixture[str], poll_clock: Any
 ) -> None:
     stalled = tmp_path / "stalled" / "checkpoints"
     stalled.mkdir(parents=True)
     path = manifest(tmp_path, stalled, run["heldOut"], checkpointTimeoutSeconds=1)
     assert main(["--manifest", str(path)]) == EXIT_CONFIG_ERROR
     assert "error: spec.checkpoints: no new checkpoint in" in capsys.readouterr().err
+    assert poll_clock.skipped >= 1  # it waited out checkpointTimeoutSeconds on the job's clock
     # finished without any complete checkpoint: a clear error too
     (stalled.parent / "outputs.json").write_text("{}")
     assert main(["--manifest", str(path)]) == EXIT_CONFIG_ERROR

@@ -74,8 +74,12 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def upload(local: str | Path, uri: str) -> str:
+    """Every file under ``local`` to ``uri``, one PUT each (as another client would write them)."""
     fs, path = storage.filesystem(uri)
-    fs.put(f"{local}/", f"{path}/", recursive=True)
+    root = Path(local)
+    fs.pipe(
+        {f"{path}/{f.relative_to(root).as_posix()}": f.read_bytes() for f in root.rglob("*") if f.is_file()}
+    )
     return uri
 
 
@@ -102,18 +106,40 @@ def evaluation(inputs: dict[str, str], output: str) -> dict:
     }
 
 
-def on_s3(s3, local: dict[str, str]) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    upload(local["model"], f"{s3.uri}/runs/small/model")
-    upload(local["reference"], f"{s3.uri}/runs/base/model")
-    upload(local["heldOut"], f"{s3.uri}/corpus/held-out")
-    fs, path = storage.filesystem(f"{s3.uri}/tasks")
+@pytest.fixture(scope="module")
+def remote(s3_server: str, local: dict[str, str]) -> dict[str, str]:
+    """The same inputs in a bucket of their own, uploaded once for the tests that only read them (each test
+    writes its output to its own ``s3`` bucket)."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    bucket = "evaluation-inputs"
+    client.create_bucket(Bucket=bucket)
+
+    def put_tree(prefix: str, root: Path) -> None:
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                key = f"{prefix}/{f.relative_to(root).as_posix()}"
+                client.put_object(Bucket=bucket, Key=key, Body=f.read_bytes())
+
+    put_tree("runs/small/model", Path(local["model"]))
+    put_tree("runs/base/model", Path(local["reference"]))
+    put_tree("corpus/held-out", Path(local["heldOut"]))
     for name in ("tiny_mcq.yaml", "tiny_mcq.jsonl", "judge_prompts.jsonl"):
-        fs.put_file(str(TASKS / name), f"{path}/{name}")
+        client.put_object(Bucket=bucket, Key=f"tasks/{name}", Body=(TASKS / name).read_bytes())
+    uri = f"s3://{bucket}"
     return {
-        "model": f"{s3.uri}/runs/small/model",
-        "reference": f"{s3.uri}/runs/base/model",
-        "heldOut": f"{s3.uri}/corpus/held-out",
-        "tasks": f"{s3.uri}/tasks",
+        "uri": uri,
+        "model": f"{uri}/runs/small/model",
+        "reference": f"{uri}/runs/base/model",
+        "heldOut": f"{uri}/corpus/held-out",
+        "tasks": f"{uri}/tasks",
     }
 
 
@@ -123,10 +149,9 @@ def error_lines(err: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ same numbers
 def test_everything_on_s3_gives_the_local_results(
-    s3, local: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3, local: dict[str, str], remote: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.chdir(tmp_path)
-    remote = on_s3(s3, local)
     assert is_token_shards(remote["heldOut"]) and is_token_shards(local["heldOut"])
     assert not is_token_shards(f"{remote['tasks']}/judge_prompts.jsonl")
 
@@ -226,12 +251,11 @@ def test_storage_copies_and_requirements(s3, tmp_path: Path) -> None:  # type: i
 # ---------------------------------------------------------------------------------------------- errors
 def test_missing_objects_buckets_and_credentials_name_the_field(
     s3,
-    local: dict[str, str],
+    remote: dict[str, str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # type: ignore[no-untyped-def]
-    remote = on_s3(s3, local)
     out = f"{s3.uri}/eval"
 
     def case(spec: dict, field: str, message: str) -> None:
@@ -255,9 +279,9 @@ def test_missing_objects_buckets_and_credentials_name_the_field(
         "bucket s3://no-such-bucket does not exist (in s3://no-such-bucket/model)",
     )
     case(
-        {**good, "model": {"path": f"{s3.uri}/corpus"}},
+        {**good, "model": {"path": f"{remote['uri']}/corpus"}},
         "model.path",
-        f"{s3.uri}/corpus is not a Hugging Face model directory (no config.json)",
+        f"{remote['uri']}/corpus is not a Hugging Face model directory (no config.json)",
     )
     case(
         {**good, "perplexity": {"data": f"{s3.uri}/corpus/nothing"}},
@@ -298,7 +322,7 @@ def test_missing_objects_buckets_and_credentials_name_the_field(
 
 # ------------------------------------------------------------------------------------- checkpoints: every
 @pytest.mark.slow
-def test_follows_a_run_in_s3_until_it_finishes(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_follows_a_run_in_s3_until_it_finishes(s3, tmp_path: Path, poll_clock) -> None:  # type: ignore[no-untyped-def]
     """A PretrainRun whose output is in the bucket: each complete checkpoint is evaluated as it lands (the
     same numbers as from a local copy), until the run's outputs.json appears; the history is in
     results.json there, and a rerun resumes. The run's objects are written by another client (another
@@ -362,7 +386,10 @@ def test_follows_a_run_in_s3_until_it_finishes(s3, tmp_path: Path) -> None:  # t
     while time.monotonic() < deadline and not history():
         time.sleep(0.2)
     assert [h["step"] for h in history()] == [2]
-    time.sleep(1.5)  # a poll or two: the run has not finished, the job waits
+    while time.monotonic() < deadline and poll_clock.polls < 2:
+        time.sleep(0.01)
+    # two polls found nothing new: the run has not finished, the job waits
+    assert poll_clock.polls >= 2
     assert thread.is_alive() and s3.keys("eval/") == ["eval/results.json"]
     put("checkpoints/step-00000004", "outputs.json")
     thread.join(timeout=120)

@@ -5,6 +5,7 @@ psycopg 3, SQLite still the default, ``/healthz`` (the database answers) and ``/
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -131,15 +132,33 @@ def test_main_refuses_missing_results_with_exit_64(
     assert "no such file" in capsys.readouterr().err
 
 
-def test_the_module_runs_as_an_entry_point() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "lmforge_jobs.evaluate.human", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "LMFORGE_ARENA_RESULTS" in done.stdout
+@pytest.mark.parametrize(
+    "where",
+    [
+        "in this process",  # the module run as __main__, as -m runs it
+        pytest.param("in a fresh interpreter", marks=pytest.mark.slow),  # a second of imports
+    ],
+)
+def test_the_module_runs_as_an_entry_point(
+    where: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if where == "in a fresh interpreter":
+        done = subprocess.run(
+            [sys.executable, "-m", "lmforge_jobs.evaluate.human", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        code, out, err = done.returncode, done.stdout, done.stderr
+    else:
+        monkeypatch.setattr(sys, "argv", ["human", "--help"])
+        monkeypatch.delitem(sys.modules, "lmforge_jobs.evaluate.human")  # run afresh, as -m does
+        with pytest.raises(SystemExit) as done:
+            runpy.run_module("lmforge_jobs.evaluate.human", run_name="__main__", alter_sys=True)
+        code = done.value.code
+        out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "LMFORGE_ARENA_RESULTS" in out
 
 
 def test_the_arena_example_compares_the_quickstarts_models() -> None:
