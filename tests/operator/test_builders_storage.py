@@ -9,9 +9,8 @@ import copy
 from typing import Any
 
 import pytest
-import yaml
 from crdcheck import admission_errors
-from helm import helm_template
+from helm import helm_template, render
 from k8s_validate import assert_valid, restricted_problems
 
 from lmforge_jobs.manifest import parse_resource
@@ -281,10 +280,7 @@ def test_training_network_policy_leaves_egress_to_the_store_open() -> None:
 
 # ------------------------------------------------------------------------------------------------- chart
 def operator_env(values: dict[str, Any]) -> dict[str, str]:
-    proc = helm_template(values)
-    assert proc.returncode == 0, proc.stderr
-    objects = [o for o in yaml.safe_load_all(proc.stdout) if o]
-    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    (deployment,) = [o for o in render(values) if o["kind"] == "Deployment"]
     assert_valid(deployment)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e["value"] for e in container["env"] if "value" in e}

@@ -8,9 +8,8 @@ import copy
 from typing import Any
 
 import pytest
-import yaml
 from crdcheck import admission_errors
-from helm import helm_template
+from helm import helm_template, render
 from k8s_validate import assert_valid
 
 from lmforge_jobs.manifest import parse_resource
@@ -126,9 +125,7 @@ def test_spec_tracking_is_checked_by_pydantic_and_the_crd_alike(
 
 # ------------------------------------------------------------------------------------------------ chart
 def operator_env(values: dict[str, Any]) -> dict[str, str]:
-    proc = helm_template(values)
-    assert proc.returncode == 0, proc.stderr
-    (deployment,) = [o for o in yaml.safe_load_all(proc.stdout) if o and o["kind"] == "Deployment"]
+    (deployment,) = [o for o in render(values) if o["kind"] == "Deployment"]
     (main,) = deployment["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e["value"] for e in main["env"] if "value" in e}
 

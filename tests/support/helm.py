@@ -3,12 +3,18 @@
 helm comes from `.ci/get-helm.sh` (or LMFORGE_HELM, or PATH); without one a test is skipped locally and
 fails under CI=true, where it must exist. helm writes config, cache and registry data under HOME, so
 every run gets a private writable one.
+
+A render is a pure function of the chart and the values: :func:`helm_template` runs helm once per values
+(and binary) in a test process and answers repeats from memory; :func:`render` parses a render once (with
+libyaml) and hands every caller its own copy of the objects, so tests never see each other's edits.
 """
 
 from __future__ import annotations
 
 import atexit
+import copy
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -67,23 +73,48 @@ def run_helm(helm: str, *args: str, timeout: int = 60) -> subprocess.CompletedPr
     )
 
 
-def helm_template(values: dict[str, Any], helm: str | None = None) -> subprocess.CompletedProcess[str]:
-    """`helm template` of the chart with ``values`` (the values schema is checked by helm)."""
+@functools.cache
+def _template(helm: str, values_json: str) -> subprocess.CompletedProcess[str]:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(values, fh)
+        yaml.safe_dump(json.loads(values_json), fh)
     try:
-        return run_helm(
-            helm or require_helm(),
-            "template",
-            RELEASE,
-            str(CHART),
-            "--namespace",
-            NAMESPACE,
-            "--values",
-            fh.name,
-        )
+        return run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--values", fh.name)
     finally:
         os.unlink(fh.name)
+
+
+def _key(values: dict[str, Any] | None) -> str:
+    return json.dumps(values or {}, sort_keys=True)
+
+
+def helm_template(values: dict[str, Any], helm: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`helm template` of the chart with ``values`` (the values schema is checked by helm); run once per
+    values in a test process, a fresh CompletedProcess for every caller."""
+    proc = _template(helm or require_helm(), _key(values))
+    return subprocess.CompletedProcess(list(proc.args), proc.returncode, proc.stdout, proc.stderr)
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@functools.cache
+def _objects(helm: str, values_json: str) -> list[dict[str, Any]]:
+    proc = _template(helm, values_json)
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.load_all(proc.stdout, Loader=_LOADER) if doc]
+
+
+def render(values: dict[str, Any] | None = None, helm: str | None = None) -> list[dict[str, Any]]:
+    """The chart's objects for ``values`` (helm template; the schema check included): a copy of its own
+    for every caller."""
+    return copy.deepcopy(_objects(helm or require_helm(), _key(values)))
+
+
+def template_error(values: dict[str, Any], helm: str | None = None) -> str:
+    """helm's error output for ``values`` the chart refuses (fails the test when it accepts them)."""
+    proc = _template(helm or require_helm(), _key(values))
+    assert proc.returncode != 0, f"helm template accepted {values}"
+    return proc.stderr
 
 
 __all__ = [
@@ -93,6 +124,8 @@ __all__ = [
     "helm_binary",
     "helm_env",
     "helm_template",
+    "render",
     "require_helm",
     "run_helm",
+    "template_error",
 ]
