@@ -10,8 +10,6 @@ against the restricted Pod Security Standard; the dashboard's queries against th
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import re
 from pathlib import Path
@@ -22,7 +20,10 @@ import k8s_validate
 import kubernetes_validate
 import pytest
 import yaml
-from helm import CHART, NAMESPACE, RELEASE, helm_template, require_helm, run_helm
+from crdcheck import generated_crd_files
+from helm import CHART, NAMESPACE, RELEASE, require_helm, run_helm
+from helm import render as helm_render
+from helm import template_error as helm_template_error
 from repo import ROOT
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
@@ -65,31 +66,16 @@ def test_missing_helm_fails_under_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         require_helm(tmp_path)
 
 
-@functools.lru_cache(maxsize=32)
-def _template(helm: str, values_json: str) -> tuple[int, str, str]:
-    proc = helm_template(json.loads(values_json), helm)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-@functools.lru_cache(maxsize=32)
-def _objects(helm: str, values_json: str) -> list[dict[str, Any]]:
-    rc, out, err = _template(helm, values_json)
-    assert rc == 0, err
-    return [doc for doc in yaml.load_all(out, Loader=_LOADER) if doc]
 
 
 def render(helm: str, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The chart's objects for ``values`` (helm template; the schema check included); a fresh copy."""
-    return copy.deepcopy(_objects(helm, json.dumps(values or {}, sort_keys=True)))
+    return helm_render(values, helm)
 
 
 def template_error(helm: str, values: dict[str, Any]) -> str:
-    rc, _, err = _template(helm, json.dumps(values, sort_keys=True))
-    assert rc != 0, f"helm template accepted {values}"
-    return err
+    return helm_template_error(values, helm)
 
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -292,41 +278,39 @@ MONITOR_SCHEMAS = {
 }
 
 
-def validate_object(obj: dict[str, Any], version: str) -> None:
-    if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-        jsonschema.validate(obj, MONITOR_SCHEMAS[obj["kind"]])
-        kubernetes_validate.validate({**METADATA_ONLY, "metadata": obj["metadata"]}, version, strict=True)
-    else:
-        kubernetes_validate.validate(obj, version, strict=True)
+def object_problems(obj: dict[str, Any]) -> list[str]:
+    """kubernetes-validate --strict on every version, the client's models and the API server's rules
+    (k8s_validate); a monitor against the strict subset of its schema above, its metadata as a core
+    object's."""
+    if not obj["apiVersion"].startswith("monitoring.coreos.com/"):
+        return k8s_validate.problems(obj, versions=K8S_VERSIONS)
+    schema = MONITOR_SCHEMAS[obj["kind"]]
+    found = [
+        f"{'.'.join(str(p) for p in error.absolute_path)}: {error.message}"
+        for error in jsonschema.validators.validator_for(schema)(schema).iter_errors(obj)
+    ]
+    found += k8s_validate.schema_problems({**METADATA_ONLY, "metadata": obj["metadata"]}, K8S_VERSIONS)
+    return found + k8s_validate.problems(obj, versions=K8S_VERSIONS, allow_unknown=True)
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_rendered_objects_pass_kubernetes_validate_strict(helm: str, scenario: str) -> None:
     objects = render(helm, SCENARIOS[scenario])
     assert objects
-    for version in K8S_VERSIONS:
-        for obj in objects:
-            try:
-                validate_object(obj, version)
-            except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as exc:
-                pytest.fail(
-                    f"{scenario}: {obj['kind']}/{obj['metadata']['name']} on {version}: {exc.message}"
-                )
-    # The shared validator adds the kubernetes client's models and API-server rules (names, labels, ports).
     for obj in objects:
-        assert k8s_validate.problems(obj, versions=K8S_VERSIONS, allow_unknown=True) == [], obj["kind"]
+        assert object_problems(obj) == [], f"{scenario}: {obj['kind']}/{obj['metadata']['name']}"
 
 
 def test_validation_is_strict(helm: str) -> None:
     """The validators above do refuse a misspelt field, for core kinds and monitors alike."""
     deployment = one(render(helm), "Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
-    with pytest.raises(kubernetes_validate.ValidationError):
-        validate_object(deployment, K8S_VERSIONS[-1])
+    assert any("livenesProbe" in p and "(strict)" in p for p in object_problems(deployment))
     monitor = one(render(helm, SCENARIOS["monitors"]), "PodMonitor")
     monitor["spec"]["podMetricsEndpoints"][0]["prot"] = "metrics"
-    with pytest.raises(jsonschema.ValidationError):
-        validate_object(monitor, K8S_VERSIONS[-1])
+    assert any("prot" in p for p in object_problems(monitor))
+    monitor["metadata"]["lables"] = {}
+    assert any("lables" in p and "(strict)" in p for p in object_problems(monitor))
 
 
 def test_every_object_is_labelled_and_namespaced(helm: str) -> None:
@@ -342,9 +326,7 @@ def test_every_object_is_labelled_and_namespaced(helm: str) -> None:
 # ---------------------------------------------------------------------------------------------- CRDs
 def test_chart_crds_are_the_generated_ones() -> None:
     """charts/lmforge/files/crds is a verbatim copy of what `lmforge crds` generates (and of crds/)."""
-    from lmforge_operator.crds import crd_files
-
-    expected = crd_files()
+    expected = generated_crd_files()
     copied = {p.name: p.read_text() for p in (CHART / "files" / "crds").glob("*.yaml")}
     stale = sorted(n for n in expected.keys() | copied.keys() if expected.get(n) != copied.get(n))
     assert stale == [], f"stale chart CRDs {stale}: run `lmforge crds --out charts/lmforge/files/crds`"
