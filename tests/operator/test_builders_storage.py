@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from crdcheck import admission_errors
-from helm import helm_template, render
+from helm import helm_template, render_without_crds
 from k8s_validate import assert_valid, restricted_problems
 
 from lmforge_jobs.manifest import parse_resource
@@ -280,7 +280,7 @@ def test_training_network_policy_leaves_egress_to_the_store_open() -> None:
 
 # ------------------------------------------------------------------------------------------------- chart
 def operator_env(values: dict[str, Any]) -> dict[str, str]:
-    (deployment,) = [o for o in render(values) if o["kind"] == "Deployment"]
+    (deployment,) = [o for o in render_without_crds(values) if o["kind"] == "Deployment"]
     assert_valid(deployment)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e["value"] for e in container["env"] if "value" in e}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from crdcheck import admission_errors
-from helm import helm_template, render
+from helm import helm_template, render_without_crds
 from k8s_validate import assert_valid
 
 from lmforge_jobs.manifest import parse_resource
@@ -125,7 +125,7 @@ def test_spec_tracking_is_checked_by_pydantic_and_the_crd_alike(
 
 # ------------------------------------------------------------------------------------------------ chart
 def operator_env(values: dict[str, Any]) -> dict[str, str]:
-    (deployment,) = [o for o in render(values) if o["kind"] == "Deployment"]
+    (deployment,) = [o for o in render_without_crds(values) if o["kind"] == "Deployment"]
     (main,) = deployment["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e["value"] for e in main["env"] if "value" in e}
 

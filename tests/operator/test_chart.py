@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from crdcheck import generated_crd_files
-from helm import CHART, NAMESPACE, RELEASE, require_helm, run_helm
+from helm import CHART, NAMESPACE, RELEASE, render_without_crds, require_helm, run_helm
 from helm import render as helm_render
 from helm import template_error as helm_template_error
 from repo import ROOT
@@ -72,6 +72,12 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 def render(helm: str, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The chart's objects for ``values`` (helm template; the schema check included); a fresh copy."""
     return helm_render(values, helm)
+
+
+def variant(helm: str, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's objects but its CRDs for ``values`` (helm.render_without_crds): for the tests of a
+    setting that reads other objects; the CRDs are most of a render's time."""
+    return render_without_crds(values, helm)
 
 
 def template_error(helm: str, values: dict[str, Any]) -> str:
@@ -347,7 +353,9 @@ def test_crds_templated_with_install_and_keep(helm: str) -> None:
         assert source["metadata"]["labels"].items() <= crd["metadata"]["labels"].items()
     unkept = by_kind(render(helm, {"crds": {"keep": False}}), "CustomResourceDefinition")
     assert len(unkept) == len(crds) and all("annotations" not in c["metadata"] for c in unkept)
-    assert by_kind(render(helm, {"crds": {"install": False}}), "CustomResourceDefinition") == []
+    # crds.install takes out the CRDs and changes nothing else (what variant() relies on)
+    others = [o for o in render(helm) if o["kind"] != "CustomResourceDefinition"]
+    assert render(helm, {"crds": {"install": False}}) == others
     # The templates are the only CRD source: Helm's crds/ folder is installed once and never upgraded.
     assert not (CHART / "crds").exists()
 
@@ -405,7 +413,7 @@ def test_user_roles_aggregate_into_admin_edit_view(helm: str) -> None:
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
     assert {("lmforge.io", p, "create") for p in PLURALS} <= _triples(edit["rules"])
     assert {v for _, _, v in _triples(view["rules"])} == {"get", "list", "watch"}
-    off = by_kind(render(helm, {"rbac": {"aggregateToDefaultRoles": False}}), "ClusterRole")
+    off = by_kind(variant(helm, {"rbac": {"aggregateToDefaultRoles": False}}), "ClusterRole")
     assert [r["metadata"]["name"] for r in off] == [RELEASE]
 
 
@@ -428,11 +436,11 @@ def test_namespaced_rbac_renders_only_roles(helm: str) -> None:
     args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
     # No namespaces given: the release namespace only.
-    alone = render(helm, {"rbac": {"namespaced": True}})
+    alone = variant(helm, {"rbac": {"namespaced": True}})
     assert [
         r["metadata"]["namespace"] for r in by_kind(alone, "Role") if r["metadata"]["name"] != leader
     ] == [NAMESPACE]
-    assert by_kind(render(helm, {"rbac": {"create": False}}), "ClusterRole") == []
+    assert by_kind(variant(helm, {"rbac": {"create": False}}), "ClusterRole") == []
 
 
 # ----------------------------------------------------------------------------------------- operator pod
@@ -462,7 +470,7 @@ def test_deployment_contract(helm: str) -> None:
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
-    pinned = render(helm, {"image": {"digest": "sha256:" + "a" * 64}, "jobs": {"image": {"tag": "dev"}}})
+    pinned = variant(helm, {"image": {"digest": "sha256:" + "a" * 64}, "jobs": {"image": {"tag": "dev"}}})
     container = _operator_container(pinned)
     assert container["image"] == "ghcr.io/lmforge/lmforge-operator@sha256:" + "a" * 64
     assert {e["name"]: e.get("value") for e in container["env"]}["LMFORGE_JOBS_IMAGE"].endswith(":dev")
@@ -554,7 +562,7 @@ def test_pod_templates_meet_restricted_pss(helm: str, scenario: str) -> None:
 
 
 def test_pss_check_catches_a_weakened_pod(helm: str) -> None:
-    weakened = render(
+    weakened = variant(
         helm,
         {
             "securityContext": {
@@ -675,7 +683,7 @@ def test_monitors_select_the_operator_and_the_job_pods(helm: str) -> None:
         target = relabel(relabelings, pod)
         assert target is not None and target[label] == "lr" and target["lmforge_name"] == "run"
 
-    scoped = one(render(helm, {**SCENARIOS["namespaced"], "podMonitor": {"enabled": True}}), "PodMonitor")
+    scoped = one(variant(helm, {**SCENARIOS["namespaced"], "podMonitor": {"enabled": True}}), "PodMonitor")
     assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
 
 
@@ -785,7 +793,7 @@ def test_dashboard_configmap_and_panels(helm: str) -> None:
     assert 'lmforge_study!=""' in panels["Scaling study points: loss"]["targets"][0]["expr"]
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
-    assert by_kind(render(helm, {"dashboard": {"enabled": False}}), "ConfigMap") == []
+    assert by_kind(variant(helm, {"dashboard": {"enabled": False}}), "ConfigMap") == []
 
 
 def test_name_table_refuses_unknown_series() -> None:
@@ -861,7 +869,7 @@ def test_operator_settings_reach_its_config(helm: str, monkeypatch: pytest.Monke
     values = {
         "operator": {"storage": "s3://bucket/lmforge", "gpu": "a100", "resyncSeconds": 30, "workers": 4}
     }
-    env = {e["name"]: e["value"] for e in _operator_container(render(helm, values))["env"] if "value" in e}
+    env = {e["name"]: e["value"] for e in _operator_container(variant(helm, values))["env"] if "value" in e}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     config = Config()
@@ -901,7 +909,7 @@ def test_per_run_network_policies_select_this_operator(helm: str, monkeypatch: p
     from lmforge_operator.controller import Config
 
     peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
-    objects = render(helm, {"networkPolicy": {"jobMetricsFrom": [peer]}})
+    objects = variant(helm, {"networkPolicy": {"jobMetricsFrom": [peer]}})
     pod = one(objects, "Deployment")["spec"]["template"]
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     for name in ("LMFORGE_NETWORK_POLICY", "LMFORGE_OPERATOR_LABELS", "LMFORGE_JOB_METRICS_FROM"):
@@ -915,7 +923,7 @@ def test_per_run_network_policies_select_this_operator(helm: str, monkeypatch: p
     assert operator["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
     assert list(isolation.metrics_from) == [peer]
 
-    off = one(render(helm, {"networkPolicy": {"perRun": False}}), "Deployment")
+    off = one(variant(helm, {"networkPolicy": {"perRun": False}}), "Deployment")
     env = {e["name"]: e.get("value") for e in off["spec"]["template"]["spec"]["containers"][0]["env"]}
     monkeypatch.setenv("LMFORGE_NETWORK_POLICY", env["LMFORGE_NETWORK_POLICY"])
     assert Config().isolation() is None
@@ -945,9 +953,9 @@ def test_replicas_elect_a_leader_over_a_lease_in_the_release_namespace(helm: str
         assert env["LMFORGE_LEASE_NAME"]["value"] == RELEASE
         assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
         assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    two = one(render(helm, {"replicaCount": 2, "operator": {"leaseSeconds": 10}}), "Deployment")
+    two = one(variant(helm, {"replicaCount": 2, "operator": {"leaseSeconds": 10}}), "Deployment")
     assert two["spec"]["replicas"] == 2
     assert two["spec"]["strategy"]["type"] == "RollingUpdate"
     env = {e["name"]: e.get("value") for e in two["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LMFORGE_LEASE_SECONDS"] == "10"
-    assert by_kind(render(helm, {"rbac": {"create": False}}), "Role") == []
+    assert by_kind(variant(helm, {"rbac": {"create": False}}), "Role") == []

@@ -687,9 +687,11 @@ def test_superseded_evaluation_rounds_take_their_pod_groups_with_them() -> None:
 def test_chart_passes_the_defaults_to_the_operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from helm import render
+    from helm import render_without_crds
 
-    objects = render({"podTemplate": {"allowPrivileged": True, "defaults": {"PretrainRun": DEFAULTS}}})
+    objects = render_without_crds(
+        {"podTemplate": {"allowPrivileged": True, "defaults": {"PretrainRun": DEFAULTS}}}
+    )
     (deployment,) = [d for d in objects if d["kind"] == "Deployment"]
     container_env = {
         e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]

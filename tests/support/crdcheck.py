@@ -112,17 +112,38 @@ def as_schema_types(value: Any, schema: dict[str, Any]) -> Any:
     return value
 
 
+# (rule, repr(value)) → whether the rule holds, and the evaluation error if one stopped it
+_VERDICTS: dict[tuple[str, str], tuple[bool, str | None]] = {}
+
+
+def _evaluate(rule: str, activation: dict[str, Any]) -> tuple[bool, str | None]:
+    try:
+        ok = compiled(rule).evaluate(activation)
+    except Exception as exc:
+        return False, str(exc)
+    return bool(ok), None
+
+
 def cel_errors(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
-    """Messages of every CEL rule that evaluates to false (or fails) on ``value``."""
+    """Messages of every CEL rule that evaluates to false (or fails) on ``value``.
+
+    A rule reads only ``self``: its verdict is a pure function of the rule and the value (``repr`` tells 1
+    from 1.0 and "1"), and the many manifests the tests check share most of their nodes, so each pair is
+    evaluated once per test process."""
     value = as_schema_types(value, schema)
     errors: list[str] = []
-    for entry in schema.get("x-kubernetes-validations", []):
-        try:
-            ok = compiled(entry["rule"]).evaluate({"self": celpy.json_to_cel(value)})
-        except Exception as exc:  # an evaluation error rejects the object, as in the API server
-            ok = False
-            entry = {**entry, "message": f"{entry['message']} (evaluation error: {exc})"}
-        if not bool(ok):
+    rules = schema.get("x-kubernetes-validations", [])
+    text = repr(value) if rules else ""
+    activation: dict[str, Any] | None = None
+    for entry in rules:
+        key = (entry["rule"], text)
+        if key not in _VERDICTS:
+            activation = activation or {"self": celpy.json_to_cel(value)}
+            _VERDICTS[key] = _evaluate(entry["rule"], activation)
+        ok, error = _VERDICTS[key]
+        if error is not None:  # an evaluation error rejects the object, as in the API server
+            entry = {**entry, "message": f"{entry['message']} (evaluation error: {error})"}
+        if not ok:
             errors.append(f"{path}{entry.get('fieldPath', '')}: {entry['message']}")
     if isinstance(value, dict):
         for key, sub in schema.get("properties", {}).items():

@@ -110,6 +110,16 @@ def render(values: dict[str, Any] | None = None, helm: str | None = None) -> lis
     return copy.deepcopy(_objects(helm or require_helm(), _key(values)))
 
 
+def render_without_crds(
+    values: dict[str, Any] | None = None, helm: str | None = None
+) -> list[dict[str, Any]]:
+    """:func:`render` with ``crds.install: false``: every object but the CRDs, which are most of helm's
+    work. crds.install gates only templates/crds.yaml (test_chart checks the rest is unchanged)."""
+    values = dict(values or {})
+    values["crds"] = {**values.get("crds", {}), "install": False}
+    return render(values, helm)
+
+
 def template_error(values: dict[str, Any], helm: str | None = None) -> str:
     """helm's error output for ``values`` the chart refuses (fails the test when it accepts them)."""
     proc = _template(helm or require_helm(), _key(values))
@@ -125,6 +135,7 @@ __all__ = [
     "helm_env",
     "helm_template",
     "render",
+    "render_without_crds",
     "require_helm",
     "run_helm",
     "template_error",
