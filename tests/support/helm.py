@@ -16,6 +16,7 @@ import copy
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -120,6 +121,61 @@ def render_without_crds(
     return render(values, helm)
 
 
+def _leaves(values: Any, path: str = "") -> list[str]:
+    """JSON pointers of the leaves of ``values`` (helm's error locations: '/image/digest', '/a/0')."""
+    if isinstance(values, dict) and values:
+        return [leaf for key, sub in values.items() for leaf in _leaves(sub, f"{path}/{key}")]
+    if isinstance(values, list) and values:
+        return [leaf for i, sub in enumerate(values) for leaf in _leaves(sub, f"{path}/{i}")]
+    return [path]
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) else value
+    return out
+
+
+def _overlap(a: list[str], b: list[str]) -> bool:
+    return any(x == y or x.startswith(y + "/") or y.startswith(x + "/") for x in a for y in b)
+
+
+SCHEMA_REFUSED = "values don't meet the specifications of the schema"
+_LOCATED = re.compile(r"^\s*- at '([^']*)': (.*)$", re.M)
+
+
+def schema_refusals(cases: list[dict[str, Any]], helm: str | None = None) -> list[list[str]]:
+    """helm's schema errors about each of ``cases`` (values the chart must refuse): the lines located at one
+    of a case's leaves, or above it naming the leaf's key. helm reports every violation of a values file,
+    so the cases that set different keys share one render; a case the schema accepts gets no line."""
+    groups: list[list[int]] = []
+    for i, case in enumerate(cases):
+        for group in groups:
+            if not any(_overlap(_leaves(case), _leaves(cases[j])) for j in group):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    found: list[list[str]] = [[] for _ in cases]
+    for group in groups:
+        merged: dict[str, Any] = {}
+        for i in group:
+            merged = _merge(merged, cases[i])
+        err = template_error(merged, helm)
+        assert SCHEMA_REFUSED in err, err
+        located = _LOCATED.findall(err)
+        for i in group:
+            for leaf in _leaves(cases[i]):
+                key = leaf.rsplit("/", 1)[-1]
+                found[i] += [
+                    f"at '{at}': {message}"
+                    for at, message in located
+                    if at == leaf or (leaf.startswith(at + "/") and f"'{key}'" in message)
+                ]
+    return found
+
+
 def template_error(values: dict[str, Any], helm: str | None = None) -> str:
     """helm's error output for ``values`` the chart refuses (fails the test when it accepts them)."""
     proc = _template(helm or require_helm(), _key(values))
@@ -138,5 +194,6 @@ __all__ = [
     "render_without_crds",
     "require_helm",
     "run_helm",
+    "schema_refusals",
     "template_error",
 ]
