@@ -10,6 +10,7 @@ against the restricted Pod Security Standard; the dashboard's queries against th
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -72,6 +73,12 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 def render(helm: str, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The chart's objects for ``values`` (helm template; the schema check included); a fresh copy."""
     return helm_render(values, helm)
+
+
+def scenario_objects(helm: str, name: str) -> list[dict[str, Any]]:
+    """The chart's objects in a scenario: the default's all, the others' but the CRDs, the same in every
+    scenario (the CRD template reads crds.* only, and labels no scenario sets) and checked in the default."""
+    return render(helm) if name == "default" else variant(helm, SCENARIOS[name])
 
 
 def variant(helm: str, values: dict[str, Any]) -> list[dict[str, Any]]:
@@ -306,7 +313,7 @@ def object_problems(obj: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_rendered_objects_pass_kubernetes_validate_strict(helm: str, scenario: str) -> None:
-    objects = render(helm, SCENARIOS[scenario])
+    objects = scenario_objects(helm, scenario)
     assert objects
     for obj in objects:
         assert object_problems(obj) == [], f"{scenario}: {obj['kind']}/{obj['metadata']['name']}"
@@ -317,7 +324,7 @@ def test_validation_is_strict(helm: str) -> None:
     deployment = one(render(helm), "Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
     assert any("livenesProbe" in p and "(strict)" in p for p in object_problems(deployment))
-    monitor = one(render(helm, SCENARIOS["monitors"]), "PodMonitor")
+    monitor = one(scenario_objects(helm, "monitors"), "PodMonitor")
     monitor["spec"]["podMetricsEndpoints"][0]["prot"] = "metrics"
     assert any("prot" in p for p in object_problems(monitor))
     monitor["metadata"]["lables"] = {}
@@ -325,7 +332,7 @@ def test_validation_is_strict(helm: str) -> None:
 
 
 def test_every_object_is_labelled_and_namespaced(helm: str) -> None:
-    for obj in render(helm, SCENARIOS["monitors"]):
+    for obj in render(helm) + scenario_objects(helm, "monitors"):
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/part-of"] == "lmforge", obj["kind"]
         assert labels["app.kubernetes.io/instance"] == RELEASE
@@ -425,7 +432,7 @@ def test_user_roles_aggregate_into_admin_edit_view(helm: str) -> None:
 def test_namespaced_rbac_renders_only_roles(helm: str) -> None:
     from lmforge_operator import rbac
 
-    objects = render(helm, SCENARIOS["namespaced"])
+    objects = scenario_objects(helm, "namespaced")
     assert by_kind(objects, "ClusterRole") == [] and by_kind(objects, "ClusterRoleBinding") == []
     leader = f"{RELEASE}-leader"
     roles = [r for r in by_kind(objects, "Role") if r["metadata"]["name"] != leader]
@@ -487,7 +494,7 @@ def test_operator_args_are_accepted_by_the_cli(helm: str) -> None:
 
     parser = build_parser()
     for scenario, expected in (("default", "--all-namespaces"), ("namespaced", "--namespace=team-a")):
-        argv = _operator_container(render(helm, SCENARIOS[scenario]))["args"]
+        argv = _operator_container(scenario_objects(helm, scenario))["args"]
         assert expected in argv
         try:
             parsed = vars(parser.parse_args(["operator", *argv]))
@@ -553,7 +560,7 @@ _WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_pod_templates_meet_restricted_pss(helm: str, scenario: str) -> None:
-    objects = render(helm, SCENARIOS[scenario])
+    objects = scenario_objects(helm, scenario)
     pods = [o["spec"]["template"]["spec"] for o in objects if o["kind"] in _WORKLOADS]
     pods += [o["spec"]["jobTemplate"]["spec"]["template"]["spec"] for o in objects if o["kind"] == "CronJob"]
     pods += [o["spec"] for o in objects if o["kind"] == "Pod"]
@@ -645,7 +652,7 @@ def relabel(rules: list[dict[str, Any]], pod_labels: dict[str, str]) -> dict[str
 
 
 def test_monitors_select_the_operator_and_the_job_pods(helm: str) -> None:
-    objects = render(helm, SCENARIOS["monitors"])
+    objects = scenario_objects(helm, "monitors")
     service_monitor, pod_monitor = one(objects, "ServiceMonitor"), one(objects, "PodMonitor")
     for monitor in (service_monitor, pod_monitor):
         assert monitor["metadata"]["labels"]["release"] == "prometheus"
@@ -708,7 +715,7 @@ def test_job_pods_built_by_the_operator_are_selected(helm: str) -> None:
     }
     job = builders.build_job(run, builders.owner_reference(body), image="lmforge-jobs:test")
     template = job["spec"]["template"]
-    selector = one(render(helm, SCENARIOS["monitors"]), "PodMonitor")["spec"]["selector"]
+    selector = one(scenario_objects(helm, "monitors"), "PodMonitor")["spec"]["selector"]
     assert _selects(selector, template["metadata"]["labels"])
     ports = {
         p.get("name"): p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])
@@ -720,7 +727,7 @@ def test_job_pods_built_by_the_operator_are_selected(helm: str) -> None:
 
 
 def test_network_policy(helm: str) -> None:
-    objects = render(helm, SCENARIOS["monitors"])
+    objects = scenario_objects(helm, "monitors")
     policy = one(objects, "NetworkPolicy")
     deployment = one(objects, "Deployment")
     assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
@@ -749,7 +756,8 @@ REQUIRED_PANELS = {
 _METRIC_IN_EXPR = re.compile(r"\b(lmforge_[a-z0-9_]+)\{")
 
 
-def metric_name_table() -> set[str]:
+@functools.cache
+def metric_name_table() -> frozenset[str]:
     """Every series a job or the operator exports: telemetry's names for each kind's status metrics
     (from the CRDs), its progress series, and the operator's own registry."""
     from lmforge_jobs import telemetry
@@ -766,7 +774,7 @@ def metric_name_table() -> set[str]:
         names |= set(telemetry.progress_names(kind).values())
     for family in OperatorMetrics().registry.collect():
         names |= {sample.name for sample in family.samples}
-    return names
+    return frozenset(names)
 
 
 def _dashboard(helm: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -937,8 +945,8 @@ def test_per_run_network_policies_select_this_operator(helm: str, monkeypatch: p
 def test_replicas_elect_a_leader_over_a_lease_in_the_release_namespace(helm: str) -> None:
     from lmforge_operator import rbac
 
-    for values in ({}, SCENARIOS["namespaced"]):
-        objects = render(helm, values)
+    for name in ("default", "namespaced"):
+        objects = scenario_objects(helm, name)
         (role,) = [r for r in by_kind(objects, "Role") if r["metadata"]["name"] == f"{RELEASE}-leader"]
         assert role["metadata"]["namespace"] == NAMESPACE
         assert _triples(role["rules"]) == _triples(rbac.LEADER_RULES)
