@@ -1,9 +1,10 @@
 """Validate a custom resource the way the API server would, offline: defaults from the CRD schema,
 then the OpenAPI schema (openapi-schema-validator), then every CEL rule (cel-python).
 
-Generating the CRDs, parsing the committed ones and compiling a CEL rule are pure and take tenths of a
-second each: each happens once per test process (:func:`generated_crd_files`, :func:`committed_crd`,
-:func:`compiled`), and callers get copies of what they could change."""
+Generating the CRDs, parsing the committed ones, compiling and evaluating CEL rules are pure and add up to
+seconds over the tests: each happens once per test process (:func:`generated_crd_files`,
+:func:`generated_crd`, :func:`committed_crd`, :func:`compiled`, :func:`cel_errors`), and callers get
+copies of what they could change."""
 
 from __future__ import annotations
 
