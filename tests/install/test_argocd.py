@@ -129,9 +129,12 @@ def test_argocd_cm_snippet_ships_the_script_for_every_kind() -> None:
     cm = yaml.safe_load((ARGOCD / "argocd-cm.yaml").read_text())
     kubernetes_validate.validate(cm, kubernetes_validate.utils.latest_version(), strict=True)
     assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == "argocd-cm"
-    from lmforge_operator.crds import crd_files
+    from crdcheck import generated_crd_files
 
-    crd_kinds = sorted(yaml.safe_load(text)["spec"]["names"]["kind"] for text in crd_files().values())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd_kinds = sorted(
+        yaml.load(text, Loader=loader)["spec"]["names"]["kind"] for text in generated_crd_files().values()
+    )
     assert crd_kinds == sorted(KINDS)
     assert sorted(cm["data"]) == sorted(f"resource.customizations.health.lmforge.io_{k}" for k in KINDS)
     for key, script in cm["data"].items():

@@ -10,7 +10,6 @@ against the restricted Pod Security Standard; the dashboard's queries against th
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import re
@@ -22,7 +21,10 @@ import k8s_validate
 import kubernetes_validate
 import pytest
 import yaml
-from helm import CHART, NAMESPACE, RELEASE, helm_template, require_helm, run_helm
+from crdcheck import generated_crd_files
+from helm import CHART, NAMESPACE, RELEASE, render_without_crds, require_helm, run_helm, schema_refusals
+from helm import render as helm_render
+from helm import template_error as helm_template_error
 from repo import ROOT
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
@@ -65,31 +67,28 @@ def test_missing_helm_fails_under_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         require_helm(tmp_path)
 
 
-@functools.lru_cache(maxsize=32)
-def _template(helm: str, values_json: str) -> tuple[int, str, str]:
-    proc = helm_template(json.loads(values_json), helm)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-@functools.lru_cache(maxsize=32)
-def _objects(helm: str, values_json: str) -> list[dict[str, Any]]:
-    rc, out, err = _template(helm, values_json)
-    assert rc == 0, err
-    return [doc for doc in yaml.load_all(out, Loader=_LOADER) if doc]
 
 
 def render(helm: str, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The chart's objects for ``values`` (helm template; the schema check included); a fresh copy."""
-    return copy.deepcopy(_objects(helm, json.dumps(values or {}, sort_keys=True)))
+    return helm_render(values, helm)
+
+
+def scenario_objects(helm: str, name: str) -> list[dict[str, Any]]:
+    """The chart's objects in a scenario: the default's all, the others' but the CRDs, the same in every
+    scenario (the CRD template reads crds.* only, and labels no scenario sets) and checked in the default."""
+    return render(helm) if name == "default" else variant(helm, SCENARIOS[name])
+
+
+def variant(helm: str, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's objects but its CRDs for ``values`` (helm.render_without_crds): for the tests of a
+    setting that reads other objects; the CRDs are most of a render's time."""
+    return render_without_crds(values, helm)
 
 
 def template_error(helm: str, values: dict[str, Any]) -> str:
-    rc, _, err = _template(helm, json.dumps(values, sort_keys=True))
-    assert rc != 0, f"helm template accepted {values}"
-    return err
+    return helm_template_error(values, helm)
 
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -116,23 +115,28 @@ def test_helm_lint_strict(helm: str, scenario: str, tmp_path: Path) -> None:
     assert "0 chart(s) failed" in proc.stdout
 
 
+BAD_VALUES = [
+    ({"replicas": 2}, "replicas"),  # unknown top-level key
+    ({"image": {"repo": "x"}}, "repo"),  # unknown nested key
+    ({"rbac": {"namespaced": "yes"}}, "namespaced"),  # wrong type
+    ({"operator": {"metricsPort": 70000}}, "metricsPort"),  # out of range
+    ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),  # not a namespace name
+    ({"image": {"digest": "latest"}}, "digest"),  # not a digest
+    ({"serviceMonitor": {"interval": "often"}}, "interval"),  # not a duration
+    ({"podLabels": {"team": 1}}, "podLabels"),  # label values are strings
+]
+
+
 @pytest.mark.parametrize(
-    ("values", "needle"),
-    [
-        ({"replicas": 2}, "replicas"),  # unknown top-level key
-        ({"image": {"repo": "x"}}, "repo"),  # unknown nested key
-        ({"rbac": {"namespaced": "yes"}}, "namespaced"),  # wrong type
-        ({"operator": {"metricsPort": 70000}}, "metricsPort"),  # out of range
-        ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),  # not a namespace name
-        ({"image": {"digest": "latest"}}, "digest"),  # not a digest
-        ({"serviceMonitor": {"interval": "often"}}, "interval"),  # not a duration
-        ({"podLabels": {"team": 1}}, "podLabels"),  # label values are strings
-    ],
+    ("case", "needle"),
+    [(i, needle) for i, (_, needle) in enumerate(BAD_VALUES)],
+    ids=[n for _, n in BAD_VALUES],
 )
-def test_schema_refuses_bad_values(helm: str, values: dict[str, Any], needle: str) -> None:
-    err = template_error(helm, values)
-    assert "values don't meet the specifications of the schema" in err
-    assert needle in err
+def test_schema_refuses_bad_values(helm: str, case: int, needle: str) -> None:
+    """helm's schema check refuses each value, with an error at (or naming) it: one render for all."""
+    refusals = schema_refusals([values for values, _ in BAD_VALUES], helm)[case]
+    assert refusals, f"helm template accepted {BAD_VALUES[case][0]}"
+    assert any(needle in line for line in refusals), refusals
 
 
 def test_schema_is_strict_everywhere() -> None:
@@ -292,45 +296,43 @@ MONITOR_SCHEMAS = {
 }
 
 
-def validate_object(obj: dict[str, Any], version: str) -> None:
-    if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-        jsonschema.validate(obj, MONITOR_SCHEMAS[obj["kind"]])
-        kubernetes_validate.validate({**METADATA_ONLY, "metadata": obj["metadata"]}, version, strict=True)
-    else:
-        kubernetes_validate.validate(obj, version, strict=True)
+def object_problems(obj: dict[str, Any]) -> list[str]:
+    """kubernetes-validate --strict on every version, the client's models and the API server's rules
+    (k8s_validate); a monitor against the strict subset of its schema above, its metadata as a core
+    object's."""
+    if not obj["apiVersion"].startswith("monitoring.coreos.com/"):
+        return k8s_validate.problems(obj, versions=K8S_VERSIONS)
+    schema = MONITOR_SCHEMAS[obj["kind"]]
+    found = [
+        f"{'.'.join(str(p) for p in error.absolute_path)}: {error.message}"
+        for error in jsonschema.validators.validator_for(schema)(schema).iter_errors(obj)
+    ]
+    found += k8s_validate.schema_problems({**METADATA_ONLY, "metadata": obj["metadata"]}, K8S_VERSIONS)
+    return found + k8s_validate.problems(obj, versions=K8S_VERSIONS, allow_unknown=True)
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_rendered_objects_pass_kubernetes_validate_strict(helm: str, scenario: str) -> None:
-    objects = render(helm, SCENARIOS[scenario])
+    objects = scenario_objects(helm, scenario)
     assert objects
-    for version in K8S_VERSIONS:
-        for obj in objects:
-            try:
-                validate_object(obj, version)
-            except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as exc:
-                pytest.fail(
-                    f"{scenario}: {obj['kind']}/{obj['metadata']['name']} on {version}: {exc.message}"
-                )
-    # The shared validator adds the kubernetes client's models and API-server rules (names, labels, ports).
     for obj in objects:
-        assert k8s_validate.problems(obj, versions=K8S_VERSIONS, allow_unknown=True) == [], obj["kind"]
+        assert object_problems(obj) == [], f"{scenario}: {obj['kind']}/{obj['metadata']['name']}"
 
 
 def test_validation_is_strict(helm: str) -> None:
     """The validators above do refuse a misspelt field, for core kinds and monitors alike."""
     deployment = one(render(helm), "Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
-    with pytest.raises(kubernetes_validate.ValidationError):
-        validate_object(deployment, K8S_VERSIONS[-1])
-    monitor = one(render(helm, SCENARIOS["monitors"]), "PodMonitor")
+    assert any("livenesProbe" in p and "(strict)" in p for p in object_problems(deployment))
+    monitor = one(scenario_objects(helm, "monitors"), "PodMonitor")
     monitor["spec"]["podMetricsEndpoints"][0]["prot"] = "metrics"
-    with pytest.raises(jsonschema.ValidationError):
-        validate_object(monitor, K8S_VERSIONS[-1])
+    assert any("prot" in p for p in object_problems(monitor))
+    monitor["metadata"]["lables"] = {}
+    assert any("lables" in p and "(strict)" in p for p in object_problems(monitor))
 
 
 def test_every_object_is_labelled_and_namespaced(helm: str) -> None:
-    for obj in render(helm, SCENARIOS["monitors"]):
+    for obj in render(helm) + scenario_objects(helm, "monitors"):
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/part-of"] == "lmforge", obj["kind"]
         assert labels["app.kubernetes.io/instance"] == RELEASE
@@ -342,9 +344,7 @@ def test_every_object_is_labelled_and_namespaced(helm: str) -> None:
 # ---------------------------------------------------------------------------------------------- CRDs
 def test_chart_crds_are_the_generated_ones() -> None:
     """charts/lmforge/files/crds is a verbatim copy of what `lmforge crds` generates (and of crds/)."""
-    from lmforge_operator.crds import crd_files
-
-    expected = crd_files()
+    expected = generated_crd_files()
     copied = {p.name: p.read_text() for p in (CHART / "files" / "crds").glob("*.yaml")}
     stale = sorted(n for n in expected.keys() | copied.keys() if expected.get(n) != copied.get(n))
     assert stale == [], f"stale chart CRDs {stale}: run `lmforge crds --out charts/lmforge/files/crds`"
@@ -365,7 +365,9 @@ def test_crds_templated_with_install_and_keep(helm: str) -> None:
         assert source["metadata"]["labels"].items() <= crd["metadata"]["labels"].items()
     unkept = by_kind(render(helm, {"crds": {"keep": False}}), "CustomResourceDefinition")
     assert len(unkept) == len(crds) and all("annotations" not in c["metadata"] for c in unkept)
-    assert by_kind(render(helm, {"crds": {"install": False}}), "CustomResourceDefinition") == []
+    # crds.install takes out the CRDs and changes nothing else (what variant() relies on)
+    others = [o for o in render(helm) if o["kind"] != "CustomResourceDefinition"]
+    assert render(helm, {"crds": {"install": False}}) == others
     # The templates are the only CRD source: Helm's crds/ folder is installed once and never upgraded.
     assert not (CHART / "crds").exists()
 
@@ -423,14 +425,14 @@ def test_user_roles_aggregate_into_admin_edit_view(helm: str) -> None:
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
     assert {("lmforge.io", p, "create") for p in PLURALS} <= _triples(edit["rules"])
     assert {v for _, _, v in _triples(view["rules"])} == {"get", "list", "watch"}
-    off = by_kind(render(helm, {"rbac": {"aggregateToDefaultRoles": False}}), "ClusterRole")
+    off = by_kind(variant(helm, {"rbac": {"aggregateToDefaultRoles": False}}), "ClusterRole")
     assert [r["metadata"]["name"] for r in off] == [RELEASE]
 
 
 def test_namespaced_rbac_renders_only_roles(helm: str) -> None:
     from lmforge_operator import rbac
 
-    objects = render(helm, SCENARIOS["namespaced"])
+    objects = scenario_objects(helm, "namespaced")
     assert by_kind(objects, "ClusterRole") == [] and by_kind(objects, "ClusterRoleBinding") == []
     leader = f"{RELEASE}-leader"
     roles = [r for r in by_kind(objects, "Role") if r["metadata"]["name"] != leader]
@@ -446,11 +448,11 @@ def test_namespaced_rbac_renders_only_roles(helm: str) -> None:
     args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
     # No namespaces given: the release namespace only.
-    alone = render(helm, {"rbac": {"namespaced": True}})
+    alone = variant(helm, {"rbac": {"namespaced": True}})
     assert [
         r["metadata"]["namespace"] for r in by_kind(alone, "Role") if r["metadata"]["name"] != leader
     ] == [NAMESPACE]
-    assert by_kind(render(helm, {"rbac": {"create": False}}), "ClusterRole") == []
+    assert by_kind(variant(helm, {"rbac": {"create": False}}), "ClusterRole") == []
 
 
 # ----------------------------------------------------------------------------------------- operator pod
@@ -480,7 +482,7 @@ def test_deployment_contract(helm: str) -> None:
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
-    pinned = render(helm, {"image": {"digest": "sha256:" + "a" * 64}, "jobs": {"image": {"tag": "dev"}}})
+    pinned = variant(helm, {"image": {"digest": "sha256:" + "a" * 64}, "jobs": {"image": {"tag": "dev"}}})
     container = _operator_container(pinned)
     assert container["image"] == "ghcr.io/lmforge/lmforge-operator@sha256:" + "a" * 64
     assert {e["name"]: e.get("value") for e in container["env"]}["LMFORGE_JOBS_IMAGE"].endswith(":dev")
@@ -492,7 +494,7 @@ def test_operator_args_are_accepted_by_the_cli(helm: str) -> None:
 
     parser = build_parser()
     for scenario, expected in (("default", "--all-namespaces"), ("namespaced", "--namespace=team-a")):
-        argv = _operator_container(render(helm, SCENARIOS[scenario]))["args"]
+        argv = _operator_container(scenario_objects(helm, scenario))["args"]
         assert expected in argv
         try:
             parsed = vars(parser.parse_args(["operator", *argv]))
@@ -558,7 +560,7 @@ _WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_pod_templates_meet_restricted_pss(helm: str, scenario: str) -> None:
-    objects = render(helm, SCENARIOS[scenario])
+    objects = scenario_objects(helm, scenario)
     pods = [o["spec"]["template"]["spec"] for o in objects if o["kind"] in _WORKLOADS]
     pods += [o["spec"]["jobTemplate"]["spec"]["template"]["spec"] for o in objects if o["kind"] == "CronJob"]
     pods += [o["spec"] for o in objects if o["kind"] == "Pod"]
@@ -572,7 +574,7 @@ def test_pod_templates_meet_restricted_pss(helm: str, scenario: str) -> None:
 
 
 def test_pss_check_catches_a_weakened_pod(helm: str) -> None:
-    weakened = render(
+    weakened = variant(
         helm,
         {
             "securityContext": {
@@ -650,7 +652,7 @@ def relabel(rules: list[dict[str, Any]], pod_labels: dict[str, str]) -> dict[str
 
 
 def test_monitors_select_the_operator_and_the_job_pods(helm: str) -> None:
-    objects = render(helm, SCENARIOS["monitors"])
+    objects = scenario_objects(helm, "monitors")
     service_monitor, pod_monitor = one(objects, "ServiceMonitor"), one(objects, "PodMonitor")
     for monitor in (service_monitor, pod_monitor):
         assert monitor["metadata"]["labels"]["release"] == "prometheus"
@@ -693,7 +695,7 @@ def test_monitors_select_the_operator_and_the_job_pods(helm: str) -> None:
         target = relabel(relabelings, pod)
         assert target is not None and target[label] == "lr" and target["lmforge_name"] == "run"
 
-    scoped = one(render(helm, {**SCENARIOS["namespaced"], "podMonitor": {"enabled": True}}), "PodMonitor")
+    scoped = one(variant(helm, {**SCENARIOS["namespaced"], "podMonitor": {"enabled": True}}), "PodMonitor")
     assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
 
 
@@ -713,7 +715,7 @@ def test_job_pods_built_by_the_operator_are_selected(helm: str) -> None:
     }
     job = builders.build_job(run, builders.owner_reference(body), image="lmforge-jobs:test")
     template = job["spec"]["template"]
-    selector = one(render(helm, SCENARIOS["monitors"]), "PodMonitor")["spec"]["selector"]
+    selector = one(scenario_objects(helm, "monitors"), "PodMonitor")["spec"]["selector"]
     assert _selects(selector, template["metadata"]["labels"])
     ports = {
         p.get("name"): p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])
@@ -725,7 +727,7 @@ def test_job_pods_built_by_the_operator_are_selected(helm: str) -> None:
 
 
 def test_network_policy(helm: str) -> None:
-    objects = render(helm, SCENARIOS["monitors"])
+    objects = scenario_objects(helm, "monitors")
     policy = one(objects, "NetworkPolicy")
     deployment = one(objects, "Deployment")
     assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
@@ -754,7 +756,8 @@ REQUIRED_PANELS = {
 _METRIC_IN_EXPR = re.compile(r"\b(lmforge_[a-z0-9_]+)\{")
 
 
-def metric_name_table() -> set[str]:
+@functools.cache
+def metric_name_table() -> frozenset[str]:
     """Every series a job or the operator exports: telemetry's names for each kind's status metrics
     (from the CRDs), its progress series, and the operator's own registry."""
     from lmforge_jobs import telemetry
@@ -771,7 +774,7 @@ def metric_name_table() -> set[str]:
         names |= set(telemetry.progress_names(kind).values())
     for family in OperatorMetrics().registry.collect():
         names |= {sample.name for sample in family.samples}
-    return names
+    return frozenset(names)
 
 
 def _dashboard(helm: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -803,7 +806,7 @@ def test_dashboard_configmap_and_panels(helm: str) -> None:
     assert 'lmforge_study!=""' in panels["Scaling study points: loss"]["targets"][0]["expr"]
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
-    assert by_kind(render(helm, {"dashboard": {"enabled": False}}), "ConfigMap") == []
+    assert by_kind(variant(helm, {"dashboard": {"enabled": False}}), "ConfigMap") == []
 
 
 def test_name_table_refuses_unknown_series() -> None:
@@ -879,7 +882,7 @@ def test_operator_settings_reach_its_config(helm: str, monkeypatch: pytest.Monke
     values = {
         "operator": {"storage": "s3://bucket/lmforge", "gpu": "a100", "resyncSeconds": 30, "workers": 4}
     }
-    env = {e["name"]: e["value"] for e in _operator_container(render(helm, values))["env"] if "value" in e}
+    env = {e["name"]: e["value"] for e in _operator_container(variant(helm, values))["env"] if "value" in e}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     config = Config()
@@ -919,7 +922,7 @@ def test_per_run_network_policies_select_this_operator(helm: str, monkeypatch: p
     from lmforge_operator.controller import Config
 
     peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
-    objects = render(helm, {"networkPolicy": {"jobMetricsFrom": [peer]}})
+    objects = variant(helm, {"networkPolicy": {"jobMetricsFrom": [peer]}})
     pod = one(objects, "Deployment")["spec"]["template"]
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     for name in ("LMFORGE_NETWORK_POLICY", "LMFORGE_OPERATOR_LABELS", "LMFORGE_JOB_METRICS_FROM"):
@@ -933,7 +936,7 @@ def test_per_run_network_policies_select_this_operator(helm: str, monkeypatch: p
     assert operator["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
     assert list(isolation.metrics_from) == [peer]
 
-    off = one(render(helm, {"networkPolicy": {"perRun": False}}), "Deployment")
+    off = one(variant(helm, {"networkPolicy": {"perRun": False}}), "Deployment")
     env = {e["name"]: e.get("value") for e in off["spec"]["template"]["spec"]["containers"][0]["env"]}
     monkeypatch.setenv("LMFORGE_NETWORK_POLICY", env["LMFORGE_NETWORK_POLICY"])
     assert Config().isolation() is None
@@ -942,8 +945,8 @@ def test_per_run_network_policies_select_this_operator(helm: str, monkeypatch: p
 def test_replicas_elect_a_leader_over_a_lease_in_the_release_namespace(helm: str) -> None:
     from lmforge_operator import rbac
 
-    for values in ({}, SCENARIOS["namespaced"]):
-        objects = render(helm, values)
+    for name in ("default", "namespaced"):
+        objects = scenario_objects(helm, name)
         (role,) = [r for r in by_kind(objects, "Role") if r["metadata"]["name"] == f"{RELEASE}-leader"]
         assert role["metadata"]["namespace"] == NAMESPACE
         assert _triples(role["rules"]) == _triples(rbac.LEADER_RULES)
@@ -963,9 +966,9 @@ def test_replicas_elect_a_leader_over_a_lease_in_the_release_namespace(helm: str
         assert env["LMFORGE_LEASE_NAME"]["value"] == RELEASE
         assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
         assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    two = one(render(helm, {"replicaCount": 2, "operator": {"leaseSeconds": 10}}), "Deployment")
+    two = one(variant(helm, {"replicaCount": 2, "operator": {"leaseSeconds": 10}}), "Deployment")
     assert two["spec"]["replicas"] == 2
     assert two["spec"]["strategy"]["type"] == "RollingUpdate"
     env = {e["name"]: e.get("value") for e in two["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["LMFORGE_LEASE_SECONDS"] == "10"
-    assert by_kind(render(helm, {"rbac": {"create": False}}), "Role") == []
+    assert by_kind(variant(helm, {"rbac": {"create": False}}), "Role") == []

@@ -687,13 +687,12 @@ def test_superseded_evaluation_rounds_take_their_pod_groups_with_them() -> None:
 def test_chart_passes_the_defaults_to_the_operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    import yaml
-    from helm import helm_template
+    from helm import render_without_crds
 
-    proc = helm_template({"podTemplate": {"allowPrivileged": True, "defaults": {"PretrainRun": DEFAULTS}}})
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    (deployment,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment"]
+    objects = render_without_crds(
+        {"podTemplate": {"allowPrivileged": True, "defaults": {"PretrainRun": DEFAULTS}}}
+    )
+    (deployment,) = [d for d in objects if d["kind"] == "Deployment"]
     container_env = {
         e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     }

@@ -1,10 +1,16 @@
 """Validate a custom resource the way the API server would, offline: defaults from the CRD schema,
-then the OpenAPI schema (openapi-schema-validator), then every CEL rule (cel-python)."""
+then the OpenAPI schema (openapi-schema-validator), then every CEL rule (cel-python).
+
+Generating the CRDs, parsing the committed ones, compiling and evaluating CEL rules are pure and add up to
+seconds over the tests: each happens once per test process (:func:`generated_crd_files`,
+:func:`generated_crd`, :func:`committed_crd`, :func:`compiled`, :func:`cel_errors`), and callers get
+copies of what they could change."""
 
 from __future__ import annotations
 
 import copy
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import celpy
@@ -22,10 +28,47 @@ CRD_FILES = {
 }
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@cache
+def _committed(path: Path) -> dict[str, Any]:
+    return yaml.load(path.read_text(), Loader=_LOADER)
+
+
+def committed_crd(path: Path) -> dict[str, Any]:
+    """A CRD file (crds/*.yaml) as parsed YAML; a copy of its own for every caller."""
+    return copy.deepcopy(_committed(Path(path)))
+
+
 @cache
 def crd_schema(kind: str) -> dict[str, Any]:
-    crd = yaml.safe_load((ROOT / "crds" / f"{CRD_FILES[kind]}.lmforge.io.yaml").read_text())
+    crd = _committed(ROOT / "crds" / f"{CRD_FILES[kind]}.lmforge.io.yaml")
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+@cache
+def _generated_files() -> dict[str, str]:
+    from lmforge_operator.crds import crd_files
+
+    return crd_files()
+
+
+def generated_crd_files() -> dict[str, str]:
+    """What `lmforge crds` writes (file name → text), generated once per test process."""
+    return dict(_generated_files())
+
+
+@cache
+def _generated(kind: str) -> dict[str, Any]:
+    from lmforge_operator.crds import build_crd
+
+    return build_crd(kind)
+
+
+def generated_crd(kind: str) -> dict[str, Any]:
+    """``lmforge_operator.crds.build_crd(kind)``, built once per test process; a copy for every caller."""
+    return copy.deepcopy(_generated(kind))
 
 
 def apply_defaults(value: Any, schema: dict[str, Any]) -> Any:
@@ -48,7 +91,8 @@ _env = celpy.Environment()
 
 
 @cache
-def _program(rule: str) -> Any:
+def compiled(rule: str) -> Any:
+    """A CEL rule compiled to a program (raises on a syntax error), once per test process."""
     return _env.program(_env.compile(rule))
 
 
@@ -69,17 +113,38 @@ def as_schema_types(value: Any, schema: dict[str, Any]) -> Any:
     return value
 
 
+# (rule, repr(value)) → whether the rule holds, and the evaluation error if one stopped it
+_VERDICTS: dict[tuple[str, str], tuple[bool, str | None]] = {}
+
+
+def _evaluate(rule: str, activation: dict[str, Any]) -> tuple[bool, str | None]:
+    try:
+        ok = compiled(rule).evaluate(activation)
+    except Exception as exc:
+        return False, str(exc)
+    return bool(ok), None
+
+
 def cel_errors(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
-    """Messages of every CEL rule that evaluates to false (or fails) on ``value``."""
+    """Messages of every CEL rule that evaluates to false (or fails) on ``value``.
+
+    A rule reads only ``self``: its verdict is a pure function of the rule and the value (``repr`` tells 1
+    from 1.0 and "1"), and the many manifests the tests check share most of their nodes, so each pair is
+    evaluated once per test process."""
     value = as_schema_types(value, schema)
     errors: list[str] = []
-    for entry in schema.get("x-kubernetes-validations", []):
-        try:
-            ok = _program(entry["rule"]).evaluate({"self": celpy.json_to_cel(value)})
-        except Exception as exc:  # an evaluation error rejects the object, as in the API server
-            ok = False
-            entry = {**entry, "message": f"{entry['message']} (evaluation error: {exc})"}
-        if not bool(ok):
+    rules = schema.get("x-kubernetes-validations", [])
+    text = repr(value) if rules else ""
+    activation: dict[str, Any] | None = None
+    for entry in rules:
+        key = (entry["rule"], text)
+        if key not in _VERDICTS:
+            activation = activation or {"self": celpy.json_to_cel(value)}
+            _VERDICTS[key] = _evaluate(entry["rule"], activation)
+        ok, error = _VERDICTS[key]
+        if error is not None:  # an evaluation error rejects the object, as in the API server
+            entry = {**entry, "message": f"{entry['message']} (evaluation error: {error})"}
+        if not ok:
             errors.append(f"{path}{entry.get('fieldPath', '')}: {entry['message']}")
     if isinstance(value, dict):
         for key, sub in schema.get("properties", {}).items():
@@ -115,11 +180,15 @@ def _closed(schema: Any) -> Any:
     return schema
 
 
-def schema_errors(doc: dict[str, Any]) -> list[str]:
-    schema = _closed(_strip_extensions(crd_schema(doc["kind"])))
+@cache
+def _validator(kind: str) -> OAS30Validator:
+    schema = _closed(_strip_extensions(crd_schema(kind)))
     schema["properties"]["metadata"] = {"type": "object"}
-    validator = OAS30Validator(schema)
-    return [f"{json_path(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+    return OAS30Validator(schema)
+
+
+def schema_errors(doc: dict[str, Any]) -> list[str]:
+    return [f"{json_path(e.absolute_path)}: {e.message}" for e in _validator(doc["kind"]).iter_errors(doc)]
 
 
 def json_path(parts: Any) -> str:

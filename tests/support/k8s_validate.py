@@ -98,14 +98,36 @@ def schema_problems(obj: Mapping[str, Any], versions: Iterable[str] = VERSIONS) 
     found: list[str] = []
     for version in versions:
         wanted = latest_version() if version == "latest" else version
-        try:
-            kubernetes_validate.validate(dict(obj), wanted, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            path = ".".join(str(p) for p in exc.path)
-            found.append(f"kubernetes {exc.version} (strict): {path}: {exc.message}")
-        except SchemaNotFoundError as exc:
-            raise UnknownKind(exc.message) from exc
+        found += _strict_problems(_Same(obj), wanted)
     return found
+
+
+class _Same:
+    """An object as a cache key: equal to another exactly when both print the same (``repr`` tells a
+    list from a tuple and 1 from "1", which a validator tells apart too); holds the object itself."""
+
+    def __init__(self, obj: Mapping[str, Any]) -> None:
+        self.obj, self.text = obj, repr(obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+@cache
+def _strict_problems(same: _Same, version: str) -> list[str]:
+    """Validation is a pure function of the object and the version: the chart's and the builders' tests
+    validate the same objects (every render carries the CRDs) many times, each check runs once."""
+    try:
+        kubernetes_validate.validate(dict(same.obj), version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(str(p) for p in exc.path)
+        return [f"kubernetes {exc.version} (strict): {path}: {exc.message}"]
+    except SchemaNotFoundError as exc:
+        raise UnknownKind(exc.message) from exc
+    return []
 
 
 # ------------------------------------------------------------------------------------------ server rules
