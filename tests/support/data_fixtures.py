@@ -3,7 +3,9 @@ and readers for the job's outputs (documents and token shards)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import re
@@ -149,6 +151,27 @@ def run_job(manifest: Path, *args: str, timeout: float = 300) -> subprocess.Comp
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def run_job_here(manifest: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """:func:`run_job` without the process: the job's ``main`` in this process, under :func:`job_env`
+    (this process's environment is restored afterwards), its stdout and stderr captured. For the tests of
+    what a job decides (exit code, the one ``error:`` line); those of the process itself (exit status,
+    signals, imports) start one. Output of datatrove's logger and of worker processes is not captured."""
+    from lmforge_jobs.data.__main__ import main
+
+    argv = ["--manifest", str(manifest), *args]
+    saved = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(job_env())
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def read_jsonl_gz(folder: Path) -> list[dict[str, Any]]:
