@@ -290,15 +290,10 @@ STORAGE_FAILURES = [
 
 
 def _storage_failure_params() -> list[Any]:
-    """Every case with the job's ``main`` in this process, and as a process of its own: the whole stderr
-    of a job given wrong credentials in the default suite, the other processes (the same exit path) slow."""
+    """Every case with the job's ``main`` in this process (its stderr and datatrove's log captured), and,
+    in the slow suite, as a process of its own (the exit path of test_data.py's bad input run as one)."""
     return [
-        pytest.param(
-            case,
-            how,
-            id=f"{case}-{how}",
-            marks=[pytest.mark.slow] if how == "process" and case != "wrong-credentials" else [],
-        )
+        pytest.param(case, how, id=f"{case}-{how}", marks=[pytest.mark.slow] if how == "process" else [])
         for case in STORAGE_FAILURES
         for how in ("in-process", "process")
     ]
