@@ -189,6 +189,11 @@ def _extractor(timeout: float, broken_import: bool = False) -> Any:
     return Scripted()
 
 
+# a document's timeout, also what a worker that died on one costs (datatrove notices it once the wait
+# ends); starting the sandbox worker, which must fit in it too, takes 5 to 40 ms on a loaded 2-core machine
+SHORT = 0.5
+
+
 def _documents(texts: list[str]) -> list[Any]:
     from datatrove.data import Document
 
@@ -206,7 +211,7 @@ def _stat(extractor: Any, key: str) -> int:
 # the same documents through the same guard: test_counts_separate_timeouts_from_failures
 @pytest.mark.slow
 def test_timeouts_and_failures_are_counted_apart() -> None:
-    extractor = _extractor(timeout=1)
+    extractor = _extractor(timeout=SHORT)
     kept = _run(extractor, ["one", "slow", "bad", "crash", "two"])
     assert kept == ["one", "two"]
     assert _stat(extractor, "timeout") == 1
@@ -242,7 +247,7 @@ def test_counts_separate_timeouts_from_failures(tmp_path: Path) -> None:
     """What each rank's Counts file says about extraction, which stats.json adds up."""
     from lmforge_jobs.data.blocks import Counts
 
-    extractor = _extractor(timeout=1)
+    extractor = _extractor(timeout=SHORT)
     counts = Counts(str(tmp_path), [("extract", extractor)])
     texts = ["one", "slow", "bad", "crash", "two", ""]
     kept = [d.text for d in counts.run(extractor.run(iter(_documents(texts))))]
