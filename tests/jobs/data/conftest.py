@@ -5,11 +5,13 @@ import functools
 import importlib.metadata
 import os
 import signal
+import sys
 import time
 
 import pytest
 from data_fixtures import tagged_processes
 from datatrove.utils import _import_utils
+from loguru import _better_exceptions
 
 
 @functools.cache
@@ -25,6 +27,18 @@ def _distribution_names() -> frozenset[str]:
 _import_utils._is_distribution_available = functools.cache(
     lambda distribution_name: True if distribution_name in _distribution_names() else None
 )
+
+_get_lib_dirs = _better_exceptions.ExceptionFormatter._get_lib_dirs
+
+
+@functools.cache
+def _lib_dirs(path: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_get_lib_dirs())
+
+
+# datatrove adds loguru sinks for every rank of every stage (three a rank), and each new sink works out the
+# interpreter's library folders from sysconfig (~10 ms); the answer changes only with sys.path.
+_better_exceptions.ExceptionFormatter._get_lib_dirs = staticmethod(lambda: list(_lib_dirs(tuple(sys.path))))
 
 
 @pytest.fixture(autouse=True)
