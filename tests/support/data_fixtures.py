@@ -3,7 +3,9 @@ and readers for the job's outputs (documents and token shards)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import re
@@ -149,6 +151,32 @@ def run_job(manifest: Path, *args: str, timeout: float = 300) -> subprocess.Comp
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def run_job_here(manifest: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """:func:`run_job` without the process: the Corpus job's ``main`` in this process, under
+    :func:`job_env` (this process's environment is restored afterwards), its stdout and stderr captured —
+    datatrove's log included, as a job process prints it. For the tests of what the job decides (exit code,
+    the one ``error:`` line, outputs); those of the process itself (exit status, signals, worker processes,
+    imports) start one. What forked workers print is not captured."""
+    from datatrove.utils.logging import setup_default_logger
+
+    from lmforge_jobs.data.__main__ import main
+
+    argv = ["--manifest", str(manifest), *args]
+    saved, env = dict(os.environ), job_env()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            setup_default_logger()  # datatrove logs to sys.stderr as it is when a sink is added
+            code = main(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        setup_default_logger()  # back on this process's stderr
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def read_jsonl_gz(folder: Path) -> list[dict[str, Any]]:

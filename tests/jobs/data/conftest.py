@@ -1,12 +1,44 @@
 """Every test in this folder (the Corpus job) must leave no process behind."""
 
 import contextlib
+import functools
+import importlib.metadata
 import os
 import signal
+import sys
 import time
 
 import pytest
 from data_fixtures import tagged_processes
+from datatrove.utils import _import_utils
+from loguru import _better_exceptions
+
+
+@functools.cache
+def _distribution_names() -> frozenset[str]:
+    return frozenset(
+        name.lower() for dist in importlib.metadata.distributions() if (name := dist.metadata.get("Name"))
+    )
+
+
+# datatrove checks each block's pip dependencies by reading the metadata of every installed distribution,
+# once per name (~0.15 s a scan); the jobs these tests run in this process need a dozen names. One scan
+# for the session gives the same answers (True, or None when missing).
+_import_utils._is_distribution_available = functools.cache(
+    lambda distribution_name: True if distribution_name in _distribution_names() else None
+)
+
+_get_lib_dirs = _better_exceptions.ExceptionFormatter._get_lib_dirs
+
+
+@functools.cache
+def _lib_dirs(path: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_get_lib_dirs())
+
+
+# datatrove adds loguru sinks for every rank of every stage (three a rank), and each new sink works out the
+# interpreter's library folders from sysconfig (~10 ms); the answer changes only with sys.path.
+_better_exceptions.ExceptionFormatter._get_lib_dirs = staticmethod(lambda: list(_lib_dirs(tuple(sys.path))))
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,7 @@ from data_fixtures import (
     read_jsonl_gz,
     read_shards,
     run_job,
+    run_job_here,
     train_lid_model,
     write_manifest,
 )
@@ -326,19 +327,32 @@ def _jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "missing-source",
-        "unreadable-warc",
-        pytest.param("truncated-warc", marks=pytest.mark.slow),
-        "missing-language-model",
-        "vocab-too-small",
-        "missing-pretrained-tokenizer",
-        "empty-after-filters",
-    ],
-)
-def test_bad_input_is_one_clear_error(case: str, tmp_path: Path) -> None:
+BAD_INPUTS = [
+    "missing-source",
+    "unreadable-warc",
+    "truncated-warc",  # runs the extract stage on part of the WARC: slow
+    "missing-language-model",
+    "vocab-too-small",
+    "missing-pretrained-tokenizer",
+    "empty-after-filters",
+]
+
+
+def _bad_input_params() -> list[Any]:
+    """Every case run by the job's ``main`` in this process, and as a process of its own (exit status,
+    the whole stderr): one such case in the default suite, the others walk the same exit path (slow)."""
+    params = []
+    for case in BAD_INPUTS:
+        for how in ("in-process", "process"):
+            slow = case == "truncated-warc" or (how == "process" and case != "missing-source")
+            params.append(
+                pytest.param(case, how, id=f"{case}-{how}", marks=[pytest.mark.slow] if slow else [])
+            )
+    return params
+
+
+@pytest.mark.parametrize(("case", "how"), _bad_input_params())
+def test_bad_input_is_one_clear_error(case: str, how: str, tmp_path: Path) -> None:
     docs = _jsonl(tmp_path / "docs.jsonl.gz", ["Some ordinary text about gardening and tomatoes."] * 3)
     spec: dict[str, Any] = {
         "sources": [{"jsonl": {"paths": [str(docs)]}}],
@@ -374,7 +388,7 @@ def test_bad_input_is_one_clear_error(case: str, tmp_path: Path) -> None:
         spec["filters"] = [{"regex": {"pattern": "tomatoes", "action": "drop"}}]
         field = "spec.filters"
     out = tmp_path / "out"
-    proc = run_job(write_manifest(tmp_path / "c.yaml", out, spec))
+    proc = (run_job if how == "process" else run_job_here)(write_manifest(tmp_path / "c.yaml", out, spec))
     assert proc.returncode == 64, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {field}:"), proc.stderr[-2000:]

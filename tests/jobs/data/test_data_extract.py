@@ -3,17 +3,19 @@ the first documents, and timeouts are counted apart from failures."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from data_fixtures import ROOT, WARC, job_env, write_manifest
+from data_fixtures import ROOT, WARC, job_env, run_job_here, write_manifest
 
 # per document: a worker that never starts would cost this much on each document (the WARC has dozens);
 # the checks below allow a fraction of it, however loaded the machine is
@@ -54,16 +56,51 @@ def _run_without_lxml_html_clean(tmp: Path, *args: str) -> tuple[subprocess.Comp
     return proc, time.monotonic() - started
 
 
+# trafilatura imports justext, which imports lxml.html.clean, which imports lxml_html_clean
+_IMPORTERS = ("trafilatura", "justext", "lxml.html.clean", "lxml_html_clean")
+
+
+def _importer(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in _IMPORTERS)
+
+
+@contextlib.contextmanager
+def _this_process_without_lxml_html_clean() -> Iterator[None]:
+    """This process, and the workers it forks, as if ``lxml_html_clean`` were not installed: the modules
+    that import it are forgotten (imported again on demand, and failing for real), then restored."""
+    saved = {name: module for name, module in sys.modules.items() if _importer(name)}
+    for name in saved:
+        del sys.modules[name]
+    sys.modules["lxml_html_clean"] = None  # type: ignore[assignment]  # "import ... halted"
+    try:
+        yield
+    finally:
+        for name in [name for name in sys.modules if _importer(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
 def _errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-def test_unimportable_extractor_is_a_config_error_before_any_document(tmp_path: Path) -> None:
+# in this process (the job's main) by default; as a process of its own, where the library is shadowed on
+# the import path, in the slow suite (the same exit path as test_data.py's bad input run as a process)
+HOW = ["in-process", pytest.param("process", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_unimportable_extractor_is_a_config_error_before_any_document(how: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     manifest = write_manifest(tmp_path / "c.yaml", out, _spec())
-    proc, elapsed = _run_without_lxml_html_clean(
-        tmp_path, "-m", "lmforge_jobs.data", "--manifest", str(manifest), "--stage", "extract"
-    )
+    args = ("--manifest", str(manifest), "--stage", "extract")
+    if how == "process":
+        proc, elapsed = _run_without_lxml_html_clean(tmp_path, "-m", "lmforge_jobs.data", *args)
+    else:
+        started = time.monotonic()
+        with _this_process_without_lxml_html_clean():
+            proc = run_job_here(manifest, *args[2:])
+        elapsed = time.monotonic() - started
     assert proc.returncode == 64, proc.stderr[-2000:]
     errors = _errors(proc.stderr)
     assert len(errors) == 1, proc.stderr[-2000:]
@@ -73,13 +110,26 @@ def test_unimportable_extractor_is_a_config_error_before_any_document(tmp_path: 
     assert not (out / "logs" / "extract" / "completions").exists()
 
 
-def test_extractor_failing_in_the_workers_ends_the_stage_early(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", HOW)
+def test_extractor_failing_in_the_workers_ends_the_stage_early(how: str, tmp_path: Path) -> None:
     """The workers cannot import trafilatura although the job process could (the preflight passed): the
     stage stops once the worker failed to start, not after every document timed out."""
     from lmforge_jobs.data.config import CorpusSpec
+    from lmforge_jobs.data.run import run_stage
+    from lmforge_jobs.entry import ConfigError
 
     out = tmp_path / "out"
     spec = CorpusSpec.model_validate({**_spec(), "output": str(out)})
+    if how == "in-process":  # datatrove's pool and the extraction sandboxes are forked from here
+        started = time.monotonic()
+        with _this_process_without_lxml_html_clean(), pytest.raises(ConfigError) as caught:
+            run_stage(spec, "extract", rank=None, workers=2)
+        assert time.monotonic() - started < TIMEOUT / 3
+        assert caught.value.field == "extract.method"
+        assert caught.value.message.startswith("trafilatura could not be imported: "), caught.value.message
+        assert "lxml_html_clean" in caught.value.message
+        assert not (out / "logs" / "extract" / "completions").exists()
+        return
     script = textwrap.dedent(
         f"""
         import json, sys
@@ -139,6 +189,11 @@ def _extractor(timeout: float, broken_import: bool = False) -> Any:
     return Scripted()
 
 
+# a document's timeout, also what a worker that died on one costs (datatrove notices it once the wait
+# ends); starting the sandbox worker, which must fit in it too, takes 5 to 40 ms on a loaded 2-core machine
+SHORT = 0.5
+
+
 def _documents(texts: list[str]) -> list[Any]:
     from datatrove.data import Document
 
@@ -153,8 +208,10 @@ def _stat(extractor: Any, key: str) -> int:
     return int(extractor.stats[key].total) if key in extractor.stats.stats else 0
 
 
+# the same documents through the same guard: test_counts_separate_timeouts_from_failures
+@pytest.mark.slow
 def test_timeouts_and_failures_are_counted_apart() -> None:
-    extractor = _extractor(timeout=1)
+    extractor = _extractor(timeout=SHORT)
     kept = _run(extractor, ["one", "slow", "bad", "crash", "two"])
     assert kept == ["one", "two"]
     assert _stat(extractor, "timeout") == 1
@@ -190,11 +247,13 @@ def test_counts_separate_timeouts_from_failures(tmp_path: Path) -> None:
     """What each rank's Counts file says about extraction, which stats.json adds up."""
     from lmforge_jobs.data.blocks import Counts
 
-    extractor = _extractor(timeout=1)
+    extractor = _extractor(timeout=SHORT)
     counts = Counts(str(tmp_path), [("extract", extractor)])
-    texts = ["one", "slow", "bad", "bad", "two", ""]
+    texts = ["one", "slow", "bad", "crash", "two", ""]
     kept = [d.text for d in counts.run(extractor.run(iter(_documents(texts))))]
     assert kept == ["one", "two"]
+    # a worker that died on a document is a failure too, not a timeout
+    assert (_stat(extractor, "timeout"), _stat(extractor, "failed")) == (1, 2)
     written = json.loads((tmp_path / "00000.json").read_text())
     assert written["removed"] == {"extract": 4}  # a timeout, two failures and an empty page
     assert written["extraction"] == {"timeouts": 1, "failures": 2}

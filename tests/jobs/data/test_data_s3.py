@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 import yaml
-from data_fixtures import ROOT, WARC, corpus_doc, english_sentences, job_env, read_jsonl_gz, read_shards
+from data_fixtures import (
+    ROOT,
+    WARC,
+    corpus_doc,
+    english_sentences,
+    job_env,
+    read_jsonl_gz,
+    read_shards,
+    run_job_here,
+)
 
 from lmforge_jobs import shards, storage
 from lmforge_jobs.data.config import CorpusSpec
@@ -27,20 +36,36 @@ from lmforge_jobs.entry import ConfigError
 QUICKSTART = ROOT / "examples" / "quickstart" / "01-corpus.yaml"
 
 
-def run_corpus(tmp_path: Path, output: str, spec: dict[str, Any], timeout: float = 300) -> Any:
-    """``python -m lmforge_jobs.data`` on a manifest with ``spec`` and ``output`` (a path or URI)."""
+def corpus_manifest(tmp_path: Path, output: str, spec: dict[str, Any]) -> Path:
+    """A new manifest in ``tmp_path`` with ``spec`` and ``output`` (a path or URI)."""
     manifest = tmp_path / f"corpus-{len(list(tmp_path.glob('corpus-*.yaml')))}.yaml"
     doc = corpus_doc(Path("."), spec)
     doc["spec"]["output"] = output
     manifest.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return manifest
+
+
+def run_corpus(tmp_path: Path, output: str, spec: dict[str, Any], timeout: float = 300) -> Any:
+    """``python -m lmforge_jobs.data`` on a manifest with ``spec`` and ``output`` (a path or URI)."""
     return subprocess.run(
-        [sys.executable, "-m", "lmforge_jobs.data", "--manifest", str(manifest)],
+        [
+            sys.executable,
+            "-m",
+            "lmforge_jobs.data",
+            "--manifest",
+            str(corpus_manifest(tmp_path, output, spec)),
+        ],
         capture_output=True,
         text=True,
         env=job_env(),  # the s3 fixture's endpoint and test credentials are in this process's environment
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def run_corpus_here(tmp_path: Path, output: str, spec: dict[str, Any]) -> Any:
+    """:func:`run_corpus` with the job's ``main`` in this process (``data_fixtures.run_job_here``)."""
+    return run_job_here(corpus_manifest(tmp_path, output, spec))
 
 
 def upload_file(local: Path, uri: str) -> str:
@@ -181,7 +206,7 @@ def test_a_pretrained_tokenizer_on_s3_and_its_own_end_of_text(tmp_path: Path, s3
         "tokenizer": {"pretrained": {"path": f"{s3.uri}/tok/tokenizer.json"}},
         "heldOutFraction": 0.0,
     }
-    proc = run_corpus(tmp_path, f"{s3.uri}/out", spec)
+    proc = run_corpus_here(tmp_path, f"{s3.uri}/out", spec)
     assert proc.returncode == 0, proc.stderr[-3000:]
     remote = download(f"{s3.uri}/out", tmp_path / "remote")
     config = json.loads((remote / "tokenizer" / "tokenizer_config.json").read_text())
@@ -255,18 +280,28 @@ def test_quickstart_corpus_on_s3_matches_the_local_run(tmp_path: Path, s3: Any) 
 
 
 # ----------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize(
-    "case",
-    [
-        "missing-source-object",
-        pytest.param("missing-source-bucket", marks=pytest.mark.slow),
-        "missing-output-bucket",
-        "wrong-credentials",
-        pytest.param("wrong-credentials-for-the-source", marks=pytest.mark.slow),
-    ],
-)
+STORAGE_FAILURES = [
+    "missing-source-object",
+    "missing-source-bucket",
+    "missing-output-bucket",
+    "wrong-credentials",
+    "wrong-credentials-for-the-source",
+]
+
+
+def _storage_failure_params() -> list[Any]:
+    """Every case with the job's ``main`` in this process (its stderr and datatrove's log captured), and,
+    in the slow suite, as a process of its own (the exit path of test_data.py's bad input run as one)."""
+    return [
+        pytest.param(case, how, id=f"{case}-{how}", marks=[pytest.mark.slow] if how == "process" else [])
+        for case in STORAGE_FAILURES
+        for how in ("in-process", "process")
+    ]
+
+
+@pytest.mark.parametrize(("case", "how"), _storage_failure_params())
 def test_storage_failures_name_the_field_and_never_the_secret(
-    case: str, tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
+    case: str, how: str, tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     docs = _jsonl(tmp_path / "docs.jsonl.gz", ["Some ordinary text about gardening and tomatoes."] * 3)
     upload_file(docs, f"{s3.uri}/src/docs.jsonl.gz")
@@ -292,7 +327,7 @@ def test_storage_failures_name_the_field_and_never_the_secret(
             output = str(tmp_path / "out")
             field, message = "spec.sources[0].jsonl.paths[0]", f"access denied to {source}"
     spec = {"sources": [{"jsonl": {"paths": [source]}}], "tokenizer": {"train": {"vocabSize": 300}}}
-    proc = run_corpus(tmp_path, output, spec)
+    proc = (run_corpus if how == "process" else run_corpus_here)(tmp_path, output, spec)
     assert proc.returncode == 64, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {field}: {message}"), proc.stderr[-2000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from data_fixtures import read_jsonl_gz, read_shards, run_job, write_manifest
+from data_fixtures import read_jsonl_gz, read_shards, run_job_here, write_manifest
 
 COOKING = [
     "Slice the onions thinly and fry them in butter until they turn golden brown and sweet.",
@@ -57,7 +57,13 @@ def _long(text: str, n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def domain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cooking/code classifier, trained once for the module (tests only read it)."""
+    return _domain_model(tmp_path_factory.mktemp("domains") / "domains.bin")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory, domain_model: Path) -> tuple[Path, dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -101,7 +107,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
         "pii": {"emails": True, "ipAddresses": True},
         "dedup": {"exact": True, "minhash": {"enabled": False}},
         "domains": {
-            "classifierPath": str(_domain_model(tmp / "domains.bin")),
+            "classifierPath": str(domain_model),
             "weights": {"cooking": 0, "code": 2.0},
         },
         "tokenizer": {"pretrained": {"path": str(_pretrained_tokenizer(tmp / "tok.json"))}},
@@ -109,7 +115,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
         "parallelism": {"tasks": 2, "workers": 1},
     }
     out = tmp / "out"
-    proc = run_job(write_manifest(tmp / "c.yaml", out, spec))
+    proc = run_job_here(write_manifest(tmp / "c.yaml", out, spec))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, spec
 
@@ -469,7 +475,7 @@ def test_a_limit_below_the_rank_count_leaves_ranks_empty_not_crashed(tmp_path: P
     assert sum(c["kept"] for c in counts) == 1
 
 
-def test_weights_that_drop_every_document_name_the_domains_field(tmp_path: Path) -> None:
+def test_weights_that_drop_every_document_name_the_domains_field(tmp_path: Path, domain_model: Path) -> None:
     src = tmp_path / "a.jsonl"
     src.write_text(
         "".join(json.dumps({"text": _long(t, i), "id": f"d{i}"}) + "\n" for i, t in enumerate(CODE)),
@@ -478,12 +484,12 @@ def test_weights_that_drop_every_document_name_the_domains_field(tmp_path: Path)
     spec = {
         "sources": [{"jsonl": {"paths": [str(src)]}}],
         "dedup": {"exact": False, "minhash": {"enabled": False}},
-        "domains": {"classifierPath": str(_domain_model(tmp_path / "d.bin")), "defaultWeight": 0},
+        "domains": {"classifierPath": str(domain_model), "defaultWeight": 0},
         "tokenizer": {"train": {"vocabSize": 300}},
         "parallelism": {"tasks": 1, "workers": 1},
     }
     out = tmp_path / "out"
-    proc = run_job(write_manifest(tmp_path / "c.yaml", out, spec))
+    proc = run_job_here(write_manifest(tmp_path / "c.yaml", out, spec))
     assert proc.returncode == 64, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: spec.domains.weights:"), errors
