@@ -77,8 +77,8 @@ def test_two_replicas_only_the_leader_reconciles_and_the_other_takes_over(cluste
     ns = "ha"
     lease = {"lease_namespace": ns, "lease_name": "lmforge", "lease_seconds": 2.0}
     since = len(cluster.calls)
-    a = Operator(cluster, ns, identity="replica-a", **lease)
-    b = Operator(cluster, ns, identity="replica-b", **lease)
+    a = Operator(cluster, ns, identity="replica-a", resync_seconds=0.1, **lease)
+    b = Operator(cluster, ns, identity="replica-b", resync_seconds=0.1, **lease)
     a.start()
     try:
         cluster.wait(lambda: (cluster.get("Lease", "lmforge", ns) or {}).get("spec"), 10, "the Lease")
@@ -87,7 +87,12 @@ def test_two_replicas_only_the_leader_reconciles_and_the_other_takes_over(cluste
         assert leader == "replica-a"
         cluster.create(pretrain("one"), ns)
         cluster.wait(lambda: cluster.get("Job", "one-pretrain", ns), 20, "Job one-pretrain")
-        time.sleep(1.5)  # several resyncs of both replicas
+        # Several resyncs by the leader, while the standby has campaigned and stands by.
+        a.wait_reconciles("PretrainRun", 3)
+        b.wait_until(
+            lambda _: (e := b.memo.lmforge_election)._observed is not None and not e.leading,
+            "replica-b campaigning",
+        )
         # The standby watched the resource too, but never wrote: one POST of the Job, and no status
         # patch or Event from replica-b's controller (its workers never ran).
         assert [n for n, _ in _job_posts(cluster, since, ns)] == ["one-pretrain"], [

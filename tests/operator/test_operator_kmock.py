@@ -432,7 +432,7 @@ def test_invalid_resources_get_invalid_condition_and_no_children(cluster: Cluste
     ns = "invalid"
     cases = _invalid_cases()
     assert len(cases) >= 10
-    with Operator(cluster, ns):
+    with Operator(cluster, ns, resync_seconds=0.1) as op:
         for _, manifest, _, _ in cases:
             cluster.create(manifest, ns)
         for name, manifest, field, reason in cases:
@@ -442,7 +442,8 @@ def test_invalid_resources_get_invalid_condition_and_no_children(cluster: Cluste
             assert field in invalid["message"], (name, field, invalid["message"])
             assert invalid["observedGeneration"] == 1
         assert cluster.status("PretrainRun", "too-big", ns)["plan"]["fits"] is False
-        time.sleep(1.0)  # a few resyncs: still nothing
+        # A few resyncs of each (those Invalid for another resource's sake are reconciled): still nothing.
+        op.wait_resyncs(*((m["kind"], name) for name, m, _, _ in cases), n=3)
     for kind in ("Job", "ConfigMap", "Service", "NetworkPolicy"):
         assert cluster.list(kind, ns) == [], kind
     warnings = [e for e in cluster.list("Event", ns) if e["type"] == "Warning"]
@@ -536,7 +537,8 @@ def test_evaluation_every_checkpoint_reruns_as_checkpoints_land(cluster: Cluster
     pre = {k: v for k, v in PRETRAIN.items() if k != "corpus"} | {
         "data": {"tokens": "s3://b/t", "tokenizer": "s3://b/tok"}
     }
-    with Operator(cluster, ns):
+    # the Evaluation finds a new checkpoint (its PretrainRun's mirrored step) on a resync
+    with Operator(cluster, ns, resync_seconds=0.1):
         cluster.create(resource("PretrainRun", "gpt", pre), ns)
         cluster.create(resource("Evaluation", "gpt-every", EVERY_CHECKPOINT), ns)
         status = cluster.wait_phase("Evaluation", "gpt-every", "Waiting", ns)
@@ -600,7 +602,8 @@ def test_evaluation_every_checkpoint_deletes_superseded_rounds(cluster: Cluster)
     def history() -> list[float]:
         return [h["perplexity"] for h in cluster.status("Evaluation", "gpt-every", ns).get("history") or []]
 
-    with Operator(cluster, ns):
+    # the Evaluation finds a new checkpoint (its PretrainRun's mirrored step) on a resync
+    with Operator(cluster, ns, resync_seconds=0.1):
         cluster.create(resource("PretrainRun", "gpt", pre), ns)
         cluster.create(resource("Evaluation", "gpt-every", EVERY_CHECKPOINT), ns)
         cluster.wait_job("gpt-pretrain", ns)
