@@ -77,9 +77,19 @@ POLICY_64 = (
 )
 
 
+# The job's own JSON summary in the default suite; the other shapes walk the same reconcile with another
+# pod. Where each message comes from is unit-tested in test_operator.py:
+# test_a_failed_jobs_message_falls_back_but_is_never_empty (log tail, Job condition, bare exit 64) and
+# test_pods_that_cannot_start (lastState).
 @pytest.mark.parametrize(
     "case",
-    ["json", "json-in-lastState", "log-tail", "pod-gone", "nothing"],
+    [
+        "json",
+        *(
+            pytest.param(case, marks=pytest.mark.slow)
+            for case in ("json-in-lastState", "log-tail", "pod-gone", "nothing")
+        ),
+    ],
 )
 def test_configuration_error_keeps_a_message_on_every_reconcile(cluster: Cluster, case: str) -> None:
     """Whatever the Job controller and kubelet leave (a JSON summary in state or lastState, a log tail under
@@ -275,12 +285,17 @@ def indexed(op: Operator, ns: str, pod_status: dict[str, Any]) -> None:
     op.wait_until(check, f"the pod's status {pod_status} in the operator's index")
 
 
+# One stuck pod in the default suite; the other reasons walk the same reconcile, and how each one reads is
+# test_operator.py::test_pods_that_cannot_start (a waiting container, an Unschedulable condition).
 @pytest.mark.parametrize(
     "stuck",
     [
         ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/lmforge:nope"'),
-        ("CreateContainerConfigError", 'secret "hf-token" not found'),
-        ("Unschedulable", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+        pytest.param(("CreateContainerConfigError", 'secret "hf-token" not found'), marks=pytest.mark.slow),
+        pytest.param(
+            ("Unschedulable", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_pods_that_do_not_start_are_a_condition_and_an_event(

@@ -64,7 +64,7 @@ def configmap_spec(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ each kind, end to end
 def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Path) -> None:
     ns = "kinds"
-    with Operator(cluster, ns):
+    with Operator(cluster, ns, resync_seconds=0.1):  # the running PretrainRun's metrics are read on resyncs
         # Applied all at once: the dependents wait with a reason that names the field.
         for kind, name, spec in (
             ("Evaluation", "gpt-eval", EVAL),

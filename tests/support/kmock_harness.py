@@ -440,14 +440,17 @@ class Cluster:
         return list(self.emulator.calls[since:])
 
     def wait(self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+        """``predicate()`` once true, polled soon and then every 50 ms; an AssertionError after ``timeout``."""
         deadline = time.monotonic() + timeout
+        pause = 0.005  # most conditions hold within one reconcile, some tens of milliseconds
         while True:
             value = predicate()
             if value:
                 return value
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-            time.sleep(0.05)
+            time.sleep(pause)
+            pause = min(0.05, pause * 2)
 
     def wait_phase(
         self, kind: str, name: str, phase: str, namespace: str = NAMESPACE, timeout: float = 30.0
