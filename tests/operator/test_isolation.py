@@ -87,7 +87,8 @@ def test_two_replicas_only_the_leader_reconciles_and_the_other_takes_over(cluste
         assert leader == "replica-a"
         cluster.create(pretrain("one"), ns)
         cluster.wait(lambda: cluster.get("Job", "one-pretrain", ns), 20, "Job one-pretrain")
-        # Several resyncs by the leader, while the standby has campaigned and stands by.
+        # The standby watches the resource too; several resyncs by the leader later, it still stands by.
+        b.wait_until(lambda ctrl: ("PretrainRun", ns, "one") in ctrl.cache, "replica-b watching the resource")
         a.wait_reconciles("PretrainRun", 3)
         b.wait_until(
             lambda _: (e := b.memo.lmforge_election)._observed is not None and not e.leading,
