@@ -447,7 +447,7 @@ def test_invalid_resources_get_invalid_condition_and_no_children(cluster: Cluste
             assert invalid["observedGeneration"] == 1
         assert cluster.status("PretrainRun", "too-big", ns)["plan"]["fits"] is False
         # A few resyncs of each (those Invalid for another resource's sake are reconciled): still nothing.
-        op.wait_resyncs(*((m["kind"], name) for name, m, _, _ in cases), n=3)
+        op.wait_resyncs(*((m["kind"], name) for name, m, _, _ in cases), n=2)
     for kind in ("Job", "ConfigMap", "Service", "NetworkPolicy"):
         assert cluster.list(kind, ns) == [], kind
     warnings = [e for e in cluster.list("Event", ns) if e["type"] == "Warning"]
