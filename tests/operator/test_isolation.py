@@ -169,7 +169,24 @@ class StrictLeases:
         pass
 
 
-def test_racing_candidates_never_both_win_and_a_cut_off_leader_steps_down() -> None:
+class OwnClock:
+    """A replica's monotonic clock that the test can move on (time.monotonic() plus an offset)."""
+
+    offset = 0.0
+
+    @classmethod
+    def monotonic(cls) -> float:
+        return time.monotonic() + cls.offset
+
+
+def test_racing_candidates_never_both_win_and_a_cut_off_leader_steps_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lmforge_operator import leader
+
+    monkeypatch.setattr(leader, "time", OwnClock)
+    monkeypatch.setattr(OwnClock, "offset", 0.0)
+
     async def scenario() -> None:
         api = StrictLeases()
         a, b = (LeaderElection("ns", "lease", who, lease_seconds=1.0) for who in ("a", "b"))
@@ -178,7 +195,7 @@ def test_racing_candidates_never_both_win_and_a_cut_off_leader_steps_down() -> N
         assert [await a.try_acquire_or_renew(), await b.try_acquire_or_renew()] == [True, False]
         # a stops renewing; b waits the lease duration on its own clock, then a and b race for it with the
         # same read: exactly one write lands
-        await asyncio.sleep(1.1)
+        OwnClock.offset += 1.1
         assert await b.try_acquire_or_renew() is True
         stale = await api.get("Lease", "ns", "lease")
         api.lease["metadata"]["resourceVersion"] = "changed"  # type: ignore[index]
