@@ -6,6 +6,13 @@ Used by tests/operator/ and bench/operator.py::
         cluster.create(manifest)                  # POST over HTTP, like kubectl
         cluster.wait(lambda: cluster.jobs())      # poll with a deadline
         cluster.finish_job("ns", "job-name")      # play the Job controller: PATCH .../status
+        op.wait_reconciled("PretrainRun", "run")  # what the operator has seen so far is reconciled
+
+"Nothing changes for a while" is checked after events, not after a sleep: ``op.wait_reconciled`` (the
+resource neither queued nor being reconciled), ``op.wait_reconciles`` (n more reconciles of a kind, the
+operator's own counter), ``op.wait_resyncs`` (the periodic resync came to each resource n times) and
+``op.wait_until`` (a predicate on the controller: its cache of Jobs, its pod index); what reads the
+controller's state is evaluated on the operator's loop.
 
 kmock's gaps, handled here: it assigns no uid/resourceVersion/generation (every POST gets a uid and
 generation 1 here, as the API server would give), replays existing objects as ADDED when a watch connects, ignores label selectors (the
