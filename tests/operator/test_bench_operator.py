@@ -6,20 +6,51 @@ manifest the operator would mark Invalid (no Job would ever appear and the bench
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from kmock_harness import Cluster, Operator
 from repo import ROOT
 
 BENCH = ROOT / "bench" / "operator.py"
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# PretrainRun (torchrun children: ConfigMap, Service, NetworkPolicy, Job) in the default suite; the bench's
-# default kind in the slow one.
-@pytest.mark.parametrize("kind", [pytest.param("Evaluation", marks=pytest.mark.slow), "PretrainRun"])
+
+def load_bench() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_operator", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_bench_manifests_get_their_jobs_from_the_operator(cluster: Cluster) -> None:
+    """Every kind the bench offers, its own manifest, through the operator: a Job per resource."""
+    bench = load_bench()
+    ns = "bench-kinds"
+    with Operator(cluster, ns):
+        for kind, suffix in (("Evaluation", "evaluate"), ("PretrainRun", "pretrain")):
+            for i in range(2):
+                cluster.create(bench.manifest(kind, f"{suffix}-{i}"), ns)
+        for suffix in ("evaluate", "pretrain"):
+            for i in range(2):
+                cluster.wait_job(f"{suffix}-{i}-{suffix}", ns)
+    with pytest.raises(SystemExit, match="unsupported kind"):
+        bench.manifest("Corpus", "x")
+
+
+# The whole bench run (its backlog, steady-state and in-memory phases), end to end: slow. The operator
+# creating a Job per resource of each kind the bench offers, from the bench's own manifests, is
+# test_the_bench_manifests_get_their_jobs_from_the_operator; resyncs reading pods from the watch and
+# writing nothing are test_operator_scale.py::test_resyncs_of_a_running_job_read_pods_from_the_watch_not_a_list.
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["Evaluation", "PretrainRun"])
 def test_bench_operator_creates_a_job_per_resource(kind: str) -> None:
     args = ["--kind", kind, "--resources", "4", "--latency-resources", "4", "--timeout", "30", "--json"]
     args += ["--latency-rate", "4", "--resync-seconds", "0.3"]  # the late ones span several resyncs
@@ -41,16 +72,7 @@ def test_bench_operator_creates_a_job_per_resource(kind: str) -> None:
 
 def test_bench_operator_refuses_an_invalid_manifest(tmp_path: Path) -> None:
     """check_manifest names the field instead of letting the bench wait for Jobs that never come."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("bench_operator", BENCH)
-        assert spec is not None and spec.loader is not None
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    bench = load_bench()
     bench.check_manifest("PretrainRun")  # the shipped manifests are valid
     original = bench.manifest
 

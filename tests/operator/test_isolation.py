@@ -77,8 +77,8 @@ def test_two_replicas_only_the_leader_reconciles_and_the_other_takes_over(cluste
     ns = "ha"
     lease = {"lease_namespace": ns, "lease_name": "lmforge", "lease_seconds": 2.0}
     since = len(cluster.calls)
-    a = Operator(cluster, ns, identity="replica-a", **lease)
-    b = Operator(cluster, ns, identity="replica-b", **lease)
+    a = Operator(cluster, ns, identity="replica-a", resync_seconds=0.1, **lease)
+    b = Operator(cluster, ns, identity="replica-b", resync_seconds=0.1, **lease)
     a.start()
     try:
         cluster.wait(lambda: (cluster.get("Lease", "lmforge", ns) or {}).get("spec"), 10, "the Lease")
@@ -87,7 +87,13 @@ def test_two_replicas_only_the_leader_reconciles_and_the_other_takes_over(cluste
         assert leader == "replica-a"
         cluster.create(pretrain("one"), ns)
         cluster.wait(lambda: cluster.get("Job", "one-pretrain", ns), 20, "Job one-pretrain")
-        time.sleep(1.5)  # several resyncs of both replicas
+        # The standby watches the resource too; several resyncs by the leader later, it still stands by.
+        b.wait_until(lambda ctrl: ("PretrainRun", ns, "one") in ctrl.cache, "replica-b watching the resource")
+        a.wait_reconciles("PretrainRun", 3)
+        b.wait_until(
+            lambda _: (e := b.memo.lmforge_election)._observed is not None and not e.leading,
+            "replica-b campaigning",
+        )
         # The standby watched the resource too, but never wrote: one POST of the Job, and no status
         # patch or Event from replica-b's controller (its workers never ran).
         assert [n for n, _ in _job_posts(cluster, since, ns)] == ["one-pretrain"], [
@@ -163,7 +169,24 @@ class StrictLeases:
         pass
 
 
-def test_racing_candidates_never_both_win_and_a_cut_off_leader_steps_down() -> None:
+class OwnClock:
+    """A replica's monotonic clock that the test can move on (time.monotonic() plus an offset)."""
+
+    offset = 0.0
+
+    @classmethod
+    def monotonic(cls) -> float:
+        return time.monotonic() + cls.offset
+
+
+def test_racing_candidates_never_both_win_and_a_cut_off_leader_steps_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lmforge_operator import leader
+
+    monkeypatch.setattr(leader, "time", OwnClock)
+    monkeypatch.setattr(OwnClock, "offset", 0.0)
+
     async def scenario() -> None:
         api = StrictLeases()
         a, b = (LeaderElection("ns", "lease", who, lease_seconds=1.0) for who in ("a", "b"))
@@ -172,7 +195,7 @@ def test_racing_candidates_never_both_win_and_a_cut_off_leader_steps_down() -> N
         assert [await a.try_acquire_or_renew(), await b.try_acquire_or_renew()] == [True, False]
         # a stops renewing; b waits the lease duration on its own clock, then a and b race for it with the
         # same read: exactly one write lands
-        await asyncio.sleep(1.1)
+        OwnClock.offset += 1.1
         assert await b.try_acquire_or_renew() is True
         stale = await api.get("Lease", "ns", "lease")
         api.lease["metadata"]["resourceVersion"] = "changed"  # type: ignore[index]

@@ -422,9 +422,9 @@ def test_paths() -> None:
     assert path_for("Corpus", "ns", "web") == "/apis/lmforge.io/v1alpha1/namespaces/ns/corpora/web"
 
 
-def test_the_operator_does_not_import_the_local_runner() -> None:
-    """Every module the controller package and the kopf handlers import, at the top or inside a function,
-    loads without lmforge_operator.local (the laptop runner)."""
+def _operator_modules() -> set[str]:
+    """Every lmforge module the controller package and the kopf handlers import, at the top or inside a
+    function."""
     import ast
 
     package = ROOT / "operator" / "lmforge_operator"
@@ -435,11 +435,49 @@ def test_the_operator_does_not_import_the_local_runner() -> None:
                 modules.add(node.module)
             elif isinstance(node, ast.Import):
                 modules.update(a.name for a in node.names if a.name.startswith("lmforge"))
-    assert "lmforge_operator.controller.mirror" in modules and "lmforge_jobs.data.stages" in modules
-    code = f"import importlib, sys; [importlib.import_module(m) for m in {sorted(modules)!r}]; "
-    code += "print('lmforge_operator.local' in sys.modules)"
+    return modules
+
+
+# What a fresh interpreter imports, in one process for the tests below: the CLI alone first; then every
+# module of the controller and the handlers; then, in a fresh kopf registry, the package as
+# `kopf run -m lmforge_operator` imports it.
+IMPORTS = """
+import importlib, json, sys
+out = {}
+import lmforge_operator.cli
+out["light"] = ["kopf" in sys.modules, "lmforge_operator.handlers" in sys.modules]
+for module in MODULES:
+    importlib.import_module(module)
+out["local"] = "lmforge_operator.local" in sys.modules
+import kopf
+kopf.set_default_registry(kopf.OperatorRegistry())
+del sys.modules["lmforge_operator"], sys.modules["lmforge_operator.handlers"]
+sys.argv = ["kopf", "run", "-m", "lmforge_operator"]
+import lmforge_operator
+r = kopf.get_default_registry()
+out["registry"] = {
+    "changing": len(r._changing.get_all_handlers()),
+    "spawning": len(r._spawning.get_all_handlers()),
+    "activities": len(r._activities.get_all_handlers()),
+    "watching": sorted(h.id for h in r._watching.get_all_handlers()),
+}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_imports() -> dict[str, Any]:
+    code = IMPORTS.replace("MODULES", repr(sorted(_operator_modules())))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False"]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_operator_does_not_import_the_local_runner(fresh_imports: dict[str, Any]) -> None:
+    """Every module the controller package and the kopf handlers import, at the top or inside a function,
+    loads without lmforge_operator.local (the laptop runner)."""
+    modules = _operator_modules()
+    assert "lmforge_operator.controller.mirror" in modules and "lmforge_jobs.data.stages" in modules
+    assert fresh_imports["local"] is False
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
@@ -454,22 +492,16 @@ def test_operator_command_flags() -> None:
     assert main(["operator", "--namespace", "a", "--all-namespaces"]) == 2
 
 
-def test_importing_the_package_stays_light_and_kopf_run_registers_handlers() -> None:
-    code = "import sys, lmforge_operator.cli; print('kopf' in sys.modules, 'lmforge_operator.handlers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+def test_importing_the_package_stays_light_and_kopf_run_registers_handlers(
+    fresh_imports: dict[str, Any],
+) -> None:
+    assert fresh_imports["light"] == [False, False]
     # As `kopf run -m lmforge_operator` imports it: handlers registered in kopf's default registry, and no
     # changing handlers, timers or daemons: nothing that would need a finalizer.
-    code = (
-        "import sys, kopf; sys.argv = ['kopf', 'run', '-m', 'lmforge_operator']; import lmforge_operator; "
-        "r = kopf.get_default_registry(); "
-        "print(len(r._changing.get_all_handlers()), len(r._spawning.get_all_handlers()), "
-        "len(r._activities.get_all_handlers()), sorted(h.id for h in r._watching.get_all_handlers()))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    changing, spawning, activities, ids = out.split(" ", 3)
-    assert "observe-jobs" in ids and "observe-pretrainruns" in ids and int(activities) >= 3
-    assert (changing, spawning) == ("0", "0")
+    registry = fresh_imports["registry"]
+    ids = registry["watching"]
+    assert "observe-jobs" in ids and "observe-pretrainruns" in ids and registry["activities"] >= 3
+    assert (registry["changing"], registry["spawning"]) == (0, 0)
 
 
 @pytest.mark.parametrize(

@@ -49,9 +49,17 @@ def wait_reason(cluster: Cluster, kind: str, name: str, ns: str, reason: str) ->
     return cluster.wait(check, 20, f"{kind}/{name} reason {reason}")
 
 
-def poke_job(cluster: Cluster, ns: str, job: str) -> None:
-    """A change of the Job (as its controller makes many): a watch event that reconciles its owner."""
-    cluster.patch("Job", job, {"metadata": {"annotations": {"poke": str(time.monotonic())}}}, ns)
+def poke_job(cluster: Cluster, op: Operator, ns: str, job: str) -> None:
+    """A change of the Job (as its controller makes many): a watch event that reconciles its owner. Returns
+    once the operator has seen it (its owner is queued from then on)."""
+    mark = str(time.monotonic())
+    cluster.patch("Job", job, {"metadata": {"annotations": {"poke": mark}}}, ns)
+
+    def seen(ctrl: Any) -> bool:
+        annotations = ((ctrl.jobs.get((ns, job)) or {}).get("metadata") or {}).get("annotations") or {}
+        return annotations.get("poke") == mark
+
+    op.wait_until(seen, f"the operator seeing Job {job} change")
 
 
 def pod_terminated(exit_code: int, message: str, where: str = "state") -> dict[str, Any]:
@@ -69,16 +77,26 @@ POLICY_64 = (
 )
 
 
+# The job's own JSON summary in the default suite; the other shapes walk the same reconcile with another
+# pod. Where each message comes from is unit-tested in test_operator.py:
+# test_a_failed_jobs_message_falls_back_but_is_never_empty (log tail, Job condition, bare exit 64) and
+# test_pods_that_cannot_start (lastState).
 @pytest.mark.parametrize(
     "case",
-    ["json", "json-in-lastState", "log-tail", "pod-gone", "nothing"],
+    [
+        "json",
+        *(
+            pytest.param(case, marks=pytest.mark.slow)
+            for case in ("json-in-lastState", "log-tail", "pod-gone", "nothing")
+        ),
+    ],
 )
 def test_configuration_error_keeps_a_message_on_every_reconcile(cluster: Cluster, case: str) -> None:
     """Whatever the Job controller and kubelet leave (a JSON summary in state or lastState, a log tail under
     FallbackToLogsOnError, no pod at all, a Job condition without a message), the Invalid condition and its
     Event say why, and later reconciles (Job updates, resyncs) never blank it."""
     ns = f"cfg-{case}".lower()
-    with Operator(cluster, ns):
+    with Operator(cluster, ns) as op:
         cluster.create(resource("PretrainRun", "run", PRETRAIN), ns)
         job = "run-pretrain"
         cluster.wait_job(job, ns)
@@ -105,12 +123,13 @@ def test_configuration_error_keeps_a_message_on_every_reconcile(cluster: Cluster
         invalid = true_condition(status)
         assert invalid["reason"] == "ConfigError" and expected in invalid["message"], invalid
         assert any(expected in e["message"] for e in events(cluster, ns, "run", "ConfigError"))
-        # Later reconciles: the Job changes (and its pods go), and resyncs pass; the message stays.
+        # Later reconciles: the Job changes (and its pods go), each change reconciled; the message stays.
         for pod in cluster.list("Pod", ns):
             cluster.request("DELETE", f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}")
+        op.wait_until(lambda ctrl: not ctrl.job_pods(ns, job), "the pods gone from the operator's index")
         for _ in range(3):
-            poke_job(cluster, ns, job)
-            time.sleep(0.4)
+            poke_job(cluster, op, ns, job)
+            op.wait_reconciled("PretrainRun", "run", ns)
         status = cluster.status("PretrainRun", "run", ns)
         assert status["phase"] == "Invalid" and expected in true_condition(status)["message"], status
         assert all(c["message"] for c in status["conditions"] if c["status"] == "True")
@@ -121,7 +140,7 @@ def test_a_finished_resource_whose_job_is_deleted_is_not_run_again(cluster: Clus
     """Succeeded, Failed and Invalid resources stay as they were when a TTL controller, a cleanup policy or
     a user deletes their Job; only a new spec (generation) runs the resource again."""
     ns = "terminal"
-    with Operator(cluster, ns):
+    with Operator(cluster, ns, resync_seconds=0.1) as op:
         for name in ("ok", "crash", "bad"):
             cluster.create(resource("PretrainRun", name, PRETRAIN), ns)
             cluster.wait_job(f"{name}-pretrain", ns)
@@ -137,7 +156,13 @@ def test_a_finished_resource_whose_job_is_deleted_is_not_run_again(cluster: Clus
         posted = len([c for c in cluster.calls if c.method == "POST" and c.path.endswith("/jobs")])
         for name in before:
             cluster.request("DELETE", f"/apis/batch/v1/namespaces/{ns}/jobs/{name}-pretrain")
-        time.sleep(2.0)  # the Job watch's DELETED events and a few resyncs
+        # The Job watch's DELETED events, each reconciled; then resyncs come and reconcile nothing.
+        op.wait_until(lambda ctrl: not any(n == ns for n, _ in ctrl.jobs), "the Jobs' DELETED events")
+        for name in before:
+            op.wait_reconciled("PretrainRun", name, ns)
+        reconciled = op.reconciles("PretrainRun")
+        op.wait_resyncs(*(("PretrainRun", name) for name in before), n=2, namespace=ns)
+        assert op.reconciles("PretrainRun") == reconciled
         assert cluster.job_names(ns) == []
         assert len([c for c in cluster.calls if c.method == "POST" and c.path.endswith("/jobs")]) == posted
         for name, was in before.items():
@@ -160,7 +185,8 @@ def test_a_recreated_resource_does_not_adopt_the_children_of_the_deleted_one(clu
     the old children are deleted, and it gets children of its own."""
     ns = "reborn"
     path = f"/apis/lmforge.io/v1alpha1/namespaces/{ns}/pretrainruns/run"
-    with Operator(cluster, ns):
+    # the operator watches no ConfigMaps, Services or NetworkPolicies: resyncs find the old ones, one each
+    with Operator(cluster, ns, resync_seconds=0.1):
         first = cluster.create(resource("PretrainRun", "run", PRETRAIN), ns)
         cluster.wait_job("run-pretrain", ns)
         cluster.add_pod("run-pretrain", namespace=ns, termination={"state": "Succeeded", "step": 200})
@@ -205,7 +231,7 @@ def test_children_the_api_server_refuses_fail_the_resource_with_its_message(clus
     cluster.refuse("POST", jobs, 403, "Forbidden", quota, name="quota-pretrain")
     cluster.refuse("POST", cms, 422, "Invalid", invalid, name="huge-pretrain-spec")
     cluster.refuse("POST", jobs, 500, "InternalError", "etcdserver: request timed out", name="flaky-pretrain")
-    with Operator(cluster, ns):
+    with Operator(cluster, ns) as op:
         for name in ("quota", "huge", "flaky"):
             cluster.create(resource("PretrainRun", name, PRETRAIN), ns)
         status = cluster.wait_phase("PretrainRun", "quota", "Failed", ns)
@@ -215,7 +241,13 @@ def test_children_the_api_server_refuses_fail_the_resource_with_its_message(clus
         status = cluster.wait_phase("PretrainRun", "huge", "Invalid", ns)
         assert "Too long: must have at most 1048576 bytes" in true_condition(status)["message"]
         assert events(cluster, ns, "quota", "ChildRejected") and events(cluster, ns, "huge", "ChildRejected")
-        time.sleep(1.0)  # a server error is retried: no verdict
+        # A server error is retried: no verdict once the refused request's reconcile has ended.
+        cluster.wait(
+            lambda: any(c.name == "flaky-pretrain" and c.status == 500 for c in cluster.calls),
+            20,
+            "the server error",
+        )
+        op.wait_reconciled("PretrainRun", "flaky", ns)
         assert cluster.status("PretrainRun", "flaky", ns).get("phase") in (None, "Pending")
         assert cluster.emulator is not None
         cluster.emulator.refusals.clear()
@@ -243,12 +275,27 @@ def pending_pod(waiting: tuple[str, str] | None = None, unschedulable: str = "")
     return status
 
 
+def indexed(op: Operator, ns: str, pod_status: dict[str, Any]) -> None:
+    """Wait until the operator's pod index has the Job's pod with this status (merged into what it had)."""
+
+    def check(ctrl: Any) -> bool:
+        pods = ctrl.job_pods(ns, "run-pretrain")
+        return len(pods) == 1 and all(pods[0]["status"].get(k) == v for k, v in pod_status.items())
+
+    op.wait_until(check, f"the pod's status {pod_status} in the operator's index")
+
+
+# One stuck pod in the default suite; the other reasons walk the same reconcile, and how each one reads is
+# test_operator.py::test_pods_that_cannot_start (a waiting container, an Unschedulable condition).
 @pytest.mark.parametrize(
     "stuck",
     [
         ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/lmforge:nope"'),
-        ("CreateContainerConfigError", 'secret "hf-token" not found'),
-        ("Unschedulable", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+        pytest.param(("CreateContainerConfigError", 'secret "hf-token" not found'), marks=pytest.mark.slow),
+        pytest.param(
+            ("Unschedulable", "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."),
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_pods_that_do_not_start_are_a_condition_and_an_event(
@@ -258,12 +305,14 @@ def test_pods_that_do_not_start_are_a_condition_and_an_event(
     message, an Event, and Running False; a Job whose pods are all still Pending is not Running."""
     reason, message = stuck
     ns = f"stuck-{reason.lower()}"
-    with Operator(cluster, ns):
+    with Operator(cluster, ns) as op:
         cluster.create(resource("PretrainRun", "run", PRETRAIN), ns)
         cluster.wait_job("run-pretrain", ns)
         cluster.start_job("run-pretrain", ns)  # the Job controller counts Pending pods as active
         pod = cluster.add_pod("run-pretrain", namespace=ns, pod_status=pending_pod())
-        time.sleep(1.0)
+        indexed(op, ns, pending_pod())
+        poke_job(cluster, op, ns, "run-pretrain")
+        op.wait_reconciled("PretrainRun", "run", ns)
         assert cluster.status("PretrainRun", "run", ns)["phase"] == "Pending"  # created, not running yet
         name = pod["metadata"]["name"]
         if reason == "Unschedulable":
@@ -271,7 +320,8 @@ def test_pods_that_do_not_start_are_a_condition_and_an_event(
         else:
             stuck_status = pending_pod((reason, message))
         cluster.patch("Pod", name, {"status": stuck_status}, ns, "status")
-        poke_job(cluster, ns, "run-pretrain")
+        indexed(op, ns, stuck_status)
+        poke_job(cluster, op, ns, "run-pretrain")
         status = wait_reason(cluster, "PretrainRun", "run", ns, "PodsNotStarting")
         waiting = true_condition(status)
         assert status["phase"] == "Waiting" and reason in waiting["message"] and message in waiting["message"]
@@ -282,20 +332,21 @@ def test_pods_that_do_not_start_are_a_condition_and_an_event(
         assert len(said) == 1 and message in said[0]["message"]
         # The pod starts after all (an image pushed, a Secret created, a node added).
         cluster.patch("Pod", name, {"status": running_pod()}, ns, "status")
-        poke_job(cluster, ns, "run-pretrain")
+        indexed(op, ns, running_pod())
+        poke_job(cluster, op, ns, "run-pretrain")
         cluster.wait_phase("PretrainRun", "run", "Running", ns)
 
 
 def test_one_event_per_transition(cluster: Cluster) -> None:
     """A Corpus stage's JobCreated Event is posted once, however often its Job changes meanwhile."""
     ns = "one-event"
-    with Operator(cluster, ns):
+    with Operator(cluster, ns) as op:
         cluster.create(resource("Corpus", "web", CORPUS), ns)
         job = cluster.wait(lambda: cluster.job_names(ns), 20, "the first stage's Job")[0]
         cluster.wait(lambda: events(cluster, ns, "web", "JobCreated"), 20, "JobCreated")
         for _ in range(3):
-            poke_job(cluster, ns, job)
-            time.sleep(0.4)
+            poke_job(cluster, op, ns, job)
+            op.wait_reconciled("Corpus", "web", ns)
         said = events(cluster, ns, "web", "JobCreated")
         assert len(said) == 1, [e["message"] for e in said]
 
@@ -342,7 +393,7 @@ def test_an_evaluation_following_checkpoints_ends_when_its_run_ends(cluster: Clu
     """With checkpoints: every, a PretrainRun that fails or is deleted ends the Evaluation: Succeeded with
     the rounds it has (reason ModelRunEnded), or Failed when it has none."""
     ns = f"ends-{end}"
-    with Operator(cluster, ns):
+    with Operator(cluster, ns, resync_seconds=0.1):  # a checkpoint is found on a resync
         cluster.create(resource("PretrainRun", "gpt", PRETRAIN), ns)
         cluster.create(resource("Evaluation", "ev", EVERY_CHECKPOINT), ns)
         cluster.wait_job("gpt-pretrain", ns)

@@ -64,7 +64,7 @@ def configmap_spec(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ each kind, end to end
 def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Path) -> None:
     ns = "kinds"
-    with Operator(cluster, ns):
+    with Operator(cluster, ns, resync_seconds=0.1):  # the running PretrainRun's metrics are read on resyncs
         # Applied all at once: the dependents wait with a reason that names the field.
         for kind, name, spec in (
             ("Evaluation", "gpt-eval", EVAL),
@@ -173,8 +173,9 @@ def test_each_kind_reaches_succeeded_with_outputs(cluster: Cluster, tmp_path: Pa
                 20,
                 "mirrored metrics",
             )
-        finally:
+        finally:  # the endpoint goes away with its pod: connections refused, not left unanswered
             server.shutdown()
+            server.server_close()
         assert status["phase"] == "Running"
         assert status["progress"]["step"] == 50 and status["progress"]["totalSteps"] == 200
         assert status["progress"]["percent"] == 25.0 and status["progress"]["tokens"] == 204800
@@ -254,11 +255,13 @@ def play_job_controller(
     """Finish every Job as soon as it appears (recording when), until ``until()``."""
     deadline = time.monotonic() + timeout
     while not until():
+        finished = False
         for job in cluster.jobs(ns):
             name = job["metadata"]["name"]
             if name not in done:
                 finish(cluster, name, ns, _termination(job["metadata"]["labels"]["lmforge.io/kind"]))
                 done[name] = time.monotonic()
+                finished = True
         if time.monotonic() > deadline:
             phases = {
                 f"{d['kind']}/{d['metadata']['name']}": cluster.status(
@@ -267,7 +270,8 @@ def play_job_controller(
                 for d in _example_resources()
             }
             raise AssertionError(f"not converged: {phases}")
-        time.sleep(0.05)
+        if not finished:
+            time.sleep(0.02)
 
 
 def test_example_set_runs_in_dependency_order(cluster: Cluster) -> None:
@@ -432,7 +436,7 @@ def test_invalid_resources_get_invalid_condition_and_no_children(cluster: Cluste
     ns = "invalid"
     cases = _invalid_cases()
     assert len(cases) >= 10
-    with Operator(cluster, ns):
+    with Operator(cluster, ns, resync_seconds=0.1) as op:
         for _, manifest, _, _ in cases:
             cluster.create(manifest, ns)
         for name, manifest, field, reason in cases:
@@ -442,7 +446,8 @@ def test_invalid_resources_get_invalid_condition_and_no_children(cluster: Cluste
             assert field in invalid["message"], (name, field, invalid["message"])
             assert invalid["observedGeneration"] == 1
         assert cluster.status("PretrainRun", "too-big", ns)["plan"]["fits"] is False
-        time.sleep(1.0)  # a few resyncs: still nothing
+        # A few resyncs of each (those Invalid for another resource's sake are reconciled): still nothing.
+        op.wait_resyncs(*((m["kind"], name) for name, m, _, _ in cases), n=2)
     for kind in ("Job", "ConfigMap", "Service", "NetworkPolicy"):
         assert cluster.list(kind, ns) == [], kind
     warnings = [e for e in cluster.list("Event", ns) if e["type"] == "Warning"]
@@ -536,7 +541,8 @@ def test_evaluation_every_checkpoint_reruns_as_checkpoints_land(cluster: Cluster
     pre = {k: v for k, v in PRETRAIN.items() if k != "corpus"} | {
         "data": {"tokens": "s3://b/t", "tokenizer": "s3://b/tok"}
     }
-    with Operator(cluster, ns):
+    # the Evaluation finds a new checkpoint (its PretrainRun's mirrored step) on a resync
+    with Operator(cluster, ns, resync_seconds=0.1):
         cluster.create(resource("PretrainRun", "gpt", pre), ns)
         cluster.create(resource("Evaluation", "gpt-every", EVERY_CHECKPOINT), ns)
         status = cluster.wait_phase("Evaluation", "gpt-every", "Waiting", ns)
@@ -600,7 +606,8 @@ def test_evaluation_every_checkpoint_deletes_superseded_rounds(cluster: Cluster)
     def history() -> list[float]:
         return [h["perplexity"] for h in cluster.status("Evaluation", "gpt-every", ns).get("history") or []]
 
-    with Operator(cluster, ns):
+    # the Evaluation finds a new checkpoint (its PretrainRun's mirrored step) on a resync
+    with Operator(cluster, ns, resync_seconds=0.1):
         cluster.create(resource("PretrainRun", "gpt", pre), ns)
         cluster.create(resource("Evaluation", "gpt-every", EVERY_CHECKPOINT), ns)
         cluster.wait_job("gpt-pretrain", ns)

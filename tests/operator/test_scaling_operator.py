@@ -171,13 +171,20 @@ def _all_ended(fake: FakeCluster, failed: tuple[str, ...] = (), eval_loss: bool 
     return plan
 
 
-def test_once_every_point_ended_the_law_is_fitted_into_the_status() -> None:
+@pytest.fixture(scope="module")
+def default_fit() -> tuple[FakeCluster, Any, tuple[list[dict[str, Any]], Any]]:
+    """The default study with every point ended on the planted law, its plan and its fits (both
+    approaches; the tests copy what they change)."""
     fake = FakeCluster(study_doc())
     plan = _all_ended(fake)
+    return fake, plan, fit_rows(fake.study.spec, plan.rows)
+
+
+def test_once_every_point_ended_the_law_is_fitted_into_the_status(default_fit: Any) -> None:
+    fake, plan, (fits, law_fit) = default_fit
     assert plan.fit and plan.status["pointsDone"] == 6 and plan.create == []
-    status = dict(plan.status)
-    fits, law_fit = fit_rows(fake.study.spec, plan.rows)
-    outcome = fitted(fake.study, plan.rows, status, fits, law_fit)
+    status = copy.deepcopy(plan.status)
+    outcome = fitted(fake.study, plan.rows, status, copy.deepcopy(fits), law_fit)
     assert isinstance(outcome, Succeeded) and outcome.message.startswith("approach 3 law fitted on 6 points")
     assert status["lossMetric"] == "evalLoss"
     assert [f["approach"] for f in status["fits"]] == [2, 3]
@@ -192,7 +199,9 @@ def test_once_every_point_ended_the_law_is_fitted_into_the_status() -> None:
     )
 
 
-def test_lmforge_plan_reads_the_law_from_the_study_as_kubectl_prints_it(tmp_path: Path) -> None:
+def test_lmforge_plan_reads_the_law_from_the_study_as_kubectl_prints_it(
+    tmp_path: Path, default_fit: Any
+) -> None:
     """`kubectl get scalingstudy iso -o json` (or -o yaml) is a law `lmforge plan --law` reads: the fit
     the study's status.target used, predicting what status.target says."""
     import json
@@ -201,10 +210,9 @@ def test_lmforge_plan_reads_the_law_from_the_study_as_kubectl_prints_it(tmp_path
 
     from lmforge_jobs.plan import load_law
 
-    fake = FakeCluster(study_doc())
-    plan = _all_ended(fake)
-    status = dict(plan.status)
-    fitted(fake.study, plan.rows, status, *fit_rows(fake.study.spec, plan.rows))
+    fake, plan, (fits, law_fit) = default_fit
+    status = copy.deepcopy(plan.status)
+    fitted(fake.study, plan.rows, status, copy.deepcopy(fits), law_fit)
     doc = {**study_doc(), "status": status}
     for path, text in (
         (tmp_path / "iso.json", json.dumps(doc)),
@@ -224,7 +232,7 @@ def test_lmforge_plan_reads_the_law_from_the_study_as_kubectl_prints_it(tmp_path
 
 
 def test_the_training_loss_is_used_when_a_point_has_no_held_out_loss() -> None:
-    fake = FakeCluster(study_doc(fit="approach3"))
+    fake = FakeCluster(study_doc(fit="approach2"))  # the quick fit: which loss is read is the same for both
     plan = _all_ended(fake, eval_loss=False)
     status = dict(plan.status)
     fitted(fake.study, plan.rows, status, *fit_rows(fake.study.spec, plan.rows))
@@ -293,6 +301,7 @@ def test_the_reconcile_creates_the_points_and_fits_when_all_ended() -> None:
     ]
     assert status["startTime"] and status["pointsTotal"] == 6
 
+    doc = study_doc(maxParallel=4, fit="approach2")  # the quick fit: the reconcile's path is the same
     fake = FakeCluster(doc)
     _all_ended(fake)
     ctrl = fake_controller(list(fake.children.values()))

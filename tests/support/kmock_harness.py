@@ -6,6 +6,13 @@ Used by tests/operator/ and bench/operator.py::
         cluster.create(manifest)                  # POST over HTTP, like kubectl
         cluster.wait(lambda: cluster.jobs())      # poll with a deadline
         cluster.finish_job("ns", "job-name")      # play the Job controller: PATCH .../status
+        op.wait_reconciled("PretrainRun", "run")  # what the operator has seen so far is reconciled
+
+"Nothing changes for a while" is checked after events, not after a sleep: ``op.wait_reconciled`` (the
+resource neither queued nor being reconciled), ``op.wait_reconciles`` (n more reconciles of a kind, the
+operator's own counter), ``op.wait_resyncs`` (the periodic resync came to each resource n times) and
+``op.wait_until`` (a predicate on the controller: its cache of Jobs, its pod index); what reads the
+controller's state is evaluated on the operator's loop.
 
 kmock's gaps, handled here: it assigns no uid/resourceVersion/generation (every POST gets a uid and
 generation 1 here, as the API server would give), replays existing objects as ADDED when a watch connects, ignores label selectors (the
@@ -18,6 +25,7 @@ write). ``refuse`` makes the API server answer chosen requests with an error Sta
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -439,14 +447,17 @@ class Cluster:
         return list(self.emulator.calls[since:])
 
     def wait(self, predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+        """``predicate()`` once true, polled soon and then every 50 ms; an AssertionError after ``timeout``."""
         deadline = time.monotonic() + timeout
+        pause = 0.005  # most conditions hold within one reconcile, some tens of milliseconds
         while True:
             value = predicate()
             if value:
                 return value
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-            time.sleep(0.05)
+            time.sleep(pause)
+            pause = min(0.05, pause * 2)
 
     def wait_phase(
         self, kind: str, name: str, phase: str, namespace: str = NAMESPACE, timeout: float = 30.0
@@ -546,6 +557,79 @@ class Operator:
     @property
     def controller(self) -> Any:
         return getattr(self.memo, "lmforge", None)
+
+    # ------------------------------------------------------------------ what the controller has done
+    def on_loop(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """``fn()`` run on the operator's event loop (between two of its steps), its result here."""
+        assert self.loop is not None
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # handed to the waiting thread
+                done.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return done.result(timeout)
+
+    def reconciles(self, kind: str) -> int:
+        """Reconciles of ``kind`` finished so far, ok or error (the controller's
+        lmforge_operator_reconciles_total; its registry is the process's, and one operator runs at a time)."""
+        counter = self.controller.metrics.reconciles
+        return int(sum(counter.labels(kind, result)._value.get() for result in ("ok", "error")))
+
+    def wait_reconciles(self, kind: str, n: int, since: int | None = None, timeout: float = 20.0) -> int:
+        """Wait until ``n`` more reconciles of ``kind`` have finished than ``since`` (default: now); the
+        count then. Reconciles of one resource never overlap: with ``n >= 2``, one of them began after
+        ``since`` was counted."""
+        start = self.reconciles(kind) if since is None else since
+        return int(
+            self.cluster.wait(
+                lambda: (now := self.reconciles(kind)) >= start + n and now,
+                timeout,
+                f"{n} reconciles of {kind}",
+            )
+        )
+
+    def wait_until(self, predicate: Callable[[Any], Any], what: str, timeout: float = 20.0) -> Any:
+        """Wait until ``predicate(controller)``, evaluated on the operator's loop, is true (what it has seen:
+        its cache of Jobs, its pod index); that value."""
+        return self.cluster.wait(lambda: self.on_loop(lambda: predicate(self.controller)), timeout, what)
+
+    def wait_resyncs(
+        self, *resources: tuple[str, str], n: int = 2, namespace: str | None = None, timeout: float = 20.0
+    ) -> None:
+        """Wait until the next resync of each ``(kind, name)`` has been set ``n`` times from now: the periodic
+        resync came to it ``n`` times (and reconciled it, or put it off a period when it needs none), or
+        reconciles did."""
+        keys = [(kind, namespace or self.namespace, name) for kind, name in resources]
+
+        def due() -> list[float | None]:
+            return [self.controller._due.get(key) for key in keys]
+
+        seen = [[d] for d in self.on_loop(due)]
+
+        def moved() -> bool:
+            for history, now in zip(seen, self.on_loop(due), strict=True):
+                if now is not None and now != history[-1]:
+                    history.append(now)
+            return all(len(history) > n for history in seen)
+
+        self.cluster.wait(moved, timeout, f"{n} resyncs of {resources}")
+
+    def wait_reconciled(
+        self, kind: str, name: str, namespace: str | None = None, timeout: float = 20.0
+    ) -> None:
+        """Wait until the resource is neither queued nor being reconciled: every watch event the operator
+        has seen of it (or of its Jobs) so far has been reconciled."""
+        key = (kind, namespace or self.namespace, name)
+        ctrl = self.controller
+
+        def idle() -> bool:
+            return key not in ctrl._queued and key not in ctrl._active and key not in ctrl._dirty
+
+        self.cluster.wait(lambda: self.on_loop(idle), timeout, f"{kind}/{name} reconciled")
 
     def stop(self) -> None:
         """Graceful stop (SIGTERM)."""
