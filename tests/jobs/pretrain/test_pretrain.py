@@ -20,6 +20,7 @@ import pytest
 import torch
 from data_fixtures import job_env
 from manifests import tiny_pretrain, write_manifest
+from s3_fixtures import filled_bucket
 
 from lmforge_jobs import shards
 from lmforge_jobs.entry import ConfigError
@@ -706,21 +707,10 @@ def test_bad_input_is_one_line_exit_64(
 def s3_data(data: dict[str, str], s3_server: str) -> dict[str, str]:
     """The corpus uploaded once to a bucket of this module's own on the loopback S3 server: spec.data with
     s3:// URIs. The tests only read it (each still gets its own empty bucket and S3 environment from ``s3``)."""
-    import boto3
-
-    bucket = "t-pretrain-corpus"
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+    bucket = filled_bucket(
+        s3_server, "t-pretrain-corpus", {f"corpus/{key}": local for key, local in data.items()}
     )
-    client.create_bucket(Bucket=bucket)
-    for key, local in data.items():
-        for f in sorted(p for p in Path(local).rglob("*") if p.is_file()):
-            client.upload_file(str(f), bucket, f"corpus/{key}/{f.relative_to(local).as_posix()}")
-    return {key: f"s3://{bucket}/corpus/{key}" for key in data}
+    return {key: f"{bucket}/corpus/{key}" for key in data}
 
 
 S3_SPEC = {"budget": {"steps": 8}, "checkpoint": {"everySteps": 4, "keep": 3}, "eval": {"everySteps": 4}}
