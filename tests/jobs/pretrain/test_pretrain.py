@@ -287,12 +287,12 @@ def test_remote_output_through_fsspec(tmp_path: Path, data: dict[str, str], caps
     from transformers import AutoModelForCausalLM
 
     uri = "memory://lmforge-test/run"
-    spec = {"budget": {"steps": 4}, "checkpoint": {"everySteps": 2, "keep": 1}, "output": uri}
+    spec = {"budget": {"steps": 2}, "checkpoint": {"everySteps": 1, "keep": 1}, "output": uri}
     assert main(["--manifest", str(manifest(tmp_path, data, eval={"everySteps": 100}, **spec))]) == 0
     complete = ckpt.list_complete(f"{uri}/checkpoints")
-    assert [s for s, _ in complete] == [4]
+    assert [s for s, _ in complete] == [2]  # step 1's was pruned
     assert complete[0][1].startswith("memory://") and complete[0][1].endswith(
-        "/run/checkpoints/step-00000004"
+        "/run/checkpoints/step-00000002"
     )
     fs = fsspec.filesystem("memory")
     assert fs.isfile("/lmforge-test/run/model/model.safetensors")
@@ -300,10 +300,10 @@ def test_remote_output_through_fsspec(tmp_path: Path, data: dict[str, str], caps
     exp.export_checkpoint(complete[0][1], str(tmp_path / "from-remote"))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "from-remote").config.vocab_size == 320
     capsys.readouterr()
-    spec["budget"] = {"steps": 6}
+    spec["budget"] = {"steps": 3}
     assert main(["--manifest", str(manifest(tmp_path, data, eval={"everySteps": 100}, **spec))]) == 0
-    assert f"resumed from {complete[0][1]} at step 4" in capsys.readouterr().out
-    assert [s for s, _ in ckpt.list_complete(f"{uri}/checkpoints")] == [6]
+    assert f"resumed from {complete[0][1]} at step 2" in capsys.readouterr().out
+    assert [s for s, _ in ckpt.list_complete(f"{uri}/checkpoints")] == [3]
 
 
 def test_init_from_hub_id_offline_up_to_the_download(
