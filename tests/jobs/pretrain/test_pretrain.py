@@ -724,10 +724,10 @@ def test_s3_corpus_trains_to_the_same_losses(
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LMFORGE_CACHE_BLOCK_BYTES", "4096")
     monkeypatch.setenv("LMFORGE_CACHE_BYTES", "16384")
-    # 4 steps of 16 windows each, at random places in the corpus, read more than the cache holds
+    # 4 steps of 8 windows each, at random places in the corpus, read more than the cache holds
     spec = {
         "budget": {"steps": 4},
-        "batch": {"globalTokens": 512},
+        "batch": {"globalTokens": 256},
         "checkpoint": {"everySteps": 4, "keep": 1},
         "eval": {"everySteps": 2},
     }
