@@ -53,7 +53,7 @@ def isoflop_points(seed: int = 0, noise: float = 0.01, sizes: int = 7) -> list[t
 @pytest.fixture(scope="module")
 def approach3() -> ScalingFit:
     """Approach 3 on the planted points with a bootstrap (shared by the tests that need a fit). Each
-    replicate is a fit of its own: 10 give intervals as well as 20 do for what the tests check."""
+    replicate is a fit of its own; 10 are enough for the interval checks below."""
     return fit_approach3(isoflop_points(), bootstrap=10, seed=1)
 
 
