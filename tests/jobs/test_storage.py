@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from s3_fixtures import filled_bucket
 
 from lmforge_jobs import shards, storage
 from lmforge_jobs.entry import ConfigError
@@ -23,10 +24,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     )
 
 
-def upload(local: str, uri: str) -> str:
-    fs, path = storage.filesystem(uri)
-    fs.put(f"{local}/", f"{path}/", recursive=True)
-    return uri
+@pytest.fixture(scope="module")
+def remote_tokens(data: dict[str, str], s3_server: str) -> str:
+    """The token shards uploaded once, to a bucket of this module's own (the tests only read them)."""
+    return filled_bucket(s3_server, "t-storage-corpus", {"corpus/train": data["tokens"]}) + "/corpus/train"
 
 
 def test_uris_paths_and_joins(tmp_path: Path) -> None:
@@ -90,14 +91,14 @@ def test_storage_errors_name_the_field_not_the_secret(s3, monkeypatch: pytest.Mo
     assert "AKIAWRONG" not in text and "zq9-secret-value" not in text
 
 
-def test_remote_shards_read_like_local_ones(data: dict[str, str], s3) -> None:  # type: ignore[no-untyped-def]
-    uri = upload(data["tokens"], f"{s3.uri}/corpus/train")
+def test_remote_shards_read_like_local_ones(data: dict[str, str], remote_tokens: str, s3) -> None:  # type: ignore[no-untyped-def]
+    uri = remote_tokens
     local, remote = shards.find_shards(data["tokens"]), shards.find_shards(uri)
     assert len(remote) == len(local) > 1
     assert [(s.tokens, s.token_size, s.tokenizer) for s in remote] == [
         (s.tokens, s.token_size, s.tokenizer) for s in local
     ]
-    assert str(remote[0].path).startswith(f"{s3.uri}/corpus/train/")
+    assert str(remote[0].path).startswith(f"{uri}/")
     assert [d.tolist() for d in shards.read_documents(uri)] == [
         d.tolist() for d in shards.read_documents(data["tokens"])
     ]
@@ -105,9 +106,9 @@ def test_remote_shards_read_like_local_ones(data: dict[str, str], s3) -> None:  
 
 
 def test_remote_stream_is_cached_bounded_and_prefetched(
-    data: dict[str, str], s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data: dict[str, str], remote_tokens: str, s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
-    uri = upload(data["tokens"], f"{s3.uri}/corpus/train")
+    uri = remote_tokens
     local = shards.TokenStream(data["tokens"])
     corpus = sum(s.tokens * s.token_size for s in local.shards)
     rng = np.random.default_rng(0)

@@ -55,7 +55,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"mlflow server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
+        time.sleep(0.05)  # ready within seconds: poll often
     try:
         yield uri
     finally:

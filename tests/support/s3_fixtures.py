@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,6 +68,26 @@ _ENV = {
 }
 
 
+def filled_bucket(server: str, bucket: str, trees: dict[str, str | Path]) -> str:
+    """Create ``bucket`` on ``server`` holding every file under each local directory of ``trees`` at
+    ``<key>/<relative path>``; return ``s3://bucket``. For module-scoped fixtures that upload read-only data
+    once (the per-test ``s3`` fixture sets the environment the jobs read; this needs none)."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=server,
+        region_name=_ENV["AWS_DEFAULT_REGION"],
+        aws_access_key_id=_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
+    client.create_bucket(Bucket=bucket)
+    for prefix, local in trees.items():
+        for f in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+            client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local).as_posix()}")
+    return f"s3://{bucket}"
+
+
 @pytest.fixture
 def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[S3]:
     import boto3
@@ -87,4 +108,4 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
         settings.INITIAL_NO_AUTH_ACTION_COUNT = before
 
 
-__all__ = ["S3", "s3", "s3_server"]
+__all__ = ["S3", "filled_bucket", "s3", "s3_server"]

@@ -1,6 +1,8 @@
-"""Every AlignmentRun test runs offline, without a metrics port, a termination log or torchrun's variables."""
+"""Every AlignmentRun test runs offline, with one torch thread, without a metrics port, a termination log or
+torchrun's variables."""
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -11,3 +13,4 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LMFORGE_TERMINATION_LOG", raising=False)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
+    torch.set_num_threads(1)

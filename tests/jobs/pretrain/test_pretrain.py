@@ -20,6 +20,7 @@ import pytest
 import torch
 from data_fixtures import job_env
 from manifests import tiny_pretrain, write_manifest
+from s3_fixtures import filled_bucket
 
 from lmforge_jobs import shards
 from lmforge_jobs.entry import ConfigError
@@ -177,9 +178,9 @@ def test_bf16_activation_checkpointing_tied_mfu(
         model=model,
         precision="bf16",
         parallelism={"activationCheckpointing": True},
-        budget={"steps": 6},
+        budget={"steps": 4},
         optimizer={"schedule": "wsd"},
-        eval={"everySteps": 6},
+        eval={"everySteps": 4},
         export={"quantize": "int8"},
     )
     monkeypatch.setenv("LMFORGE_METRICS_PORT", "0")  # a free port
@@ -203,11 +204,11 @@ def test_bf16_activation_checkpointing_tied_mfu(
         "lmforge_train_eta_seconds",
     ):
         assert f"\n{name} " in text, name
-    assert "\nlmforge_train_step 6.0" in text
+    assert "\nlmforge_train_step 4.0" in text
     train = losses(out)
-    assert train[6] < train[1]
+    assert train[4] < train[1]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    row = next(r for r in rows if r.get("step") == 6 and "mfu" in r)
+    row = next(r for r in rows if r.get("step") == 4 and "mfu" in r)
     shape = ModelShape(
         layers=2,
         hidden=64,
@@ -286,12 +287,12 @@ def test_remote_output_through_fsspec(tmp_path: Path, data: dict[str, str], caps
     from transformers import AutoModelForCausalLM
 
     uri = "memory://lmforge-test/run"
-    spec = {"budget": {"steps": 4}, "checkpoint": {"everySteps": 2, "keep": 1}, "output": uri}
+    spec = {"budget": {"steps": 2}, "checkpoint": {"everySteps": 1, "keep": 1}, "output": uri}
     assert main(["--manifest", str(manifest(tmp_path, data, eval={"everySteps": 100}, **spec))]) == 0
     complete = ckpt.list_complete(f"{uri}/checkpoints")
-    assert [s for s, _ in complete] == [4]
+    assert [s for s, _ in complete] == [2]  # step 1's was pruned
     assert complete[0][1].startswith("memory://") and complete[0][1].endswith(
-        "/run/checkpoints/step-00000004"
+        "/run/checkpoints/step-00000002"
     )
     fs = fsspec.filesystem("memory")
     assert fs.isfile("/lmforge-test/run/model/model.safetensors")
@@ -299,10 +300,10 @@ def test_remote_output_through_fsspec(tmp_path: Path, data: dict[str, str], caps
     exp.export_checkpoint(complete[0][1], str(tmp_path / "from-remote"))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "from-remote").config.vocab_size == 320
     capsys.readouterr()
-    spec["budget"] = {"steps": 6}
+    spec["budget"] = {"steps": 3}
     assert main(["--manifest", str(manifest(tmp_path, data, eval={"everySteps": 100}, **spec))]) == 0
-    assert f"resumed from {complete[0][1]} at step 4" in capsys.readouterr().out
-    assert [s for s, _ in ckpt.list_complete(f"{uri}/checkpoints")] == [6]
+    assert f"resumed from {complete[0][1]} at step 2" in capsys.readouterr().out
+    assert [s for s, _ in ckpt.list_complete(f"{uri}/checkpoints")] == [3]
 
 
 def test_init_from_hub_id_offline_up_to_the_download(
@@ -475,11 +476,11 @@ def test_encoder_objectives_train_and_export(
 
     model = {"architecture": arch, "kvHeads": 4, "layers": 2}
     path = manifest(
-        tmp_path, data, model=model, budget={"steps": 10}, optimizer={"lr": 2e-3}, eval={"everySteps": 5}
+        tmp_path, data, model=model, budget={"steps": 4}, optimizer={"lr": 5e-3}, eval={"everySteps": 2}
     )
     assert main(["--manifest", str(path)]) == 0
     train = losses(tmp_path / "run")
-    assert train[10] < train[1] - 0.3
+    assert train[4] < train[1] - 0.3
     loaded = getattr(transformers, auto).from_pretrained(tmp_path / "run" / "model")
     args = json.loads((tmp_path / "run" / "model" / "lmforge.json").read_text())["modelArgs"]
     assert loaded.config.vocab_size == args["vocab_size"] >= 321  # room for the mask id / sentinels
@@ -702,33 +703,36 @@ def test_bad_input_is_one_line_exit_64(
 
 
 # ------------------------------------------------------------------------------------ object storage (S3)
-def _to_s3(data: dict[str, str], s3) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    """The same corpus uploaded to the loopback S3 server: spec.data with s3:// URIs."""
-    from lmforge_jobs import storage
-
-    fs, _ = storage.filesystem(s3.uri)
-    out = {}
-    for key, local in data.items():
-        uri = f"{s3.uri}/corpus/{key}"
-        fs.put(f"{local}/", f"{s3.bucket}/corpus/{key}/", recursive=True)
-        out[key] = uri
-    return out
+@pytest.fixture(scope="module")
+def s3_data(data: dict[str, str], s3_server: str) -> dict[str, str]:
+    """The corpus uploaded once to a bucket of this module's own on the loopback S3 server: spec.data with
+    s3:// URIs. The tests only read it (each still gets its own empty bucket and S3 environment from ``s3``)."""
+    bucket = filled_bucket(
+        s3_server, "t-pretrain-corpus", {f"corpus/{key}": local for key, local in data.items()}
+    )
+    return {key: f"{bucket}/corpus/{key}" for key in data}
 
 
 S3_SPEC = {"budget": {"steps": 8}, "checkpoint": {"everySteps": 4, "keep": 3}, "eval": {"everySteps": 4}}
 
 
 def test_s3_corpus_trains_to_the_same_losses(
-    tmp_path: Path, data: dict[str, str], s3, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data: dict[str, str], s3_data: dict[str, str], s3, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     """Shards read from S3 through a cache far smaller than the corpus (blocks evicted and read again,
     windows across blocks) give the bit-identical losses, training and held-out, of the local shards."""
-    remote = _to_s3(data, s3)
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LMFORGE_CACHE_BLOCK_BYTES", "4096")
     monkeypatch.setenv("LMFORGE_CACHE_BYTES", "16384")
-    assert main(["--manifest", str(manifest(tmp_path, data, name="local", **S3_SPEC))]) == 0
-    assert main(["--manifest", str(manifest(tmp_path, remote, name="s3", **S3_SPEC))]) == 0
+    # 4 steps of 8 windows each, at random places in the corpus, read more than the cache holds
+    spec = {
+        "budget": {"steps": 4},
+        "batch": {"globalTokens": 256},
+        "checkpoint": {"everySteps": 4, "keep": 1},
+        "eval": {"everySteps": 2},
+    }
+    assert main(["--manifest", str(manifest(tmp_path, data, name="local", **spec))]) == 0
+    assert main(["--manifest", str(manifest(tmp_path, s3_data, name="s3", **spec))]) == 0
     for key in ("loss", "evalLoss"):
         local, from_s3 = losses(tmp_path / "local", key), losses(tmp_path / "s3", key)
         assert local and from_s3 == local, key
@@ -738,7 +742,7 @@ def test_s3_corpus_trains_to_the_same_losses(
 
 @pytest.mark.slow  # a job process killed and resumed: several seconds
 def test_s3_run_checkpoints_exports_and_resumes_after_sigkill(
-    tmp_path: Path, data: dict[str, str], s3
+    tmp_path: Path, data: dict[str, str], s3_data: dict[str, str], s3
 ) -> None:  # type: ignore[no-untyped-def]
     """Data and output on S3: DCP checkpoints with their marker and the Hugging Face export land in the
     bucket; a run killed after its first checkpoint resumes from S3 and ends with the weights of an
@@ -749,7 +753,7 @@ def test_s3_run_checkpoints_exports_and_resumes_after_sigkill(
 
     assert main(["--manifest", str(manifest(tmp_path, data, name="straight", **S3_SPEC))]) == 0
     out = f"{s3.uri}/runs/killed"
-    path = manifest(tmp_path, _to_s3(data, s3), name="killed", output=out, **S3_SPEC)
+    path = manifest(tmp_path, s3_data, name="killed", output=out, **S3_SPEC)
     proc = _run(path)
     _wait_for(lambda: "runs/killed/checkpoints/step-00000004/COMPLETE" in s3.keys("runs/"), proc, 120)
     proc.send_signal(signal.SIGKILL)
@@ -788,9 +792,14 @@ def test_s3_run_checkpoints_exports_and_resumes_after_sigkill(
     "problem", ["missing-object", "missing-bucket", "wrong-credentials", "missing-model"]
 )
 def test_s3_problems_are_one_line_exit_64(
-    tmp_path: Path, data: dict[str, str], s3, capsys, monkeypatch: pytest.MonkeyPatch, problem: str
+    tmp_path: Path,
+    s3_data: dict[str, str],
+    s3,
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,
+    problem: str,
 ) -> None:  # type: ignore[no-untyped-def]
-    remote = _to_s3(data, s3)
+    remote = dict(s3_data)
     spec: dict[str, object] = {}
     if problem == "missing-object":
         remote["heldOut"] = f"{s3.uri}/corpus/no-such-split"
@@ -805,7 +814,7 @@ def test_s3_problems_are_one_line_exit_64(
         s3.enforce_auth()
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "zq9-secret-value")
-        field, message = "spec.data.tokens", f"access denied to {s3.uri}/corpus/tokens"
+        field, message = "spec.data.tokens", f"access denied to {s3_data['tokens']}"
     assert main(["--manifest", str(manifest(tmp_path, remote, **spec))]) == EXIT_CONFIG_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {field}: {message}"), err
