@@ -334,3 +334,46 @@ def test_sigterm_stops_the_run_and_its_job_tree(tmp_path: Path, monkeypatch) -> 
     status = json.loads((tmp_path / "runs" / "corpus" / corpus.name / "status.json").read_text())
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert (failed["status"], failed["reason"]) == ("True", "Interrupted")
+
+
+def test_jobs_launched_from_threads_at_once_are_submitted_one_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """Trials started side by side (`lmforge run --parallel`) launch from threads at the same moment; torchx's
+    submission parses source with `ast`, which CPython 3.11 cannot do in two threads at once (a SystemError
+    that failed a trial), so submissions take turns while the jobs themselves still run together."""
+    from torchx.runner.api import Runner
+
+    submit = Runner.run
+    inside, most = 0, 0
+    lock = threading.Lock()
+
+    def counted(self, *args, **kwargs):
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            time.sleep(0.05)  # long enough for every thread to arrive while one is inside
+            return submit(self, *args, **kwargs)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(Runner, "run", counted)
+    gate = threading.Barrier(4)
+    launches: list[Launch] = []
+
+    def launch(n: int) -> None:
+        gate.wait()
+        launches.append(Launch(f"job{n}", [sys.executable, "-S", "-c", "pass"], {}, tmp_path / f"logs{n}"))
+
+    threads = [threading.Thread(target=launch, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(launches) == 4 and most == 1
+    deadline = time.monotonic() + 30
+    while any(job.poll() is None for job in launches):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert [job.poll() for job in launches] == [0, 0, 0, 0]

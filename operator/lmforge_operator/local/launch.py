@@ -32,6 +32,11 @@ STOP_GRACE_SECONDS = 30.0
 KILL_WAIT_SECONDS = 10.0
 """How long a SIGKILLed process may take to die (it unwinds its memory first)."""
 TORCHX_SCHEDULER = "local_cwd"
+_TORCHX_SUBMIT = threading.Lock()
+"""One torchx submission at a time: its dry run reads its scheduler's options with ``inspect.getsource``,
+and CPython 3.11's AST constructor cannot run in two threads at once (``SystemError: AST constructor
+recursion depth mismatch``, python/cpython#106905) — which trials launched side by side
+(``lmforge run --parallel``) would do. A submission takes milliseconds; the jobs still run side by side."""
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -169,9 +174,10 @@ class Launch:
         app = specs.AppDef(name=name, roles=[role])
         handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
         self._torchx_runner = get_runner()
-        self._torchx_handle = self._torchx_runner.run(
-            app, scheduler=TORCHX_SCHEDULER, cfg={"log_dir": str(log_dir)}
-        )
+        with _TORCHX_SUBMIT:
+            self._torchx_handle = self._torchx_runner.run(
+                app, scheduler=TORCHX_SCHEDULER, cfg={"log_dir": str(log_dir)}
+            )
         # torchx installs its own SIGINT/SIGTERM handlers; Ctrl-C is ours to handle gracefully (it does so
         # only in the main thread: a trial launched from a thread of its own leaves them alone)
         if threading.current_thread() is threading.main_thread():
