@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
+from fake_api import FakeApi
 from k8s_validate import assert_valid, restricted_problems
 
 from lmforge_jobs.evaluate import human as page
@@ -203,50 +204,6 @@ def test_rbac_allows_what_the_arena_does() -> None:
 
 
 # -------------------------------------------------------------------------------------------- reconcile
-class FakeApi:
-    """Objects in a dict, calls recorded, Events kept apart."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.calls: list[tuple[str, str, str]] = []
-        self.events: list[dict[str, Any]] = []
-
-    async def get(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
-        self.calls.append(("get", kind, name))
-        return copy.deepcopy(self.objects.get((kind, ns, name)))
-
-    async def create(self, obj: dict[str, Any], ns: str) -> tuple[dict[str, Any] | None, bool]:
-        if obj["kind"] == "Event":
-            self.events.append(obj)
-            return obj, True
-        key = (obj["kind"], ns, obj["metadata"]["name"])
-        self.calls.append(("create", obj["kind"], key[2]))
-        if key in self.objects:
-            return None, False
-        self.objects[key] = copy.deepcopy(obj)
-        return obj, True
-
-    async def patch(
-        self, kind: str, ns: str, name: str, patch: dict[str, Any], subresource: Any = None
-    ) -> Any:
-        self.calls.append(("patch", kind, name) if subresource is None else ("patch", kind, subresource))
-        if subresource is None:
-            obj = self.objects[(kind, ns, name)]
-            obj["metadata"].update(patch.get("metadata") or {})
-            obj["spec"] = patch["spec"]
-        return None
-
-    async def delete(self, kind: str, ns: str, name: str) -> bool:
-        self.calls.append(("delete", kind, name))
-        return self.objects.pop((kind, ns, name), None) is not None
-
-    async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
-        return []
-
-    async def scrape(self, url: str) -> str | None:
-        return None
-
-
 def succeeded(spec: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """An Evaluation that succeeded for its generation (its Job's verdict kept)."""
     status: dict[str, Any] = {

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import pytest
+from fake_api import FakeApi
 from repo import ROOT
 
 from lmforge_jobs.telemetry import metric_name, progress_names
@@ -217,57 +218,13 @@ def test_progress_from_prometheus_text_uses_the_jobs_names() -> None:
 
 
 # ------------------------------------------------------------------------------------------- reconciler
-class FakeApi:
-    """Records calls; objects in a dict; create answers 409 for existing names. Events are kept apart
-    (``events``), pods have no Prometheus endpoint that answers."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.calls: list[tuple[str, str, str]] = []
-        self.events: list[dict[str, Any]] = []
-
-    async def get(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
-        self.calls.append(("get", kind, name))
-        return self.objects.get((kind, ns, name))
-
-    async def create(self, obj: dict[str, Any], ns: str) -> tuple[dict[str, Any] | None, bool]:
-        if obj["kind"] == "Event":
-            self.events.append(obj)
-            return obj, True
-        key = (obj["kind"], ns, obj["metadata"]["name"])
-        self.calls.append(("create", obj["kind"], key[2]))
-        if key in self.objects:
-            return None, False
-        self.objects[key] = obj
-        return obj, True
-
-    async def patch(
-        self, kind: str, ns: str, name: str, patch: dict[str, Any], subresource: Any = None
-    ) -> Any:
-        self.calls.append(("patch", kind, name))
-        obj = self.objects.setdefault((kind, ns, name), {})
-        obj.update(patch)
-        return None
-
-    async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
-        return []
-
-    async def scrape(self, url: str) -> str | None:
-        return None
-
-    async def close(self) -> None:
-        pass
-
-
-class PodsApi(FakeApi):
-    """FakeApi whose pod list is ``pods`` (set by the test)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pods: list[dict[str, Any]] = []
-
-    async def list(self, kind: str, ns: str, labels: Any) -> list[dict[str, Any]]:
-        return list(self.pods) if kind == "Pod" else []
+def set_pods(api: FakeApi, pods: list[dict[str, Any]]) -> None:
+    """The pods the API server holds in namespace ns: exactly ``pods`` (the kubelet's and the garbage
+    collector's part)."""
+    for key in [k for k in api.objects if k[0] == "Pod"]:
+        del api.objects[key]
+    for pod in pods:
+        api.objects[("Pod", "ns", pod["metadata"]["name"])] = pod
 
 
 def _resource(kind: str, name: str, spec: dict[str, Any], **status: Any) -> dict[str, Any]:
@@ -339,7 +296,7 @@ def test_reconcile_waits_then_creates_children_once() -> None:
 
 def _job_ended(
     controller: Controller,
-    api: PodsApi,
+    api: FakeApi,
     body: dict[str, Any],
     status: dict[str, Any],
     job_name: str,
@@ -355,7 +312,7 @@ def _job_ended(
     terminated = {"terminated": {"exitCode": exit_code, "message": message}}
     pod = _pod("0", "t1", containerStatuses=[{"state": terminated}])
     pod["metadata"]["labels"]["job-name"] = job_name
-    api.pods = [pod]
+    set_pods(api, [pod])
     body["status"] = status
     return _run(controller, body)
 
@@ -363,7 +320,7 @@ def _job_ended(
 def test_config_error_stays_invalid_after_its_pods_are_gone() -> None:
     """Exit 64 → Invalid naming the field; a later reconcile with no pods left must not turn it Failed."""
 
-    api = PodsApi()
+    api = FakeApi()
     controller = Controller(Config(storage="s3://store"))
     controller.api = api  # type: ignore[assignment]
     controller.cache[("PretrainRun", "ns", "base")] = _resource(
@@ -376,7 +333,7 @@ def test_config_error_stays_invalid_after_its_pods_are_gone() -> None:
     status = _job_ended(controller, api, body, status, "sft-align", {"conditions": [failed]}, 64, message)
     assert status["phase"] == "Invalid", status
     assert "spec.dataset.path" in (status_helpers.condition(status, "Invalid") or {}).get("message", "")
-    api.pods = []  # pods garbage-collected; resync reconciles again
+    set_pods(api, [])  # pods garbage-collected; resync reconciles again
     body["status"] = status
     status = _run(controller, body)
     assert status["phase"] == "Invalid", status
@@ -387,7 +344,7 @@ def test_abridged_results_are_said_in_the_condition_and_kept() -> None:
     left out in the Succeeded condition, with where the full results are; the pods going away keeps it."""
     from lmforge_jobs.telemetry import fit_termination_message
 
-    api = PodsApi()
+    api = FakeApi()
     controller = Controller(Config(storage="s3://store"))
     controller.api = api  # type: ignore[assignment]
     spec = {"model": {"huggingface": "org/m"}, "benchmarks": [{"task": "x"}], "output": "s3://e/ev"}
@@ -402,7 +359,7 @@ def test_abridged_results_are_said_in_the_condition_and_kept() -> None:
     said = (status_helpers.condition(status, "Succeeded") or {})["message"]
     assert "results.benchmarks.*_stderr" in said and "s3://e/ev/results.json" in said
     assert status["progress"]["percent"] == 100.0 and status["progress"]["etaSeconds"] == 0
-    api.pods = []
+    set_pods(api, [])
     body["status"] = status
     again = _run(controller, body)
     assert (status_helpers.condition(again, "Succeeded") or {})["message"] == said

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fake_api import FakeApi
 from kmock_harness import Cluster, Operator, assert_rbac
 
 from lmforge_jobs.manifest import parse_resource
@@ -262,22 +263,6 @@ def test_failed_points_are_left_out_of_the_fit_and_too_few_fail_the_study() -> N
 
 
 # ------------------------------------------------------------------------------- the reconcile's calls
-class FakeApi:
-    def __init__(self, existing: dict[str, dict[str, Any]] | None = None) -> None:
-        self.calls: list[tuple[str, str, str]] = []
-        self.existing = existing or {}
-
-    async def patch(self, kind: str, ns: str, name: str, body: Any, subresource: Any = None) -> None:
-        self.calls.append(("patch", f"{kind}/{subresource}", name))
-
-    async def create(self, obj: dict[str, Any], ns: str) -> tuple[dict[str, Any], bool]:
-        self.calls.append(("create", obj["kind"], obj["metadata"]["name"]))
-        return obj, obj["metadata"]["name"] not in self.existing
-
-    async def get(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
-        return self.existing.get(name)
-
-
 def fake_controller(objs: list[dict[str, Any]], api: FakeApi | None = None) -> Any:
     cache = {(c["kind"], NS, c["metadata"]["name"]): c for c in objs}
     return SimpleNamespace(
@@ -316,11 +301,13 @@ def test_an_existing_child_is_adopted_and_an_earlier_studys_is_waited_for() -> N
     fake = FakeCluster(doc)
     fake.reconcile()
     mine = fake.children["iso-b00n00"]
-    ctrl = fake_controller([], FakeApi({"iso-b00n00": mine}))  # made before, not yet in the cache
+    ctrl = fake_controller(
+        [], FakeApi({("PretrainRun", NS, "iso-b00n00"): mine})
+    )  # made before, not yet in the cache
     assert isinstance(run(ctrl, doc), Running)
 
     other = study_doc(uid="uid-of-a-new-iso", maxParallel=1)
-    ctrl = fake_controller([], FakeApi({"iso-b00n00": mine}))
+    ctrl = fake_controller([], FakeApi({("PretrainRun", NS, "iso-b00n00"): mine}))
     with pytest.raises(Waiting) as waiting:
         run(ctrl, other)
     assert waiting.value.reason == "OldChildrenPresent"

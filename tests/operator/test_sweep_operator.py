@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 import pytest
+from fake_api import FakeApi
 from kmock_harness import Cluster, Operator, assert_rbac
 
 from lmforge_jobs.manifest import parse_resource
@@ -346,25 +347,6 @@ def test_restore_rebuilds_what_the_study_knew() -> None:
 
 
 # ------------------------------------------------------------------------------- the reconcile's calls
-class FakeApi:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str]] = []
-
-    async def patch(self, kind: str, ns: str, name: str, body: Any, subresource: Any = None) -> None:
-        self.calls.append(("patch", f"{kind}/{subresource}", name))
-
-    async def create(self, obj: dict[str, Any], ns: str) -> tuple[dict[str, Any], bool]:
-        self.calls.append(("create", obj["kind"], obj["metadata"]["name"]))
-        return obj, True
-
-    async def get(self, kind: str, ns: str, name: str) -> None:
-        return None
-
-    async def delete(self, kind: str, ns: str, name: str) -> bool:
-        self.calls.append(("delete", kind, name))
-        return True
-
-
 def fake_controller(children: list[dict[str, Any]]) -> Any:
     from types import SimpleNamespace
 
